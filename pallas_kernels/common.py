@@ -6,7 +6,10 @@ Only jax and numpy are imported here, so any JAX project can use the ops without
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+import functools
+import importlib
+import importlib.util
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,20 +38,36 @@ def check_shape(name: str, x, expected: Sequence[int], what: str = "") -> None:
         raise ValueError(f"`{name}` must have shape {tuple(expected)}{hint}, got {shape}")
 
 
-def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:
-    """Check the `[B, T, H, D]` layout of q, k, v; return (B, T, H, K, V)."""
+def check_qkv(q, k, v, *, step: bool = False) -> tuple[int, ...]:
+    """Check the `[B, T, H, D]` layout of q, k, v; return (B, T, H, K, V).
+
+    With `step=True` (single-token decoding) the layout is `[B, H, D]` and (B, H, K, V) is
+    returned.
+    """
+    rank, layout = (3, "[B, H, {}]") if step else (4, "[B, T, H, {}]")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        check_rank(name, x, 4)
-    B, T, H, K = q.shape
-    check_shape("k", k, q.shape, "must match q [B, T, H, K]")
-    if v.shape[:3] != (B, T, H):
+        check_rank(name, x, rank)
+    check_shape("k", k, q.shape, f"must match q {layout.format('K')}")
+    if v.shape[:-1] != q.shape[:-1]:
+        expected = q.shape[:-1] + ("V",)
         raise ValueError(
-            f"`v` must have shape [B, T, H, V] = ({B}, {T}, {H}, V) to match q {q.shape}, "
+            f"`v` must have shape {layout.format('V')} = {expected} to match q {q.shape}, "
             f"got {v.shape}")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"`{name}` must be floating point, got dtype {x.dtype}")
-    return B, T, H, K, v.shape[3]
+        check_float(name, x)
+    return tuple(q.shape) + (v.shape[-1],)
+
+
+def check_float(name: str, x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"`{name}` must be floating point, got dtype {x.dtype}")
+
+
+def check_optional(name: str, x, expected: Sequence[int], what: str) -> None:
+    """Shape and dtype check of an optional per-token input (a gate, β); None passes."""
+    if x is not None:
+        check_shape(name, x, expected, what)
+        check_float(name, x)
 
 
 def check_chunk_size(chunk_size) -> int:
@@ -71,10 +90,12 @@ def check_cu_seqlens(cu_seqlens, batch: int) -> Optional[int]:
     return shape[0] - 1
 
 
-def check_initial_state(initial_state, num_states: int, H: int, K: int, V: int) -> None:
+def check_initial_state(initial_state, num_states: int, H: int, K: int, V: int,
+                        name: str = "initial_state") -> None:
     if initial_state is not None:
-        check_shape("initial_state", initial_state, (num_states, H, K, V),
+        check_shape(name, initial_state, (num_states, H, K, V),
                     "[N, H, K, V] with N = number of sequences")
+        check_float(name, initial_state)
 
 
 def resolve_impl(impl: str, pallas_available: bool = True) -> str:
@@ -87,6 +108,24 @@ def resolve_impl(impl: str, pallas_available: bool = True) -> str:
     return "pallas" if on_accelerator and pallas_available else "xla"
 
 
+def select_impl(package: str, op: str, impl: str, chunk_size: int) -> Callable:
+    """The function computing `op` the `impl` way, imported lazily from the op's package.
+
+    `package` is the op family's package (e.g. 'pallas_kernels.linear_attention'); the
+    function is `{op}_{impl}` of its module `reference`, `xla` or `pallas`. The chunked forms
+    (xla, pallas) get `chunk_size` bound; every one is then called as
+    `fn(*arrays, scale=..., initial_state=..., cu_seqlens=...) -> (o, final_state)`.
+    """
+    has_pallas = importlib.util.find_spec(f"{package}.pallas") is not None
+    impl = resolve_impl(impl, pallas_available=has_pallas)
+    if impl == "pallas" and not has_pallas:
+        raise NotImplementedError(
+            f"impl='pallas' is not available for {op} yet (no module {package}.pallas); "
+            "use impl='xla' or impl='reference'")
+    fn = getattr(importlib.import_module(f"{package}.{impl}"), f"{op}_{impl}")
+    return fn if impl == "reference" else functools.partial(fn, chunk_size=chunk_size)
+
+
 def acc_dtype(x) -> jnp.dtype:
     """Accumulation / state dtype: float32, or float64 when the inputs are float64."""
     return jnp.promote_types(x.dtype, jnp.float32)
@@ -94,6 +133,12 @@ def acc_dtype(x) -> jnp.dtype:
 
 def default_scale(scale: Optional[float], K: int) -> float:
     return K ** -0.5 if scale is None else float(scale)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / sqrt(sum(x**2) + eps) over the last axis, computed in acc_dtype, returned in x's."""
+    xf = x.astype(acc_dtype(x))
+    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -121,6 +166,42 @@ def token_layout(batch: int, T: int, cu_seqlens=None) -> TokenLayout:
     # A zero-length sequence shares its offset with the next one; the token starts the later.
     is_start = t == cu[jnp.minimum(seq, cu.shape[0] - 2)]
     return TokenLayout(is_start[None], seq[None], cu.shape[0] - 1)
+
+
+def token_scan(update: Callable, xs: tuple, state_shape: Sequence[int], dtype,
+               initial_state=None, cu_seqlens=None) -> tuple[jax.Array, jax.Array]:
+    """Run a single-token recurrence over the T axis, restarting at every sequence start.
+
+    update(S, *x_t) -> (o_t, S): S [B, *state_shape], x_t the t-th token of each array of `xs`
+    ([B, T, ...], None entries are passed through as None). Inputs are cast to `dtype`.
+    Returns o [B, T, ...] in `dtype` (zero for tokens past cu_seqlens[-1]) and the final
+    state of each sequence [N, *state_shape] (an empty sequence keeps its initial state).
+    """
+    B, T = xs[0].shape[:2]
+    layout = token_layout(B, T, cu_seqlens)
+    N = layout.num_seqs
+    init = (jnp.zeros((N,) + tuple(state_shape), dtype) if initial_state is None
+            else initial_state.astype(dtype))
+    xs = tuple(None if x is None else jnp.moveaxis(x.astype(dtype), 1, 0) for x in xs)
+    varlen = cu_seqlens is not None
+    mask = (slice(None),) + (None,) * len(state_shape)
+
+    def body(carry, inp):
+        S, final = carry
+        x, is_start, seq = inp
+        if varlen:  # reload the state where a sequence starts
+            S = jnp.where(is_start[mask], init[jnp.minimum(seq, N - 1)], S)
+        o, S = update(S, *x)
+        if varlen:  # tokens past the last sequence give 0; a sequence's last write wins
+            o = jnp.where((seq < N)[(slice(None),) + (None,) * (o.ndim - 1)], o, 0)
+            final = final.at[seq].set(S, mode="drop")
+        return (S, final), o
+
+    S0 = jnp.zeros((B,) + tuple(state_shape), dtype) if varlen else init
+    (S, final), o = jax.lax.scan(
+        body, (S0, init if varlen else None),
+        (xs, layout.is_start.T, layout.seq.T))
+    return jnp.moveaxis(o, 0, 1), final if varlen else S
 
 
 @dataclasses.dataclass(frozen=True)
