@@ -3,3 +3,9 @@
 One folder per op family: reference.py (the recurrence, plain and slow), xla.py (chunked,
 jnp, any backend), pallas_tpu.py / pallas_gpu.py (kernels), and the public dispatcher.
 """
+
+from .gated_delta_rule import gated_delta_rule, gated_delta_rule_step
+from .linear_attention import linear_attention, linear_attention_step
+
+__all__ = ["linear_attention", "linear_attention_step", "gated_delta_rule",
+           "gated_delta_rule_step"]

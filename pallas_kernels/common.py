@@ -63,11 +63,13 @@ def check_float(name: str, x) -> None:
         raise ValueError(f"`{name}` must be floating point, got dtype {x.dtype}")
 
 
-def check_optional(name: str, x, expected: Sequence[int], what: str) -> None:
-    """Shape and dtype check of an optional per-token input (a gate, β); None passes."""
-    if x is not None:
-        check_shape(name, x, expected, what)
-        check_float(name, x)
+def check_array(name: str, x, expected: Sequence[int], what: str,
+                allow_none: bool = False) -> None:
+    """Shape and floating-dtype check of an input such as a gate, β or a state."""
+    if x is None and allow_none:
+        return
+    check_shape(name, x, expected, what)
+    check_float(name, x)
 
 
 def check_chunk_size(chunk_size) -> int:
@@ -92,10 +94,8 @@ def check_cu_seqlens(cu_seqlens, batch: int) -> Optional[int]:
 
 def check_initial_state(initial_state, num_states: int, H: int, K: int, V: int,
                         name: str = "initial_state") -> None:
-    if initial_state is not None:
-        check_shape(name, initial_state, (num_states, H, K, V),
-                    "[N, H, K, V] with N = number of sequences")
-        check_float(name, initial_state)
+    check_array(name, initial_state, (num_states, H, K, V),
+                "[N, H, K, V] with N = number of sequences", allow_none=True)
 
 
 def resolve_impl(impl: str, pallas_available: bool = True) -> str:
@@ -133,6 +133,11 @@ def acc_dtype(x) -> jnp.dtype:
 
 def default_scale(scale: Optional[float], K: int) -> float:
     return K ** -0.5 if scale is None else float(scale)
+
+
+def cast(dtype, *xs) -> tuple:
+    """Each array cast to `dtype`; None stays None."""
+    return tuple(None if x is None else x.astype(dtype) for x in xs)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -182,7 +187,7 @@ def token_scan(update: Callable, xs: tuple, state_shape: Sequence[int], dtype,
     N = layout.num_seqs
     init = (jnp.zeros((N,) + tuple(state_shape), dtype) if initial_state is None
             else initial_state.astype(dtype))
-    xs = tuple(None if x is None else jnp.moveaxis(x.astype(dtype), 1, 0) for x in xs)
+    xs = tuple(None if x is None else jnp.moveaxis(x, 1, 0) for x in cast(dtype, *xs))
     varlen = cu_seqlens is not None
     mask = (slice(None),) + (None,) * len(state_shape)
 
