@@ -1,0 +1,57 @@
+"""Chunked gated delta rule in plain jnp (any backend), via the WY / UT transform.
+
+Write the recurrence S_t = e^{g_t}(I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ as
+S_t = e^{g_t} S_{t−1} + k_t u_tᵀ with u_t = β_t (v_t − k_tᵀ e^{g_t} S_{t−1}). Inside a chunk with
+within-chunk cumulative log gates G_i and Γ_ij = exp(G_i − G_j) (i ≥ j, masked before exp):
+
+    (I + L) U = diag(β) V − diag(β e^{G}) K S_in,   L = strictly_lower(diag(β) (Γ ⊙ K Kᵀ))
+
+so U = Ũ − W S_in with [Ũ, W] = (I + L)⁻¹ [β ⊙ V, β e^{G} ⊙ K] (one triangular solve, unit
+diagonal), and then, with P = lower(Γ ⊙ Q Kᵀ) (diagonal included) and Kd = K ⊙ e^{G_C − G}:
+
+    o     = (Q ⊙ e^{G} − P W) S_in + P Ũ
+    S_out = (e^{G_C} I − Kdᵀ W) S_in + Kdᵀ Ũ
+
+an affine map of the incoming state, which `pallas_kernels.chunked` scans over chunks (with the
+custom backward that recomputes inside chunks). g = None is DeltaNet (no decay).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+from pallas_kernels.chunked import masked_decay, run_chunked
+
+
+def _intra(x):
+    """Per-chunk affine map (M, B, Qeff, O) of the gated delta rule; x holds [NC, B, H, C, ...]."""
+    q, k, v, beta = x["q"], x["k"], x["v"], x["beta"]
+    C, K = k.shape[-2:]
+    if "g" in x:
+        G = jnp.cumsum(x["g"], axis=-1)                          # [.., C]
+        gamma = masked_decay(G)                                  # [.., C, C], lower incl. diag
+        eG = jnp.exp(G)[..., None]
+        decay_end = jnp.exp(G[..., -1:] - G)[..., None]
+        eGC = jnp.exp(G[..., -1])[..., None, None]
+    else:
+        gamma = jnp.tril(jnp.ones((C, C), k.dtype))
+        eG = decay_end = eGC = 1.0
+    strict = jnp.tril(jnp.ones((C, C), bool), -1)
+    L = jnp.where(strict, beta[..., :, None] * gamma * jnp.einsum("...ik,...jk->...ij", k, k), 0)
+    rhs = jnp.concatenate([beta[..., None] * v, (beta[..., None] * eG) * k], axis=-1)
+    sol = solve_triangular(L, rhs, lower=True, unit_diagonal=True)
+    U, W = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
+    P = gamma * jnp.einsum("...ik,...jk->...ij", q, k)
+    Kd = k * decay_end
+    Qeff = q * eG - jnp.einsum("...ij,...jk->...ik", P, W)
+    O = jnp.einsum("...ij,...jv->...iv", P, U)
+    M = eGC * jnp.eye(K, dtype=k.dtype) - jnp.einsum("...ck,...cj->...kj", Kd, W)
+    Bst = jnp.einsum("...ck,...cv->...kv", Kd, U)
+    return M, Bst, Qeff, O
+
+
+def gated_delta_rule_xla(q, k, v, beta, g, *, scale, initial_state, cu_seqlens, chunk_size):
+    """Chunked gated delta rule; arguments already validated. Returns (o, final_state [N,H,K,V])."""
+    return run_chunked(_intra, {"q": q, "k": k, "v": v, "beta": beta, "g": g}, q=q, scale=scale,
+                       value_dim=v.shape[-1], initial_state=initial_state,
+                       cu_seqlens=cu_seqlens, chunk_size=chunk_size)
