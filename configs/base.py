@@ -1,0 +1,143 @@
+"""The base config: every experiment file in configs/ starts from `get_config()` here.
+
+    python -m train --config configs/NAME.py --workdir DIR [--config.GROUP.FIELD=VALUE ...]
+
+Groups (the trainer rejects any field that is not listed here, naming it):
+
+  model       the fields of `mem_lm.ModelConfig` (vocab_size -1: taken from the data)
+  data        where batches come from: the built-in corpus (Python's standard library), text
+              files/dirs/globs/JSONL, or a synthetic memory task (mqar, copy, assoc_recall)
+  optim       AdamW, warmup + cosine decay, global-norm clipping, weight-decay exclusions
+  train       steps, batch_size, seq_len, intervals, seed, dtypes, gradient accumulation
+  mesh        device mesh ("data", "fsdp", "tensor"); -1 fills with the remaining devices
+  rules       logical axis name -> mesh axes ("data,fsdp" for two, "" for replicated)
+  checkpoint  orbax CheckpointManager options
+  logging     progress bar, TensorBoard, metrics.jsonl, MFU peak
+  distributed jax.distributed.initialize (multi-host / multi-process)
+  sample      the generated sample printed at the end of a run
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ml_collections import ConfigDict
+
+# Logical axis names used by the model's parameters and activations (DESIGN.md).
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "memory")
+MESH_AXES = ("data", "fsdp", "tensor")
+DATA_SOURCES = ("stdlib", "text", "mqar", "copy", "assoc_recall")
+
+
+def model_config(**fields) -> ConfigDict:
+    """All `mem_lm.ModelConfig` fields with their defaults, `fields` applied on top.
+
+    Building the group from the dataclass itself means every model field can be overridden on
+    the command line, and a new field appears here without editing this file.
+    """
+    from mem_lm import ModelConfig
+
+    required = dict(vocab_size=256, d_model=64, num_layers=2, num_heads=2)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"config.model: unknown ModelConfig field(s) {unknown}; known: {sorted(known)}")
+    vocab = fields.pop("vocab_size", -1)
+    cfg = ModelConfig(**{**required, **fields})
+    d = dataclasses.asdict(cfg)
+    d["vocab_size"] = vocab
+    return ConfigDict(d)
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+
+    c.model = model_config(d_model=64, num_layers=2, num_heads=2, pattern=("gdn", "swa"))
+
+    c.data = ConfigDict(dict(
+        source="stdlib",          # stdlib | text | mqar | copy | assoc_recall
+        paths="",                 # text: comma-separated files, directories or globs (.txt/.py/.md/.jsonl ...)
+        val_paths="",             # text: validation files; "" = split `paths` by file name
+        val_fraction=0.02,        # share of files (by a hash of the name) held out for validation
+        tokenizer="byte",         # "byte" (256 symbols) or a path to a HF tokenizers tokenizer.json
+        text_field="text",        # JSONL: the key holding the document text
+        extensions=".py,.txt,.md,.rst,.json,.jsonl",  # file types picked up from directories
+        shuffle=True,
+        # synthetic tasks (generated from (seed, index), so any batch can be regenerated)
+        vocab_size=8192,          # synthetic vocabulary
+        num_kv_pairs=16,          # mqar / assoc_recall
+        power_a=0.01,             # mqar: query-position distribution
+        random_non_queries=True,  # mqar
+        copy_length=16,           # copy: tokens to copy
+        num_workers=0,            # grain: prefetch threads (0 = in the main thread)
+    ))
+
+    c.optim = ConfigDict(dict(
+        learning_rate=3e-3,
+        warmup_steps=10,
+        decay_steps=-1,           # cosine decay length; -1 = train.steps
+        end_lr_factor=0.1,        # final lr = learning_rate * end_lr_factor
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        grad_clip_norm=1.0,       # 0 = no clipping
+        # params whose path matches (re.search) get no weight decay; 1-D params never do
+        no_decay_patterns="norm,bias,scale,gate,A_log,dt_bias,decay,embed_pos",
+    ))
+
+    c.train = ConfigDict(dict(
+        steps=100,
+        batch_size=8,             # global batch (sequences per optimizer step)
+        seq_len=128,
+        grad_accum_steps=1,       # micro-batches per step (batch_size must divide)
+        log_every=10,
+        eval_every=50,            # 0 = only at the end
+        eval_batches=4,
+        checkpoint_every=50,      # 0 = only at the end (and on SIGTERM)
+        seed=0,
+        compute_dtype="float32",  # float32 | bfloat16 (params stay float32)
+        max_consecutive_nonfinite=5,
+    ))
+
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.rules = ConfigDict(dict(
+        batch="data,fsdp",
+        length="",
+        embed="fsdp",
+        heads="tensor",
+        kv="",
+        mlp="tensor",
+        vocab="tensor",
+        memory="tensor",
+    ))
+
+    c.checkpoint = ConfigDict(dict(
+        enabled=True,
+        dir="",                   # "" = WORKDIR/checkpoints
+        keep=3,
+        async_save=True,
+    ))
+
+    c.logging = ConfigDict(dict(
+        progress_bar=True,
+        tensorboard=True,
+        jsonl=True,
+        peak_tflops=0.0,          # per device, for MFU; 0 = a table by device kind (rough on CPU)
+    ))
+
+    c.distributed = ConfigDict(dict(
+        initialize=False,         # call jax.distributed.initialize (also with the env/flags below)
+        coordinator_address="",   # host:port; "" = JAX_COORDINATOR_ADDRESS or auto-detect
+        num_processes=-1,         # -1 = JAX_NUM_PROCESSES or auto-detect
+        process_id=-1,            # -1 = JAX_PROCESS_ID or auto-detect
+    ))
+
+    c.sample = ConfigDict(dict(
+        enabled=False,            # print a generated sample at the end (text sources)
+        prompt="def ",
+        max_new_tokens=200,
+        temperature=0.8,
+        top_k=40,
+    ))
+    return c

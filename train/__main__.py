@@ -1,0 +1,92 @@
+"""python -m train --config configs/NAME.py --workdir DIR [--config.GROUP.FIELD=VALUE ...]
+
+Multi-host: add --coordinator_address HOST:PORT --num_processes N --process_id I (or set
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or --config.distributed.initialize
+on a platform JAX auto-detects, e.g. TPU pods, SLURM).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/NAME.py)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: config.json, metrics.jsonl, "
+                               "tensorboard/, checkpoints/ (a run resumes from here)")
+_COORD = flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port")
+_NPROC = flags.DEFINE_integer("num_processes", None, "jax.distributed number of processes")
+_PID = flags.DEFINE_integer("process_id", None, "jax.distributed id of this process")
+_VALIDATE_ONLY = flags.DEFINE_bool("validate_only", False, "check the config, print it, and exit")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    del argv
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
+    from ml_collections import ConfigDict
+
+    from train.config import ConfigError, resolve, to_json
+
+    config = ConfigDict(_CONFIG.value.to_dict())
+    if _COORD.value:
+        config.distributed.coordinator_address = _COORD.value
+    if _NPROC.value is not None:
+        config.distributed.num_processes = _NPROC.value
+    if _PID.value is not None:
+        config.distributed.process_id = _PID.value
+    try:
+        if _VALIDATE_ONLY.value:
+            import jax
+            print(to_json(resolve(config, num_devices=jax.device_count())))
+            return 0
+        if not _WORKDIR.value:
+            raise app.UsageError("--workdir is required")
+        from train.loop import NonFiniteError, run
+        result = run(config, _WORKDIR.value)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    import jax
+    if jax.process_index() == 0:
+        print_summary(result)
+    return 0
+
+
+def print_summary(r: dict) -> None:
+    lines = ["", "=" * 72]
+    status = "stopped by SIGTERM (checkpoint saved; rerun to resume)" if r.get("preempted") else "done"
+    lines.append(f"{status}: step {r['step']}, {r['num_params']:,} parameters")
+    if r.get("loss") is not None:
+        lines.append(f"  train loss           {r['loss']:.4f}")
+    if "eval_loss" in r:
+        lines.append(f"  validation loss      {r['eval_loss']:.4f}  (perplexity {r['eval_perplexity']:.2f}, "
+                     f"next-token accuracy {r['eval_accuracy']:.3f})")
+    if r.get("tokens_per_second"):
+        mfu = f", MFU ~{100 * r['mfu']:.2f}%" if r.get("mfu") else ""
+        lines.append(f"  throughput           {r['tokens_per_second']:,.0f} tokens/s{mfu}")
+    if r.get("nonfinite_total"):
+        lines.append(f"  skipped updates      {r['nonfinite_total']} (non-finite loss or gradient)")
+    if r.get("sample") is not None:
+        lines.append("  sample:")
+        lines.append("-" * 72)
+        lines.append(r["sample"])
+        lines.append("-" * 72)
+    lines.append(f"  metrics              {r['metrics_file']}")
+    if r.get("tensorboard_dir"):
+        lines.append(f"  TensorBoard          tensorboard --logdir {r['tensorboard_dir']}")
+    if r.get("checkpoint_dir"):
+        lines.append(f"  checkpoints          {r['checkpoint_dir']}  "
+                     f"(mem_lm.load_pretrained({os.path.relpath(r['workdir'])!r}))")
+    lines.append(f"  config               {os.path.join(r['workdir'], 'config.json')}")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

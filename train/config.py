@@ -1,0 +1,219 @@
+"""Config validation and resolution, before anything compiles.
+
+`validate(config)` raises `ConfigError` (a ValueError) whose message starts with the dotted name
+of the offending field, e.g. ``config.train.batch_size: 12 is not divisible by ...``.
+`resolve(config, num_devices, process_count)` returns a validated copy with every derived value
+filled in (mesh -1, model.vocab_size -1, optim.decay_steps -1); that copy is what lands in
+WORKDIR/config.json and in every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from configs import base as base_config
+
+
+class ConfigError(ValueError):
+    """A config field is unknown or has a value that cannot work; the message names the field."""
+
+
+def _fail(field: str, msg: str):
+    raise ConfigError(f"config.{field}: {msg}")
+
+
+def _check_known_fields(config: ConfigDict, schema: ConfigDict, prefix: str = ""):
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            close = [k for k in schema.keys() if k[:3] == key[:3]]
+            hint = f" (did you mean {close}?)" if close else ""
+            _fail(name, f"unknown field{hint}; known fields of config.{prefix.rstrip('.') or '<top>'}: "
+                        f"{sorted(schema.keys())}")
+        if isinstance(schema[key], ConfigDict) and key != "model":
+            if not isinstance(config[key], ConfigDict):
+                _fail(name, f"must be a group of fields, got {config[key]!r}")
+            _check_known_fields(config[key], schema[key], name + ".")
+    for key in schema.keys():
+        if key not in config:
+            _fail(f"{prefix}{key}", "missing (start experiment files from configs/base.py get_config())")
+
+
+def parse_rule(value: str) -> str | tuple[str, ...] | None:
+    """'' -> None, 'fsdp' -> 'fsdp', 'data,fsdp' -> ('data', 'fsdp')."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        parts = [str(v) for v in value if v]
+    else:
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def logical_axis_rules(config: ConfigDict) -> tuple[tuple[str, Any], ...]:
+    """The config's `rules` group as flax logical axis rules."""
+    return tuple((name, parse_rule(config.rules[name])) for name in config.rules.keys())
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int, process_count: int = 1) -> tuple[int, int, int]:
+    sizes = {a: int(mesh_cfg[a]) for a in base_config.MESH_AXES}
+    for a, s in sizes.items():
+        if s == 0 or s < -1:
+            _fail(f"mesh.{a}", f"must be a positive size or -1 (fill), got {s}")
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        _fail(f"mesh.{fill[1]}", f"only one mesh axis may be -1, got -1 for {fill}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if num_devices % fixed:
+            _fail(f"mesh.{fill[0]}", f"-1 cannot fill: the other axes use {fixed} devices, which does "
+                                     f"not divide the {num_devices} available")
+        sizes[fill[0]] = num_devices // fixed
+    total = math.prod(sizes.values())
+    shape = tuple(sizes[a] for a in base_config.MESH_AXES)
+    if total > num_devices:
+        _fail("mesh", f"shape (data, fsdp, tensor) = {shape} needs {total} devices, only {num_devices} exist")
+    if process_count > 1 and total != num_devices:
+        _fail("mesh", f"shape {shape} uses {total} of {num_devices} devices; a multi-process run must "
+                      f"use them all")
+    return shape
+
+
+def _model_config_cls():
+    from mem_lm import ModelConfig
+    return ModelConfig
+
+
+def model_config_from(config: ConfigDict):
+    """`mem_lm.ModelConfig` from the config's model group (after resolve)."""
+    ModelConfig = _model_config_cls()
+    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.model.to_dict().items()}
+    return ModelConfig(**d)
+
+
+def data_vocab_size(config: ConfigDict) -> int:
+    src = config.data.source
+    if src in ("mqar", "copy", "assoc_recall"):
+        return int(config.data.vocab_size)
+    from train.data import make_tokenizer
+    return make_tokenizer(config.data.tokenizer).vocab_size
+
+
+def validate(config: ConfigDict, num_devices: int | None = None, process_count: int = 1) -> None:
+    """Raise ConfigError naming the field if the config cannot run. Checks the mesh against
+    `num_devices` when given."""
+    resolve(config, num_devices=num_devices, process_count=process_count)
+
+
+def resolve(config: ConfigDict, num_devices: int | None = None, process_count: int = 1) -> ConfigDict:
+    schema = base_config.get_config()
+    _check_known_fields(config, schema)
+    c = ConfigDict(config.to_dict())  # unlocked deep copy
+
+    t = c.train
+    for f in ("steps", "batch_size", "seq_len", "log_every", "eval_batches", "grad_accum_steps",
+              "max_consecutive_nonfinite"):
+        if not isinstance(t[f], int) or t[f] < 1:
+            _fail(f"train.{f}", f"must be a positive integer, got {t[f]!r}")
+    for f in ("eval_every", "checkpoint_every"):
+        if not isinstance(t[f], int) or t[f] < 0:
+            _fail(f"train.{f}", f"must be an integer >= 0, got {t[f]!r}")
+    if t.compute_dtype not in ("float32", "bfloat16"):
+        _fail("train.compute_dtype", f"must be 'float32' or 'bfloat16', got {t.compute_dtype!r}")
+    if t.batch_size % t.grad_accum_steps:
+        _fail("train.batch_size", f"{t.batch_size} is not divisible by train.grad_accum_steps="
+                                  f"{t.grad_accum_steps}")
+    if t.batch_size % process_count:
+        _fail("train.batch_size", f"{t.batch_size} is not divisible by the {process_count} processes")
+
+    o = c.optim
+    if not o.learning_rate > 0:
+        _fail("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+    for f in ("warmup_steps",):
+        if o[f] < 0:
+            _fail(f"optim.{f}", f"must be >= 0, got {o[f]}")
+    if o.decay_steps == -1:
+        o.decay_steps = t.steps
+    if o.decay_steps < 1:
+        _fail("optim.decay_steps", f"must be >= 1 or -1 (= train.steps), got {o.decay_steps}")
+    for f in ("weight_decay", "grad_clip_norm", "end_lr_factor", "eps"):
+        if o[f] < 0:
+            _fail(f"optim.{f}", f"must be >= 0, got {o[f]}")
+    for f in ("b1", "b2"):
+        if not 0 <= o[f] < 1:
+            _fail(f"optim.{f}", f"must be in [0, 1), got {o[f]}")
+
+    d = c.data
+    if d.source not in base_config.DATA_SOURCES:
+        _fail("data.source", f"{d.source!r} is not one of {base_config.DATA_SOURCES}")
+    if d.source == "text" and not d.paths:
+        _fail("data.paths", "data.source='text' needs paths (files, directories or globs, comma-separated)")
+    if not 0 <= d.val_fraction < 1:
+        _fail("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    if d.source in ("mqar", "assoc_recall"):
+        need = 2 * d.num_kv_pairs + (d.num_kv_pairs if d.source == "assoc_recall" else 2)
+        if need > t.seq_len:
+            _fail("data.num_kv_pairs", f"{d.num_kv_pairs} pairs do not fit train.seq_len={t.seq_len}")
+        if d.vocab_size < 4 * d.num_kv_pairs:
+            _fail("data.vocab_size", f"{d.vocab_size} is too small for {d.num_kv_pairs} distinct keys and values")
+    if d.source == "copy" and 2 * d.copy_length + 2 > t.seq_len:
+        _fail("data.copy_length", f"{d.copy_length} needs seq_len >= {2 * d.copy_length + 2}, "
+                                  f"got train.seq_len={t.seq_len}")
+    try:
+        vocab = data_vocab_size(c)
+    except (OSError, ValueError, ImportError) as e:
+        _fail("data.tokenizer", str(e))
+    if c.model.vocab_size == -1:
+        c.model.vocab_size = vocab
+    elif c.model.vocab_size < vocab:
+        _fail("model.vocab_size", f"{c.model.vocab_size} is smaller than the data's vocabulary ({vocab})")
+
+    for name in c.rules.keys():
+        if name not in base_config.LOGICAL_AXES:
+            _fail(f"rules.{name}", f"unknown logical axis; known: {base_config.LOGICAL_AXES}")
+        r = parse_rule(c.rules[name])
+        for axis in (r,) if isinstance(r, str) else (r or ()):
+            if axis not in base_config.MESH_AXES:
+                _fail(f"rules.{name}", f"{axis!r} is not a mesh axis {base_config.MESH_AXES}")
+
+    if num_devices is not None:
+        shape = resolve_mesh_shape(c.mesh, num_devices, process_count)
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape
+        batch_axes = parse_rule(c.rules.batch)
+        batch_axes = (batch_axes,) if isinstance(batch_axes, str) else (batch_axes or ())
+        dp = math.prod(dict(zip(base_config.MESH_AXES, shape))[a] for a in batch_axes)
+        micro = t.batch_size // t.grad_accum_steps
+        if micro % dp:
+            what = "train.batch_size" if t.grad_accum_steps == 1 else \
+                f"train.batch_size / train.grad_accum_steps = {micro}"
+            _fail("train.batch_size", f"{what} is not divisible by the batch axes "
+                                      f"{'*'.join(f'mesh.{a}' for a in batch_axes)} = {dp}")
+
+    try:
+        model_config_from(c)
+    except ImportError:
+        raise
+    except (TypeError, ValueError) as e:
+        _fail("model", str(e))
+
+    if c.checkpoint.keep < 1:
+        _fail("checkpoint.keep", f"must be >= 1, got {c.checkpoint.keep}")
+    return c
+
+
+def to_json(config: ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ConfigDict:
+    return ConfigDict(json.loads(text))
+
+
+def model_config_dict(model_cfg) -> dict:
+    return dataclasses.asdict(model_cfg)
