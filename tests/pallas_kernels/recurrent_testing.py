@@ -1,0 +1,49 @@
+"""Checks shared by the recurrent-op tests (linear attention, gated delta rule)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def assert_close(actual, expected, tol, name=""):
+    """max |actual − expected| <= tol · max |expected|, and actual finite."""
+    a = np.asarray(jnp.asarray(actual, jnp.float32) if actual.dtype == jnp.bfloat16 else actual,
+                   np.float64)
+    e = np.asarray(expected, np.float64)
+    assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
+    assert np.all(np.isfinite(a)), f"{name}: not finite"
+    if a.size == 0:
+        return
+    err, ref = np.max(np.abs(a - e)), max(np.max(np.abs(e)), 1e-30)
+    assert err <= tol * ref, f"{name}: max error {err:.3g} > {tol:g} x max |expected| {ref:.3g}"
+
+
+def vjp_fn(op, **kwargs):
+    """jit of (args, cotangents) -> ((o, state), grads of every array in args) for
+    op(**args, output_final_state=True, **kwargs)."""
+    def f(args, ct):
+        out, pull = jax.vjp(lambda a: op(**a, output_final_state=True, **kwargs), args)
+        return out, pull(ct)[0]
+    return jax.jit(f)
+
+
+def check_against_reference(op, args, rng, *, impl, tol, ref_dtype=None, **kwargs):
+    """Output, final state and the gradient of every array in `args` (random cotangents) of
+    op(..., impl=impl) equal those of impl='reference' (run in `ref_dtype` if given)."""
+    ref_args = args if ref_dtype is None else jax.tree.map(lambda x: x.astype(ref_dtype), args)
+    ref = vjp_fn(op, impl="reference", **kwargs)
+    shapes = jax.eval_shape(lambda a: op(**a, output_final_state=True, impl="reference",
+                                         **kwargs), ref_args)
+    ct = [rng.standard_normal(s.shape) for s in shapes]
+    (o_ref, s_ref), g_ref = ref(ref_args, _like(ct, shapes))
+    shapes = jax.eval_shape(lambda a: op(**a, output_final_state=True, impl=impl, **kwargs),
+                            args)
+    (o, s), g = vjp_fn(op, impl=impl, **kwargs)(args, _like(ct, shapes))
+    assert o.dtype == args["q"].dtype, f"o has dtype {o.dtype}, q {args['q'].dtype}"
+    assert_close(o, o_ref, tol, "o")
+    assert_close(s, s_ref, tol, "final state")
+    for name in args:
+        assert_close(g[name], g_ref[name], tol, f"d{name}")
+
+
+def _like(values, shapes):
+    return tuple(jnp.asarray(v, s.dtype) for v, s in zip(values, shapes))
