@@ -1,1 +1,10 @@
-"""mem_lm package."""
+"""mem_lm: the language model as a library.
+
+    from mem_lm import ModelConfig, LanguageModel, generate
+"""
+from mem_lm.config import MIXERS, ModelConfig, param_count
+from mem_lm.model import LanguageModel, init_cache
+from mem_lm.generate import decode_step, generate, prefill, sample_logits
+
+__all__ = ["MIXERS", "ModelConfig", "LanguageModel", "generate", "init_cache", "param_count",
+           "prefill", "decode_step", "sample_logits"]

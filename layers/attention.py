@@ -1,0 +1,102 @@
+"""Softmax attention mixers: full causal (`attn`) and sliding window (`swa`), GQA, RoPE,
+optional attention sinks, packed documents through segment ids.
+
+Decode cache (`init_cache`):
+  * full attention: a preallocated buffer of `max_len` keys/values, filled at `pos`;
+  * sliding window (window < max_len): a ring buffer of `window` entries plus the position
+    stored in each slot (−1 = empty), so memory and step cost stay O(window).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from layers.common import constrain, dense
+from layers.rope import apply_rope
+from pallas_kernels.attention import attention
+
+
+def init_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+               window: Optional[int], dtype) -> dict:
+    if window is not None and window < max_len:
+        shape = (batch, window, num_kv_heads, head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "slot_pos": jnp.full((window,), -1, jnp.int32)}
+    shape = (batch, max_len, num_kv_heads, head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class Attention(nn.Module):
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    window: Optional[int] = None
+    rope_theta: float = 10000.0
+    use_sinks: bool = False
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        return init_cache(batch, max_len, self.num_kv_heads, self.head_dim, self.window,
+                          self.dtype)
+
+    @nn.compact
+    def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
+                 layer_idx=None):
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        kw = dict(std=self.init_std, dtype=self.dtype)
+        q = dense((H, D), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
+        k = dense((Hkv, D), ("embed", "heads", "kv"), name="k_proj", **kw)(x)
+        v = dense((Hkv, D), ("embed", "heads", "kv"), name="v_proj", **kw)(x)
+        q = apply_rope(q, positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        sinks = None
+        if self.use_sinks:
+            sinks = self.param("sinks", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                     ("heads",)), (H,),
+                               jnp.float32)
+        attn = lambda q, k, v, **a: attention(q, k, v, window=self.window, sinks=sinks,
+                                              impl=self.impl, **a)
+        new_cache = None
+        if cache is None:
+            o = attn(q, k, v, segment_ids=segment_ids)
+        elif "slot_pos" in cache:
+            o, new_cache = self._ring(attn, q, k, v, cache, cache_pos)
+        else:
+            T, L = x.shape[1], cache["k"].shape[1]
+            ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                     cache_pos, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                     cache_pos, axis=1)
+            slots = jnp.arange(L, dtype=jnp.int32)
+            o = attn(q, ck.astype(q.dtype), cv.astype(q.dtype),
+                     q_positions=cache_pos + jnp.arange(T, dtype=jnp.int32),
+                     kv_positions=jnp.where(slots < cache_pos + T, slots, -1))
+            new_cache = {"k": ck, "v": cv}
+        o = constrain(o, ("batch", "length", "heads", "kv"))
+        y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
+        return y, new_cache
+
+    def _ring(self, attn, q, k, v, cache, cache_pos):
+        T = q.shape[1]
+        W = cache["slot_pos"].shape[0]
+        new_pos = cache_pos + jnp.arange(T, dtype=jnp.int32)
+        # Attend to the ring (what came before) and the new tokens together.
+        o = attn(q, jnp.concatenate([cache["k"].astype(q.dtype), k], axis=1),
+                 jnp.concatenate([cache["v"].astype(q.dtype), v], axis=1),
+                 q_positions=new_pos, kv_positions=jnp.concatenate([cache["slot_pos"], new_pos]))
+        # Keep the last W new tokens (distinct slots), each in slot position % W.
+        n = min(T, W)
+        slots = new_pos[-n:] % W
+        new_cache = {
+            "k": cache["k"].at[:, slots].set(k[:, -n:].astype(cache["k"].dtype)),
+            "v": cache["v"].at[:, slots].set(v[:, -n:].astype(cache["v"].dtype)),
+            "slot_pos": cache["slot_pos"].at[slots].set(new_pos[-n:]),
+        }
+        return o, new_cache

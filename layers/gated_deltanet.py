@@ -1,0 +1,87 @@
+"""Gated DeltaNet (`gdn`) and DeltaNet (`deltanet`) on `pallas_kernels.gated_delta_rule`,
+as in the Gated DeltaNet reference code (fla's GatedDeltaNet layer):
+
+  q, k, v = SiLU(conv4(W_q x)), SiLU(conv4(W_k x)), SiLU(conv4(W_v x))   (causal depthwise)
+  q, k L2-normalised per head (inside the op); β = sigmoid(W_β x)  (2·sigmoid with
+  allow_neg_eigval, eigenvalues of I − βkkᵀ in [−1, 1]);
+  g = −exp(A_log) · softplus(W_a x + dt_bias), A ~ U(1, 16), dt log-uniform in [1e-3, 0.1]
+  (Mamba2 init); DeltaNet has no decay (g = 0);
+  y = o_proj(RMSNorm(o) ⊙ SiLU(W_g x)) per head. Value heads are expand_v × head_dim wide.
+
+Decode cache: the [B, H, K, V] float32 state and the last conv_size − 1 inputs of each conv.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_param,
+                           reset_gate, step_or_chunk)
+from layers.conv import ShortConv, init_cache as conv_cache
+from layers.norm import GatedRMSNorm
+from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
+
+
+class GatedDeltaNet(nn.Module):
+    d_model: int
+    num_heads: int
+    head_dim: int
+    expand_v: float = 1.0
+    use_decay: bool = True           # False: DeltaNet
+    allow_neg_eigval: bool = False
+    conv_size: int = 4
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"
+    chunk_size: int = 64
+
+    @property
+    def value_dim(self) -> int:
+        return int(round(self.head_dim * self.expand_v))
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        H, K, V = self.num_heads, self.head_dim, self.value_dim
+        return {"state": jnp.zeros((batch, H, K, V), jnp.float32),
+                "conv_q": conv_cache(batch, (H, K), self.conv_size, self.dtype),
+                "conv_k": conv_cache(batch, (H, K), self.conv_size, self.dtype),
+                "conv_v": conv_cache(batch, (H, V), self.conv_size, self.dtype)}
+
+    @nn.compact
+    def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
+                 layer_idx=None):
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_dim, self.value_dim
+        kw = dict(std=self.init_std, dtype=self.dtype)
+        new_cache = {}
+        qkv = []
+        for n, d in (("q", K), ("k", K), ("v", V)):
+            t = dense((H, d), ("embed", "heads", "kv"), name=f"{n}_proj", **kw)(x)
+            c = None if cache is None else cache[f"conv_{n}"]
+            t, new_cache[f"conv_{n}"] = ShortConv(self.conv_size, dtype=self.dtype,
+                                                  name=f"{n}_conv")(t, segment_ids, c)
+            qkv.append(constrain(t, ("batch", "length", "heads", "kv")))
+        q, k, v = qkv
+        beta = jax.nn.sigmoid(dense((H,), ("embed", "heads"), name="b_proj", **kw)(x)
+                              .astype(jnp.float32))
+        if self.allow_neg_eigval:
+            beta = 2.0 * beta
+        g = None
+        if self.use_decay:
+            a = dense((H,), ("embed", "heads"), name="a_proj", **kw)(x).astype(jnp.float32)
+            dt = jax.nn.softplus(a + head_param(self, "dt_bias", dt_bias_init, H))
+            g = -jnp.exp(head_param(self, "A_log", a_log_init, H)) * dt
+        g = reset_gate(g, segment_ids, (B, T, H))
+        o, state = step_or_chunk(gated_delta_rule, gated_delta_rule_step, q, k, v, beta, g,
+                                 state=None if cache is None else cache["state"],
+                                 use_qk_l2norm=True, impl=self.impl,
+                                 chunk_size=self.chunk_size)
+        gate = dense((H, V), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
+        o = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(o, gate)
+        o = constrain(o, ("batch", "length", "heads", "kv"))
+        y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
+        if cache is None:
+            return y, None
+        new_cache["state"] = state
+        return y, new_cache

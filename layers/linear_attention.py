@@ -1,0 +1,155 @@
+"""The linear-attention family on `pallas_kernels.linear_attention`:
+
+  la         φ(q), φ(k) with φ = identity | elu+1 | Based 2nd-order Taylor (feature_dim f:
+             φ(x) = [1, x, vec(x xᵀ)/√2] on x·f^(-1/4), so φ(q)·φ(k) ≈ exp(q·k/√f)); no decay.
+  retnet     multi-scale retention: RoPE on q, k; fixed per-head decays γ_h = 1 − 2^(−5−h).
+  lightning  Lightning attention (TransNormerLLM): SiLU q, k; per-head decay
+             exp(−s_h · (1 − l/(L−1) + 1e-5)), s_h = 2^(−8(h+1)/H), l the layer index.
+  ssd        Mamba2-style scalar gates: q (C), k (B), v (x) through a causal short conv + SiLU;
+             dt = softplus(W_dt x + dt_bias), log-gate −exp(A_log)·dt, v scaled by dt,
+             skip D ⊙ x.
+  gla        Gated linear attention: per-key log-gates logsigmoid(W₂W₁x + b)/τ, rank 16, τ = 16.
+
+All read out o = Sᵀ(scale·q) per head, normalise with a per-head RMSNorm (gated by SiLU(W_g x)
+for retnet, lightning, ssd, gla) and project back with o_proj. The decode cache is the
+[B, H, K, V] float32 state (plus the conv inputs for ssd).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_param,
+                           reset_gate, step_or_chunk)
+from layers.conv import ShortConv, init_cache as conv_cache
+from layers.norm import GatedRMSNorm
+from layers.rope import apply_rope
+from pallas_kernels.linear_attention import linear_attention, linear_attention_step
+
+KINDS = ("la", "retnet", "lightning", "ssd", "gla")
+FEATURE_MAPS = ("identity", "elu", "taylor")
+
+
+def taylor_feature_map(x):
+    f = x.shape[-1]
+    x = x.astype(jnp.float32) * f ** -0.25
+    x2 = (x[..., :, None] * x[..., None, :]).reshape(x.shape[:-1] + (f * f,)) / math.sqrt(2)
+    return jnp.concatenate([jnp.ones_like(x[..., :1]), x, x2], axis=-1)
+
+
+def retnet_log_decays(num_heads: int) -> jax.Array:
+    return jnp.log1p(-2.0 ** (-5.0 - jnp.arange(num_heads, dtype=jnp.float32)))
+
+
+def lightning_log_decays(num_heads: int, layer_idx, num_layers: int) -> jax.Array:
+    slopes = 2.0 ** (-8.0 * (jnp.arange(num_heads, dtype=jnp.float32) + 1) / num_heads)
+    depth = 1.0 - jnp.asarray(layer_idx, jnp.float32) / max(num_layers - 1, 1) + 1e-5
+    return -slopes * depth
+
+
+class LinearAttention(nn.Module):
+    kind: str
+    d_model: int
+    num_heads: int
+    head_dim: int
+    num_layers: int = 1          # lightning
+    feature_map: str = "elu"     # la
+    feature_dim: int = 16        # la with the taylor map
+    conv_size: int = 4           # ssd
+    gate_rank: int = 16          # gla
+    gate_normalizer: float = 16.0  # gla
+    rope_theta: float = 10000.0  # retnet
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"
+    chunk_size: int = 64
+
+    @property
+    def key_dim(self) -> int:
+        if self.kind == "la" and self.feature_map == "taylor":
+            return 1 + self.feature_dim + self.feature_dim ** 2
+        return self.head_dim
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        H, D = self.num_heads, self.head_dim
+        cache = {"state": jnp.zeros((batch, H, self.key_dim, D), jnp.float32)}
+        if self.kind == "ssd":
+            for n in "qkv":
+                cache[f"conv_{n}"] = conv_cache(batch, (H, D), self.conv_size, self.dtype)
+        return cache
+
+    @nn.compact
+    def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
+                 layer_idx=0):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        kw = dict(std=self.init_std, dtype=self.dtype)
+        taylor = self.kind == "la" and self.feature_map == "taylor"
+        dq = self.feature_dim if taylor else D
+        q = dense((H, dq), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
+        k = dense((H, dq), ("embed", "heads", "kv"), name="k_proj", **kw)(x)
+        v = dense((H, D), ("embed", "heads", "kv"), name="v_proj", **kw)(x)
+        g = gk = gate = skip = scale = None
+        new_cache = {}
+        if self.kind == "la":
+            if self.feature_map == "elu":
+                q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
+            elif taylor:
+                q, k = taylor_feature_map(q).astype(self.dtype), taylor_feature_map(k).astype(self.dtype)
+                scale = 1.0
+            elif self.feature_map != "identity":
+                raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, "
+                                 f"got {self.feature_map!r}")
+        elif self.kind == "retnet":
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, positions, self.rope_theta)
+            g = jnp.broadcast_to(retnet_log_decays(H), (B, T, H))
+        elif self.kind == "lightning":
+            q, k = jax.nn.silu(q), jax.nn.silu(k)
+            g = jnp.broadcast_to(lightning_log_decays(H, layer_idx, self.num_layers), (B, T, H))
+        elif self.kind == "ssd":
+            convs = []
+            for n, t in (("q", q), ("k", k), ("v", v)):
+                c = None if cache is None else cache[f"conv_{n}"]
+                t, c = ShortConv(self.conv_size, dtype=self.dtype, name=f"{n}_conv")(
+                    t, segment_ids, c)
+                convs.append(t)
+                new_cache[f"conv_{n}"] = c
+            q, k, v = convs
+            dt = dense((H,), ("embed", "heads"), name="dt_proj", **kw)(x).astype(jnp.float32)
+            dt = jax.nn.softplus(dt + head_param(self, "dt_bias", dt_bias_init, H))
+            g = -jnp.exp(head_param(self, "A_log", a_log_init, H)) * dt
+            d_skip = head_param(self, "D", nn.initializers.ones, H)
+            skip = v.astype(jnp.float32) * d_skip[:, None]
+            v = (v.astype(jnp.float32) * dt[..., None]).astype(self.dtype)
+        elif self.kind == "gla":
+            r = dense(self.gate_rank, ("embed", None), name="gk_proj_a", **kw)(x)
+            gk = dense((H, D), (None, "heads", "kv"), name="gk_proj_b", use_bias=True, **kw)(r)
+            gk = jax.nn.log_sigmoid(gk.astype(jnp.float32)) / self.gate_normalizer
+        if self.kind != "la":
+            gate = dense((H, D), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
+
+        if segment_ids is not None and gk is not None:
+            gk = gk + reset_gate(None, segment_ids, (B, T, H))[..., None]
+        elif segment_ids is not None:
+            g = reset_gate(g, segment_ids, (B, T, H))
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        k = constrain(k, ("batch", "length", "heads", "kv"))
+        o, state = step_or_chunk(linear_attention, linear_attention_step, q, k, v, g, gk,
+                                 scale=scale, state=None if cache is None else cache["state"],
+                                 impl=self.impl, chunk_size=self.chunk_size)
+        if skip is not None:
+            o = (o.astype(jnp.float32) + skip).astype(o.dtype)
+        o = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(o, gate)
+        o = constrain(o, ("batch", "length", "heads", "kv"))
+        y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
+        if cache is None:
+            return y, None
+        new_cache["state"] = state
+        return y, new_cache

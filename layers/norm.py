@@ -1,0 +1,42 @@
+"""RMSNorm, and the gated RMSNorm that recurrent mixers put on their per-head outputs."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _rms(x, eps):
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) · scale over the last axis (computed in float32)."""
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                 (self.axis_name,)),
+                           (x.shape[-1],), jnp.float32)
+        return (_rms(x, self.eps) * scale).astype(self.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """y = RMSNorm(o) · SiLU(gate), per head over the last axis (the GDN / Mamba2 output norm)."""
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    axis_name: str = "kv"
+
+    @nn.compact
+    def __call__(self, x, gate=None):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                 (self.axis_name,)),
+                           (x.shape[-1],), jnp.float32)
+        y = _rms(x, self.eps) * scale
+        if gate is not None:
+            y = y * jax.nn.silu(gate.astype(jnp.float32))
+        return y.astype(self.dtype)

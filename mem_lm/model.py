@@ -1,0 +1,171 @@
+"""LanguageModel: embed → pre-norm blocks (mixer + SwiGLU MLP) → final RMSNorm → head.
+
+    logits = model.apply(variables, tokens, segment_ids=None)            # training / eval
+    logits, cache = model.apply(variables, tokens, cache=cache)         # prefill / decode
+
+segment_ids [B, T] int32: tokens with the same id in a row form one (contiguous) document;
+a document starts wherever the id changes. Attention masks across documents; recurrent
+mixers restart their state at each start (an exp(−30) log-gate there) and the short convs see
+zeros before it; RoPE positions restart at 0. Padding is just another id (0 by convention):
+it is isolated like a document, and its logits are meaningless (mask them out of the loss).
+
+The cache (see `init_cache`) is {"pos": int32 scalar (tokens seen), "layers": [...]}:
+one dict per layer, or with scan_layers one dict per pattern position stacked over groups.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from layers.attention import Attention
+from layers.common import constrain, init, segment_positions
+from layers.gated_deltanet import GatedDeltaNet
+from layers.linear_attention import LinearAttention
+from layers.mlp import SwiGLU
+from layers.norm import RMSNorm
+from mem_lm.config import ModelConfig
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def compute_dtype(cfg: ModelConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def make_mixer(cfg: ModelConfig, mixer: str, name: Optional[str] = None) -> nn.Module:
+    dt = compute_dtype(cfg)
+    common = dict(d_model=cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim,
+                  init_std=cfg.init_std, dtype=dt, name=name)
+    if mixer in ("attn", "swa"):
+        return Attention(num_kv_heads=cfg.resolved_num_kv_heads,
+                         window=cfg.window if mixer == "swa" else None,
+                         rope_theta=cfg.rope_theta, use_sinks=cfg.attn_sinks,
+                         impl=cfg.attn_impl, **common)
+    ops = dict(impl=cfg.impl, chunk_size=cfg.chunk_size, norm_eps=cfg.norm_eps)
+    if mixer in ("gdn", "deltanet"):
+        return GatedDeltaNet(expand_v=cfg.expand_v, use_decay=mixer == "gdn",
+                             allow_neg_eigval=cfg.allow_neg_eigval, conv_size=cfg.conv_size,
+                             **ops, **common)
+    return LinearAttention(kind=mixer, num_layers=cfg.num_layers, feature_map=cfg.feature_map,
+                           feature_dim=cfg.feature_dim, conv_size=cfg.conv_size,
+                           gate_rank=cfg.gate_rank, gate_normalizer=cfg.gate_normalizer,
+                           rope_theta=cfg.rope_theta, **ops, **common)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
+    """An empty decode cache for `batch` rows and at most `max_len` tokens in total."""
+    per_pos = [make_mixer(cfg, m).init_cache(batch, max_len) for m in cfg.pattern]
+    if cfg.scan_layers:
+        layers = [jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_groups,) + a.shape), c)
+                  for c in per_pos]
+    else:
+        layers = [per_pos[i % len(cfg.pattern)] for i in range(cfg.num_layers)]
+    return {"pos": jnp.zeros((), jnp.int32), "layers": layers}
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    mixer: str
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache_pos, cache, layer_idx):
+        cfg = self.cfg
+        dt = compute_dtype(cfg)
+        h = RMSNorm(cfg.norm_eps, dt, name="mixer_norm")(x)
+        y, new_cache = make_mixer(cfg, self.mixer, name="mixer")(
+            h, positions=positions, segment_ids=segment_ids, cache=cache, cache_pos=cache_pos,
+            layer_idx=layer_idx)
+        x = x + y.astype(x.dtype)
+        if cfg.use_mlp:
+            h = RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x)
+            x = x + SwiGLU(cfg.d_model, cfg.resolved_d_ff, cfg.init_std, dt, name="mlp")(h)
+        return constrain(x, ("batch", "length", "embed")), new_cache
+
+
+class Group(nn.Module):
+    """One repetition of the pattern (the unit that scan_layers scans over)."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache_pos, cache, group_idx):
+        P = len(self.cfg.pattern)
+        block = _maybe_remat(Block, self.cfg)
+        new = []
+        for j, m in enumerate(self.cfg.pattern):
+            x, c = block(self.cfg, m, name=f"block_{j}")(
+                x, positions, segment_ids, cache_pos, None if cache is None else cache[j],
+                group_idx * P + j)
+            new.append(c)
+        return x, (None if cache is None else new)
+
+
+def _maybe_remat(cls, cfg: ModelConfig):
+    if cfg.remat == "none":
+        return cls
+    return nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class LanguageModel(nn.Module):
+    config: ModelConfig
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        return init_cache(self.config, batch, max_len)
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids=None, cache=None):
+        cfg = self.config
+        dt = compute_dtype(cfg)
+        B, T = tokens.shape
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for training on packed rows, not with a cache")
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=jnp.float32,
+                         embedding_init=init(cfg.init_std, ("vocab", "embed")), name="embed")
+        x = constrain(embed(tokens), ("batch", "length", "embed"))
+        cache_pos = None
+        if cache is not None:
+            cache_pos = cache["pos"]
+            positions = (cache_pos + jnp.arange(T, dtype=jnp.int32))[None]
+        elif segment_ids is not None:
+            segment_ids = segment_ids.astype(jnp.int32)
+            positions = segment_positions(segment_ids)
+        else:
+            positions = jnp.arange(T, dtype=jnp.int32)[None]
+
+        layers_cache = None if cache is None else cache["layers"]
+        if cfg.scan_layers:
+            Scanned = nn.scan(_maybe_remat(Group, cfg), variable_axes={"params": 0},
+                              split_rngs={"params": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
+                              length=cfg.num_groups,
+                              metadata_params={nn.PARTITION_NAME: None})
+            x, new_layers = Scanned(cfg, name="groups")(
+                x, positions, segment_ids, cache_pos, layers_cache,
+                jnp.arange(cfg.num_groups, dtype=jnp.int32))
+        else:
+            block = _maybe_remat(Block, cfg)
+            new_layers = []
+            for i, m in enumerate(cfg.layer_mixers):
+                x, c = block(cfg, m, name=f"layer_{i}")(
+                    x, positions, segment_ids, cache_pos,
+                    None if cache is None else layers_cache[i], jnp.int32(i))
+                new_layers.append(c)
+
+        x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt,
+                              param_dtype=jnp.float32,
+                              kernel_init=init(cfg.init_std, ("embed", "vocab")),
+                              name="lm_head")(x)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        return logits, {"pos": cache_pos + T, "layers": new_layers}
