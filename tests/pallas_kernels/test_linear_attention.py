@@ -74,7 +74,7 @@ def test_matches_reference(x64, rng, impl, T, g, gk, h0):
                             chunk_size=CHUNK, scale=0.3)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["reference", *IMPLS])
 def test_packed_sequences_match_separate_runs_under_one_compilation(x64, rng, impl):
     T, N = 53, 4
     # Boundaries off the chunk grid, an empty sequence, and 3 trailing tokens outside all.
@@ -94,15 +94,16 @@ def test_packed_sequences_match_separate_runs_under_one_compilation(x64, rng, im
             assert_close(state[n:n + 1], s_np, 1e-9, f"state of sequence {n}")
         assert np.all(np.asarray(o[:, cu[-1]:]) == 0), "tokens past cu_seqlens[-1]"
     assert run._cache_size() == 1, "new offsets recompiled"
-    check_against_reference(linear_attention, args, rng, impl=impl, tol=1e-9, chunk_size=CHUNK,
-                            cu_seqlens=jnp.asarray(offsets[0], jnp.int32))
+    if impl != "reference":
+        check_against_reference(linear_attention, args, rng, impl=impl, tol=1e-9,
+                                chunk_size=CHUNK, cu_seqlens=jnp.asarray(offsets[0], jnp.int32))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bfloat16(x64, rng, impl):
     args = make_inputs(rng, 2, 65, g=True, gk=True, h0=True, decay=(-0.3, 0.0),
                        dtype=jnp.bfloat16)
-    check_against_reference(linear_attention, args, rng, impl=impl, tol=3e-2,
+    check_against_reference(linear_attention, args, rng, impl=impl, tol=2e-2,
                             ref_dtype=jnp.float64, chunk_size=CHUNK)
 
 
