@@ -17,6 +17,16 @@ def assert_close(actual, expected, tol, name=""):
     assert err <= tol * ref, f"{name}: max error {err:.3g} > {tol:g} x max |expected| {ref:.3g}"
 
 
+def as_numpy(args):
+    return {name: np.asarray(x, np.float64) for name, x in args.items()}
+
+
+def spec(*shape, dtype=jnp.float32):
+    """A stand-in with a shape and a dtype only: input checks that touched the values
+    (computed or compiled anything) would fail on it with another error than theirs."""
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def vjp_fn(op, **kwargs):
     """jit of (args, cotangents) -> ((o, state), grads of every array in args) for
     op(**args, output_final_state=True, **kwargs)."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import gated_delta_rule, gated_delta_rule_step
-from recurrent_testing import assert_close, check_against_reference
+from recurrent_testing import as_numpy, assert_close, check_against_reference, spec
 
 IMPLS = ["xla"]  # the chunked forms checked against impl="reference"
 CHUNK = 16
@@ -46,15 +46,11 @@ def make_inputs(rng, B, T, *, g=True, h0=False, N=None, decay=(-1.0, 0.0), beta=
     return args
 
 
-def numpy_args(args):
-    return {name: np.asarray(x, np.float64) for name, x in args.items()}
-
-
 @pytest.mark.parametrize("g", [True, False])
 def test_reference_matches_numpy_loop(x64, rng, g):
     args = make_inputs(rng, 2, 11, g=g, h0=True)
     o, state = gated_delta_rule(**args, impl="reference", output_final_state=True)
-    a = numpy_args(args)
+    a = as_numpy(args)
     o_np, s_np = np_gated_delta_rule(a["q"], a["k"], a["v"], a["beta"], a.get("g"),
                                      h0=a["initial_state"])
     assert o.dtype == jnp.float64 and state.dtype == jnp.float64
@@ -67,7 +63,7 @@ def test_qk_l2norm_normalises_q_and_k_first(x64, rng):
     args["q"], args["k"] = 3 * args["q"], 0.5 * args["k"]
     o, state = gated_delta_rule(**args, use_qk_l2norm=True, impl="reference",
                                 output_final_state=True)
-    a = numpy_args(args)
+    a = as_numpy(args)
     q, k = (a[x] / np.sqrt(np.sum(a[x] ** 2, -1, keepdims=True) + 1e-6) for x in ("q", "k"))
     o_np, s_np = np_gated_delta_rule(q, k, a["v"], a["beta"], a["g"], h0=a["initial_state"])
     assert_close(o, o_np, 1e-9, "o")
@@ -95,7 +91,7 @@ def test_packed_sequences_match_separate_runs_under_one_compilation(x64, rng, im
     args = make_inputs(rng, 1, T, h0=True, N=N)
     run = jax.jit(lambda args, cu: gated_delta_rule(
         **args, cu_seqlens=cu, impl=impl, chunk_size=CHUNK, output_final_state=True))
-    a = numpy_args(args)
+    a = as_numpy(args)
     for cu in offsets:
         o, state = run(args, jnp.asarray(cu, jnp.int32))
         for n in range(N):
@@ -168,24 +164,19 @@ def test_step_keeps_dtypes(rng):
 
 
 # ----------------------------------------------------------------------------- bad input
-def _spec(*shape, dtype=jnp.float32):
-    # Shapes only: a check that touched the values (compiled anything) would fail differently.
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
-GOOD = dict(q=_spec(2, 5, H, K), k=_spec(2, 5, H, K), v=_spec(2, 5, H, V), beta=_spec(2, 5, H))
+GOOD = dict(q=spec(2, 5, H, K), k=spec(2, 5, H, K), v=spec(2, 5, H, V), beta=spec(2, 5, H))
 
 
 @pytest.mark.parametrize("name, bad", [
-    ("q", dict(q=_spec(2, 5, H * K))),
-    ("k", dict(k=_spec(2, 5, H, K + 1))),
-    ("v", dict(v=_spec(2, 5, H + 1, V))),
-    ("beta", dict(beta=_spec(2, 5, H, 1))),
+    ("q", dict(q=spec(2, 5, H * K))),
+    ("k", dict(k=spec(2, 5, H, K + 1))),
+    ("v", dict(v=spec(2, 5, H + 1, V))),
+    ("beta", dict(beta=spec(2, 5, H, 1))),
     ("beta", dict(beta=None)),
-    ("g", dict(g=_spec(2, 5))),
-    ("initial_state", dict(initial_state=_spec(1, H, K, V))),
-    ("cu_seqlens", dict(cu_seqlens=_spec(3, dtype=jnp.int32))),  # B == 2
-    ("cu_seqlens", dict(cu_seqlens=_spec(3, dtype=jnp.float32))),
+    ("g", dict(g=spec(2, 5))),
+    ("initial_state", dict(initial_state=spec(1, H, K, V))),
+    ("cu_seqlens", dict(cu_seqlens=spec(3, dtype=jnp.int32))),  # B == 2
+    ("cu_seqlens", dict(cu_seqlens=spec(3, dtype=jnp.float32))),
     ("chunk_size", dict(chunk_size=12)),
     ("impl", dict(impl="cuda")),
 ])
@@ -195,14 +186,14 @@ def test_bad_input_names_the_argument(name, bad):
 
 
 @pytest.mark.parametrize("name, bad", [
-    ("k", dict(k=_spec(3, H, K))),
-    ("beta", dict(beta=_spec(2, H, 1))),
-    ("g", dict(g=_spec(2, H, K))),
-    ("state", dict(state=_spec(1, H, K, V))),
+    ("k", dict(k=spec(3, H, K))),
+    ("beta", dict(beta=spec(2, H, 1))),
+    ("g", dict(g=spec(2, H, K))),
+    ("state", dict(state=spec(1, H, K, V))),
 ])
 def test_bad_step_input_names_the_argument(name, bad):
-    good = dict(q=_spec(2, H, K), k=_spec(2, H, K), v=_spec(2, H, V), beta=_spec(2, H),
-                state=_spec(2, H, K, V))
+    good = dict(q=spec(2, H, K), k=spec(2, H, K), v=spec(2, H, V), beta=spec(2, H),
+                state=spec(2, H, K, V))
     with pytest.raises(ValueError, match=f"`{name}`"):
         gated_delta_rule_step(**{**good, **bad})
 

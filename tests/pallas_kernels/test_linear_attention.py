@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import linear_attention, linear_attention_step
-from recurrent_testing import assert_close, check_against_reference
+from recurrent_testing import as_numpy, assert_close, check_against_reference, spec
 
 IMPLS = ["xla"]  # the chunked forms checked against impl="reference"
 CHUNK = 16
@@ -46,14 +46,10 @@ def make_inputs(rng, B, T, *, g=False, gk=False, h0=False, N=None, decay=(-1.0, 
     return args
 
 
-def numpy_args(args):
-    return {name: np.asarray(x, np.float64) for name, x in args.items()}
-
-
 def test_reference_matches_numpy_loop(x64, rng):
     args = make_inputs(rng, 2, 11, g=True, gk=True, h0=True)
     o, state = linear_attention(**args, impl="reference", output_final_state=True)
-    a = numpy_args(args)
+    a = as_numpy(args)
     o_np, s_np = np_linear_attention(a["q"], a["k"], a["v"], a["g"], a["gk"], h0=a["initial_state"])
     assert o.dtype == jnp.float64 and state.dtype == jnp.float64
     assert_close(o, o_np, 1e-12, "o")
@@ -82,7 +78,7 @@ def test_packed_sequences_match_separate_runs_under_one_compilation(x64, rng, im
     args = make_inputs(rng, 1, T, g=True, gk=True, h0=True, N=N)
     run = jax.jit(lambda args, cu: linear_attention(
         **args, cu_seqlens=cu, impl=impl, chunk_size=CHUNK, output_final_state=True))
-    a = numpy_args(args)
+    a = as_numpy(args)
     for cu in offsets:
         o, state = run(args, jnp.asarray(cu, jnp.int32))
         for n in range(N):
@@ -148,23 +144,18 @@ def test_step_keeps_dtypes(rng):
 
 
 # ----------------------------------------------------------------------------- bad input
-def _spec(*shape, dtype=jnp.float32):
-    # Shapes only: a check that touched the values (compiled anything) would fail differently.
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
-GOOD = dict(q=_spec(2, 5, H, K), k=_spec(2, 5, H, K), v=_spec(2, 5, H, V))
+GOOD = dict(q=spec(2, 5, H, K), k=spec(2, 5, H, K), v=spec(2, 5, H, V))
 
 
 @pytest.mark.parametrize("name, bad", [
-    ("q", dict(q=_spec(5, H, K))),
-    ("q", dict(q=_spec(2, 5, H, K, dtype=jnp.int32), k=_spec(2, 5, H, K, dtype=jnp.int32))),
-    ("k", dict(k=_spec(2, 5, H + 1, K))),
-    ("v", dict(v=_spec(2, 4, H, V))),
-    ("g", dict(g=_spec(2, 5, H, 1))),
-    ("gk", dict(gk=_spec(2, 5, H))),
-    ("initial_state", dict(initial_state=_spec(2, H, V, K))),
-    ("cu_seqlens", dict(cu_seqlens=_spec(3, dtype=jnp.int32))),  # B == 2
+    ("q", dict(q=spec(5, H, K))),
+    ("q", dict(q=spec(2, 5, H, K, dtype=jnp.int32), k=spec(2, 5, H, K, dtype=jnp.int32))),
+    ("k", dict(k=spec(2, 5, H + 1, K))),
+    ("v", dict(v=spec(2, 4, H, V))),
+    ("g", dict(g=spec(2, 5, H, 1))),
+    ("gk", dict(gk=spec(2, 5, H))),
+    ("initial_state", dict(initial_state=spec(2, H, V, K))),
+    ("cu_seqlens", dict(cu_seqlens=spec(3, dtype=jnp.int32))),  # B == 2
     ("chunk_size", dict(chunk_size=48)),
     ("impl", dict(impl="triton")),
 ])
@@ -174,20 +165,20 @@ def test_bad_input_names_the_argument(name, bad):
 
 
 def test_bad_packed_state_names_the_argument():
-    args = dict(q=_spec(1, 5, H, K), k=_spec(1, 5, H, K), v=_spec(1, 5, H, V),
-                cu_seqlens=_spec(4, dtype=jnp.int32))
+    args = dict(q=spec(1, 5, H, K), k=spec(1, 5, H, K), v=spec(1, 5, H, V),
+                cu_seqlens=spec(4, dtype=jnp.int32))
     with pytest.raises(ValueError, match=r"`initial_state`.*\(3, 2, 8, 12\)"):
-        linear_attention(**args, initial_state=_spec(1, H, K, V))
+        linear_attention(**args, initial_state=spec(1, H, K, V))
 
 
 @pytest.mark.parametrize("name, bad", [
-    ("q", dict(q=_spec(2, 1, H, K))),
-    ("v", dict(v=_spec(3, H, V))),
-    ("gk", dict(gk=_spec(2, H))),
-    ("state", dict(state=_spec(2, H, K, K))),
+    ("q", dict(q=spec(2, 1, H, K))),
+    ("v", dict(v=spec(3, H, V))),
+    ("gk", dict(gk=spec(2, H))),
+    ("state", dict(state=spec(2, H, K, K))),
 ])
 def test_bad_step_input_names_the_argument(name, bad):
-    good = dict(q=_spec(2, H, K), k=_spec(2, H, K), v=_spec(2, H, V), state=_spec(2, H, K, V))
+    good = dict(q=spec(2, H, K), k=spec(2, H, K), v=spec(2, H, V), state=spec(2, H, K, V))
     with pytest.raises(ValueError, match=f"`{name}`"):
         linear_attention_step(**{**good, **bad})
 
