@@ -54,6 +54,7 @@ def test_reference_matches_numpy_loop(x64, rng, g):
     o_np, s_np = np_gated_delta_rule(a["q"], a["k"], a["v"], a["beta"], a.get("g"),
                                      h0=a["initial_state"])
     assert o.dtype == jnp.float64 and state.dtype == jnp.float64
+    assert gated_delta_rule(**args, impl="reference")[1] is None  # output_final_state=False
     assert_close(o, o_np, 1e-12, "o")
     assert_close(state, s_np, 1e-12, "state")
 

@@ -52,6 +52,7 @@ def test_reference_matches_numpy_loop(x64, rng):
     a = as_numpy(args)
     o_np, s_np = np_linear_attention(a["q"], a["k"], a["v"], a["g"], a["gk"], h0=a["initial_state"])
     assert o.dtype == jnp.float64 and state.dtype == jnp.float64
+    assert linear_attention(**args, impl="reference")[1] is None  # output_final_state=False
     assert_close(o, o_np, 1e-12, "o")
     assert_close(state, s_np, 1e-12, "state")
 
