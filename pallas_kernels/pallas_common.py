@@ -132,14 +132,7 @@ def _masked_exp(diff, mask):
     return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0)), 0)
 
 
-def ut_inverse(L, block: int = SUB, mm=_mm_plain):
-    """(I + L)^-1 for a strictly lower-triangular L [C, C], by blocked forward substitution.
-
-    The diagonal blocks (size `block`) are inverted together, one row of every block per step
-    (I + L_d is block diagonal); the off-diagonal blocks are then merged with matmuls:
-    (I + L)^-1 = (I + D L_o)^-1 D with D = (I + L_d)^-1, and N = -D L_o is block-nilpotent,
-    so (I + D L_o)^-1 = prod_p (I + N^(2^p)). All matmuls at full precision.
-    """
+def _ut_inverse(L, block: int):
     C = L.shape[0]
     b = min(block, C)
     dt = L.dtype
@@ -147,20 +140,51 @@ def ut_inverse(L, block: int = SUB, mm=_mm_plain):
     eye = (r == c).astype(dt)
     same = _div(r, b) == _div(c, b)
     Ld = jnp.where(same, L, 0)
-    T = eye
-    for i in range(1, b):  # row 0 of every block is already final (e_r)
-        T = jnp.where(_rem(r, b) == i, eye - mm(Ld, T, dt), T)
+
+    def step(i, T):  # row i of every diagonal block; rows above it are final already
+        return jnp.where(_rem(r, b) == i, eye - _mm_plain(Ld, T, dt), T)
+
+    T = lax.fori_loop(1, b, step, eye)  # row 0 of every block is e_r
     if C > b:
-        N = -mm(T, jnp.where(same, 0, L), dt)
+        N = -_mm_plain(T, jnp.where(same, 0, L), dt)
         P, Np = eye + N, N
         nb = C // b
         p = 2
         while p < nb:
-            Np = mm(Np, Np, dt)
-            P = mm(P, eye + Np, dt)
+            Np = _mm_plain(Np, Np, dt)
+            P = _mm_plain(P, eye + Np, dt)
             p *= 2
-        T = mm(P, T, dt)
+        T = _mm_plain(P, T, dt)
     return T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def ut_inverse(L, block: int = SUB):
+    """(I + L)^-1 for a strictly lower-triangular L [C, C], by blocked forward substitution.
+
+    The diagonal blocks (size `block`) are inverted together, one row of every block per loop
+    step (I + L_d is block diagonal); the off-diagonal blocks are then merged with matmuls:
+    (I + L)^-1 = (I + D L_o)^-1 D with D = (I + L_d)^-1, and N = -D L_o is block-nilpotent,
+    so (I + D L_o)^-1 = prod_p (I + N^(2^p)). All matmuls at full precision.
+    Its gradient is closed-form (dL = -Tᵀ dT Tᵀ below the diagonal), so a backward kernel
+    never differentiates through the substitution loop.
+    """
+    return _ut_inverse(L, block)
+
+
+def _ut_inverse_fwd(L, block):
+    T = _ut_inverse(L, block)
+    return T, T
+
+
+def _ut_inverse_bwd(block, T, dT):
+    C = T.shape[0]
+    dt = T.dtype
+    dL = -_dot(_dot(T, dT, dt, True, False), T, dt, False, True)
+    return (jnp.where(_iota((C, C), 0) > _iota((C, C), 1), dL, 0),)
+
+
+ut_inverse.defvjp(_ut_inverse_fwd, _ut_inverse_bwd)
 
 
 def la_chunk_fn(*, has_g: bool, has_gk: bool, scale: float, cd, diff: bool = False):
@@ -234,7 +258,7 @@ def gdn_chunk_fn(*, has_g: bool, scale: float, cd, diff: bool = False):
             eg = 1.0
             k_s, S_dec = k, S
         L = jnp.where(strict, beta * kk * gam, 0)
-        T = ut_inverse(L, mm=mm)
+        T = ut_inverse(L) if diff else _ut_inverse(L, SUB)
         W = mm(T, k * (beta * eg), cd)
         U = mm(T, v * beta, cd)
         vn = U - mm(W, S, cd)

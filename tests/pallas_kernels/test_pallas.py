@@ -1,0 +1,173 @@
+"""The Pallas kernels (impl="pallas") in interpret mode against the token-scan references.
+
+Both kernel layouts run on CPU with `interpret=True`: the TPU one (grid over chunks, VMEM
+scratch, scalar prefetch) and the GPU one (chunk loop inside the kernel). Checked in float64:
+outputs, final states and the gradients of every input (q, k, v, gates, β, initial_state), at
+odd lengths, K ≠ V (V split into several tiles), with packed sequences (cu_seqlens, including an
+empty one), in bfloat16, and the impl="auto" dispatch.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import common, pallas_common
+from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
+from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
+from pallas_kernels.linear_attention.pallas import linear_attention_pallas
+from pallas_kernels.linear_attention.reference import linear_attention_reference
+
+LAYOUTS = ("tpu", "gpu")
+# name -> (reference, pallas, which optional inputs the op gets)
+VARIANTS = {
+    "la": (linear_attention_reference, linear_attention_pallas, ()),
+    "la_g": (linear_attention_reference, linear_attention_pallas, ("g",)),
+    "la_gk": (linear_attention_reference, linear_attention_pallas, ("g", "gk")),
+    "deltanet": (gated_delta_rule_reference, gated_delta_rule_pallas, ("beta",)),
+    "gdn": (gated_delta_rule_reference, gated_delta_rule_pallas, ("beta", "g")),
+}
+
+
+def make_inputs(rng, variant, B, T, H, K, V, N, dtype, h0=True):
+    """Positional args of the op (q, k, v, g, gk) or (q, k, v, beta, g), and initial_state."""
+    names = VARIANTS[variant][2]
+
+    def arr(*shape, lo=None, hi=None):
+        x = rng.uniform(lo, hi, shape) if lo is not None else rng.standard_normal(shape)
+        return jnp.asarray(x, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+
+    q, k, v = arr(B, T, H, K), arr(B, T, H, K) / np.sqrt(K), arr(B, T, H, V)
+    g = arr(B, T, H, lo=-0.4, hi=0.0) if "g" in names else None
+    gk = arr(B, T, H, K, lo=-0.4, hi=0.0) if "gk" in names else None
+    beta = arr(B, T, H, lo=0.0, hi=1.0) if "beta" in names else None
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    args = (q, k, v, beta, g) if "beta" in names else (q, k, v, g, gk)
+    init = arr(N, H, K, V) if h0 else None
+    return args, init
+
+
+def vjp_all(fn, args, init, cts, **kw):
+    """(o, final state) and the gradients of every array input under fixed cotangents."""
+    K = args[0].shape[-1]
+
+    def f(args, init):
+        return fn(*args, scale=K ** -0.5, initial_state=init, **kw)
+
+    out, pull = jax.vjp(f, args, init)
+    return out, pull(cts)
+
+
+def cotangents(rng, out):
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), out)
+
+
+def assert_close(got, want, tol, what):
+    for i, (a, b) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert a.shape == b.shape, (what, i, a.shape, b.shape)
+        err = np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30)
+        assert err < tol, f"{what}: leaf {i} relative error {err:.3g} > {tol}"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_matches_reference(x64, rng, variant):
+    """Odd length (padding), K != V (two V tiles on the GPU layout), initial state, all grads."""
+    ref, pal, _ = VARIANTS[variant]
+    args, init = make_inputs(rng, variant, B=2, T=37, H=2, K=16, V=80, N=2, dtype=jnp.float64)
+    out_ref, pull_ref = jax.vjp(
+        lambda a, s: ref(*a, scale=16 ** -0.5, initial_state=s, cu_seqlens=None), args, init)
+    cts = cotangents(rng, out_ref)
+    grads_ref = pull_ref(cts)
+    for layout in LAYOUTS:
+        out, grads = vjp_all(pal, args, init, cts, cu_seqlens=None, chunk_size=32,
+                             backend=layout)
+        assert out[0].dtype == jnp.float64 and out[1].shape == (2, 2, 16, 80)
+        assert_close(out, out_ref, 1e-10, f"{variant}/{layout} forward")
+        assert_close(grads, grads_ref, 1e-9, f"{variant}/{layout} gradients")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_packed_sequences(x64, rng, variant):
+    """cu_seqlens with an empty sequence and boundaries inside chunks; layouts alternate."""
+    ref, pal, _ = VARIANTS[variant]
+    cu = jnp.asarray([0, 5, 5, 30, 47], jnp.int32)
+    args, init = make_inputs(rng, variant, B=1, T=50, H=2, K=16, V=16, N=4,
+                             dtype=jnp.float64)
+    out_ref, pull_ref = jax.vjp(
+        lambda a, s: ref(*a, scale=16 ** -0.5, initial_state=s, cu_seqlens=cu), args, init)
+    cts = cotangents(rng, out_ref)
+    grads_ref = pull_ref(cts)
+    layout = LAYOUTS[sorted(VARIANTS).index(variant) % 2]
+    out, grads = vjp_all(pal, args, init, cts, cu_seqlens=cu, chunk_size=16, backend=layout)
+    assert_close(out, out_ref, 1e-10, f"{variant}/{layout} packed forward")
+    assert_close(grads, grads_ref, 1e-9, f"{variant}/{layout} packed gradients")
+
+
+@pytest.mark.parametrize("variant,layout", [("la_gk", "tpu"), ("gdn", "gpu")])
+def test_bfloat16(rng, variant, layout):
+    """bf16 q, k, v (f32 gates and state) against the float32 reference on the same inputs."""
+    ref, pal, _ = VARIANTS[variant]
+    args, init = make_inputs(rng, variant, B=1, T=40, H=2, K=32, V=32, N=1,
+                             dtype=jnp.bfloat16)
+    args = tuple(None if a is None else (a if a.dtype == jnp.bfloat16 else
+                                         a.astype(jnp.float32)) for a in args)
+    init = init.astype(jnp.float32)
+    out_ref, pull_ref = jax.vjp(
+        lambda a, s: ref(*a, scale=32 ** -0.5, initial_state=s, cu_seqlens=None), args, init)
+    cts = cotangents(rng, out_ref)
+    grads_ref = pull_ref(cts)
+    out, grads = vjp_all(pal, args, init, cts, cu_seqlens=None, chunk_size=32, backend=layout)
+    assert out[0].dtype == jnp.bfloat16 and out[1].dtype == jnp.float32
+    assert grads[0][0].dtype == jnp.bfloat16
+    assert_close(out, out_ref, 3e-2, f"{variant}/{layout} bf16 forward")
+    assert_close(grads, grads_ref, 5e-2, f"{variant}/{layout} bf16 gradients")
+
+
+def test_tpu_layout_several_value_tiles(x64, rng):
+    """V = 136 pads to two 128-lane tiles on the TPU layout: per-tile partial dq/dk summed."""
+    ref, pal, _ = VARIANTS["gdn"]
+    args, init = make_inputs(rng, "gdn", B=1, T=20, H=1, K=8, V=136, N=1, dtype=jnp.float64)
+    out_ref, pull_ref = jax.vjp(
+        lambda a, s: ref(*a, scale=8 ** -0.5, initial_state=s, cu_seqlens=None), args, init)
+    cts = cotangents(rng, out_ref)
+    out, grads = vjp_all(pal, args, init, cts, cu_seqlens=None, chunk_size=16, backend="tpu")
+    assert_close(out, out_ref, 1e-10, "gdn/tpu V=136 forward")
+    assert_close(grads, pull_ref(cts), 1e-9, "gdn/tpu V=136 gradients")
+
+
+def test_ut_inverse_is_the_inverse(x64, rng):
+    """Blocked forward substitution + block merge equals (I + L)^-1 for C = 16, 32, 64, 128."""
+    for C in (16, 32, 64, 128):
+        L = np.tril(rng.standard_normal((C, C)) * 0.3, -1)
+        T = np.asarray(jax.jit(pallas_common.ut_inverse)(jnp.asarray(L)))
+        np.testing.assert_allclose(T @ (np.eye(C) + L), np.eye(C), atol=1e-9)
+    # and its closed-form gradient against the gradient of a dense solve
+    L = jnp.asarray(np.tril(rng.standard_normal((32, 32)) * 0.3, -1))
+    ct = jnp.asarray(rng.standard_normal((32, 32)))
+    mask = np.tril(np.ones((32, 32)), -1)
+    got = jax.grad(lambda L: jnp.sum(pallas_common.ut_inverse(L) * ct))(L)
+    want = jax.grad(lambda L: jnp.sum(jnp.linalg.inv(jnp.eye(32) + L) * ct))(L)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want) * mask, atol=1e-9)
+
+
+def test_public_dispatch(rng, monkeypatch):
+    """impl='pallas' runs through the public op; 'auto' is xla on CPU and pallas on TPU/GPU."""
+    from pallas_kernels import gated_delta_rule, linear_attention
+    args, _ = make_inputs(rng, "gdn", B=1, T=9, H=1, K=16, V=16, N=1, dtype=jnp.float32)
+    q, k, v, beta, g = args
+    o_p, s_p = gated_delta_rule(q, k, v, beta, g, impl="pallas", output_final_state=True)
+    o_r, s_r = gated_delta_rule(q, k, v, beta, g, impl="reference", output_final_state=True)
+    assert_close((o_p, s_p), (o_r, s_r), 1e-5, "public gated_delta_rule impl=pallas")
+    o_p, _ = linear_attention(q, k, v, g, impl="pallas")
+    o_r, _ = linear_attention(q, k, v, g, impl="reference")
+    assert_close(o_p, o_r, 1e-5, "public linear_attention impl=pallas")
+
+    pkg = "pallas_kernels.linear_attention"
+    assert common.select_impl(pkg, "linear_attention", "auto", 64).func.__name__ == (
+        "linear_attention_xla")
+    for platform, layout in (("tpu", "tpu"), ("gpu", "gpu")):
+        monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
+        fn = common.select_impl(pkg, "linear_attention", "auto", 64)
+        assert fn.func.__name__ == "linear_attention_pallas"
+        assert pallas_common.default_backend() == layout
+        assert not pallas_common.default_interpret()
