@@ -154,35 +154,18 @@ def make_mqar(num_examples: int, vocab_size: int, seq_len: int, num_kv_pairs: in
 
 
 # ----------------------------------------------------------------------------- evaluation
-def mqar_accuracy(logits, labels) -> tuple[int, int]:
-    """(correct, total) over labelled positions of `labels` [B, T] for `logits` [B, T, V]."""
-    pred = np.asarray(logits).argmax(-1)
-    labels = np.asarray(labels)
-    mask = labels != IGNORE_INDEX
-    return int(((pred == labels) & mask).sum()), int(mask.sum())
-
-
 def evaluate_mqar(model, variables, inputs: np.ndarray, labels: np.ndarray,
                   batch_size: int = 64, progress: bool = False) -> dict:
-    """Accuracy of `model` over the labelled positions; also the accuracy by query index."""
-    import jax
+    """Accuracy of `model` over the labelled positions (greedy next-token prediction)."""
+    from eval.common import batched_apply, label_hits
 
-    from eval.common import progress_bar
-
-    apply = jax.jit(lambda v, x: model.apply(v, x))
     correct = total = 0
-    n = len(inputs)
-    for s in progress_bar(range(0, n, batch_size), disable=not progress, desc="mqar eval"):
-        x, y = inputs[s:s + batch_size], labels[s:s + batch_size]
-        pad = batch_size - len(x)
-        if pad:  # keep one compiled shape
-            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-        logits = np.asarray(apply(variables, x))[:len(y)]
-        c, t = mqar_accuracy(logits, y)
-        correct += c
-        total += t
+    for s, logits in batched_apply(model, variables, inputs, batch_size, progress, "mqar eval"):
+        hits, mask = label_hits(logits, labels[s:s + len(logits)])
+        correct += int(hits.sum())
+        total += int(mask.sum())
     return {"accuracy": correct / max(total, 1), "correct": correct, "total": total,
-            "num_examples": n}
+            "num_examples": len(inputs)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -1,0 +1,241 @@
+"""Training throughput and memory of whole models against sequence length, side by side.
+
+    python -m eval.bench_model [--lengths 1024 2048 4096 8192 16384] [--quick] --out out/bench_model
+
+Models (same number of layers and heads; `gdn` and `hybrid` get the d_model that brings their
+parameter count closest to the transformer's):
+
+    transformer   softmax attention + SwiGLU MLP in every layer
+    gdn           Gated DeltaNet + MLP in every layer
+    hybrid        Gated DeltaNet and sliding-window attention alternating (+ MLP)
+
+Each cell times one full training step (forward, backward, AdamW update from the trainer's own
+`train.optim.make_optimizer`) on a batch of `--batch` sequences, after a warm-up call that
+compiles; the median of `--reps` calls. Memory is XLA's own account of the compiled step
+(arguments + outputs + temporaries, less donated/aliased buffers): the peak the step needs on
+any backend. Cells whose estimated step time exceeds `--max_step_seconds` (extrapolated from
+the previous length) are skipped and shown as "-".
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from eval import common
+
+MODELS = {
+    "transformer": dict(pattern=("attn",)),
+    "gdn": dict(pattern=("gdn",)),
+    "hybrid": dict(pattern=("gdn", "swa")),
+}
+
+
+def model_configs(names: Sequence[str], d_model: int, num_layers: int, num_heads: int,
+                  vocab_size: int, window: int, **extra) -> dict:
+    """ModelConfigs for `names`; all but the transformer width-matched to its parameter count."""
+    from mem_lm import ModelConfig, param_count
+
+    def make(name, d):
+        return ModelConfig(vocab_size=vocab_size, d_model=d, num_layers=num_layers,
+                           num_heads=num_heads, window=window, **MODELS[name], **extra)
+
+    target = param_count(make("transformer", d_model))
+    step = 2 * num_heads                      # even head_dim (RoPE)
+    out = {}
+    for name in names:
+        if name == "transformer":
+            out[name] = make(name, d_model)
+            continue
+        cands = range(max(step, (d_model // 2) // step * step), 2 * d_model + step, step)
+        out[name] = min((make(name, d) for d in cands),
+                        key=lambda c: abs(param_count(c) - target))
+    return out
+
+
+def make_train_step(model, optimizer):
+    import jax
+    import optax
+
+    def loss_fn(params, tokens):
+        logits = model.apply({"params": params}, tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype("float32"), tokens[:, 1:]).mean()
+
+    def step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def memory_bytes(compiled) -> Optional[int]:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def bench_cell(cfg, seq_len: int, batch: int, reps: int, seed: int = 0) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from configs.base import get_config
+    from mem_lm import LanguageModel
+    from train.optim import make_optimizer
+
+    model = LanguageModel(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(seed), (batch, seq_len + 1), 0, cfg.vocab_size,
+                                dtype=jnp.int32)
+    params = model.init(jax.random.PRNGKey(seed), tokens[:, :8])["params"]
+    ocfg = get_config().optim
+    ocfg.decay_steps = 1000
+    optimizer = make_optimizer(ocfg)
+    opt_state = optimizer.init(params)
+    step = make_train_step(model, optimizer)
+    t0 = time.perf_counter()
+    compiled = step.lower(params, opt_state, tokens).compile()
+    compile_s = time.perf_counter() - t0
+    mem = memory_bytes(compiled)
+    params, opt_state, loss = compiled(params, opt_state, tokens)   # warm-up
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        params, opt_state, loss = compiled(params, opt_state, tokens)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    t = float(np.median(times))
+    return {"step_seconds": t, "tokens_per_second": batch * seq_len / t,
+            "memory_mb": None if mem is None else mem / 2**20, "compile_seconds": compile_s,
+            "loss": float(loss)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m eval.bench_model", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--batch", type=int, default=1, help="sequences per step")
+    ap.add_argument("--d_model", type=int, default=256, help="the transformer's width")
+    ap.add_argument("--num_layers", type=int, default=4)
+    ap.add_argument("--num_heads", type=int, default=4)
+    ap.add_argument("--vocab_size", type=int, default=256)
+    ap.add_argument("--window", type=int, default=512, help="the hybrid's attention window")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--max_step_seconds", type=float, default=60.0)
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny models and lengths 128, 256 (smoke test)")
+    ap.add_argument("--out", default="out/bench_model")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.lengths, args.d_model, args.num_layers, args.num_heads = [128, 256], 32, 2, 2
+        args.window, args.reps = 64, 1
+    if min(args.lengths) < 2 or args.batch < 1 or args.reps < 1:
+        common.fail("--lengths must be >= 2, --batch and --reps >= 1")
+
+    import jax
+    from mem_lm import param_count
+
+    try:
+        cfgs = model_configs(args.models, args.d_model, args.num_layers, args.num_heads,
+                             args.vocab_size, args.window)
+    except ValueError as e:
+        common.fail(str(e))
+    device = jax.devices()[0]
+    print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; "
+          f"batch {args.batch}; " + ", ".join(
+              f"{n}: d_model {c.d_model}, {param_count(c) / 1e6:.2f}M params"
+              for n, c in cfgs.items()), flush=True)
+
+    results = {n: [] for n in cfgs}
+    lengths = sorted(args.lengths)
+    cells = [(n, L) for L in lengths for n in cfgs]
+    last = {}
+    for name, L in common.progress_bar(cells, desc="bench_model"):
+        prev = last.get(name)
+        if prev is not None:
+            # worst case quadratic growth from the previous length
+            est = prev[1] * (L / prev[0]) ** 2
+            if est > args.max_step_seconds:
+                results[name].append({"seq_len": L, "skipped": f"estimated {est:.0f}s per step"})
+                continue
+        try:
+            r = bench_cell(cfgs[name], L, args.batch, args.reps)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, keep going
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"{name} at {L}: {msg}", file=sys.stderr)
+            results[name].append({"seq_len": L, "error": msg})
+            continue
+        last[name] = (L, r["step_seconds"])
+        results[name].append({"seq_len": L, **r})
+
+    def cell(name, L, key):
+        for r in results.get(name, []):
+            if r["seq_len"] == L:
+                return r.get(key)
+        return None
+
+    rows = []
+    for L in lengths:
+        row = {"seq_len": L}
+        for n in cfgs:
+            row[f"{n} tok/s"] = cell(n, L, "tokens_per_second")
+        for n in cfgs:
+            row[f"{n} MB"] = cell(n, L, "memory_mb")
+        base = cell("transformer", L, "tokens_per_second")
+        for n in cfgs:
+            if n != "transformer":
+                v = cell(n, L, "tokens_per_second")
+                row[f"{n}/transformer"] = v / base if v and base else None
+        rows.append(row)
+    common.print_table(rows, floatfmt=",.4g",
+                       title="training tokens/s and step memory (MB) by sequence length")
+
+    out = common.out_dir(args.out)
+    result = {"task": "bench_model", "device": f"{device.platform} {device.device_kind}",
+              "device_count": jax.device_count(), "batch": args.batch,
+              "models": {n: {"config": {k: (list(v) if isinstance(v, tuple) else v)
+                                        for k, v in c.to_dict().items()},
+                             "params": param_count(c), "results": results[n]}
+                         for n, c in cfgs.items()},
+              "table": rows}
+    common.write_json(out / "bench_model.json", result)
+    _plot(out / "bench_model.png", cfgs, results, args.batch)
+    print(f"wrote {out / 'bench_model.json'} and {out / 'bench_model.png'}")
+    return result
+
+
+def _plot(path, cfgs, results, batch):
+    plt = common._pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for name in cfgs:
+        ok = [r for r in results[name] if "tokens_per_second" in r]
+        xs = [r["seq_len"] for r in ok]
+        axes[0].plot(xs, [r["tokens_per_second"] for r in ok], marker="o", label=name)
+        mem = [r for r in ok if r.get("memory_mb") is not None]
+        axes[1].plot([r["seq_len"] for r in mem], [r["memory_mb"] for r in mem], marker="o",
+                     label=name)
+    for ax, ylabel in zip(axes, ("training tokens/s", "step memory (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"sequence length (batch {batch})")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log", base=2)
+    fig.suptitle("whole-model training step: throughput and memory")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

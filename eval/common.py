@@ -1,0 +1,348 @@
+"""Helpers shared by the eval scripts: loading a model from a checkpoint or a config, the
+output directory, JSON / PNG writing, tables and progress bars.
+
+The table / plot / JSON helpers are generic (plain rows of dicts, plain series of numbers), so
+any benchmark script can use them. Model-related helpers import JAX and the model lazily.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NoReturn, Optional, Sequence
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------- errors, output
+class EvalError(SystemExit):
+    """A clear, user-facing error: the scripts exit with status 2 and the message, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` to stderr and exit with status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise EvalError(message)
+
+
+def out_dir(path) -> Path:
+    """Create (if needed) and return the output directory."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the output directory --out {path}: {e}")
+    return p
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "tolist") and callable(x.tolist):  # numpy / jax arrays and scalars
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def write_json(path, obj) -> Path:
+    """Write `obj` (numpy values allowed) as indented JSON; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- tables
+def _fmt(v: Any, floatfmt: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return str(v)
+        return format(float(v), floatfmt)
+    return str(v)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None,
+                 floatfmt: str = ".4g", headers: Optional[Mapping[str, str]] = None) -> str:
+    """A Markdown table (also readable in a terminal) of `rows`, one dict per row."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    headers = headers or {}
+    head = [headers.get(c, c) for c in columns]
+    body = [[_fmt(r.get(c), floatfmt) for c in columns] for r in rows]
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(head), sep] + [line(b) for b in body])
+
+
+def print_table(rows, columns=None, floatfmt: str = ".4g", headers=None, title: str = "") -> str:
+    text = format_table(rows, columns, floatfmt, headers)
+    if title:
+        print(f"\n{title}")
+    print(text, flush=True)
+    return text
+
+
+# ----------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_lines(path, series: Mapping[str, tuple], xlabel: str = "", ylabel: str = "",
+               title: str = "", logx: bool = False, logy: bool = False,
+               markers: bool = True, ylim: Optional[tuple] = None) -> Path:
+    """Line plot of `series`: label -> (xs, ys); None / NaN ys are gaps. Writes a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for label, (xs, ys) in series.items():
+        ys = [np.nan if y is None else y for y in ys]
+        ax.plot(xs, ys, marker="o" if markers else None, label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmaps(path, maps: Mapping[str, np.ndarray], row_labels: Sequence, col_labels: Sequence,
+                  xlabel: str = "", ylabel: str = "", title: str = "",
+                  vmin: float = 0.0, vmax: float = 1.0) -> Path:
+    """One annotated heatmap per entry of `maps` (name -> [rows, cols] array), side by side."""
+    plt = _pyplot()
+    n = len(maps)
+    fig, axes = plt.subplots(1, n, figsize=(1.2 + 0.75 * len(col_labels) * n + 1.0,
+                                            1.2 + 0.45 * len(row_labels)), dpi=120, squeeze=False)
+    im = None
+    for ax, (name, m) in zip(axes[0], maps.items()):
+        m = np.asarray(m, dtype=float)
+        im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], fontsize=7)
+        ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels], fontsize=7)
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                if np.isfinite(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- progress
+def progress_bar(iterable: Iterable = None, disable: bool = False, **kwargs):
+    """tqdm on stderr; silent when `disable` or when MEMLM_NO_PROGRESS is set (tests)."""
+    from tqdm.auto import tqdm
+    disable = disable or bool(os.environ.get("MEMLM_NO_PROGRESS"))
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------- models
+def load_checkpoint(path) -> tuple:
+    """(model, variables) from a training workdir or a checkpoint directory, with a clear error
+    when the path is missing or holds no checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        fail(f"--checkpoint {path}: no such file or directory")
+    from mem_lm.pretrained import load_pretrained
+    try:
+        return load_pretrained(str(p))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        fail(f"--checkpoint {path}: cannot load a model from it ({type(e).__name__}: {e})")
+
+
+def load_config_file(path, overrides: Sequence[str] = ()):
+    """An ml_collections config from `configs/NAME.py` (its `get_config()`), with `a.b=value`
+    overrides applied (values parsed as Python literals when they are)."""
+    import ast
+    import importlib.util
+
+    p = Path(path)
+    if not p.is_file():
+        fail(f"--config {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"_memlm_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's file: report, don't crash
+        fail(f"--config {path}: cannot import it ({type(e).__name__}: {e})")
+    if not hasattr(module, "get_config"):
+        fail(f"--config {path}: has no get_config()")
+    config = module.get_config()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            fail(f"override {item!r} must look like field.path=value")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node = config
+        *parents, leaf = key.split(".")
+        try:
+            for name in parents:
+                node = node[name]
+            if leaf not in node:
+                raise KeyError(leaf)
+            node[leaf] = value
+        except (KeyError, TypeError, AttributeError):
+            fail(f"override {item!r}: the config has no field {key!r}")
+    return config
+
+
+def resolve_config(config):
+    """The trainer's resolved config (vocab_size from the data, derived fields filled), with its
+    validation errors (which name the field) turned into a clear exit."""
+    from train.config import ConfigError, resolve
+    try:
+        return resolve(config)
+    except ConfigError as e:
+        fail(str(e))
+
+
+def model_config_from(config):
+    """A mem_lm.ModelConfig from an (unresolved) ml_collections training config."""
+    from train.config import model_config_from as from_resolved
+    return from_resolved(resolve_config(config))
+
+
+def init_model(model_config, seq_len: int = 8, seed: int = 0) -> tuple:
+    """(model, variables) with fresh parameters for a ModelConfig."""
+    import jax
+    import jax.numpy as jnp
+    from mem_lm import LanguageModel
+
+    model = LanguageModel(model_config)
+    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, seq_len), jnp.int32))
+    return model, variables
+
+
+def load_model(checkpoint=None, config=None, overrides: Sequence[str] = ()) -> tuple:
+    """(model, variables, source): from --checkpoint, or an untrained model from --config."""
+    if checkpoint is not None and config is not None:
+        fail("give either --checkpoint or --config, not both")
+    if checkpoint is not None:
+        model, variables = load_checkpoint(checkpoint)
+        return model, variables, {"checkpoint": str(checkpoint)}
+    if config is not None:
+        cfg = load_config_file(config, overrides)
+        model, variables = init_model(model_config_from(cfg))
+        print(f"note: --config {config} gives an untrained model (random parameters)",
+              file=sys.stderr)
+        return model, variables, {"config": str(config), "trained": False}
+    fail("give --checkpoint PATH (a training workdir) or --config configs/NAME.py")
+
+
+def model_config_of(model):
+    """The ModelConfig a LanguageModel was built with."""
+    for name in ("config", "cfg"):
+        if hasattr(model, name):
+            return getattr(model, name)
+    fail("cannot find the model's config (expected `model.config`)")
+
+
+def model_vocab_size(model) -> int:
+    return int(model_config_of(model).vocab_size)
+
+
+def param_count(variables) -> int:
+    import jax
+    params = variables.get("params", variables) if hasattr(variables, "get") else variables
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def batched_apply(model, variables, inputs: np.ndarray, batch_size: int, progress: bool = False,
+                  desc: str = "eval"):
+    """Yield `(start, logits)` for `inputs` [N, T] in batches, as numpy float32.
+
+    One jitted function and one compiled shape per T: the last batch is padded with zeros and
+    its padding rows dropped.
+    """
+    import jax
+
+    apply = _jitted_apply(model)
+    n = len(inputs)
+    for s in progress_bar(range(0, n, batch_size), disable=not progress, desc=desc):
+        x = inputs[s:s + batch_size]
+        m = len(x)
+        if m < batch_size and n > batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], x.dtype)])
+        logits = apply(variables, jax.numpy.asarray(x))
+        yield s, np.asarray(logits[:m], dtype=np.float32)
+
+
+_APPLY_CACHE: dict = {}
+
+
+def _jitted_apply(model):
+    import jax
+    key = id(model)
+    if key not in _APPLY_CACHE or _APPLY_CACHE[key][0] is not model:
+        _APPLY_CACHE[key] = (model, jax.jit(lambda v, x: model.apply(v, x)))
+    return _APPLY_CACHE[key][1]
+
+
+def label_hits(logits: np.ndarray, labels: np.ndarray, ignore_index: int = -100):
+    """(hits [B, T] bool, mask [B, T] bool): greedy prediction equals the label, where labelled."""
+    mask = labels != ignore_index
+    return (logits.argmax(-1) == labels) & mask, mask
+
+
+def training_config(path) -> Optional[dict]:
+    """The resolved training config (`config.json`) of a workdir or of a checkpoint inside one,
+    as a plain dict; None when there is none."""
+    p = Path(path).resolve()
+    for d in (p, *list(p.parents)[:3]):
+        f = d / "config.json"
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def mixer_names() -> tuple:
+    from mem_lm.config import MIXERS
+    return tuple(MIXERS)

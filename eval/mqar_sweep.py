@@ -1,0 +1,139 @@
+"""MQAR sweep: recall accuracy against recurrent state size, one 2-layer mixer-only model per
+(mixer, width), as in Zoology.
+
+    python -m eval.mqar_sweep --out out/mqar_sweep [--mixers attn swa la ...] [--widths 32 64]
+                              [--steps N] [--quick]
+
+Each model is trained by the project's trainer (`train.run` on `configs/mqar.py`, with
+`model.pattern`, `model.d_model`, `model.num_heads` set per run) and scored on held-out MQAR
+examples (the trainer's validation split, drawn with the test seeds of `eval.mqar.mqar_seed`):
+the accuracy over the queried positions. The recurrent state size is the number of floats the
+model carries per sequence while decoding at the task's length (its decode cache, from
+`mem_lm.init_cache`; for `attn` that is the whole KV cache, for `swa` the window's). Finished
+runs are kept in OUT/runs/NAME/result.json and reused when the sweep is rerun with the same
+settings; `--fresh` retrains.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Optional, Sequence
+
+from eval import common
+
+MIXERS = ("attn", "swa", "la", "retnet", "gla", "deltanet", "gdn")
+
+
+def state_size(model_cfg, seq_len: int) -> int:
+    """Floats of decode state per sequence after `seq_len` tokens (all layers)."""
+    import jax
+    from mem_lm import init_cache
+
+    cache = jax.eval_shape(lambda: init_cache(model_cfg, 1, seq_len))
+    return int(sum(a.size for a in jax.tree_util.tree_leaves(cache["layers"])))
+
+
+def run_config(base_config: str, mixer: str, width: int, args):
+    overrides = [f"model.pattern={(mixer,)!r}", f"model.d_model={width}",
+                 f"model.num_heads={args.num_heads}", f"model.window={args.window}",
+                 f"train.seq_len={args.seq_len}", f"data.num_kv_pairs={args.num_kv_pairs}",
+                 f"data.vocab_size={args.vocab_size}", f"train.steps={args.steps}",
+                 f"train.batch_size={args.batch_size}", f"optim.learning_rate={args.lr}",
+                 f"train.eval_batches={max(1, -(-args.eval_examples // args.batch_size))}",
+                 "train.eval_every=0", "checkpoint.enabled=False", "logging.tensorboard=False",
+                 "logging.progress_bar=False"]
+    return common.load_config_file(base_config, overrides + list(args.override))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m eval.mqar_sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/mqar.py", help="the base training config")
+    ap.add_argument("--mixers", nargs="+", default=list(MIXERS))
+    ap.add_argument("--widths", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--num_heads", type=int, default=2)
+    ap.add_argument("--window", type=int, default=16, help="swa window (small on purpose)")
+    ap.add_argument("--seq_len", type=int, default=256)
+    ap.add_argument("--num_kv_pairs", type=int, default=16)
+    ap.add_argument("--vocab_size", type=int, default=512,
+                    help="Zoology uses 8192; the output layer dominates CPU time, so smaller here")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--eval_examples", type=int, default=512)
+    ap.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="more config overrides for every run")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: widths 16, seq_len 32, 4 pairs, vocab 64, 10 steps")
+    ap.add_argument("--fresh", action="store_true", help="retrain runs that already have results")
+    ap.add_argument("--out", default="out/mqar_sweep")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.widths, args.seq_len, args.num_kv_pairs, args.vocab_size = [16], 32, 4, 64
+        args.steps, args.batch_size, args.eval_examples, args.window = 10, 8, 16, 8
+    bad = [m for m in args.mixers if m not in common.mixer_names()]
+    if bad:
+        common.fail(f"--mixers: unknown {bad}; known: {common.mixer_names()}")
+    from eval.mqar import check_mqar_args
+    try:
+        check_mqar_args(args.vocab_size, args.seq_len, args.num_kv_pairs)
+    except ValueError as e:
+        common.fail(str(e))
+
+    import train
+    from train.config import model_config_from
+
+    out = common.out_dir(args.out)
+    rows = []
+    runs = [(m, w) for m in args.mixers for w in args.widths]
+    for i, (mixer, width) in enumerate(runs):
+        name = f"{mixer}_d{width}"
+        cfg = run_config(args.config, mixer, width, args)
+        resolved = common.resolve_config(cfg)
+        model_cfg = model_config_from(resolved)
+        workdir = out / "runs" / name
+        cached = workdir / "result.json"
+        key = json.loads(json.dumps(resolved.to_dict(), default=str))
+        if cached.is_file() and not args.fresh:
+            prev = json.loads(cached.read_text())
+            if prev.get("config") == key:
+                print(f"[{i + 1}/{len(runs)}] {name}: reusing {cached}", flush=True)
+                rows.append(prev["row"])
+                continue
+        print(f"[{i + 1}/{len(runs)}] training {name} ({args.steps} steps)", flush=True)
+        t0 = time.perf_counter()
+        r = train.run(cfg, str(workdir), progress=True)
+        row = {"mixer": mixer, "d_model": width, "state_size": state_size(model_cfg, args.seq_len),
+               "params": r.get("num_params"), "accuracy": r.get("eval_accuracy"),
+               "eval_loss": r.get("eval_loss"), "train_loss": r.get("loss"),
+               "steps": r.get("step"), "train_seconds": time.perf_counter() - t0}
+        print(f"    accuracy {row['accuracy']:.3f}, state {row['state_size']:,} floats, "
+              f"{row['train_seconds']:.0f}s", flush=True)
+        common.write_json(cached, {"config": key, "row": row})
+        rows.append(row)
+
+    common.print_table(rows, ["mixer", "d_model", "state_size", "params", "accuracy",
+                              "eval_loss", "train_seconds"], floatfmt=".3f",
+                       title=f"MQAR: seq_len {args.seq_len}, {args.num_kv_pairs} pairs, "
+                             f"vocab {args.vocab_size}, {args.steps} steps")
+    result = {"task": "mqar_sweep",
+              "settings": {k: getattr(args, k) for k in
+                           ("config", "seq_len", "num_kv_pairs", "vocab_size", "steps",
+                            "batch_size", "lr", "window", "num_heads", "eval_examples")},
+              "results": rows}
+    common.write_json(out / "mqar_sweep.json", result)
+    series = {}
+    for m in args.mixers:
+        pts = sorted((r["state_size"], r["accuracy"]) for r in rows if r["mixer"] == m)
+        series[m] = ([p[0] for p in pts], [p[1] for p in pts])
+    common.plot_lines(out / "mqar_sweep.png", series, xlabel="recurrent state size (floats)",
+                      ylabel="MQAR accuracy", logx=True, ylim=(-0.02, 1.02),
+                      title=f"MQAR, seq_len {args.seq_len}, {args.num_kv_pairs} kv pairs")
+    print(f"wrote {out / 'mqar_sweep.json'} and {out / 'mqar_sweep.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,146 @@
+"""Validation perplexity at several context lengths (length extrapolation).
+
+    python -m eval.perplexity --checkpoint WORKDIR [--data PATHS] [--lengths 256 512 ...]
+
+The validation text is, by default, the validation split of the data the checkpoint was trained
+on (the built-in corpus: Python's standard library), tokenized with its tokenizer; `--data`
+takes files, directories or globs instead (comma-separated). At each context length L the same
+number of tokens (`--tokens`) is scored: windows of L + 1 consecutive tokens spread evenly over
+the text, every position predicted with the window before it as context. Lengths default to
+1/2, 1, 2, 4 and 8 times the training length.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from types import SimpleNamespace
+from typing import Optional, Sequence
+
+import numpy as np
+
+from eval import common
+
+TEXT_SOURCES = ("stdlib", "text")
+
+
+def validation_tokens(tcfg: dict, data: Optional[str], tokenizer_spec: Optional[str]):
+    """(tokens int32 [N], tokenizer, description) of the validation text."""
+    from train import data as tdata
+
+    dcfg = dict(tcfg.get("data", {}))
+    spec = tokenizer_spec or dcfg.get("tokenizer", "byte")
+    try:
+        tokenizer = tdata.make_tokenizer(spec)
+    except (ImportError, ValueError) as e:
+        common.fail(f"tokenizer {spec!r}: {e}")
+    if data:
+        files = tdata.expand_paths(data, dcfg.get("extensions", ".py,.txt,.md,.rst,.json,.jsonl"))
+        what = f"--data {data}"
+    else:
+        if dcfg.get("source", "stdlib") not in TEXT_SOURCES:
+            common.fail(f"the checkpoint was trained on data.source={dcfg.get('source')!r}, not "
+                        f"text: give the validation text with --data PATHS")
+        defaults = dict(source="stdlib", paths="", val_paths="", val_fraction=0.02,
+                        extensions=".py,.txt,.md,.rst,.json,.jsonl", text_field="text")
+        files = tdata.text_files(SimpleNamespace(**{**defaults, **dcfg}), "val")
+        what = f"the validation split of data.source={dcfg.get('source', 'stdlib')!r}"
+    if not files:
+        common.fail(f"{what}: no files found")
+    corpus = tdata.Corpus.build(tdata.read_documents(files, dcfg.get("text_field", "text")),
+                                tokenizer)
+    return corpus.tokens.astype(np.int32), tokenizer, f"{what} ({len(files)} files)"
+
+
+def windows(tokens: np.ndarray, length: int, count: int) -> np.ndarray:
+    """`count` windows of `length + 1` tokens, evenly spread over `tokens`."""
+    last = len(tokens) - (length + 1)
+    if last < 0:
+        raise ValueError(f"the validation text has {len(tokens)} tokens, fewer than one window of "
+                         f"{length + 1}")
+    starts = np.linspace(0, last, num=count).astype(np.int64)
+    return np.stack([tokens[s:s + length + 1] for s in starts])
+
+
+def perplexity_at(model, variables, tokens: np.ndarray, length: int, num_tokens: int,
+                  batch_tokens: int) -> dict:
+    count = max(1, num_tokens // length)
+    w = windows(tokens, length, count)
+    x, y = w[:, :-1], w[:, 1:]
+    batch = max(1, batch_tokens // length)
+    nll = 0.0
+    for s, logits in common.batched_apply(model, variables, x, batch, progress=True,
+                                          desc=f"ppl L={length}"):
+        logp = logits - _logsumexp(logits)
+        tgt = y[s:s + len(logits)]
+        nll -= float(np.take_along_axis(logp, tgt[..., None], -1).sum())
+    n = y.size
+    loss = nll / n
+    return {"context_length": length, "windows": count, "tokens": int(n), "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)), "bits_per_token": loss / math.log(2)}
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="training workdir or checkpoint directory")
+    src.add_argument("--config", help="an untrained model from this config (smoke runs)")
+    ap.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE")
+    ap.add_argument("--data", help="validation text: files, directories or globs, comma-separated")
+    ap.add_argument("--tokenizer", help="override the tokenizer ('byte' or a tokenizer.json)")
+    ap.add_argument("--lengths", type=int, nargs="+",
+                    help="context lengths (default: 0.5, 1, 2, 4, 8 x the training length)")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens scored per length")
+    ap.add_argument("--batch_tokens", type=int, default=8192, help="tokens per forward pass")
+    ap.add_argument("--out", default="out/perplexity")
+    args = ap.parse_args(argv)
+    if args.tokens < 1 or args.batch_tokens < 1:
+        common.fail("--tokens and --batch_tokens must be positive")
+
+    model, variables, source = common.load_model(args.checkpoint, args.config, args.override)
+    tcfg = (common.training_config(args.checkpoint) if args.checkpoint else
+            common.load_config_file(args.config, args.override).to_dict()) or {}
+    tokens, tokenizer, what = validation_tokens(tcfg, args.data, args.tokenizer)
+    vocab = common.model_vocab_size(model)
+    if tokenizer.vocab_size > vocab:
+        common.fail(f"the tokenizer has {tokenizer.vocab_size} symbols, more than the model's "
+                    f"vocabulary ({vocab})")
+    train_len = int(tcfg.get("train", {}).get("seq_len", 0)) or None
+    lengths = args.lengths or ([max(16, train_len // 2), train_len, 2 * train_len,
+                                4 * train_len, 8 * train_len] if train_len else [256, 512, 1024])
+    if min(lengths) < 1:
+        common.fail(f"--lengths must be positive, got {lengths}")
+    print(f"validation text: {what}, {len(tokens):,} tokens", flush=True)
+    rows = []
+    for L in lengths:
+        try:
+            r = perplexity_at(model, variables, tokens, L, args.tokens, args.batch_tokens)
+        except ValueError as e:
+            common.fail(str(e))
+        if train_len:
+            r["x_train_length"] = L / train_len
+        rows.append(r)
+    common.print_table(rows, ["context_length", "x_train_length", "tokens", "loss", "perplexity",
+                              "bits_per_token"], title="validation perplexity by context length")
+    out = common.out_dir(args.out)
+    result = {"task": "perplexity", **source, "data": what, "train_seq_len": train_len,
+              "results": rows}
+    common.write_json(out / "perplexity.json", result)
+    common.plot_lines(out / "perplexity.png",
+                      {"validation": ([r["context_length"] for r in rows],
+                                      [r["perplexity"] for r in rows])},
+                      xlabel="context length (tokens)", ylabel="perplexity", logx=True,
+                      title="perplexity vs context length"
+                            + (f" (trained at {train_len})" if train_len else ""))
+    print(f"wrote {out / 'perplexity.json'} and {out / 'perplexity.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
