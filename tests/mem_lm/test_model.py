@@ -35,7 +35,12 @@ def test_cached_decoding_and_packing_match_full_forward(pattern, rng):
     fwd = jax.jit(model.apply)
     B, T0, T = 2, 6, 15
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
-    full = fwd(params, tokens)
+    docs = [(0, 0, 5), (0, 5, 12), (0, 12, 15), (1, 0, 9), (1, 9, 15)]
+    alone = np.zeros((len(docs), T), np.int32)
+    for i, (b, s, e) in enumerate(docs):
+        alone[i, :e - s] = np.asarray(tokens)[b, s:e]
+    # One forward (one compile) for the sequences and the documents alone.
+    full = fwd(params, jnp.concatenate([tokens, jnp.asarray(alone)]))
 
     # Prefill T0 tokens, then one token at a time (teacher-forced): the same logits.
     last, cache = prefill(model, params, tokens[:, :T0], T)
@@ -44,24 +49,19 @@ def test_cached_decoding_and_packing_match_full_forward(pattern, rng):
         step_logits, cache = decode_step(model, params, tokens[:, t], cache)
         logits.append(step_logits)
     cached = jnp.stack(logits, axis=1)                       # logits at positions T0-1 .. T-1
-    np.testing.assert_allclose(cached, full[:, T0 - 1:], atol=2e-4, rtol=2e-4)
-    assert (jnp.argmax(cached, -1) == jnp.argmax(full[:, T0 - 1:], -1)).all()
+    np.testing.assert_allclose(cached, full[:B, T0 - 1:], atol=2e-4, rtol=2e-4)
+    assert (jnp.argmax(cached, -1) == jnp.argmax(full[:B, T0 - 1:], -1)).all()
     assert int(cache["pos"]) == T
 
     # Packed rows with segment ids == each document alone (padded at the end, causal).
     seg = np.array([[1] * 5 + [2] * 7 + [3] * 3, [4] * 9 + [0] * 6], np.int32)
     packed = fwd(params, tokens, segment_ids=jnp.asarray(seg))
-    docs = [(0, 0, 5), (0, 5, 12), (0, 12, 15), (1, 0, 9), (1, 9, 15)]
-    alone_in = np.zeros((len(docs), T), np.int32)
     for i, (b, s, e) in enumerate(docs):
-        alone_in[i, :e - s] = np.asarray(tokens)[b, s:e]
-    alone = fwd(params, jnp.asarray(alone_in))
-    for i, (b, s, e) in enumerate(docs):
-        np.testing.assert_allclose(packed[b, s:e], alone[i, :e - s], atol=2e-4, rtol=2e-4)
+        np.testing.assert_allclose(packed[b, s:e], full[B + i, :e - s], atol=2e-4, rtol=2e-4)
 
 
 def test_generate_greedy_and_sampling():
-    cfg = tiny(("gdn", "swa"), num_layers=2)
+    cfg = tiny(("la", "swa"), num_layers=2)
     model, params = _init(cfg)
     prompt = jnp.asarray([[1, 2, 3, 4], [5, 6, 7, 8]], jnp.int32)
     out = generate(model, params, prompt, 7)
@@ -70,13 +70,14 @@ def test_generate_greedy_and_sampling():
     # Greedy: every new token is the argmax of the full forward on the growing sequence.
     full = model.apply(params, out)
     np.testing.assert_array_equal(jnp.argmax(full[:, 3:-1], -1), out[:, 4:])
-    # Sampling: reproducible from the key; top_k=1 is greedy.
-    key = jax.random.PRNGKey(3)
-    s1 = generate(model, params, prompt, 7, temperature=1.0, top_p=0.9, rng=key)
-    s2 = generate(model, params, prompt, 7, temperature=1.0, top_p=0.9, rng=key)
+    # Sampling: reproducible from the key; top_k=1 is greedy whatever the key.
+    sample = lambda seed, k: generate(model, params, prompt, 7, temperature=0.7, top_k=k,
+                                      top_p=0.9, rng=jax.random.PRNGKey(seed))
+    np.testing.assert_array_equal(sample(3, 1), out)
+    np.testing.assert_array_equal(sample(4, 1), out)
+    s1, s2 = sample(3, 20), sample(3, 20)
     np.testing.assert_array_equal(s1, s2)
-    np.testing.assert_array_equal(generate(model, params, prompt, 7, temperature=0.7, top_k=1),
-                                  out)
+    assert s1.min() >= 0 and s1.max() < cfg.vocab_size
     assert generate(model, params, prompt, 0).shape == (2, 4)
 
 
@@ -135,7 +136,7 @@ def test_scan_remat_bf16_match_plain(rng):
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     ref = model.apply(params, tokens)
     # The scanned model's params are the plain model's, stacked over the groups.
-    scfg = dataclasses.replace(cfg, scan_layers=True, remat="full")
+    scfg = dataclasses.replace(cfg, scan_layers=True, remat="dots")
     smodel = LanguageModel(scfg)
     p = params["params"]
     groups = {f"block_{j}": jax.tree.map(lambda *a: jnp.stack(a),
@@ -143,9 +144,13 @@ def test_scan_remat_bf16_match_plain(rng):
               for j in range(2)}
     sp = {"params": {"embed": p["embed"], "final_norm": p["final_norm"], "groups": groups}}
     np.testing.assert_allclose(smodel.apply(sp, tokens), ref, atol=1e-5)
-    # Cached decoding through the scan.
-    out = generate(smodel, sp, tokens[:, :4], 5)
-    np.testing.assert_array_equal(out, generate(model, params, tokens[:, :4], 5))
+    # Cached decoding through the scan: prefill + steps == the plain model's forward.
+    last, cache = prefill(smodel, sp, tokens[:, :5], 9)
+    logits = [last]
+    for t in range(5, 9):
+        step_logits, cache = decode_step(smodel, sp, tokens[:, t], cache)
+        logits.append(step_logits)
+    np.testing.assert_allclose(jnp.stack(logits, 1), ref[:, 4:], atol=2e-4, rtol=2e-4)
     # bfloat16 compute: float32 logits and params, close to float32.
     bmodel = LanguageModel(dataclasses.replace(cfg, dtype="bfloat16"))
     lb = bmodel.apply(params, tokens)
@@ -154,9 +159,9 @@ def test_scan_remat_bf16_match_plain(rng):
 
 
 def test_loss_goes_down_with_sgd(rng):
-    cfg = tiny(("gdn", "swa"), num_layers=2, remat="dots")
+    cfg = tiny(("gdn", "swa"), num_layers=2, remat="full")
     model, params = _init(cfg)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 12)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 9)), jnp.int32)
 
     def loss_fn(p):
         logits = model.apply(p, tokens[:, :-1])
@@ -169,7 +174,7 @@ def test_loss_goes_down_with_sgd(rng):
         return jax.tree.map(lambda a, b: a - 1.0 * b, p, g), loss
 
     losses = []
-    for _ in range(6):
+    for _ in range(4):
         params, loss = step(params)
         losses.append(float(loss))
     assert np.isfinite(losses).all()

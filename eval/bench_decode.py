@@ -1,0 +1,180 @@
+"""Per-token decode latency and cache size against context length, side by side.
+
+    python -m eval.bench_decode [--contexts 1024 2048 ... 65536] [--quick] --out out/bench_decode
+
+Models (same d_model, layers, heads, vocabulary; random weights):
+
+    gdn      Gated DeltaNet + MLP in every layer        cache: O(1) states + conv inputs
+    hybrid   Gated DeltaNet and sliding-window attention alternating (window `--window`)
+    attn     softmax attention + MLP in every layer     cache: a buffer of every past token
+
+For each context length C the cache is put in the state it has after C tokens (pos = C;
+recurrent states, conv inputs and attention keys/values filled with random values, ring-buffer
+slots holding positions C−W … C−1), so no C-token prefill is needed to time step C+1: a step's
+cost depends on the cache's shape and `pos`, not on the values. `mem_lm.decode_step` (the jitted
+step that `generate` also runs, cache donated) is called `--warmup` times and then timed over
+`--steps` tokens, in interleaved rounds across the contexts (so a burst of load on a shared
+machine hits every context alike); the table shows the median ms/token. Cache bytes are the cache pytree's size.
+Full attention's buffer is allocated for C + warmup + steps tokens (generate preallocates
+prompt + new tokens).
+
+Writes bench_decode.json, decode_latency.png and cache_bytes.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+
+from eval import common
+
+MODELS = {
+    "gdn": ("gdn",),
+    "hybrid": ("gdn", "swa"),
+    "attn": ("attn",),
+}
+
+
+def filled_cache(cfg, batch: int, context: int, max_len: int, seed: int = 0):
+    """The cache of `cfg` as after `context` tokens, filled with random values."""
+    import jax
+    import jax.numpy as jnp
+    from mem_lm import init_cache
+
+    cache = init_cache(cfg, batch, max_len)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(cache)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    out = []
+    for (path, leaf), key in zip(leaves, keys):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['pos']"):
+            out.append(jnp.asarray(context, jnp.int32))
+        elif name.endswith("['slot_pos']"):
+            W = leaf.shape[-1]
+            p = np.arange(max(context - W, 0), context)
+            slots = np.full(leaf.shape, -1, np.int32)
+            slots[..., p % W] = p
+            out.append(jnp.asarray(slots))
+        else:
+            out.append((0.1 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def tree_bytes(tree) -> int:
+    import jax
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def time_decode(model, params, caches: dict, batch: int, warmup: int, steps: int,
+                rounds: int = 3) -> dict:
+    """Median seconds per decode step for each cache (context -> cache). The contexts are
+    timed in interleaved rounds, so a burst of machine load hits them all alike."""
+    import jax
+    import jax.numpy as jnp
+    from mem_lm import decode_step
+
+    toks = {c: jnp.zeros((batch,), jnp.int32) for c in caches}
+    times = {c: [] for c in caches}
+
+    def run(c, n, record):
+        tok, cache = toks[c], caches[c]
+        for _ in range(n):
+            t0 = time.perf_counter()
+            logits, cache = decode_step(model, params, tok, cache)
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+            jax.block_until_ready(tok)
+            if record:
+                times[c].append(time.perf_counter() - t0)
+        toks[c], caches[c] = tok, cache
+
+    for c in caches:
+        run(c, warmup, False)
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):
+        for c in caches:
+            run(c, per_round, True)
+    return {c: float(np.median(t)) for c, t in times.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", type=int, nargs="+",
+                    default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--d_model", type=int, default=512)
+    ap.add_argument("--num_layers", type=int, default=4)
+    ap.add_argument("--num_heads", type=int, default=4)
+    ap.add_argument("--vocab_size", type=int, default=256)
+    ap.add_argument("--window", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--quick", action="store_true",
+                    help="small model, contexts 1k..8k, few steps (a smoke run)")
+    ap.add_argument("--out", default="out/bench_decode")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.contexts = [c for c in args.contexts if c <= 8192] or [1024]
+        args.d_model, args.num_layers, args.steps = 128, 2, 10
+    if min(args.contexts) < 1:
+        common.fail(f"--contexts must be positive, got {args.contexts}")
+
+    warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+    import jax
+    import jax.numpy as jnp
+    from mem_lm import LanguageModel, ModelConfig, param_count
+    from flax import linen as nn
+
+    out = common.out_dir(args.out)
+    rows, series_lat, series_mem = [], {}, {}
+    for name in args.models:
+        cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model,
+                          num_layers=args.num_layers, num_heads=args.num_heads,
+                          pattern=MODELS[name], window=args.window, dtype=args.dtype)
+        model = LanguageModel(cfg)
+        params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+        caches, nbytes = {}, {}
+        for ctx in args.contexts:
+            max_len = ctx + args.warmup + args.steps + 1
+            caches[ctx] = filled_cache(cfg, args.batch, ctx, max_len)
+            nbytes[ctx] = tree_bytes(caches[ctx])
+        secs = time_decode(model, params, caches, args.batch, args.warmup, args.steps)
+        del caches
+        lat, mem = [], []
+        for ctx in args.contexts:
+            sec = secs[ctx]
+            rows.append(dict(model=name, pattern="+".join(cfg.pattern), params=param_count(cfg),
+                             context=ctx, ms_per_token=1e3 * sec, cache_MiB=nbytes[ctx] / 2**20))
+            lat.append(1e3 * sec)
+            mem.append(nbytes[ctx] / 2**20)
+            print(f"{name:7s} context {ctx:6d}: {1e3 * sec:8.3f} ms/token, "
+                  f"cache {nbytes[ctx] / 2**20:9.2f} MiB", flush=True)
+        series_lat[name] = (args.contexts, lat)
+        series_mem[name] = (args.contexts, mem)
+
+    summary = {}
+    for name, (_, lat) in series_lat.items():
+        summary[name] = dict(latency_max_over_min=max(lat) / min(lat),
+                             latency_last_over_first=lat[-1] / lat[0])
+    common.print_table(rows, ["model", "pattern", "params", "context", "ms_per_token",
+                              "cache_MiB"], title=f"decode on {jax.devices()[0].platform}, "
+                       f"batch {args.batch}, d_model {args.d_model}, {args.num_layers} layers, "
+                       f"{args.dtype}")
+    common.print_table([dict(model=k, **v) for k, v in summary.items()],
+                       title="latency flatness (target for recurrent models: max/min <= 1.10)")
+    common.write_json(out / "bench_decode.json",
+                      dict(args=vars(args), device=str(jax.devices()[0]), rows=rows,
+                           summary=summary))
+    common.plot_lines(out / "decode_latency.png", series_lat, xlabel="context length (tokens)",
+                      ylabel="ms / token (median)", title="per-token decode latency",
+                      logx=True, logy=True)
+    common.plot_lines(out / "cache_bytes.png", series_mem, xlabel="context length (tokens)",
+                      ylabel="cache (MiB)", title="decode cache size", logx=True, logy=True)
+    print(f"wrote {out}/bench_decode.json, decode_latency.png, cache_bytes.png")
+
+
+if __name__ == "__main__":
+    main()
