@@ -123,7 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m eval.bench_model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--lengths", type=int, nargs="+",
+                    help="sequence lengths (default 1024 2048 4096 8192 16384; --quick: 128 256)")
     ap.add_argument("--batch", type=int, default=1, help="sequences per step")
     ap.add_argument("--d_model", type=int, default=256, help="the transformer's width")
     ap.add_argument("--num_layers", type=int, default=4)
@@ -137,8 +138,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--out", default="out/bench_model")
     args = ap.parse_args(argv)
     if args.quick:
-        args.lengths, args.d_model, args.num_layers, args.num_heads = [128, 256], 32, 2, 2
-        args.window, args.reps = 64, 1
+        args.lengths = args.lengths or [128, 256]
+        args.d_model, args.num_layers, args.num_heads, args.window, args.reps = 32, 2, 2, 64, 1
+    args.lengths = args.lengths or [1024, 2048, 4096, 8192, 16384]
     if min(args.lengths) < 2 or args.batch < 1 or args.reps < 1:
         common.fail("--lengths must be >= 2, --batch and --reps >= 1")
 

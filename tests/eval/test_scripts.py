@@ -1,0 +1,171 @@
+"""Smoke tests of the eval scripts on a tiny checkpoint: each runs in-process (sharing JAX's
+compilation cache) and the tests assert on the JSON it writes.
+
+The checkpoint is a 2-step run of a 16-wide attention model on a small text file: the scripts'
+logic is under test here, not the mixers (tests/mem_lm covers those).
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from eval import common
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("MEMLM_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    f = d / "text.py"
+    import argparse
+    f.write_text(open(argparse.__file__).read()[:20000])
+    return f
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, corpus):
+    import train
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.model.update(d_model=16, pattern=("attn",))
+    c.data.update(source="text", paths=str(corpus))
+    c.train.update(steps=2, batch_size=2, seq_len=16, eval_every=0, eval_batches=1,
+                   checkpoint_every=0)
+    c.checkpoint.async_save = False
+    c.logging.tensorboard = False
+    workdir = tmp_path_factory.mktemp("ck")
+    train.run(c, str(workdir), progress=False)
+    return workdir
+
+
+def _json(path):
+    assert path.with_suffix(".json").is_file()
+    return json.loads(path.with_suffix(".json").read_text())
+
+
+def test_perplexity(checkpoint, tmp_path, capsys):
+    from eval import perplexity
+    perplexity.main(["--checkpoint", str(checkpoint), "--lengths", "8", "32",
+                     "--tokens", "64", "--out", str(tmp_path)])
+    r = _json(tmp_path / "perplexity")
+    assert [row["context_length"] for row in r["results"]] == [8, 32]
+    assert r["train_seq_len"] == 16
+    for row in r["results"]:
+        assert row["tokens"] == 64
+        assert math.isclose(row["perplexity"], math.exp(row["loss"]), rel_tol=1e-6)
+        assert 1 < row["perplexity"] < 2 * 256   # an untrained byte model: about uniform
+    assert (tmp_path / "perplexity.png").stat().st_size > 0
+    assert "| context_length |" in capsys.readouterr().out
+
+
+def test_generate_greedy_is_deterministic(checkpoint, tmp_path):
+    from eval import generate
+    args = ["--checkpoint", str(checkpoint), "--prompt", "def f(", "--max_new_tokens", "5",
+            "--temperature", "0", "--num_samples", "2", "--out", str(tmp_path)]
+    r = generate.main(args)
+    saved = _json(tmp_path / "generate")
+    assert saved["samples"] == r["samples"] and len(r["samples"]) == 2
+    assert np.asarray(r["tokens"]).shape == (2, 5)
+    assert r["tokens"][0] == r["tokens"][1]                       # greedy: same for both rows
+    assert saved["settings"]["temperature"] == 0
+    sampled = generate.main(args[:-6] + ["--temperature", "1.0", "--top_k", "5", "--top_p",
+                                         "0.9", "--num_samples", "1", "--out", str(tmp_path)])
+    assert np.asarray(sampled["tokens"]).shape == (1, 5)
+
+
+def test_niah_passkey(checkpoint, tmp_path):
+    from eval import niah
+    niah.main(["--checkpoint", str(checkpoint), "--names", "tiny", "--lengths", "128",
+               "--depths", "0", "1", "--num_examples", "2", "--out", str(tmp_path)])
+    r = _json(tmp_path / "niah")
+    m = r["models"]["tiny"]
+    assert m["task"] == "passkey"                    # trained on text, not data.source=niah
+    assert m["lengths"] == [128] and m["depths"] == [0.0, 1.0]
+    acc = np.asarray(m["accuracy"])
+    assert acc.shape == (2, 1) and ((acc >= 0) & (acc <= 1)).all()
+    assert (tmp_path / "niah.png").stat().st_size > 0
+
+
+def test_mqar_eval(checkpoint, tmp_path):
+    from eval import mqar
+    mqar.main(["--checkpoint", str(checkpoint), "--seq_len", "16", "--num_kv_pairs", "2", "4",
+               "--num_examples", "5", "--batch_size", "4", "--out", str(tmp_path)])
+    r = _json(tmp_path / "mqar")
+    assert r["vocab_size"] == 256
+    assert [row["num_kv_pairs"] for row in r["results"]] == [2, 4]
+    assert [row["total"] for row in r["results"]] == [10, 20]     # examples x pairs
+    assert all(0 <= row["accuracy"] <= 1 for row in r["results"])
+
+
+def test_mqar_sweep_quick_and_reuse(tmp_path, capsys):
+    from eval import mqar_sweep
+    args = ["--quick", "--mixers", "attn", "swa", "--out", str(tmp_path)]
+    mqar_sweep.main(args)
+    r = _json(tmp_path / "mqar_sweep")
+    rows = {row["mixer"]: row for row in r["results"]}
+    assert set(rows) == {"attn", "swa"} and r["settings"]["seq_len"] == 32
+    for row in rows.values():
+        assert 0 <= row["accuracy"] <= 1 and row["steps"] == 10 and row["params"] > 0
+    # 2 layers x (k + v) x 32 tokens x 16 wide, against the swa window of 8
+    assert rows["attn"]["state_size"] == 2 * 2 * 32 * 16
+    assert rows["swa"]["state_size"] < rows["attn"]["state_size"]
+    assert (tmp_path / "mqar_sweep.png").stat().st_size > 0
+    capsys.readouterr()
+    mqar_sweep.main(args)                                       # finished runs are reused
+    assert capsys.readouterr().out.count("reusing") == 2
+    assert _json(tmp_path / "mqar_sweep")["results"] == r["results"]
+
+
+def test_bench_model_quick(tmp_path):
+    from eval import bench_model
+    bench_model.main(["--quick", "--models", "transformer", "--lengths", "32", "--out",
+                      str(tmp_path)])
+    r = _json(tmp_path / "bench_model")
+    (cell,) = r["models"]["transformer"]["results"]
+    assert cell["seq_len"] == 32 and cell["tokens_per_second"] > 0 and cell["memory_mb"] > 0
+    assert r["table"][0]["transformer tok/s"] == cell["tokens_per_second"]
+
+
+def test_bench_model_width_matching():
+    from eval.bench_model import model_configs
+    from mem_lm import param_count
+    cfgs = model_configs(["transformer", "gdn", "hybrid"], 256, 4, 4, 256, 512)
+    target = param_count(cfgs["transformer"])
+    assert cfgs["transformer"].d_model == 256
+    for name in ("gdn", "hybrid"):
+        assert abs(param_count(cfgs[name]) / target - 1) < 0.1
+        assert cfgs[name].resolved_head_dim % 2 == 0
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("perplexity", ["--checkpoint", "/nonexistent/run"], "no such file"),
+    ("generate", ["--checkpoint", "/nonexistent/run", "--prompt", "x"], "no such file"),
+    ("generate", ["--checkpoint", "x", "--prompt", "x", "--top_p", "1.5"], "top_p"),
+    ("niah", ["--checkpoint", "x", "--depths", "2"], "depths"),
+    ("mqar", ["--checkpoint", "/nonexistent/run"], "no such file"),
+    ("mqar_sweep", ["--mixers", "lstm", "--out", "{tmp}"], "unknown"),
+    ("mqar_sweep", ["--num_kv_pairs", "200", "--out", "{tmp}"], "num_kv_pairs"),
+    ("perplexity", ["--config", "/nonexistent.py"], "no such file"),
+])
+def test_clear_errors(module, argv, message, tmp_path, capsys):
+    import importlib
+    mod = importlib.import_module(f"eval.{module}")
+    with pytest.raises(SystemExit) as e:
+        mod.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_table_and_json_helpers(tmp_path):
+    text = common.format_table([{"a": 1, "b": 0.5}, {"a": 22, "b": None}], floatfmt=".2f")
+    lines = text.splitlines()
+    assert lines[0] == "|  a |    b |" and lines[2] == "|  1 | 0.50 |" and lines[3] == "| 22 |    - |"
+    p = common.write_json(tmp_path / "x.json", {"v": np.float32(1.5), "a": np.arange(2),
+                                                "n": float("nan")})
+    assert json.loads(p.read_text()) == {"v": 1.5, "a": [0, 1], "n": None}
