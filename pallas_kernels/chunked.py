@@ -1,22 +1,26 @@
 """The chunk-scan scaffolding shared by the chunked (XLA) forms of the recurrent ops.
 
 Both linear attention and the gated delta rule are, chunk by chunk, *affine* in the state that
-enters the chunk. An op describes one chunk by an `intra` function, batched over all chunks:
+enters the chunk. An op describes one chunk by an `intra` function:
 
     S_out = M · S_in + B          (state after the chunk)
     o     = Qeff · S_in + O       (the chunk's outputs)
 
 with M [K, K] (or its diagonal [K], or a scalar []), B [K, V], Qeff [C, K], O [C, V]. Everything
 inside a chunk (masked matmuls, decays, the WY/UT solve) lives in `intra` and runs batched over
-all chunks at once; the only sequential part is the state pass `S_out = M S_in + B`, a
-`lax.scan` over chunks.
+chunks; the only sequential part is the state pass `S_out = M S_in + B`, a `lax.scan` over
+chunks.
 
-The backward (`jax.custom_vjp`) keeps the op's inputs and the state entering each chunk, nothing
-per token: it recomputes `intra`, runs the state pass in reverse to get dS at every chunk
-boundary, and pulls the cotangents of (M, B, Qeff, O) back through ONE batched vjp of `intra`.
-Memory therefore grows as O(T·(K+V) + T/C·K·V), never O(T·K·V).
+The backward (`jax.custom_vjp`) keeps the op's inputs, the state entering each chunk and (M,
+Qeff), nothing per token: it runs the state pass in reverse to get dS at every chunk boundary,
+then pulls the cotangents of (M, B, Qeff, O) back through a batched vjp of `intra`, which
+recomputes the inside of each chunk. Memory therefore grows as O(T·(K+V) + T/C·K·V), never
+O(T·K·V).
 
-Internal layout is chunk-major: [NC, B, H, C, D] for token quantities, [NC, B, H, K, V] for states.
+`intra` is written for ONE chunk ([C, D] token quantities) and runs vmapped over groups of
+`GROUP` chunks (a flat batch [NC·B·H, C, D]: one batch dimension is what XLA's CPU matmuls
+like), in a scan over groups so that the working memory of the backward is bounded; the state
+pass runs over [NC, B·H, K, V].
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ from jax import lax
 from pallas_kernels.common import ChunkLayout, acc_dtype, chunk_layout
 
 Intra = Callable[[Mapping[str, jax.Array]], tuple]
+
+GROUP = 64  # chunks (of all heads) per batched call of `intra`: bounds the working memory
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -68,59 +74,86 @@ def _outer_like(M: jax.Array, dS: jax.Array, S: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- the chunk scan
-def _state_pass(M, B, h_init, reset):
-    """S_in[c] = h_init[c] if reset[c] else S_out[c-1];  S_out[c] = M[c] S_in[c] + B[c]."""
-    def step(S, xs):
-        M_c, B_c, h_c, r_c = xs
-        S_in = jnp.where(r_c[:, None, None, None], h_c, S)
+# States are rows of B·H (batch × head) matrices. Chunk c of row r loads row load[c, r] of the
+# initial states h0 [N·H, K, V] when reset[c, r], and its outgoing state becomes row
+# store[c, r] of the final states when it ends a sequence (store == N·H: it does not).
+
+def _map_chunks(f, xs):
+    """f applied to every chunk of the flat batch [NC*BH, ...], GROUP chunks at a time.
+
+    `f` is written for one chunk; it runs vmapped over a group (one batch dimension for the
+    matmuls) inside a scan over groups, so the working memory of `intra` and of its vjp is
+    bounded by the group, not by T."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    return lax.map(f, xs, batch_size=min(GROUP, n))
+
+
+def _rows(x, NC):
+    """[NC*BH, ...] -> [NC, BH, ...]"""
+    return x.reshape((NC, -1) + x.shape[1:])
+
+
+def _chunk_scan_impl(intra, inputs, h0, reset, load, store):
+    NC = reset.shape[0]
+    M, B, Qeff, O = _map_chunks(intra, inputs)
+
+    def step(carry, xs):
+        S, final = carry
+        M_c, B_c, r_c, load_c, store_c = xs
+        S_in = jnp.where(r_c[:, None, None], h0[load_c], S)
         S_out = _apply(M_c, S_in) + B_c
-        return S_out, (S_in, S_out)
+        return (S_out, final.at[store_c].set(S_out, mode="drop")), S_in
 
-    _, (S_in, S_out) = lax.scan(step, jnp.zeros_like(h_init[0]), (M, B, h_init, reset))
-    return S_in, S_out
-
-
-def _read_out(Qeff, O, S_in):
-    return O + jnp.einsum("...ck,...kv->...cv", Qeff, S_in)
-
-
-def _chunk_scan_impl(intra, inputs, h_init, reset):
-    M, B, Qeff, O = intra(inputs)
-    S_in, S_out = _state_pass(M, B, h_init, reset)
-    return _read_out(Qeff, O, S_in), S_out, S_in
+    init = (jnp.zeros(reset.shape[1:] + h0.shape[1:], h0.dtype), h0)
+    (_, final), S_in = lax.scan(step, init, (_rows(M, NC), _rows(B, NC), reset, load, store))
+    S_in = S_in.reshape((-1,) + S_in.shape[2:])
+    o = O + jnp.einsum("nck,nkv->ncv", Qeff, S_in)
+    return o, final, (inputs, h0, reset, load, store, S_in, M, Qeff)
 
 
-def _chunk_scan_fwd(intra, inputs, h_init, reset):
-    o, S_out, S_in = _chunk_scan_impl(intra, inputs, h_init, reset)
-    return (o, S_out), (inputs, reset, S_in)
+def _chunk_scan(intra, inputs, h0, reset, load, store):
+    """(o [NC*BH, C, V], final states [N*H, K, V]) for chunk inputs [NC*BH, C, ...]."""
+    o, final, _ = _chunk_scan_impl(intra, inputs, h0, reset, load, store)
+    return o, final
+
+
+def _chunk_scan_fwd(intra, inputs, h0, reset, load, store):
+    o, final, res = _chunk_scan_impl(intra, inputs, h0, reset, load, store)
+    return (o, final), res
 
 
 def _chunk_scan_bwd(intra, res, cts):
-    inputs, reset, S_in = res
-    do, dS_after = cts
-    (M, _, Qeff, _), intra_vjp = jax.vjp(intra, inputs)
+    inputs, h0, reset, load, store, S_in, M, Qeff = res
+    do, dfinal = cts
+    NC, NH = reset.shape[0], h0.shape[0]
+    dS_o = _rows(jnp.einsum("nck,ncv->nkv", Qeff, do), NC)  # the read-out's share of dS_in
 
-    def step(dS_next, xs):  # runs from the last chunk to the first
-        M_c, Qeff_c, do_c, dA_c, r_c = xs
-        dS_out = dA_c + dS_next
-        dS_in = _apply_t(M_c, dS_out) + jnp.einsum("...ck,...cv->...kv", Qeff_c, do_c)
-        r = r_c[:, None, None, None]
-        return jnp.where(r, 0, dS_in), (dS_out, jnp.where(r, dS_in, 0))
+    def step(carry, xs):  # runs from the last chunk to the first
+        dS_next, dh0 = carry
+        M_c, dSo_c, r_c, load_c, store_c = xs
+        dS_out = dS_next + dfinal.at[store_c].get(mode="fill", fill_value=0)
+        dS_in = _apply_t(M_c, dS_out) + dSo_c
+        r = r_c[:, None, None]
+        dh0 = dh0.at[jnp.where(r_c, load_c, NH)].add(dS_in, mode="drop")
+        return (jnp.where(r, 0, dS_in), dh0), dS_out
 
-    _, (dS_out, dh_init) = lax.scan(step, jnp.zeros_like(S_in[0]),
-                                    (M, Qeff, do, dS_after, reset), reverse=True)
-    cot = (_outer_like(M, dS_out, S_in), dS_out,
-           jnp.einsum("...cv,...kv->...ck", do, S_in), do)
-    (dinputs,) = intra_vjp(cot)
-    return dinputs, dh_init, None
+    # Final states never overwritten (empty sequences) are the initial states themselves.
+    kept = jnp.ones(NH, bool).at[store.ravel()].set(False, mode="drop")
+    init = (jnp.zeros_like(dS_o[0]), jnp.where(kept[:, None, None], dfinal, 0))
+    (_, dh0), dS_out = lax.scan(step, init, (_rows(M, NC), dS_o, reset, load, store),
+                                reverse=True)
+
+    def chunk_vjp(xs):
+        x, S_in_c, dS_out_c, do_c = xs
+        (M_c, _, _, _), vjp = jax.vjp(intra, x)
+        return vjp((_outer_like(M_c, dS_out_c, S_in_c), dS_out_c,
+                    jnp.einsum("cv,kv->ck", do_c, S_in_c), do_c))[0]
+
+    dinputs = _map_chunks(chunk_vjp, (inputs, S_in, dS_out.reshape(S_in.shape), do))
+    return dinputs, dh0, None, None, None
 
 
-def _chunk_scan_primal(intra, inputs, h_init, reset):
-    o, S_out, _ = _chunk_scan_impl(intra, inputs, h_init, reset)
-    return o, S_out
-
-
-_chunk_scan = jax.custom_vjp(_chunk_scan_primal, nondiff_argnums=(0,))
+_chunk_scan = jax.custom_vjp(_chunk_scan, nondiff_argnums=(0,))
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
 
 
@@ -149,10 +182,27 @@ def run_chunked(intra: Intra, tokens: Mapping[str, Optional[jax.Array]], *, q: j
     B, T, H, K = q.shape
     acc = acc_dtype(q)
     layout = chunk_layout(B, T, chunk_size, cu_seqlens)
+    NC, N = layout.num_chunks, layout.num_seqs
     inputs = {name: to_chunk_major(x.astype(acc), layout)
               for name, x in tokens.items() if x is not None}
     inputs["q"] = inputs["q"] * jnp.asarray(scale, acc)
-    h_init = layout.initial_states(initial_state, B, (H, K, value_dim), acc)  # [B, NC, H, K, V]
-    o, S_out = _chunk_scan(intra, inputs, jnp.moveaxis(h_init, 1, 0), layout.reset.T)
-    final = layout.final_states(jnp.moveaxis(S_out, 0, 1), initial_state)
-    return from_chunk_major(o, layout).astype(q.dtype), final.astype(acc)
+    inputs = {name: x.reshape((NC * B * H,) + x.shape[3:]) for name, x in inputs.items()}
+
+    # Which state rows (sequence × head) each chunk loads and stores.
+    heads = jnp.arange(H, dtype=jnp.int32)
+    rows = lambda seq: (seq[:, :, None] * H + heads).reshape(NC, B * H)    # [NC, B] -> [NC, BH]
+    reset = jnp.repeat(layout.reset.T, H, axis=1)
+    load = rows(layout.seq.T)
+    if layout.last_chunk is None:
+        last = jnp.arange(NC) == NC - 1
+        ends = jnp.where(last[:, None], jnp.arange(B, dtype=jnp.int32)[None, :], N)
+    else:  # the sequence that ends with each chunk (N: none); empty sequences end nowhere
+        ends = jnp.full(NC, N, jnp.int32).at[jnp.where(layout.empty, NC, layout.last_chunk)].set(
+            jnp.arange(N, dtype=jnp.int32), mode="drop")[:, None]
+    store = jnp.where(jnp.repeat(ends, H, axis=1) < N, rows(ends), N * H)
+
+    shape = (N * H, K, value_dim)
+    h0 = jnp.zeros(shape, acc) if initial_state is None else initial_state.astype(acc).reshape(shape)
+    o, final = _chunk_scan(intra, inputs, h0, reset, load, store)
+    o = from_chunk_major(o.reshape((NC, B, H) + o.shape[1:]), layout)
+    return o.astype(q.dtype), final.reshape(N, H, K, value_dim)

@@ -48,7 +48,7 @@ def _per_key_scores(q: jax.Array, k: jax.Array, A: jax.Array, sub: int) -> jax.A
 
 
 def _intra(x, sub: int = SUB):
-    """Per-chunk affine map (M, B, Qeff, O) of linear attention; x holds [NC, B, H, C, ...]."""
+    """Per-chunk affine map (M, B, Qeff, O) of linear attention; x holds one chunk [C, ...]."""
     q, k, v = x["q"], x["k"], x["v"]
     if "gk" in x:
         a = x["gk"] + (x["g"][..., None] if "g" in x else 0.0)
