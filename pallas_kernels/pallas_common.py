@@ -289,6 +289,7 @@ class ScanConfig:
     BV: int
     backend: str           # "tpu" | "gpu"
     interpret: bool
+    varlen: bool           # packed sequences (cu_seqlens): final states come from many chunks
 
     @property
     def NV(self) -> int:
@@ -317,11 +318,14 @@ def _tpu_specs(cfg: ScanConfig, reverse: bool):
     h0 = pl.BlockSpec((None, Kp, BV),
                       lambda bh, iv, c, r, s: (s[_div(bh, H) * NC + ch(c)] * H + _rem(bh, H), 0, iv))
     state = pl.BlockSpec((None, None, Kp, BV), lambda bh, iv, c, r, s: (bh, ch(c), 0, iv))
+    # One resident block per (bh, tile), written back once: the state after the last chunk.
+    last_state = pl.BlockSpec((None, None, Kp, BV), lambda bh, iv, c, r, s: (bh, 0, 0, iv))
     prev_state = pl.BlockSpec(
         (None, None, Kp, BV), lambda bh, iv, c, r, s: (bh, jnp.maximum(ch(c) - 1, 0), 0, iv))
     part = {"key": pl.BlockSpec((None, None, C, Kp), lambda bh, iv, c, r, s: (iv, bh, ch(c), 0)),
             "col": pl.BlockSpec((None, None, C, 1), lambda bh, iv, c, r, s: (iv, bh, ch(c), 0))}
-    return dict(key=key, col=col, val=val, h0=h0, state=state, prev_state=prev_state, part=part)
+    return dict(key=key, col=col, val=val, h0=h0, state=state, last_state=last_state,
+                prev_state=prev_state, part=part)
 
 
 def _tpu_params(cfg):
@@ -330,7 +334,7 @@ def _tpu_params(cfg):
         dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def tpu_forward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx):
+def tpu_forward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx, all_states=True):
     pltpu, params = _tpu_params(cfg)
     sp = _tpu_specs(cfg, reverse=False)
     BH, T_pad, _ = q.shape
@@ -355,12 +359,12 @@ def tpu_forward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx):
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(BH, cfg.NV, NC),
         in_specs=[sp["key"], sp["key"], sp["val"]] + [sp[kd] for kd in cfg.kinds] + [sp["h0"]],
-        out_specs=[sp["val"], sp["state"]],
+        out_specs=[sp["val"], sp["state"] if all_states else sp["last_state"]],
         scratch_shapes=[pltpu.VMEM((cfg.Kp, cfg.BV), acc)])
     return pl.pallas_call(
         kernel, grid_spec=grid_spec, compiler_params=params, interpret=cfg.interpret,
         out_shape=[jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), jnp.dtype(cfg.out)),
-                   jax.ShapeDtypeStruct((BH, NC, cfg.Kp, cfg.Vp), acc)],
+                   jax.ShapeDtypeStruct((BH, NC if all_states else 1, cfg.Kp, cfg.Vp), acc)],
         name=f"{cfg.family}_chunk_fwd_tpu",
     )(reset, hidx, q, k, v, *extras, h0)
 
@@ -435,12 +439,14 @@ def _gpu_specs(cfg: ScanConfig, T_pad: int, n_rows: int, n_idx: int):
     h0 = pl.BlockSpec((n_rows, Kp, BV), lambda bh, iv: (0, 0, iv))
     idx = pl.BlockSpec((n_idx,), lambda bh, iv: (0,))
     state = pl.BlockSpec((None, NC, Kp, BV), lambda bh, iv: (bh, 0, 0, iv))
+    last_state = pl.BlockSpec((None, 1, Kp, BV), lambda bh, iv: (bh, 0, 0, iv))
     part = {"key": pl.BlockSpec((None, None, T_pad, Kp), lambda bh, iv: (iv, bh, 0, 0)),
             "col": pl.BlockSpec((None, None, T_pad, 1), lambda bh, iv: (iv, bh, 0, 0))}
-    return dict(key=key, col=col, val=val, h0=h0, idx=idx, state=state, part=part)
+    return dict(key=key, col=col, val=val, h0=h0, idx=idx, state=state, last_state=last_state,
+                part=part)
 
 
-def gpu_forward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx):
+def gpu_forward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx, all_states=True):
     BH, T_pad, _ = q.shape
     H, NC, C, n = cfg.H, cfg.NC, cfg.C, len(extras)
     acc = jnp.dtype(cfg.acc)
@@ -460,18 +466,21 @@ def gpu_forward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx):
             o, S = fn(S, q_ref[t, :].astype(acc), k_ref[t, :].astype(acc),
                       v_ref[t, :].astype(acc), *[e[t, :].astype(acc) for e in ex_refs])
             o_ref[t, :] = o.astype(o_ref.dtype)
-            st_ref[c] = S.astype(st_ref.dtype)
+            if all_states:
+                st_ref[c] = S.astype(st_ref.dtype)
             return S
 
-        lax.fori_loop(0, NC, body, jnp.zeros((cfg.Kp, cfg.BV), acc))
+        S = lax.fori_loop(0, NC, body, jnp.zeros((cfg.Kp, cfg.BV), acc))
+        if not all_states:
+            st_ref[0] = S.astype(st_ref.dtype)
 
     return pl.pallas_call(
         kernel, grid=(BH, cfg.NV), compiler_params=_gpu_params(cfg), interpret=cfg.interpret,
         in_specs=([sp["idx"], sp["idx"], sp["key"], sp["key"], sp["val"]]
                   + [sp[kd] for kd in cfg.kinds] + [sp["h0"]]),
-        out_specs=[sp["val"], sp["state"]],
+        out_specs=[sp["val"], sp["state"] if all_states else sp["last_state"]],
         out_shape=[jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), jnp.dtype(cfg.out)),
-                   jax.ShapeDtypeStruct((BH, NC, cfg.Kp, cfg.Vp), acc)],
+                   jax.ShapeDtypeStruct((BH, NC if all_states else 1, cfg.Kp, cfg.Vp), acc)],
         name=f"{cfg.family}_chunk_fwd_gpu",
     )(reset, hidx, q, k, v, *extras, h0)
 
@@ -534,8 +543,9 @@ def gpu_backward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx, states, do, 
 
 
 # ----------------------------------------------------------------------------- custom_vjp
-def _forward(cfg, *args):
-    return (tpu_forward if cfg.backend == "tpu" else gpu_forward)(cfg, *args)
+def _forward(cfg, *args, all_states=True):
+    return (tpu_forward if cfg.backend == "tpu" else gpu_forward)(cfg, *args,
+                                                                  all_states=all_states)
 
 
 def _backward(cfg, *args):
@@ -544,7 +554,9 @@ def _backward(cfg, *args):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(cfg, q, k, v, extras, h0, reset, hidx):
-    return tuple(_forward(cfg, q, k, v, extras, h0, reset, hidx))
+    # Not differentiated: without packed sequences only the last state is needed, so the
+    # kernel keeps one state block per (bh, tile) instead of one per chunk.
+    return tuple(_forward(cfg, q, k, v, extras, h0, reset, hidx, all_states=cfg.varlen))
 
 
 def _scan_fwd(cfg, q, k, v, extras, h0, reset, hidx):
@@ -647,12 +659,12 @@ def chunked_scan(family: str, q, k, v, *, beta=None, g=None, gk=None, scale: flo
         family=family, has_g=g is not None, has_gk=gk is not None, scale=float(scale),
         cd=jnp.dtype(cd).name, acc=jnp.dtype(acc).name, out=jnp.dtype(q.dtype).name,
         kinds=tuple(kinds), H=H, C=C, NC=NC, Kp=Kp, Vp=Vp, BV=BV, backend=blocks.backend,
-        interpret=bool(interpret))
+        interpret=bool(interpret), varlen=cu_seqlens is not None)
     o, states = _scan(cfg, tokens(q, Kp), tokens(k, Kp), tokens(v, Vp), tuple(extras), h0,
                       reset, hidx)
 
     o = o[..., :V].reshape(B, H, T_pad, V).transpose(0, 2, 1, 3)
     o = layout.from_chunks(o.reshape(B, NC, C, H, V))
-    states = states[..., :K, :V].reshape(B, H, NC, K, V).transpose(0, 2, 1, 3, 4)
+    states = states[..., :K, :V].reshape(B, H, -1, K, V).transpose(0, 2, 1, 3, 4)
     h0_user = None if initial_state is None else initial_state.astype(acc)
     return o.astype(q.dtype), layout.final_states(states, h0_user)

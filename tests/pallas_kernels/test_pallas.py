@@ -151,13 +151,17 @@ def test_ut_inverse_is_the_inverse(x64, rng):
 
 
 def test_public_dispatch(rng, monkeypatch):
-    """impl='pallas' runs through the public op; 'auto' is xla on CPU and pallas on TPU/GPU."""
+    """impl='pallas' runs through the public op; 'auto' is xla on CPU and pallas on TPU/GPU.
+    Undifferentiated calls take the kernels' forward-only variant (only the last state kept)."""
     from pallas_kernels import gated_delta_rule, linear_attention
     args, _ = make_inputs(rng, "gdn", B=1, T=9, H=1, K=16, V=16, N=1, dtype=jnp.float32)
     q, k, v, beta, g = args
-    o_p, s_p = gated_delta_rule(q, k, v, beta, g, impl="pallas", output_final_state=True)
-    o_r, s_r = gated_delta_rule(q, k, v, beta, g, impl="reference", output_final_state=True)
-    assert_close((o_p, s_p), (o_r, s_r), 1e-5, "public gated_delta_rule impl=pallas")
+    want = gated_delta_rule(q, k, v, beta, g, impl="reference", output_final_state=True)
+    got = gated_delta_rule(q, k, v, beta, g, impl="pallas", output_final_state=True)
+    assert_close(got, want, 1e-5, "public gated_delta_rule impl=pallas (TPU layout)")
+    got = gated_delta_rule_pallas(q, k, v, beta, g, scale=16 ** -0.5, initial_state=None,
+                                  cu_seqlens=None, chunk_size=16, backend="gpu")
+    assert_close(got, want, 1e-5, "gated_delta_rule_pallas forward-only, GPU layout")
     o_p, _ = linear_attention(q, k, v, g, impl="pallas")
     o_r, _ = linear_attention(q, k, v, g, impl="reference")
     assert_close(o_p, o_r, 1e-5, "public linear_attention impl=pallas")
