@@ -81,8 +81,10 @@ def get_config() -> ConfigDict:
         eps=1e-8,
         weight_decay=0.1,
         grad_clip_norm=1.0,       # 0 = no clipping
-        # params whose path matches (re.search) get no weight decay; 1-D params never do
-        no_decay_patterns="norm,bias,scale,gate,A_log,dt_bias,decay,embed_pos",
+        # No weight decay on params whose path ("layer_0/mixer/a_proj/kernel") matches one of
+        # these regexes (re.search): norms, biases and the decay/step gates (GDN a_proj, b_proj;
+        # SSD dt_proj; GLA gk_proj). 1-D params (A_log, dt_bias, D, norm scales) never decay.
+        no_decay_patterns="norm,bias,a_proj/,b_proj/,dt_proj/,gk_proj",
     ))
 
     c.train = ConfigDict(dict(
@@ -92,7 +94,7 @@ def get_config() -> ConfigDict:
         grad_accum_steps=1,       # micro-batches per step (batch_size must divide)
         log_every=10,
         eval_every=50,            # 0 = only at the end
-        eval_batches=4,
+        eval_batches=4,           # validation batches per evaluation (0 = no evaluation)
         checkpoint_every=50,      # 0 = only at the end (and on SIGTERM)
         seed=0,
         compute_dtype="float32",  # float32 | bfloat16 (params stay float32)

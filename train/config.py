@@ -117,11 +117,11 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
     c = ConfigDict(config.to_dict())  # unlocked deep copy
 
     t = c.train
-    for f in ("steps", "batch_size", "seq_len", "log_every", "eval_batches", "grad_accum_steps",
+    for f in ("steps", "batch_size", "seq_len", "log_every", "grad_accum_steps",
               "max_consecutive_nonfinite"):
         if not isinstance(t[f], int) or t[f] < 1:
             _fail(f"train.{f}", f"must be a positive integer, got {t[f]!r}")
-    for f in ("eval_every", "checkpoint_every"):
+    for f in ("eval_every", "checkpoint_every", "eval_batches"):
         if not isinstance(t[f], int) or t[f] < 0:
             _fail(f"train.{f}", f"must be an integer >= 0, got {t[f]!r}")
     if t.compute_dtype not in ("float32", "bfloat16"):
@@ -154,6 +154,16 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
         _fail("data.source", f"{d.source!r} is not one of {base_config.DATA_SOURCES}")
     if d.source == "text" and not d.paths:
         _fail("data.paths", "data.source='text' needs paths (files, directories or globs, comma-separated)")
+    if d.source == "text":
+        from train.data import expand_paths
+        for field in ("paths", "val_paths"):
+            try:
+                if d[field] and not expand_paths(d[field], d.extensions):
+                    _fail(f"data.{field}", f"no files with extensions {d.extensions!r} under {d[field]!r}")
+            except ValueError as e:
+                if isinstance(e, ConfigError):
+                    raise
+                _fail(f"data.{field}", str(e))
     if not 0 <= d.val_fraction < 1:
         _fail("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     if d.source in ("mqar", "assoc_recall"):

@@ -112,7 +112,7 @@ def expand_paths(paths: str, extensions: str) -> list[str]:
         else:
             matched = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
             if not matched:
-                raise ValueError(f"data.paths: {p!r} is not a file, a directory or a glob that matches files")
+                raise ValueError(f"{p!r} is not a file, a directory or a glob that matches files")
             files.extend(matched)
     return sorted(dict.fromkeys(files))
 

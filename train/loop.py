@@ -103,7 +103,7 @@ class Trainer:
         self.packed = config.data.source not in data_lib.SYNTHETIC
         self.compute_dtype = jnp.bfloat16 if t.compute_dtype == "bfloat16" else jnp.float32
 
-        with self.context():
+        with self.context(mesh=False):
             boxed = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
             self.state_shardings = logical_to_shardings(boxed, self.mesh, config)
         abstract = nn.meta.unbox(boxed)
@@ -112,17 +112,36 @@ class Trainer:
         self.num_params = num_params(abstract["params"])
         self.flops_per_token = train_flops_per_token(self.num_params, self.model_cfg, t.seq_len)
 
+        self.mesh_context = self._probe_mesh_context(abstract["params"])
         self._init = jax.jit(lambda rng: nn.meta.unbox(self._init_boxed(rng)),
                              out_shardings=self.state_shardings)
         self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding),
                                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
         self._eval_step = jax.jit(self._eval, in_shardings=(self.state_shardings["params"], self.batch_sharding))
 
-    def context(self):
-        """Mesh + logical axis rules, active while tracing (activation constraints need both)."""
+    def _probe_mesh_context(self, abstract_params) -> bool:
+        """Trace the forward once under the mesh (no compile). If the model cannot be traced
+        there, warn and trace without it: activation constraints are then inert and XLA
+        propagates the param/batch shardings on its own (results are the same)."""
+        tokens = jax.ShapeDtypeStruct((self.config.train.batch_size, self.config.train.seq_len), jnp.int32)
+        try:
+            with self.context():
+                jax.eval_shape(lambda p, x: self.model.apply({"params": p}, x), abstract_params, tokens)
+            return True
+        except ValueError as e:
+            import warnings
+            warnings.warn(f"the model cannot be traced under the device mesh ({str(e)[:300]}...); "
+                          f"training without activation sharding constraints", stacklevel=2)
+            return False
+
+    def context(self, mesh: bool = True):
+        """Logical axis rules (+ the mesh), active while tracing: activation constraints need both.
+        Init runs without the mesh: flax's DenseGeneral builds kernels flat and reshapes them,
+        and a sharding constraint on the flat kernel would fail; `out_shardings` shards them."""
         import contextlib
         stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
+        if mesh and getattr(self, "mesh_context", True):
+            stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(self.rules))
         return stack
 
@@ -192,7 +211,7 @@ class Trainer:
                 for k, v in local.items()}
 
     def init_state(self, seed: int):
-        with self.context():
+        with self.context(mesh=False):
             return self._init(jax.random.PRNGKey(seed))
 
     def train_step(self, state, local_batch):
@@ -216,12 +235,14 @@ def _run_meta(config: ConfigDict, trainer: "Trainer") -> dict:
                 num_params=trainer.num_params)
 
 
-def run(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> dict:
+def run(config: ConfigDict, workdir: str, *, progress: bool | None = None,
+        return_state: bool = False) -> dict:
     """Train (or resume) the run in `workdir`; return its final metrics.
 
     The returned dict has step, loss, eval_loss, eval_perplexity, eval_accuracy,
     tokens_per_second, mfu, nonfinite_total, preempted, num_params, workdir, checkpoint_dir,
-    tensorboard_dir, metrics_file and (if `config.sample.enabled`) sample.
+    tensorboard_dir, metrics_file, (if `config.sample.enabled`) sample, and (if
+    `return_state`) state: the final train state (params, opt_state, ...) as sharded arrays.
     """
     maybe_initialize_distributed(config)
     pc, pi = jax.process_count(), jax.process_index()
@@ -244,7 +265,7 @@ def run(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> di
         state, data_state, start = trainer.init_state(t.seed), None, 0
     train_source = data_lib.make_source(config, "train")
     it = data_lib.make_train_iterator(config, pi, pc, state=data_state, source=train_source)
-    eval_data = data_lib.eval_batches(config, pi, pc)
+    eval_data = data_lib.eval_batches(config, pi, pc) if t.eval_batches else []
     meta = _run_meta(config, trainer)
 
     writer = MetricsWriter(workdir, jsonl=config.logging.jsonl, tensorboard=config.logging.tensorboard)
@@ -284,15 +305,6 @@ def run(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> di
                 window["loss"] += loss
                 window["n"] += 1
             window["steps"] += 1
-            if int(m["nonfinite_streak"]) >= t.max_consecutive_nonfinite:
-                pending = []
-                good = max(ckpt.steps()) if ckpt and ckpt.steps() else None
-                raise NonFiniteError(
-                    f"stopping at step {s}: {int(m['nonfinite_streak'])} consecutive steps with a "
-                    f"non-finite loss or gradient (train.max_consecutive_nonfinite="
-                    f"{t.max_consecutive_nonfinite}); those updates were skipped. "
-                    + (f"The last good checkpoint is step {good} in {ckpt_dir}." if good is not None
-                       else "No checkpoint was written."))
             if s % t.log_every == 0 or s == t.steps or s == start + 1:
                 now = time.time()
                 # The first step after (re)start includes compilation: no throughput for it.
@@ -307,10 +319,25 @@ def run(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> di
                 writer.write(s, out)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{tps:,.0f}" if tps else "-", refresh=False)
                 window.update(t0=now, steps=0, loss=0.0, n=0)
+            last["streak"] = int(m["nonfinite_streak"])
+            if last["streak"] >= t.max_consecutive_nonfinite:
+                pending = []
+                if ckpt:
+                    ckpt.wait()
+                good = max(ckpt.steps()) if ckpt and ckpt.steps() else None
+                raise NonFiniteError(
+                    f"stopping at step {s}: {int(m['nonfinite_streak'])} consecutive steps with a "
+                    f"non-finite loss or gradient (train.max_consecutive_nonfinite="
+                    f"{t.max_consecutive_nonfinite}); those updates were skipped. "
+                    + (f"The last good checkpoint is step {good} in {ckpt_dir}." if good is not None
+                       else "No checkpoint was written."))
         pending = []
 
-    def save(step):
+    def save(step, periodic=False):
         nonlocal last_saved
+        if periodic and last.get("streak", 0):
+            _log(f"step {step}: not checkpointing during a run of non-finite steps")
+            return
         if ckpt and last_saved != step:
             ckpt.save(step, state, it.get_state(), meta)
             last_saved = step
@@ -333,17 +360,17 @@ def run(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> di
                          or (t.eval_every and step % t.eval_every == 0))
             if need_sync:
                 process_pending()
-            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+            if eval_data and t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 ev = trainer.evaluate(state["params"], eval_data)
                 writer.write(step, ev)
                 _log(f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_perplexity']:.2f}, "
                      f"accuracy {ev['eval_accuracy']:.4f}")
             if t.checkpoint_every and step % t.checkpoint_every == 0:
-                save(step)
+                save(step, periodic=True)
         process_pending()
         if preempted:
             _log(f"SIGTERM: saving a checkpoint at step {step} and stopping; rerun the same command to resume")
-        else:
+        elif eval_data:
             final_eval = trainer.evaluate(state["params"], eval_data)
             writer.write(step, final_eval)
         save(step)
@@ -363,6 +390,8 @@ def run(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> di
                   metrics_file=os.path.join(workdir, "metrics.jsonl"), **final_eval)
     if config.sample.enabled and not preempted and trainer.packed:
         result["sample"] = sample_text(trainer, state["params"], config)
+    if return_state:
+        result["state"] = state
     return result
 
 

@@ -1,0 +1,76 @@
+"""Bad configs fail before anything compiles, with an error naming the field."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY, subprocess_env
+from configs.tiny import get_config
+from train.config import ConfigError, resolve
+
+
+def _err(mutate, num_devices=8, process_count=1):
+    c = get_config()
+    mutate(c)
+    with pytest.raises(ConfigError) as e:
+        resolve(c, num_devices=num_devices, process_count=process_count)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda c: c.train.__setattr__("stpes", 3), "config.train.stpes: unknown field"),
+    (lambda c: c.__setattr__("trian", {}), "config.trian: unknown field"),
+    (lambda c: c.mesh.update(tensor=0), "config.mesh.tensor: must be a positive size or -1"),
+    (lambda c: c.mesh.update(data=-1, fsdp=-1), "config.mesh.fsdp: only one mesh axis may be -1"),
+    (lambda c: c.mesh.update(data=-1, fsdp=3), "config.mesh.data: -1 cannot fill"),
+    (lambda c: c.mesh.update(data=4, tensor=4), "config.mesh: shape (data, fsdp, tensor) = (4, 1, 4) needs 16 devices, only 8 exist"),
+    (lambda c: c.train.update(batch_size=12), "config.train.batch_size: train.batch_size is not divisible by the batch axes mesh.data*mesh.fsdp = 8"),
+    (lambda c: c.train.update(batch_size=16, grad_accum_steps=4), "config.train.batch_size: train.batch_size / train.grad_accum_steps = 4"),
+    (lambda c: c.train.update(grad_accum_steps=3), "config.train.batch_size: 8 is not divisible by train.grad_accum_steps=3"),
+    (lambda c: c.train.update(steps=0), "config.train.steps: must be a positive integer"),
+    (lambda c: c.train.update(compute_dtype="float16"), "config.train.compute_dtype"),
+    (lambda c: c.data.update(source="wiki"), "config.data.source: 'wiki' is not one of"),
+    (lambda c: c.data.update(source="text"), "config.data.paths: data.source='text' needs paths"),
+    (lambda c: c.data.update(source="text", paths="/nonexistent/*.txt"), "config.data.paths: '/nonexistent/*.txt' is not a file, a directory or a glob"),
+    (lambda c: c.model.update(vocab_size=100), "config.model.vocab_size: 100 is smaller than the data's vocabulary (256)"),
+    (lambda c: c.model.update(num_heads=5), "config.model: ModelConfig.num_heads"),
+    (lambda c: c.rules.update(embed="model"), "config.rules.embed: 'model' is not a mesh axis"),
+    (lambda c: c.optim.update(learning_rate=0.0), "config.optim.learning_rate: must be > 0"),
+    (lambda c: c.optim.update(b2=1.0), "config.optim.b2"),
+    (lambda c: c.data.update(source="mqar", num_kv_pairs=20), "config.data.num_kv_pairs: 20 pairs do not fit"),
+])
+def test_bad_config_names_the_field(mutate, field):
+    assert field in _err(mutate)
+
+
+def test_batch_must_split_over_processes():
+    assert "config.train.batch_size: 8 is not divisible by the 3 processes" in _err(lambda c: None, 3, 3)
+
+
+def test_multiprocess_mesh_must_use_all_devices():
+    assert "must use them all" in _err(lambda c: c.mesh.update(data=2), 4, 2)
+
+
+def test_resolve_fills_derived_fields():
+    c = get_config()
+    c.mesh.update(data=2, fsdp=-1, tensor=2)
+    r = resolve(c, num_devices=8)
+    assert (r.mesh.data, r.mesh.fsdp, r.mesh.tensor) == (2, 2, 2)
+    assert r.model.vocab_size == 256 and r.optim.decay_steps == c.train.steps
+    assert c.mesh.fsdp == -1  # the input is not modified
+
+
+def test_cli_rejects_unknown_override_and_bad_mesh(tmp_path):
+    env = subprocess_env(devices=8)
+    procs = [subprocess.Popen([sys.executable, "-m", "train", "--config", TINY, "--workdir", str(tmp_path),
+                               *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for args in (["--config.train.stepz=3"],
+                          ["--config.mesh.data=8", "--config.train.batch_size=12"],
+                          ["--config.mesh.data=2", "--config.mesh.tensor=4", "--validate_only"])]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert procs[0].returncode != 0 and "stepz" in outs[0], outs[0][-2000:]
+    assert procs[1].returncode == 2, outs[1][-2000:]
+    assert "error: config.train.batch_size: train.batch_size is not divisible by the batch axes mesh.data*mesh.fsdp = 8" in outs[1]
+    assert not (tmp_path / "config.json").exists()
+    assert procs[2].returncode == 0 and '"tensor": 4' in outs[2], outs[2][-2000:]
