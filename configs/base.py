@@ -6,7 +6,7 @@ Groups (the trainer rejects any field that is not listed here, naming it):
 
   model       the fields of `mem_lm.ModelConfig` (vocab_size -1: taken from the data)
   data        where batches come from: the built-in corpus (Python's standard library), text
-              files/dirs/globs/JSONL, or a synthetic memory task (mqar, copy, assoc_recall)
+              files/dirs/globs/JSONL, or a synthetic memory task (mqar, copy, assoc_recall, niah)
   optim       AdamW, warmup + cosine decay, global-norm clipping, weight-decay exclusions
   train       steps, batch_size, seq_len, intervals, seed, dtypes, gradient accumulation
   mesh        device mesh ("data", "fsdp", "tensor"); -1 fills with the remaining devices
@@ -25,7 +25,7 @@ from ml_collections import ConfigDict
 # Logical axis names used by the model's parameters and activations (DESIGN.md).
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "memory")
 MESH_AXES = ("data", "fsdp", "tensor")
-DATA_SOURCES = ("stdlib", "text", "mqar", "copy", "assoc_recall")
+DATA_SOURCES = ("stdlib", "text", "mqar", "copy", "assoc_recall", "niah")
 
 
 def model_config(**fields) -> ConfigDict:
@@ -54,7 +54,7 @@ def get_config() -> ConfigDict:
     c.model = model_config(d_model=64, num_layers=2, num_heads=2, pattern=("gdn", "swa"))
 
     c.data = ConfigDict(dict(
-        source="stdlib",          # stdlib | text | mqar | copy | assoc_recall
+        source="stdlib",          # stdlib | text | mqar | copy | assoc_recall | niah
         paths="",                 # text: comma-separated files, directories or globs (.txt/.py/.md/.jsonl ...)
         val_paths="",             # text: validation files; "" = split `paths` by file name
         val_fraction=0.02,        # share of files (by a hash of the name) held out for validation
@@ -64,7 +64,7 @@ def get_config() -> ConfigDict:
         shuffle=True,
         # synthetic tasks (generated from (seed, index), so any batch can be regenerated)
         vocab_size=8192,          # synthetic vocabulary
-        num_kv_pairs=16,          # mqar / assoc_recall
+        num_kv_pairs=16,          # mqar / assoc_recall; niah: needles per sequence
         power_a=0.01,             # mqar: query-position distribution
         random_non_queries=True,  # mqar
         copy_length=16,           # copy: tokens to copy

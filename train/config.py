@@ -99,7 +99,7 @@ def model_config_from(config: ConfigDict):
 
 def data_vocab_size(config: ConfigDict) -> int:
     src = config.data.source
-    if src in ("mqar", "copy", "assoc_recall"):
+    if src in ("mqar", "copy", "assoc_recall", "niah"):
         return int(config.data.vocab_size)
     from train.data import make_tokenizer
     return make_tokenizer(config.data.tokenizer).vocab_size
@@ -172,6 +172,17 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
             _fail("data.num_kv_pairs", f"{d.num_kv_pairs} pairs do not fit train.seq_len={t.seq_len}")
         if d.vocab_size < 4 * d.num_kv_pairs:
             _fail("data.vocab_size", f"{d.vocab_size} is too small for {d.num_kv_pairs} distinct keys and values")
+    if d.source == "niah":
+        from eval.niah_data import niah_vocab
+        try:
+            keys = niah_vocab(d.vocab_size)["keys"]
+        except ValueError as e:
+            _fail("data.vocab_size", str(e))
+        if not 1 <= d.num_kv_pairs <= keys[1] - keys[0]:
+            _fail("data.num_kv_pairs", f"niah needs 1 to {keys[1] - keys[0]} needles for "
+                                       f"data.vocab_size={d.vocab_size}, got {d.num_kv_pairs}")
+        if 3 * d.num_kv_pairs + 2 > t.seq_len:
+            _fail("data.num_kv_pairs", f"{d.num_kv_pairs} needles do not fit train.seq_len={t.seq_len}")
     if d.source == "copy" and 2 * d.copy_length + 2 > t.seq_len:
         _fail("data.copy_length", f"{d.copy_length} needs seq_len >= {2 * d.copy_length + 2}, "
                                   f"got train.seq_len={t.seq_len}")

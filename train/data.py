@@ -16,6 +16,7 @@ Sources:
     mqar          multi-query associative recall (`eval.mqar.make_mqar`, Zoology's procedure)
     copy          copy a random string after a separator
     assoc_recall  key-value pairs, then queried keys followed by their values
+    niah          needle in a haystack on a synthetic vocabulary (`eval.niah_data.make_niah`)
 Text is tokenized (bytes by default, a HF `tokenizers` tokenizer.json as an option),
 concatenated and cut into rows of seq_len + 1 tokens; segment ids mark the documents inside a
 row, and targets that cross a document boundary get weight 0.
@@ -33,7 +34,7 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
-SYNTHETIC = ("mqar", "copy", "assoc_recall")
+SYNTHETIC = ("mqar", "copy", "assoc_recall", "niah")
 _SPLIT_ID = {"train": 0, "val": 1}
 _INFINITE = 1 << 40
 
@@ -252,6 +253,12 @@ class SyntheticTask:
             labels = np.full(T, -100, np.int64)
             labels[qpos] = vals[q]
             return _from_labels(seq[:-1], labels)
+        if c.source == "niah":
+            from eval.niah_data import make_niah
+            inputs, labels, _ = make_niah(1, V, T, num_needles=c.num_kv_pairs,
+                                          seed=(int(self.seed), _SPLIT_ID[self.split], int(index),
+                                                0x4E494148))
+            return _from_labels(inputs[0], labels[0])
         raise ValueError(f"data.source: unknown synthetic task {c.source!r}")
 
 

@@ -77,3 +77,24 @@ def test_passkey(depth):
     assert abs(pos[0] / (L - 90) - depth) < 0.35
     with pytest.raises(ValueError, match="seq_len"):
         make_passkey(1, 50)
+
+
+def test_niah_config_feeds_the_trainer_data():
+    # configs/niah.py resolves and the trainer's data source yields needles (no compile).
+    from configs import niah
+    from train import data as tdata
+    from train.config import ConfigError, resolve
+
+    c = resolve(niah.get_config())
+    assert c.model.vocab_size == c.data.vocab_size
+    src = tdata.make_source(c, "train")
+    ex = src[5]
+    assert ex["inputs"].shape == (c.train.seq_len,)
+    assert ex["weights"].sum() == 1 and ex["weights"][-1] == 1
+    assert ex["inputs"][-2] == QUERY and (ex["inputs"] == NEEDLE).sum() >= c.data.num_kv_pairs
+    assert (src[5]["inputs"] == ex["inputs"]).all()                  # (seed, index) -> example
+    assert not (tdata.make_source(c, "val")[5]["inputs"] == ex["inputs"]).all()
+    bad = niah.get_config()
+    bad.data.num_kv_pairs = 100
+    with pytest.raises(ConfigError, match="data.num_kv_pairs"):
+        resolve(bad)
