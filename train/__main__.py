@@ -82,8 +82,9 @@ def print_summary(r: dict) -> None:
     if r.get("tensorboard_dir"):
         lines.append(f"  TensorBoard          tensorboard --logdir {r['tensorboard_dir']}")
     if r.get("checkpoint_dir"):
+        rel = os.path.relpath(r["workdir"])
         lines.append(f"  checkpoints          {r['checkpoint_dir']}  "
-                     f"(mem_lm.load_pretrained({os.path.relpath(r['workdir'])!r}))")
+                     f"(mem_lm.load_pretrained({rel if not rel.startswith('..') else r['workdir']!r}))")
     lines.append(f"  config               {os.path.join(r['workdir'], 'config.json')}")
     print("\n".join(lines), flush=True)
 

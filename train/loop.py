@@ -123,15 +123,16 @@ class Trainer:
         """Trace the forward once under the mesh (no compile). If the model cannot be traced
         there, warn and trace without it: activation constraints are then inert and XLA
         propagates the param/batch shardings on its own (results are the same)."""
+        if self.mesh.devices.size == 1:
+            return False  # nothing to shard: skip the constraints and the probe
         tokens = jax.ShapeDtypeStruct((self.config.train.batch_size, self.config.train.seq_len), jnp.int32)
         try:
             with self.context():
                 jax.eval_shape(lambda p, x: self.model.apply({"params": p}, x), abstract_params, tokens)
             return True
         except ValueError as e:
-            import warnings
-            warnings.warn(f"the model cannot be traced under the device mesh ({str(e)[:300]}...); "
-                          f"training without activation sharding constraints", stacklevel=2)
+            _log(f"warning: the model cannot be traced under the device mesh ({str(e)[:200]}...); "
+                 f"training without activation sharding constraints")
             return False
 
     def context(self, mesh: bool = True):
@@ -185,7 +186,7 @@ class Trainer:
         denom = jnp.maximum(wsum, 1.0)
         loss = loss_sum / denom
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = self.tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)

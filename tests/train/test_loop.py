@@ -60,3 +60,47 @@ def test_skipped_update_leaves_params_unchanged():
     after = jax.device_get(state["params"])
     assert int(m["nonfinite"]) == 1 and int(state["nonfinite_streak"]) == 1 and int(state["step"]) == 1
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
+    import os
+    import signal
+    real = data_lib.make_train_iterator
+
+    class Interrupting:
+        def __init__(self, it):
+            self.it, self.n = it, 0
+
+        def __next__(self):
+            self.n += 1
+            if self.n == 6:
+                os.kill(os.getpid(), signal.SIGTERM)   # arrives while step 6 runs
+            return next(self.it)
+
+        def get_state(self):
+            return self.it.get_state()
+
+    monkeypatch.setattr(data_lib, "make_train_iterator", lambda *a, **k: Interrupting(real(*a, **k)))
+    before = signal.getsignal(signal.SIGTERM)
+    r = run(_config(), str(tmp_path))
+    assert r["preempted"] and r["step"] == 6
+    assert signal.getsignal(signal.SIGTERM) == before
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4, 6]
+    meta = json.loads((tmp_path / "checkpoints" / "6" / "data" / "metadata").read_text())
+    assert meta == {"next_index": 6}
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    import jax
+    c1, c2 = _config(), _config()
+    c2.train.grad_accum_steps = 4
+    t1 = Trainer(resolve(c1, num_devices=1), "/tmp/unused")
+    t2 = Trainer(resolve(c2, num_devices=1), "/tmp/unused")
+    batch = next(data_lib.make_train_iterator(resolve(c1, num_devices=1)))
+    s1, m1 = t1.train_step(t1.init_state(0), batch)
+    s2, m2 = t2.train_step(t2.init_state(0), batch)
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
+    assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-4)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           jax.device_get(s1["params"]), jax.device_get(s2["params"]))
