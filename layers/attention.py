@@ -87,11 +87,26 @@ class Attention(nn.Module):
         T = q.shape[1]
         W = cache["slot_pos"].shape[0]
         new_pos = cache_pos + jnp.arange(T, dtype=jnp.int32)
-        # Attend to the ring (what came before) and the new tokens together.
+        if T == 1:
+            # Decode: the token overwrites the slot of position pos − W, which has just left
+            # the window; then the ring holds exactly the keys the query sees.
+            slot = cache_pos % W
+            new_cache = {
+                "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                         slot, axis=1),
+                "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                         slot, axis=1),
+                "slot_pos": jax.lax.dynamic_update_slice_in_dim(cache["slot_pos"], new_pos,
+                                                                slot, axis=0),
+            }
+            o = attn(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
+                     q_positions=new_pos, kv_positions=new_cache["slot_pos"])
+            return o, new_cache
+        # Prefill / chunk: attend to the ring (what came before) and the new tokens together,
+        # then keep the last W new tokens (distinct slots), each in slot position % W.
         o = attn(q, jnp.concatenate([cache["k"].astype(q.dtype), k], axis=1),
                  jnp.concatenate([cache["v"].astype(q.dtype), v], axis=1),
                  q_positions=new_pos, kv_positions=jnp.concatenate([cache["slot_pos"], new_pos]))
-        # Keep the last W new tokens (distinct slots), each in slot position % W.
         n = min(T, W)
         slots = new_pos[-n:] % W
         new_cache = {
