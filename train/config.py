@@ -8,7 +8,6 @@ WORKDIR/config.json and in every checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from typing import Any
@@ -218,8 +217,6 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
 
     try:
         model_config_from(c)
-    except ImportError:
-        raise
     except (TypeError, ValueError) as e:
         _fail("model", str(e))
 
@@ -234,7 +231,3 @@ def to_json(config: ConfigDict) -> str:
 
 def from_json(text: str) -> ConfigDict:
     return ConfigDict(json.loads(text))
-
-
-def model_config_dict(model_cfg) -> dict:
-    return dataclasses.asdict(model_cfg)

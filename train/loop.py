@@ -7,7 +7,6 @@ config's rules, and donates the state.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY, subprocess_env
+from train_testlib import TINY, subprocess_env
 from configs.tiny import get_config
 from train.config import ConfigError, resolve
 

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from configs.tiny import get_config
 from train import data as D

@@ -1,7 +1,5 @@
 import jax.numpy as jnp
 import numpy as np
-import optax
-from ml_collections import ConfigDict
 
 from configs.base import get_config
 from train.optim import learning_rate_schedule, make_optimizer, weight_decay_mask

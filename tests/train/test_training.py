@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, finish, free_port, start, subprocess_env, train_cmd, train_losses
+from train_testlib import REPO, finish, free_port, start, subprocess_env, train_cmd, train_losses
 
 STEPS, EVERY, KILL_AFTER = 30, 5, 12
 SHORT = ("train.steps=3", "train.eval_every=0", "train.eval_batches=0", "logging.tensorboard=False")

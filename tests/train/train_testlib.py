@@ -1,4 +1,4 @@
-"""Helpers for the trainer tests: subprocess runs of `python -m train` on configs/tiny.py.
+"""Helpers for the trainer tests (a plain module: `conftest` is a name every test folder shares): subprocess runs of `python -m train` on configs/tiny.py.
 
 Runs that must start JAX with special flags (8 fake CPU devices, jax.distributed) are
 subprocesses. All of them share one persistent compilation cache, so identical programs
@@ -12,8 +12,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -65,8 +63,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("jax_cache"))
