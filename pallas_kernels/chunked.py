@@ -41,11 +41,11 @@ GROUP = 64  # chunks (of all heads) per batched call of `intra`: bounds the work
 def masked_decay(G: jax.Array) -> jax.Array:
     """exp(G_i - G_j) for i >= j and 0 above the diagonal, from within-chunk cumsums G [..., C].
 
-    The exponent is masked BEFORE exp, so a positive difference is never exponentiated."""
+    The exponent is masked BEFORE exp (to 0, and the result zeroed after), so a positive
+    difference is never exponentiated; a multiplied mask fuses with the exp, a select does not."""
     C = G.shape[-1]
-    causal = jnp.tril(jnp.ones((C, C), bool))
-    diff = G[..., :, None] - G[..., None, :]
-    return jnp.exp(jnp.where(causal, diff, -jnp.inf))
+    causal = jnp.tril(jnp.ones((C, C), G.dtype))
+    return jnp.exp((G[..., :, None] - G[..., None, :]) * causal) * causal
 
 
 def _apply(M: jax.Array, S: jax.Array) -> jax.Array:

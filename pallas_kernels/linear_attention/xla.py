@@ -33,15 +33,17 @@ def _per_key_scores(q: jax.Array, k: jax.Array, A: jax.Array, sub: int) -> jax.A
     qb = q.reshape(*lead, n, s, K)
     Ab = A.reshape(*lead, n, s, K)
     r = Ab[..., :, :1, :]                                       # [.., n, 1, K] block references
+    # Masks multiply the exponent (0 where masked: exp(0) = 1, zeroed afterwards) rather than
+    # selecting -inf: XLA fuses the product into the exp and the reduction, not the select.
     # Earlier blocks: q_i e^{A_i − r_a} · k_j e^{r_a − A_j}, j before block a (exponents ≤ 0).
-    before = (jnp.arange(C)[None, :] < (jnp.arange(n) * s)[:, None])[:, :, None]  # [n, C, 1]
-    k_ref = k[..., None, :, :] * jnp.exp(
-        jnp.where(before, r - A[..., None, :, :], -jnp.inf))    # [.., n, C, K]
+    before = (jnp.arange(C)[None, :] < (jnp.arange(n) * s)[:, None]).astype(q.dtype)[:, :, None]
+    k_ref = k[..., None, :, :] * jnp.exp((r - A[..., None, :, :]) * before) * before
     off = jnp.einsum("...aik,...ajk->...aij", qb * jnp.exp(Ab - r), k_ref)  # [.., n, s, C]
-    # Diagonal blocks: the masked elementwise form.
-    causal = jnp.tril(jnp.ones((s, s), bool))[:, :, None]
-    decay = jnp.exp(jnp.where(causal, Ab[..., :, None, :] - Ab[..., None, :, :], -jnp.inf))
-    diag = jnp.einsum("...aik,...ajk,...aijk->...aij", qb, k.reshape(*lead, n, s, K), decay)
+    # Diagonal blocks: the masked elementwise form, one fused multiply-exp-reduce.
+    causal = jnp.tril(jnp.ones((s, s), q.dtype))
+    decay = jnp.exp((Ab[..., :, None, :] - Ab[..., None, :, :]) * causal[:, :, None])
+    kb = k.reshape(*lead, n, s, K)
+    diag = causal * jnp.sum(qb[..., :, None, :] * kb[..., None, :, :] * decay, axis=-1)
     eye = jnp.eye(n, dtype=q.dtype)
     off = off.reshape(*lead, n, s, n, s) + diag[..., :, :, None, :] * eye[:, None, :, None]
     return off.reshape(*lead, C, C)
