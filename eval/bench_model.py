@@ -178,6 +178,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             results[name].append({"seq_len": L, "error": msg})
             continue
         last[name] = (L, r["step_seconds"])
+        print(f"{name:>12} L={L:>6}: {r['tokens_per_second']:>10,.0f} tok/s, "
+              f"{(r['memory_mb'] or 0):>9,.1f} MB, step {r['step_seconds']:.3f}s "
+              f"(compile {r['compile_seconds']:.0f}s)", flush=True)
         results[name].append({"seq_len": L, **r})
 
     def cell(name, L, key):
@@ -201,6 +204,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         rows.append(row)
     common.print_table(rows, floatfmt=",.4g",
                        title="training tokens/s and step memory (MB) by sequence length")
+    summary = {}
+    for n in cfgs:
+        for L in (L for L in lengths if L >= 8192 and n != "transformer"):
+            ratio = next(r[f"{n}/transformer"] for r in rows if r["seq_len"] == L)
+            if ratio is not None:
+                summary[f"{n}/transformer throughput at {L}"] = ratio
+        mem = [(r["seq_len"], r["memory_mb"]) for r in results[n] if r.get("memory_mb")]
+        if len(mem) >= 2:
+            (l0, m0), (l1, m1) = mem[-2], mem[-1]
+            summary[f"{n} memory growth {l0}->{l1} (x{l1 // l0} tokens)"] = m1 / m0
+    for k, v in summary.items():
+        print(f"{k}: {v:.2f}")
 
     out = common.out_dir(args.out)
     result = {"task": "bench_model", "device": f"{device.platform} {device.device_kind}",
@@ -209,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                         for k, v in c.to_dict().items()},
                              "params": param_count(c), "results": results[n]}
                          for n, c in cfgs.items()},
-              "table": rows}
+              "table": rows, "summary": summary}
     common.write_json(out / "bench_model.json", result)
     _plot(out / "bench_model.png", cfgs, results, args.batch)
     print(f"wrote {out / 'bench_model.json'} and {out / 'bench_model.png'}")

@@ -147,7 +147,7 @@ def plot_heatmaps(path, maps: Mapping[str, np.ndarray], row_labels: Sequence, co
     fig, axes = plt.subplots(1, n, figsize=(1.2 + 0.75 * len(col_labels) * n + 1.0,
                                             1.2 + 0.45 * len(row_labels)), dpi=120, squeeze=False)
     im = None
-    for ax, (name, m) in zip(axes[0], maps.items()):
+    for k, (ax, (name, m)) in enumerate(zip(axes[0], maps.items())):
         m = np.asarray(m, dtype=float)
         im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], fontsize=7)
@@ -156,11 +156,12 @@ def plot_heatmaps(path, maps: Mapping[str, np.ndarray], row_labels: Sequence, co
             for j in range(m.shape[1]):
                 if np.isfinite(m[i, j]):
                     ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(f"{title}\n{name}" if title and n == 1 else name, fontsize=9)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-    if title:
-        fig.suptitle(title, fontsize=10)
+        if k == 0:
+            ax.set_ylabel(ylabel)
+    if title and n > 1:
+        fig.suptitle(title, fontsize=10, y=1.02)
     if im is not None:
         fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
     path = Path(path)
@@ -241,12 +242,6 @@ def resolve_config(config):
         fail(str(e))
 
 
-def model_config_from(config):
-    """A mem_lm.ModelConfig from an (unresolved) ml_collections training config."""
-    from train.config import model_config_from as from_resolved
-    return from_resolved(resolve_config(config))
-
-
 def init_model(model_config, seq_len: int = 8, seed: int = 0) -> tuple:
     """(model, variables) with fresh parameters for a ModelConfig."""
     import jax
@@ -259,18 +254,21 @@ def init_model(model_config, seq_len: int = 8, seed: int = 0) -> tuple:
 
 
 def load_model(checkpoint=None, config=None, overrides: Sequence[str] = ()) -> tuple:
-    """(model, variables, source): from --checkpoint, or an untrained model from --config."""
+    """(model, variables, source, training_config): from --checkpoint, or an untrained model from
+    --config. `source` says which (for the JSON output); `training_config` is the run's config
+    as a plain dict ({} when a checkpoint has none)."""
     if checkpoint is not None and config is not None:
         fail("give either --checkpoint or --config, not both")
     if checkpoint is not None:
         model, variables = load_checkpoint(checkpoint)
-        return model, variables, {"checkpoint": str(checkpoint)}
+        return model, variables, {"checkpoint": str(checkpoint)}, training_config(checkpoint) or {}
     if config is not None:
-        cfg = load_config_file(config, overrides)
-        model, variables = init_model(model_config_from(cfg))
+        cfg = resolve_config(load_config_file(config, overrides))
+        from train.config import model_config_from as from_resolved
+        model, variables = init_model(from_resolved(cfg))
         print(f"note: --config {config} gives an untrained model (random parameters)",
               file=sys.stderr)
-        return model, variables, {"config": str(config), "trained": False}
+        return model, variables, {"config": str(config), "trained": False}, cfg.to_dict()
     fail("give --checkpoint PATH (a training workdir) or --config configs/NAME.py")
 
 

@@ -54,9 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from mem_lm import generate
     from train.data import make_tokenizer
 
-    model, variables, source = common.load_model(args.checkpoint, args.config, args.override)
-    tcfg = (common.training_config(args.checkpoint) if args.checkpoint else
-            common.load_config_file(args.config, args.override).to_dict()) or {}
+    model, variables, source, tcfg = common.load_model(args.checkpoint, args.config,
+                                                       args.override)
     spec = args.tokenizer or tcfg.get("data", {}).get("tokenizer", "byte")
     try:
         tokenizer = make_tokenizer(spec)

@@ -103,9 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.tokens < 1 or args.batch_tokens < 1:
         common.fail("--tokens and --batch_tokens must be positive")
 
-    model, variables, source = common.load_model(args.checkpoint, args.config, args.override)
-    tcfg = (common.training_config(args.checkpoint) if args.checkpoint else
-            common.load_config_file(args.config, args.override).to_dict()) or {}
+    model, variables, source, tcfg = common.load_model(args.checkpoint, args.config,
+                                                       args.override)
     tokens, tokenizer, what = validation_tokens(tcfg, args.data, args.tokenizer)
     vocab = common.model_vocab_size(model)
     if tokenizer.vocab_size > vocab:
