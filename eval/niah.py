@@ -135,9 +135,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         vocab = common.model_vocab_size(model)
         if task == "synthetic":
             vocab = int(data.get("vocab_size", vocab))
-        lengths = args.lengths or ([max(64, train_len // 2), train_len, 2 * train_len,
-                                    4 * train_len, 8 * train_len] if train_len else
-                                   [256, 512, 1024, 2048])
+        floor = 8 if task == "synthetic" else 128     # the passkey's needle + question
+        lengths = args.lengths or sorted({max(floor, int(f * train_len))
+                                          for f in (0.5, 1, 2, 4, 8)} if train_len else
+                                         [256, 512, 1024, 2048])
         try:
             acc = evaluate_grid(model, variables, task, lengths, args.depths, args.num_examples,
                                 vocab, args.batch_size, args.seed)
