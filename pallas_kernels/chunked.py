@@ -34,7 +34,7 @@ from pallas_kernels.common import ChunkLayout, acc_dtype, chunk_layout
 
 Intra = Callable[[Mapping[str, jax.Array]], tuple]
 
-GROUP = 64  # chunks (of all heads) per batched call of `intra`: bounds the working memory
+GROUP = 64  # default chunks (of all heads) per batched call of `intra`: bounds working memory
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -78,14 +78,14 @@ def _outer_like(M: jax.Array, dS: jax.Array, S: jax.Array) -> jax.Array:
 # initial states h0 [N·H, K, V] when reset[c, r], and its outgoing state becomes row
 # store[c, r] of the final states when it ends a sequence (store == N·H: it does not).
 
-def _map_chunks(f, xs):
-    """f applied to every chunk of the flat batch [NC*BH, ...], GROUP chunks at a time.
+def _map_chunks(f, xs, group):
+    """f applied to every chunk of the flat batch [NC*BH, ...], `group` chunks at a time.
 
     `f` is written for one chunk; it runs vmapped over a group (one batch dimension for the
     matmuls) inside a scan over groups, so the working memory of `intra` and of its vjp is
     bounded by the group, not by T."""
     n = jax.tree.leaves(xs)[0].shape[0]
-    return lax.map(f, xs, batch_size=min(GROUP, n))
+    return lax.map(f, xs, batch_size=min(group, n))
 
 
 def _rows(x, NC):
@@ -93,9 +93,9 @@ def _rows(x, NC):
     return x.reshape((NC, -1) + x.shape[1:])
 
 
-def _chunk_scan_impl(intra, inputs, h0, reset, load, store):
+def _chunk_scan_impl(intra, group, inputs, h0, reset, load, store):
     NC = reset.shape[0]
-    M, B, Qeff, O = _map_chunks(intra, inputs)
+    M, B, Qeff, O = _map_chunks(intra, inputs, group)
 
     def step(carry, xs):
         S, final = carry
@@ -111,18 +111,18 @@ def _chunk_scan_impl(intra, inputs, h0, reset, load, store):
     return o, final, (inputs, h0, reset, load, store, S_in, M, Qeff)
 
 
-def _chunk_scan(intra, inputs, h0, reset, load, store):
+def _chunk_scan(intra, group, inputs, h0, reset, load, store):
     """(o [NC*BH, C, V], final states [N*H, K, V]) for chunk inputs [NC*BH, C, ...]."""
-    o, final, _ = _chunk_scan_impl(intra, inputs, h0, reset, load, store)
+    o, final, _ = _chunk_scan_impl(intra, group, inputs, h0, reset, load, store)
     return o, final
 
 
-def _chunk_scan_fwd(intra, inputs, h0, reset, load, store):
-    o, final, res = _chunk_scan_impl(intra, inputs, h0, reset, load, store)
+def _chunk_scan_fwd(intra, group, inputs, h0, reset, load, store):
+    o, final, res = _chunk_scan_impl(intra, group, inputs, h0, reset, load, store)
     return (o, final), res
 
 
-def _chunk_scan_bwd(intra, res, cts):
+def _chunk_scan_bwd(intra, group, res, cts):
     inputs, h0, reset, load, store, S_in, M, Qeff = res
     do, dfinal = cts
     NC, NH = reset.shape[0], h0.shape[0]
@@ -149,11 +149,11 @@ def _chunk_scan_bwd(intra, res, cts):
         return vjp((_outer_like(M_c, dS_out_c, S_in_c), dS_out_c,
                     jnp.einsum("cv,kv->ck", do_c, S_in_c), do_c))[0]
 
-    dinputs = _map_chunks(chunk_vjp, (inputs, S_in, dS_out.reshape(S_in.shape), do))
+    dinputs = _map_chunks(chunk_vjp, (inputs, S_in, dS_out.reshape(S_in.shape), do), group)
     return dinputs, dh0, None, None, None
 
 
-_chunk_scan = jax.custom_vjp(_chunk_scan, nondiff_argnums=(0,))
+_chunk_scan = jax.custom_vjp(_chunk_scan, nondiff_argnums=(0, 1))
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
 
 
@@ -171,12 +171,12 @@ def from_chunk_major(x: jax.Array, layout: ChunkLayout) -> jax.Array:
 
 def run_chunked(intra: Intra, tokens: Mapping[str, Optional[jax.Array]], *, q: jax.Array,
                 scale: float, value_dim: int, initial_state: Optional[jax.Array], cu_seqlens,
-                chunk_size: int) -> tuple[jax.Array, jax.Array]:
+                chunk_size: int, group: int = GROUP) -> tuple[jax.Array, jax.Array]:
     """Run a chunked recurrence given its per-chunk `intra` function.
 
     tokens: named [B, T, H, ...] inputs (None entries are left out); they are cast to the
     accumulation dtype and laid out chunk-major before `intra` sees them, and tokens["q"] is
-    multiplied by `scale`. Returns
+    multiplied by `scale`. `group`: chunks (of all heads) per batched call of `intra`. Returns
     (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] in the accumulation dtype).
     """
     B, T, H, K = q.shape
@@ -203,6 +203,6 @@ def run_chunked(intra: Intra, tokens: Mapping[str, Optional[jax.Array]], *, q: j
 
     shape = (N * H, K, value_dim)
     h0 = jnp.zeros(shape, acc) if initial_state is None else initial_state.astype(acc).reshape(shape)
-    o, final = _chunk_scan(intra, inputs, h0, reset, load, store)
+    o, final = _chunk_scan(intra, group, inputs, h0, reset, load, store)
     o = from_chunk_major(o.reshape((NC, B, H) + o.shape[1:]), layout)
     return o.astype(q.dtype), final.reshape(N, H, K, value_dim)

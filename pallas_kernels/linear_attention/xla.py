@@ -23,6 +23,43 @@ import jax.numpy as jnp
 from pallas_kernels.chunked import masked_decay, run_chunked
 
 SUB = 16  # sub-chunk length for per-key decays
+GROUP_GK = 16  # chunks per batched call with per-key decays: XLA keeps [SUB, SUB, K] products
+
+
+def _decay(A: jax.Array) -> tuple:
+    """(causal mask [s, s], E [..., s, s, K] = exp(A_ik − A_jk) for i ≥ j, 1 above)."""
+    s = A.shape[-2]
+    causal = jnp.tril(jnp.ones((s, s), A.dtype))
+    return causal, jnp.exp((A[..., :, None, :] - A[..., None, :, :]) * causal[:, :, None])
+
+
+@jax.custom_vjp
+def _diag_scores(q: jax.Array, k: jax.Array, A: jax.Array) -> jax.Array:
+    """D_ij = Σ_k q_ik k_jk exp(A_ik − A_jk) for i ≥ j (0 above), q, k, A: [..., s, K].
+
+    The mask multiplies the exponent (masked entries are exp(0), zeroed afterwards): XLA fuses
+    the exp into the product and the reduction, so no [s, s, K] array is stored, here or in the
+    hand-written backward (autodiff would keep several)."""
+    causal, E = _decay(A)
+    return causal * jnp.sum(q[..., :, None, :] * k[..., None, :, :] * E, axis=-1)
+
+
+def _diag_scores_fwd(q, k, A):
+    return _diag_scores(q, k, A), (q, k, A)
+
+
+def _diag_scores_bwd(res, dD):
+    q, k, A = res
+    causal, E = _decay(A)
+    G = (dD * causal)[..., None]                                 # [.., s, s, 1]
+    dq = jnp.sum(G * k[..., None, :, :] * E, axis=-2)
+    dk = jnp.sum(G * q[..., :, None, :] * E, axis=-3)
+    W = G * q[..., :, None, :] * k[..., None, :, :] * E          # d D_ij / d A_ik, per k
+    dA = jnp.sum(W, axis=-2) - jnp.sum(W, axis=-3)
+    return dq, dk, dA
+
+
+_diag_scores.defvjp(_diag_scores_fwd, _diag_scores_bwd)
 
 
 def _per_key_scores(q: jax.Array, k: jax.Array, A: jax.Array, sub: int) -> jax.Array:
@@ -40,10 +77,7 @@ def _per_key_scores(q: jax.Array, k: jax.Array, A: jax.Array, sub: int) -> jax.A
     k_ref = k[..., None, :, :] * jnp.exp((r - A[..., None, :, :]) * before) * before
     off = jnp.einsum("...aik,...ajk->...aij", qb * jnp.exp(Ab - r), k_ref)  # [.., n, s, C]
     # Diagonal blocks: the masked elementwise form, one fused multiply-exp-reduce.
-    causal = jnp.tril(jnp.ones((s, s), q.dtype))
-    decay = jnp.exp((Ab[..., :, None, :] - Ab[..., None, :, :]) * causal[:, :, None])
-    kb = k.reshape(*lead, n, s, K)
-    diag = causal * jnp.sum(qb[..., :, None, :] * kb[..., None, :, :] * decay, axis=-1)
+    diag = _diag_scores(qb, k.reshape(*lead, n, s, K), Ab)
     eye = jnp.eye(n, dtype=q.dtype)
     off = off.reshape(*lead, n, s, n, s) + diag[..., :, :, None, :] * eye[:, None, :, None]
     return off.reshape(*lead, C, C)
@@ -78,4 +112,5 @@ def linear_attention_xla(q, k, v, g, gk, *, scale, initial_state, cu_seqlens, ch
     """Chunked linear attention; arguments already validated. Returns (o, final_state [N,H,K,V])."""
     return run_chunked(_intra, {"q": q, "k": k, "v": v, "g": g, "gk": gk}, q=q, scale=scale,
                        value_dim=v.shape[-1], initial_state=initial_state,
-                       cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+                       cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                       **({} if gk is None else {"group": GROUP_GK}))
