@@ -104,3 +104,20 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-4)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                            jax.device_get(s1["params"]), jax.device_get(s2["params"]))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    import jax
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        c = _config()
+        c.train.compute_dtype = dtype
+        c = resolve(c, num_devices=1)
+        t = Trainer(c, "/tmp/unused")
+        state, batch = t.init_state(0), next(data_lib.make_train_iterator(c))
+        for _ in range(3):
+            state, m = t.train_step(state, batch)
+        losses[dtype] = float(m["loss"])
+        assert t.model.config.dtype == dtype
+        assert {x.dtype for x in jax.tree_util.tree_leaves(state["params"])} == {np.dtype("float32")}
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=2e-2)
