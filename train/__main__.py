@@ -45,7 +45,7 @@ def main(argv):
             return 0
         if not _WORKDIR.value:
             raise app.UsageError("--workdir is required")
-        from train.loop import NonFiniteError, run
+        from train.loop import NonFiniteError, ResumeError, run
         result = run(config, _WORKDIR.value)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -53,6 +53,9 @@ def main(argv):
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     import jax
     if jax.process_index() == 0:
         print_summary(result)

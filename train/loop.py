@@ -36,6 +36,10 @@ class NonFiniteError(RuntimeError):
     """Raised after `train.max_consecutive_nonfinite` skipped updates in a row."""
 
 
+class ResumeError(RuntimeError):
+    """The workdir has checkpoints, but none fits the config's model and optimizer."""
+
+
 def maybe_initialize_distributed(config) -> None:
     """`jax.distributed.initialize` when the config, flags or environment ask for it."""
     d = config.distributed
@@ -258,6 +262,11 @@ def run(config: ConfigDict, workdir: str, *, progress: bool | None = None,
         if config.checkpoint.enabled else None
 
     restored = ckpt.restore_latest(trainer.abstract_state) if ckpt else None
+    if ckpt and not restored and ckpt.steps():
+        ckpt.close()
+        raise ResumeError(f"none of the checkpoints {ckpt.steps()} in {ckpt_dir} can be restored "
+                           f"into this config's model and optimizer (see the warnings above; did the "
+                           f"config change?). Use a new --workdir, or remove them to start over.")
     if restored:
         state, data_state, start = restored
         _log(f"resumed from {ckpt_dir} at step {start}")
