@@ -34,7 +34,7 @@ from pallas_kernels.common import ChunkLayout, acc_dtype, chunk_layout
 
 Intra = Callable[[Mapping[str, jax.Array]], tuple]
 
-GROUP = 64  # default chunks (of all heads) per batched call of `intra`: bounds working memory
+GROUP = 32  # default chunks (of all heads) per batched call of `intra`: bounds working memory
 
 
 # ----------------------------------------------------------------------------- small helpers
