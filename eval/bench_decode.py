@@ -44,11 +44,11 @@ def filled_cache(cfg, batch: int, context: int, max_len: int, seed: int = 0):
     import jax.numpy as jnp
     from mem_lm import init_cache
 
-    cache = init_cache(cfg, batch, max_len)
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, max_len))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(cache)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    rng = np.random.default_rng(seed)
     out = []
-    for (path, leaf), key in zip(leaves, keys):
+    for path, leaf in leaves:
         name = jax.tree_util.keystr(path)
         if name.endswith("['pos']"):
             out.append(jnp.asarray(context, jnp.int32))
@@ -59,7 +59,8 @@ def filled_cache(cfg, batch: int, context: int, max_len: int, seed: int = 0):
             slots[..., p % W] = p
             out.append(jnp.asarray(slots))
         else:
-            out.append((0.1 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(leaf.dtype))
+            x = 0.1 * rng.standard_normal(leaf.shape, dtype=np.float32)
+            out.append(jnp.asarray(x).astype(leaf.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -68,22 +69,41 @@ def tree_bytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def time_decode(model, params, caches: dict, batch: int, warmup: int, steps: int,
-                rounds: int = 5) -> dict:
-    """Median seconds per decode step for each cache (context -> cache). The contexts are
-    timed in interleaved rounds, so a burst of machine load hits them all alike."""
-    import jax
+def compile_step(model, params, cache, batch: int):
+    """`mem_lm.decode_step` compiled for this cache's shapes (the program `generate` runs)."""
     import jax.numpy as jnp
     from mem_lm import decode_step
+
+    return decode_step.lower(model, params, jnp.zeros((batch,), jnp.int32), cache).compile()
+
+
+def step_cost(compiled) -> dict:
+    """XLA's own account of one decode step (deterministic, unlike timings on a busy host)."""
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        return dict(step_MFLOP=ca.get("flops", float("nan")) / 1e6,
+                    step_MB_accessed=ca.get("bytes accessed", float("nan")) / 1e6)
+    except Exception:  # noqa: BLE001 - not every backend reports costs
+        return dict(step_MFLOP=None, step_MB_accessed=None)
+
+
+def time_decode(steps_fn: dict, params, caches: dict, batch: int, warmup: int, steps: int,
+                rounds: int = 5) -> dict:
+    """(median, best) seconds per decode step for each context, running steps_fn[c] on
+    caches[c]. The contexts are timed in interleaved rounds, so a burst of machine load hits
+    them all alike."""
+    import jax
+    import jax.numpy as jnp
 
     toks = {c: jnp.zeros((batch,), jnp.int32) for c in caches}
     times = {c: [] for c in caches}
 
     def run(c, n, record):
-        tok, cache = toks[c], caches[c]
+        tok, cache, step = toks[c], caches[c], steps_fn[c]
         for _ in range(n):
             t0 = time.perf_counter()
-            logits, cache = decode_step(model, params, tok, cache)
+            logits, cache = step(params, tok, cache)
             tok = jnp.argmax(logits, -1).astype(jnp.int32)
             jax.block_until_ready(tok)
             if record:
@@ -97,22 +117,6 @@ def time_decode(model, params, caches: dict, batch: int, warmup: int, steps: int
         for c in caches:
             run(c, per_round, True)
     return {c: (float(np.median(t)), float(np.min(t))) for c, t in times.items()}
-
-
-def step_cost(model, params, cache, batch: int) -> dict:
-    """XLA's own account of one decode step (deterministic, unlike timings on a busy host)."""
-    import jax
-    import jax.numpy as jnp
-    from mem_lm import decode_step
-
-    tok = jnp.zeros((batch,), jnp.int32)
-    try:
-        ca = decode_step.lower(model, params, tok, cache).compile().cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        return dict(step_MFLOP=ca.get("flops", float("nan")) / 1e6,
-                    step_MB_accessed=ca.get("bytes accessed", float("nan")) / 1e6)
-    except Exception:  # noqa: BLE001 - not every backend reports costs
-        return dict(step_MFLOP=None, step_MB_accessed=None)
 
 
 def main(argv=None):
@@ -152,14 +156,19 @@ def main(argv=None):
                           num_layers=args.num_layers, num_heads=args.num_heads,
                           pattern=MODELS[name], window=args.window, dtype=args.dtype)
         model = LanguageModel(cfg)
-        params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-        caches, nbytes, costs = {}, {}, {}
+        params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0),
+                                                   jnp.zeros((1, 8), jnp.int32)))
+        caches, nbytes, costs, steps_fn, compiled = {}, {}, {}, {}, {}
         for ctx in args.contexts:
             max_len = ctx + args.warmup + args.steps + 1
             caches[ctx] = filled_cache(cfg, args.batch, ctx, max_len)
             nbytes[ctx] = tree_bytes(caches[ctx])
-            costs[ctx] = step_cost(model, params, caches[ctx], args.batch)
-        secs = time_decode(model, params, caches, args.batch, args.warmup, args.steps)
+            shapes = str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), caches[ctx]))
+            if shapes not in compiled:          # recurrent caches: one program for all contexts
+                compiled[shapes] = compile_step(model, params, caches[ctx], args.batch)
+            steps_fn[ctx] = compiled[shapes]
+            costs[ctx] = step_cost(steps_fn[ctx])
+        secs = time_decode(steps_fn, params, caches, args.batch, args.warmup, args.steps)
         del caches
         lat, mem = [], []
         for ctx in args.contexts:

@@ -23,7 +23,7 @@ def tiny(pattern, num_layers=None, **kw):
 def _init(cfg, B=2, T=8):
     model = LanguageModel(cfg)
     tokens = jnp.zeros((B, T), jnp.int32)
-    return model, nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens))
+    return model, nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens))
 
 
 CASES = [(m,) for m in MIXERS] + [("gdn", "swa", "attn")]
