@@ -7,12 +7,13 @@ import dataclasses
 import math
 from typing import Optional, Sequence
 
+from layers.linear_attention import FEATURE_MAPS
+
 MIXERS = ("attn", "swa", "la", "retnet", "lightning", "ssd", "gla", "gdn", "deltanet")
 RECURRENT = ("la", "retnet", "lightning", "ssd", "gla", "gdn", "deltanet")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 IMPLS = ("auto", "reference", "xla", "pallas")
-FEATURE_MAPS = ("identity", "elu", "taylor")
 
 
 @dataclasses.dataclass(frozen=True)

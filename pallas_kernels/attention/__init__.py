@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import check_rank

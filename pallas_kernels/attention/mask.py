@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 
 def attention_mask(q_pos: jax.Array, kv_pos: jax.Array, *, causal: bool, window: Optional[int],

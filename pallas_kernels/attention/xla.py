@@ -7,7 +7,6 @@ the backward: memory grows as O(T · block_q), not O(T²). For a sliding window 
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
