@@ -139,7 +139,7 @@ def read_documents(files: Sequence[str], text_field: str) -> Iterator[str]:
 @dataclass
 class Corpus:
     """All documents of a split tokenized and concatenated; `starts` are document offsets."""
-    tokens: np.ndarray   # int32 [N]
+    tokens: np.ndarray   # [N]: uint8 for the byte tokenizer, int32 otherwise
     starts: np.ndarray   # int64 [num_docs], starts[0] == 0
 
     @classmethod
