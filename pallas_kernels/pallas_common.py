@@ -103,7 +103,7 @@ def _mm_diff(a, b, cd, *, ta=False, tb=False):
 
 
 def _mm_plain(a, b, cd, *, ta=False, tb=False):
-    """As `_mm_diff`, without the custom_vjp wrapper (which Triton cannot lower undifferentiated)."""
+    """As `_mm_diff`, without the custom_vjp (Triton cannot lower it undifferentiated)."""
     return _dot(a, b, jnp.dtype(cd), ta, tb)
 
 
@@ -315,8 +315,10 @@ def _tpu_specs(cfg: ScanConfig, reverse: bool):
     key = pl.BlockSpec((None, C, Kp), lambda bh, iv, c, r, s: (bh, ch(c), 0))
     col = pl.BlockSpec((None, C, 1), lambda bh, iv, c, r, s: (bh, ch(c), 0))
     val = pl.BlockSpec((None, C, BV), lambda bh, iv, c, r, s: (bh, ch(c), iv))
-    h0 = pl.BlockSpec((None, Kp, BV),
-                      lambda bh, iv, c, r, s: (s[_div(bh, H) * NC + ch(c)] * H + _rem(bh, H), 0, iv))
+    def h0_row(bh, c, s):  # initial-state row of the chunk's sequence, for head bh % H
+        return s[_div(bh, H) * NC + ch(c)] * H + _rem(bh, H)
+
+    h0 = pl.BlockSpec((None, Kp, BV), lambda bh, iv, c, r, s: (h0_row(bh, c, s), 0, iv))
     state = pl.BlockSpec((None, None, Kp, BV), lambda bh, iv, c, r, s: (bh, ch(c), 0, iv))
     # One resident block per (bh, tile), written back once: the state after the last chunk.
     last_state = pl.BlockSpec((None, None, Kp, BV), lambda bh, iv, c, r, s: (bh, 0, 0, iv))

@@ -1,4 +1,5 @@
-"""`impl="pallas"`: The gated delta rule (g = None: DeltaNet), Pallas kernels for the device at hand.
+"""`impl="pallas"`: the gated delta rule (g = None: DeltaNet),
+as Pallas kernels for the device at hand.
 
 TPU -> `pallas_tpu` (Mosaic), GPU -> `pallas_gpu` (Triton backend); elsewhere (CPU) the TPU
 layout runs in interpret mode. `backend` ("tpu" | "gpu") and `interpret` override the choice
@@ -11,7 +12,8 @@ from typing import Optional
 from .. import pallas_common
 
 
-def gated_delta_rule_pallas(q, k, v, beta, g, *, scale, initial_state, cu_seqlens, chunk_size, backend: Optional[str] = None, interpret: Optional[bool] = None):
+def gated_delta_rule_pallas(q, k, v, beta, g, *, scale, initial_state, cu_seqlens, chunk_size,
+                            backend: Optional[str] = None, interpret: Optional[bool] = None):
     backend = backend or pallas_common.default_backend()
     if backend == "tpu":
         from .pallas_tpu import gated_delta_rule_pallas_tpu as fn
@@ -19,5 +21,5 @@ def gated_delta_rule_pallas(q, k, v, beta, g, *, scale, initial_state, cu_seqlen
         from .pallas_gpu import gated_delta_rule_pallas_gpu as fn
     else:
         raise ValueError(f"`backend` must be 'tpu' or 'gpu', got {backend!r}")
-    return fn(q, k, v, beta, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-              interpret=interpret)
+    return fn(q, k, v, beta, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+              chunk_size=chunk_size, interpret=interpret)

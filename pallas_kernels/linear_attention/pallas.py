@@ -1,4 +1,5 @@
-"""`impl="pallas"`: Linear attention (scalar gate g, per-key gate gk, or none), Pallas kernels for the device at hand.
+"""`impl="pallas"`: linear attention (scalar gate g, per-key gate gk, or none),
+as Pallas kernels for the device at hand.
 
 TPU -> `pallas_tpu` (Mosaic), GPU -> `pallas_gpu` (Triton backend); elsewhere (CPU) the TPU
 layout runs in interpret mode. `backend` ("tpu" | "gpu") and `interpret` override the choice
@@ -11,7 +12,8 @@ from typing import Optional
 from .. import pallas_common
 
 
-def linear_attention_pallas(q, k, v, g, gk, *, scale, initial_state, cu_seqlens, chunk_size, backend: Optional[str] = None, interpret: Optional[bool] = None):
+def linear_attention_pallas(q, k, v, g, gk, *, scale, initial_state, cu_seqlens, chunk_size,
+                            backend: Optional[str] = None, interpret: Optional[bool] = None):
     backend = backend or pallas_common.default_backend()
     if backend == "tpu":
         from .pallas_tpu import linear_attention_pallas_tpu as fn
@@ -19,5 +21,5 @@ def linear_attention_pallas(q, k, v, g, gk, *, scale, initial_state, cu_seqlens,
         from .pallas_gpu import linear_attention_pallas_gpu as fn
     else:
         raise ValueError(f"`backend` must be 'tpu' or 'gpu', got {backend!r}")
-    return fn(q, k, v, g, gk, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-              interpret=interpret)
+    return fn(q, k, v, g, gk, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+              chunk_size=chunk_size, interpret=interpret)
