@@ -104,7 +104,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 continue
         print(f"[{i + 1}/{len(runs)}] training {name} ({args.steps} steps)", flush=True)
         t0 = time.perf_counter()
-        r = train.run(cfg, str(workdir), progress=True)
+        try:
+            r = train.run(cfg, str(workdir), progress=True)
+        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"    {name} failed ({msg}); not cached, rerun the sweep to retry",
+                  file=sys.stderr, flush=True)
+            rows.append({"mixer": mixer, "d_model": width, "accuracy": None, "error": msg,
+                         "state_size": state_size(model_cfg, args.seq_len)})
+            continue
         row = {"mixer": mixer, "d_model": width, "state_size": state_size(model_cfg, args.seq_len),
                "params": r.get("num_params"), "accuracy": r.get("eval_accuracy"),
                "eval_loss": r.get("eval_loss"), "train_loss": r.get("loss"),
