@@ -102,11 +102,21 @@ class Attention(nn.Module):
             o = attn(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
                      q_positions=new_pos, kv_positions=new_cache["slot_pos"])
             return o, new_cache
-        # Prefill / chunk: attend to the ring (what came before) and the new tokens together,
-        # then keep the last W new tokens (distinct slots), each in slot position % W.
-        o = attn(q, jnp.concatenate([cache["k"].astype(q.dtype), k], axis=1),
-                 jnp.concatenate([cache["v"].astype(q.dtype), v], axis=1),
-                 q_positions=new_pos, kv_positions=jnp.concatenate([cache["slot_pos"], new_pos]))
+        # Prefill / chunk. Only the first W − 1 new tokens can see the ring (what came before):
+        # they attend to the ring and the new tokens together; the rest see new tokens only,
+        # with contiguous positions, which the op serves in O(T · W) (window-sliced keys).
+        n0 = min(T, W - 1)
+        outs = []
+        if n0:
+            outs.append(attn(q[:, :n0],
+                             jnp.concatenate([cache["k"].astype(q.dtype), k[:, :n0]], axis=1),
+                             jnp.concatenate([cache["v"].astype(q.dtype), v[:, :n0]], axis=1),
+                             q_positions=new_pos[:n0],
+                             kv_positions=jnp.concatenate([cache["slot_pos"], new_pos[:n0]])))
+        if T > n0:
+            outs.append(attn(q[:, n0:], k, v))   # queries = the last T − n0 of the T keys
+        o = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+        # Keep the last W new tokens (distinct slots), each in slot position % W.
         n = min(T, W)
         slots = new_pos[-n:] % W
         new_cache = {

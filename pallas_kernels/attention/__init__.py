@@ -89,7 +89,7 @@ def attention(q, k, v, *, scale: Optional[float] = None, causal: bool = True,
     elif kv_segment_ids is not None:
         raise ValueError("`kv_segment_ids` given without `segment_ids`")
 
-    default_positions = q_positions is None and kv_positions is None and Tq == Tk
+    default_positions = q_positions is None and kv_positions is None and Tq <= Tk
     q_pos = _positions("q_positions", q_positions, B, Tq)
     kv_pos = _positions("kv_positions", kv_positions, B, Tk)
     if q_pos is None:

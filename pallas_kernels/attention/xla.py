@@ -3,7 +3,8 @@
 GQA without repeating kv. Long inputs are processed `block_q` queries at a time under
 `jax.checkpoint`, so the score matrix held at once is [B, H, block_q, Tk] in the forward and
 the backward: memory grows as O(T · block_q), not O(T²). For a sliding window with the default
-(contiguous) positions, each query block only reads the `block_q + window - 1` keys it can see.
+(contiguous) positions — the queries being the last Tq of the Tk keys — each query block only
+reads the `block_q + window - 1` keys it can see.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def attention_xla(q, k, v, *, scale, causal, window, sinks, q_seg, kv_seg, q_pos
         qb, qp, qs, i = args
         kb, vb, kp, ks = k, v, kv_pos, kv_seg
         if sliced:
-            start = jnp.clip(i * block_q - window + 1, 0, Tk - span)
+            start = jnp.clip(Tk - Tq + i * block_q - window + 1, 0, Tk - span)
             kb = jax.lax.dynamic_slice_in_dim(k, start, span, axis=1)
             vb = jax.lax.dynamic_slice_in_dim(v, start, span, axis=1)
             kp = jax.lax.dynamic_slice_in_dim(kv_pos, start, span, axis=1)

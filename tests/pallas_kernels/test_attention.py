@@ -66,6 +66,15 @@ def test_matches_loop_reference(x64, rng, impl, case):
     np.testing.assert_allclose(np.asarray(o), loop_reference(q, k, v, **ref_kw), atol=1e-10)
 
 
+def test_last_queries_of_longer_keys(x64, rng):
+    """Tq < Tk with default positions: the queries are the last Tq tokens (window-sliced)."""
+    q, k, v = _qkv(rng, 1, 9, 13, 2, 1, 4)
+    for window in (None, 3):
+        o = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), window=window, block_q=4)
+        np.testing.assert_allclose(np.asarray(o), loop_reference(q, k, v, window=window),
+                                   atol=1e-10)
+
+
 def test_positions_and_empty_slots(x64, rng):
     """Decode-cache style: 2 queries at positions 7, 8 against a ring of slots, some empty."""
     q, k, v = _qkv(rng, 1, 2, 6, 2, 1, 4)
