@@ -114,13 +114,6 @@ def _row(col):
     return jnp.sum(jnp.where(eye, col, 0), axis=0, keepdims=True)
 
 
-def _col(row):
-    """[1, K] -> [K, 1]."""
-    K = row.shape[1]
-    eye = _iota((K, K), 0) == _iota((K, K), 1)
-    return jnp.sum(jnp.where(eye, row, 0), axis=1, keepdims=True)
-
-
 def _last_row(x):
     """x[-1:] of a [C, D] value, as a masked reduction."""
     C = x.shape[0]
@@ -191,7 +184,8 @@ def la_chunk_fn(*, has_g: bool, has_gk: bool, scale: float, cd, diff: bool = Fal
     """One chunk of linear attention: (S, q, k, v, [G], [Gk]) -> (o, S_next).
 
     S [K, BV]; q, k [C, K]; v [C, BV]; G [C, 1] / Gk [C, K]: within-chunk cumulative log
-    decays (non-increasing). All values in the accumulation dtype; matmul operands in `cd`."""
+    decays (non-increasing); with Gk also its last row as a column [K, 1] (given, so that no
+    kernel transposes a row: a [K, K] select would crowd a GPU's registers). All values in the accumulation dtype; matmul operands in `cd`."""
 
     mm = _mm_diff if diff else _mm_plain
 
@@ -199,6 +193,7 @@ def la_chunk_fn(*, has_g: bool, has_gk: bool, scale: float, cd, diff: bool = Fal
         extras = list(extras)
         G = extras.pop(0) if has_g else None
         Gk = extras.pop(0) if has_gk else None
+        Gk_last = extras.pop(0) if has_gk else None   # [K, 1]: Gk's last row, as a column
         C = q.shape[0]
         causal = _iota((C, C), 0) >= _iota((C, C), 1)
         q = q * scale
@@ -213,7 +208,9 @@ def la_chunk_fn(*, has_g: bool, has_gk: bool, scale: float, cd, diff: bool = Fal
             last = _last_row(Gk)                        # [1, K]
             q_s = q * jnp.exp(Gk)
             k_s = k * jnp.exp(last - Gk)
-            S_dec = jnp.exp(_col(last)) * S
+            if G is not None:
+                Gk_last = Gk_last + _last_row(G)
+            S_dec = jnp.exp(Gk_last) * S
         elif G is not None:
             A = mm(q, k, cd, tb=True) * _masked_exp(G - _row(G), causal)
             last = _last_row(G)                         # [1, 1]
@@ -280,7 +277,8 @@ class ScanConfig:
     cd: str                # matmul operand dtype
     acc: str               # accumulation / state dtype
     out: str               # o's dtype
-    kinds: tuple           # per extra input: "col" [BH, T, 1] or "key" [BH, T, Kp]
+    kinds: tuple           # per extra input: "col" [BH, T, 1], "key" [BH, T, Kp] or
+                           # "kcol" [BH, NC, Kp, 1] (one column per chunk)
     H: int
     C: int
     NC: int
@@ -294,6 +292,10 @@ class ScanConfig:
     @property
     def NV(self) -> int:
         return self.Vp // self.BV
+
+    def extra_shape(self, kind: str, BH: int, T_pad: int) -> tuple:
+        return {"col": (BH, T_pad, 1), "key": (BH, T_pad, self.Kp),
+                "kcol": (BH, self.NC, self.Kp, 1)}[kind]
 
     def chunk_fn(self, diff: bool = False):
         """The chunk function; `diff=True` for the one the backward kernels differentiate."""
@@ -325,9 +327,12 @@ def _tpu_specs(cfg: ScanConfig, reverse: bool):
     prev_state = pl.BlockSpec(
         (None, None, Kp, BV), lambda bh, iv, c, r, s: (bh, jnp.maximum(ch(c) - 1, 0), 0, iv))
     part = {"key": pl.BlockSpec((None, None, C, Kp), lambda bh, iv, c, r, s: (iv, bh, ch(c), 0)),
-            "col": pl.BlockSpec((None, None, C, 1), lambda bh, iv, c, r, s: (iv, bh, ch(c), 0))}
-    return dict(key=key, col=col, val=val, h0=h0, state=state, last_state=last_state,
-                prev_state=prev_state, part=part)
+            "col": pl.BlockSpec((None, None, C, 1), lambda bh, iv, c, r, s: (iv, bh, ch(c), 0)),
+            "kcol": pl.BlockSpec((None, None, None, Kp, 1),
+                                 lambda bh, iv, c, r, s: (iv, bh, ch(c), 0, 0))}
+    kcol = pl.BlockSpec((None, None, Kp, 1), lambda bh, iv, c, r, s: (bh, ch(c), 0, 0))
+    return dict(key=key, col=col, kcol=kcol, val=val, h0=h0, state=state,
+                last_state=last_state, prev_state=prev_state, part=part)
 
 
 def _tpu_params(cfg):
@@ -411,7 +416,7 @@ def tpu_backward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx, states, do, 
     f32 = acc
     out_shape = ([jax.ShapeDtypeStruct((NV, BH, T_pad, cfg.Kp), f32)] * 2
                  + [jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), f32)]
-                 + [jax.ShapeDtypeStruct((NV, BH, T_pad, cfg.Kp if kd == "key" else 1), f32)
+                 + [jax.ShapeDtypeStruct((NV,) + cfg.extra_shape(kd, BH, T_pad), f32)
                     for kd in cfg.kinds]
                  + [jax.ShapeDtypeStruct(h0.shape, f32)])
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -443,9 +448,18 @@ def _gpu_specs(cfg: ScanConfig, T_pad: int, n_rows: int, n_idx: int):
     state = pl.BlockSpec((None, NC, Kp, BV), lambda bh, iv: (bh, 0, 0, iv))
     last_state = pl.BlockSpec((None, 1, Kp, BV), lambda bh, iv: (bh, 0, 0, iv))
     part = {"key": pl.BlockSpec((None, None, T_pad, Kp), lambda bh, iv: (iv, bh, 0, 0)),
-            "col": pl.BlockSpec((None, None, T_pad, 1), lambda bh, iv: (iv, bh, 0, 0))}
-    return dict(key=key, col=col, val=val, h0=h0, idx=idx, state=state, last_state=last_state,
-                part=part)
+            "col": pl.BlockSpec((None, None, T_pad, 1), lambda bh, iv: (iv, bh, 0, 0)),
+            "kcol": pl.BlockSpec((None, None, NC, Kp, 1), lambda bh, iv: (iv, bh, 0, 0, 0))}
+    kcol = pl.BlockSpec((None, NC, Kp, 1), lambda bh, iv: (bh, 0, 0, 0))
+    return dict(key=key, col=col, kcol=kcol, val=val, h0=h0, idx=idx, state=state,
+                last_state=last_state, part=part)
+
+
+def _gpu_extra_loader(cfg, ex_refs, acc):
+    def load(c, t):  # chunk c's rows t of token inputs, its column of per-chunk inputs
+        return [(e[c] if kd == "kcol" else e[t, :]).astype(acc)
+                for e, kd in zip(ex_refs, cfg.kinds)]
+    return load
 
 
 def gpu_forward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx, all_states=True):
@@ -458,6 +472,7 @@ def gpu_forward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx, all_states=Tr
     def kernel(r_ref, s_ref, q_ref, k_ref, v_ref, *rest):
         ex_refs, (h0_ref, o_ref, st_ref) = rest[:n], rest[n:]
         bh = pl.program_id(0)
+        load_extras = _gpu_extra_loader(cfg, ex_refs, acc)
         b, h = _div(bh, H), _rem(bh, H)
 
         def body(c, S):
@@ -466,7 +481,7 @@ def gpu_forward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx, all_states=Tr
             S = jnp.where(flag, h0_ref[s_ref[i] * H + h].astype(acc), S)
             t = pl.ds(pl.multiple_of(c * C, C), C)
             o, S = fn(S, q_ref[t, :].astype(acc), k_ref[t, :].astype(acc),
-                      v_ref[t, :].astype(acc), *[e[t, :].astype(acc) for e in ex_refs])
+                      v_ref[t, :].astype(acc), *load_extras(c, t))
             o_ref[t, :] = o.astype(o_ref.dtype)
             if all_states:
                 st_ref[c] = S.astype(st_ref.dtype)
@@ -500,6 +515,7 @@ def gpu_backward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx, states, do, 
         dex_refs = rest[n + 7:2 * n + 7]
         (dh0_ref,) = rest[2 * n + 7:]
         bh = pl.program_id(0)
+        load_extras = _gpu_extra_loader(cfg, ex_refs, acc)
         b, h = _div(bh, H), _rem(bh, H)
 
         def body(j, dS_next):
@@ -512,13 +528,16 @@ def gpu_backward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx, states, do, 
             dS_out = dS_next + dst_ref[c].astype(acc)
             t = pl.ds(pl.multiple_of(c * C, C), C)
             _, vjp = jax.vjp(fn, S_in, q_ref[t, :].astype(acc), k_ref[t, :].astype(acc),
-                             v_ref[t, :].astype(acc), *[e[t, :].astype(acc) for e in ex_refs])
+                             v_ref[t, :].astype(acc), *load_extras(c, t))
             dS, dq, dk, dv, *dex = vjp((do_ref[t, :].astype(acc), dS_out))
             dq_ref[t, :] = dq
             dk_ref[t, :] = dk
             dv_ref[t, :] = dv.astype(dv_ref.dtype)
-            for r, d in zip(dex_refs, dex):
-                r[t, :] = d
+            for r, d, kd in zip(dex_refs, dex, cfg.kinds):
+                if kd == "kcol":
+                    r[c] = d
+                else:
+                    r[t, :] = d
 
             @pl.when(flag)
             def _():
@@ -530,7 +549,7 @@ def gpu_backward(cfg: ScanConfig, q, k, v, extras, h0, reset, hidx, states, do, 
 
     out_shape = ([jax.ShapeDtypeStruct((NV, BH, T_pad, cfg.Kp), acc)] * 2
                  + [jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), acc)]
-                 + [jax.ShapeDtypeStruct((NV, BH, T_pad, cfg.Kp if kd == "key" else 1), acc)
+                 + [jax.ShapeDtypeStruct((NV,) + cfg.extra_shape(kd, BH, T_pad), acc)
                     for kd in cfg.kinds]
                  + [jax.ShapeDtypeStruct(h0.shape, acc)])
     return pl.pallas_call(
@@ -645,7 +664,10 @@ def chunked_scan(family: str, q, k, v, *, beta=None, g=None, gk=None, scale: flo
     if g is not None:
         extras.append(tokens(g, 1, acc, cumsum=True)); kinds.append("col")
     if gk is not None:
-        extras.append(tokens(gk, Kp, acc, cumsum=True)); kinds.append("key")
+        gk_cum = tokens(gk, Kp, acc, cumsum=True)
+        extras.append(gk_cum); kinds.append("key")
+        last = gk_cum.reshape(B * H, NC, C, Kp)[:, :, C - 1, :, None]   # [BH, NC, Kp, 1]
+        extras.append(last); kinds.append("kcol")
 
     if initial_state is None:
         h0 = jnp.zeros((N * H, Kp, Vp), acc)
