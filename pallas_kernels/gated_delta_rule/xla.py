@@ -7,7 +7,8 @@ within-chunk cumulative log gates G_i and Γ_ij = exp(G_i − G_j) (i ≥ j, mas
     (I + L) U = diag(β) V − diag(β e^{G}) K S_in,   L = strictly_lower(diag(β) (Γ ⊙ K Kᵀ))
 
 so U = Ũ − W S_in with [Ũ, W] = (I + L)⁻¹ [β ⊙ V, β e^{G} ⊙ K] (the unit lower inverse by
-recursive doubling, see `unit_lower_inverse`), and then, with P = lower(Γ ⊙ Q Kᵀ) (diagonal included) and Kd = K ⊙ e^{G_C − G}:
+recursive doubling, see `unit_lower_inverse`), and then, with P = lower(Γ ⊙ Q Kᵀ) (diagonal
+included) and Kd = K ⊙ e^{G_C − G}:
 
     o     = (Q ⊙ e^{G} − P W) S_in + P Ũ
     S_out = (e^{G_C} I − Kdᵀ W) S_in + Kdᵀ Ũ
