@@ -19,8 +19,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -n $(PYTEST_WORKERS) -q
 
+# A fresh run each time (a kept workdir would resume at the last step and only re-evaluate).
 demo: $(STAMP)
-	$(PY) -m eval.bench_ops --quick
+	rm -rf runs/demo
+	$(PY) -m train --config configs/demo.py --workdir runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache
