@@ -1,5 +1,4 @@
 """gated_delta_rule (and its decoding step) against the token-scan reference in float64."""
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -197,11 +196,3 @@ def test_bad_step_input_names_the_argument(name, bad):
                 state=spec(2, H, K, V))
     with pytest.raises(ValueError, match=f"`{name}`"):
         gated_delta_rule_step(**{**good, **bad})
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("pallas_kernels.gated_delta_rule.pallas") is not None,
-    reason="the pallas impl exists")
-def test_missing_pallas_impl_says_so():
-    with pytest.raises(NotImplementedError, match="impl='pallas'"):
-        gated_delta_rule(**GOOD, impl="pallas")

@@ -1,5 +1,4 @@
 """linear_attention (and its decoding step) against the token-scan reference in float64."""
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -182,11 +181,3 @@ def test_bad_step_input_names_the_argument(name, bad):
     good = dict(q=spec(2, H, K), k=spec(2, H, K), v=spec(2, H, V), state=spec(2, H, K, V))
     with pytest.raises(ValueError, match=f"`{name}`"):
         linear_attention_step(**{**good, **bad})
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("pallas_kernels.linear_attention.pallas") is not None,
-    reason="the pallas impl exists")
-def test_missing_pallas_impl_says_so():
-    with pytest.raises(NotImplementedError, match="impl='pallas'"):
-        linear_attention(**GOOD, impl="pallas")
