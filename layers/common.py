@@ -19,17 +19,36 @@ def init(std: float, axes: Sequence[Optional[str]]):
     return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(axes))
 
 
+class Dense(nn.Module):
+    """x[..., *in] @ kernel[*in, *features] (+ bias), contracting the input axes `axis`.
+
+    The kernel is created at its final shape, so its logical axis names apply as they are:
+    flax's DenseGeneral initialises a flat 2-D kernel and reshapes it, and the sharding
+    constraint of a 3-name partitioning on that flat kernel fails under a device mesh."""
+    features: tuple
+    axes: tuple
+    std: float
+    dtype: jnp.dtype
+    axis: tuple = (-1,)
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        axis = tuple(a % x.ndim for a in self.axis)
+        kernel = self.param("kernel", init(self.std, self.axes),
+                            tuple(x.shape[a] for a in axis) + self.features, jnp.float32)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), (axis, tuple(range(len(axis)))))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, self.axes[-len(self.features):]), self.features, jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 def dense(features, axes, *, std, dtype, axis=-1, name=None, use_bias=False):
-    """DenseGeneral whose kernel carries logical axis names `axes` (input dims first)."""
-    return nn.DenseGeneral(features=features, axis=axis, use_bias=use_bias, dtype=dtype,
-                           param_dtype=jnp.float32, kernel_init=init(std, axes),
-                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                  tuple(axes[-_nf(features):])),
-                           name=name)
-
-
-def _nf(features):
-    return len(features) if isinstance(features, (tuple, list)) else 1
+    """A `Dense` whose kernel carries logical axis names `axes` (input dims first)."""
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    return Dense(as_tuple(features), tuple(axes), std, dtype, as_tuple(axis), use_bias, name=name)
 
 
 def constrain(x, axes):

@@ -259,12 +259,6 @@ class ChunkLayout:
             return xp[:, : self.T]
         return xp.at[:, self.dest].get(mode="fill", fill_value=0)
 
-    def initial_states(self, h0: Optional[jax.Array], B: int, shape, dtype) -> jax.Array:
-        """Incoming state of every reset chunk, [B, NC, H, K, V] gathered from h0 [N, ...]."""
-        if h0 is None:
-            return jnp.zeros((B, self.num_chunks) + tuple(shape), dtype)
-        return h0.astype(dtype)[jnp.minimum(self.seq, self.num_seqs - 1)]
-
     def final_states(self, states_after: jax.Array, h0: Optional[jax.Array]) -> jax.Array:
         """Final state of each sequence, [N, H, K, V], from the states after each chunk."""
         if self.last_chunk is None:

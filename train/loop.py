@@ -106,7 +106,7 @@ class Trainer:
         self.packed = config.data.source not in data_lib.SYNTHETIC
         self.compute_dtype = jnp.bfloat16 if t.compute_dtype == "bfloat16" else jnp.float32
 
-        with self.context(mesh=False):
+        with self.context():
             boxed = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
             self.state_shardings = logical_to_shardings(boxed, self.mesh, config)
         abstract = nn.meta.unbox(boxed)
@@ -115,37 +115,17 @@ class Trainer:
         self.num_params = num_params(abstract["params"])
         self.flops_per_token = train_flops_per_token(self.num_params, self.model_cfg, t.seq_len)
 
-        self.mesh_context = self._probe_mesh_context(abstract["params"])
         self._init = jax.jit(lambda rng: nn.meta.unbox(self._init_boxed(rng)),
                              out_shardings=self.state_shardings)
         self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding),
                                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
         self._eval_step = jax.jit(self._eval, in_shardings=(self.state_shardings["params"], self.batch_sharding))
 
-    def _probe_mesh_context(self, abstract_params) -> bool:
-        """Trace the forward once under the mesh (no compile). If the model cannot be traced
-        there, warn and trace without it: activation constraints are then inert and XLA
-        propagates the param/batch shardings on its own (results are the same)."""
-        if self.mesh.devices.size == 1:
-            return False  # nothing to shard: skip the constraints and the probe
-        tokens = jax.ShapeDtypeStruct((self.config.train.batch_size, self.config.train.seq_len), jnp.int32)
-        try:
-            with self.context():
-                jax.eval_shape(lambda p, x: self.model.apply({"params": p}, x), abstract_params, tokens)
-            return True
-        except ValueError as e:
-            _log(f"warning: the model cannot be traced under the device mesh ({str(e)[:200]}...); "
-                 f"training without activation sharding constraints")
-            return False
-
-    def context(self, mesh: bool = True):
-        """Logical axis rules (+ the mesh), active while tracing: activation constraints need both.
-        Init runs without the mesh: flax's DenseGeneral builds kernels flat and reshapes them,
-        and a sharding constraint on the flat kernel would fail; `out_shardings` shards them."""
+    def context(self):
+        """Logical axis rules and the mesh, active while tracing: activation constraints need both."""
         import contextlib
         stack = contextlib.ExitStack()
-        if mesh and getattr(self, "mesh_context", True):
-            stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(self.rules))
         return stack
 
@@ -215,7 +195,7 @@ class Trainer:
                 for k, v in local.items()}
 
     def init_state(self, seed: int):
-        with self.context(mesh=False):
+        with self.context():
             return self._init(jax.random.PRNGKey(seed))
 
     def train_step(self, state, local_batch):

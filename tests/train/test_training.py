@@ -29,6 +29,13 @@ STEPS, EVERY, KILL_AFTER = 30, 5, 12
 SHORT = ("train.steps=3", "train.eval_every=0", "train.eval_batches=0", "logging.tensorboard=False")
 
 
+def _publish(path: Path, result: dict) -> None:
+    """Write a run's result atomically: other xdist workers poll for the file and read it at once."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+
+
 class Runs:
     """The shared runs. Under pytest-xdist the tests of this module may land on several workers:
     the first worker to claim `root/owner` starts the runs and a thread that drives them (the
@@ -66,7 +73,7 @@ class Runs:
             res = dict(ok=True, **(fn() or {}))
         except BaseException as e:  # noqa: BLE001 - reported by the test that needs it
             res = dict(ok=False, error=f"{type(e).__name__}: {e}")
-        (self.root / f"{name}.done").write_text(json.dumps(res))
+        _publish(self.root / f"{name}.done", res)
 
     def _drive(self, env, common):
         r, procs = self.root, self.procs
@@ -88,7 +95,7 @@ class Runs:
         try:
             killed = kill_and_restart()
         except BaseException as e:  # noqa: BLE001
-            (r / "resumed.done").write_text(json.dumps(dict(ok=False, error=f"{type(e).__name__}: {e}")))
+            _publish(r / "resumed.done", dict(ok=False, error=f"{type(e).__name__}: {e}"))
         self._mark("uninterrupted", lambda: finish(procs["uninterrupted"], r / "full.log", 600) and None)
         if killed:
             self._mark("resumed", lambda: dict(killed_at=killed["killed_at"], log=finish(
