@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # Two pytest workers: most test time is XLA compilation, which is single-threaded.
 PYTEST_WORKERS ?= 2
 
-.PHONY: test test-slow demo clean
+.PHONY: test demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,9 +15,6 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -n $(PYTEST_WORKERS) -q
-
-test-slow: $(STAMP)
-	$(PY) -m pytest -m slow -n $(PYTEST_WORKERS) -q
 
 # A fresh run each time (a kept workdir would resume at the last step and only re-evaluate).
 demo: $(STAMP)
