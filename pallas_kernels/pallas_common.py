@@ -611,8 +611,24 @@ class Blocks:
     pow2: bool
 
 
+# TPU (Mosaic): grid (batch·heads, V tiles of 128, chunks); the chunk axis is sequential
+# ("arbitrary") and the float32 state lives in a VMEM scratch across it; per-chunk reset flags
+# and initial-state rows are scalar-prefetched into SMEM and steer the index maps; K and V are
+# padded to multiples of 128 lanes.
 TPU_BLOCKS = Blocks("tpu", align=128, v_tile=128, pow2=False)
+# GPU (Pallas' Triton backend): grid (batch·heads, V tiles of 64) with the chunk loop inside the
+# kernel (a fori_loop carrying the float32 state); K and V are padded to powers of two >= 16
+# (Triton's tensor shapes); num_warps=4, num_stages=2.
 GPU_BLOCKS = Blocks("gpu", align=16, v_tile=64, pow2=True)
+BLOCKS = {"tpu": TPU_BLOCKS, "gpu": GPU_BLOCKS}
+
+
+def blocks_for(backend: Optional[str]) -> Blocks:
+    """The block policy of `backend` ("tpu" | "gpu"; None: the default device's layout)."""
+    backend = backend or default_backend()
+    if backend not in BLOCKS:
+        raise ValueError(f"`backend` must be 'tpu' or 'gpu', got {backend!r}")
+    return BLOCKS[backend]
 
 
 def _pad_dim(d: int, blocks: Blocks) -> int:

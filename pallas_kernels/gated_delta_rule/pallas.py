@@ -1,9 +1,11 @@
 """`impl="pallas"`: the gated delta rule (g = None: DeltaNet),
-as Pallas kernels for the device at hand.
+as Pallas kernels for the device at hand, forward and backward.
 
-TPU -> `pallas_tpu` (Mosaic), GPU -> `pallas_gpu` (Triton backend); elsewhere (CPU) the TPU
-layout runs in interpret mode. `backend` ("tpu" | "gpu") and `interpret` override the choice
-(the tests run both layouts in interpret mode and lower both for their hardware).
+TPU: Mosaic kernels; GPU: Pallas' Triton backend; elsewhere (CPU) the TPU layout runs in
+interpret mode. The chunk math is shared (`pallas_kernels.pallas_common`); only the memory
+layout and block shapes differ (`pallas_common.TPU_BLOCKS` / `GPU_BLOCKS`). `backend`
+("tpu" | "gpu") and `interpret` override the choice (the tests run both layouts in interpret
+mode and lower both for their hardware).
 """
 from __future__ import annotations
 
@@ -14,12 +16,8 @@ from .. import pallas_common
 
 def gated_delta_rule_pallas(q, k, v, beta, g, *, scale, initial_state, cu_seqlens, chunk_size,
                             backend: Optional[str] = None, interpret: Optional[bool] = None):
-    backend = backend or pallas_common.default_backend()
-    if backend == "tpu":
-        from .pallas_tpu import gated_delta_rule_pallas_tpu as fn
-    elif backend == "gpu":
-        from .pallas_gpu import gated_delta_rule_pallas_gpu as fn
-    else:
-        raise ValueError(f"`backend` must be 'tpu' or 'gpu', got {backend!r}")
-    return fn(q, k, v, beta, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
-              chunk_size=chunk_size, interpret=interpret)
+    """Validated inputs as for the other impls -> (o in q's dtype, final state [N, H, K, V])."""
+    return pallas_common.chunked_scan(
+        "gdn", q, k, v, beta=beta, g=g, scale=scale, initial_state=initial_state,
+        cu_seqlens=cu_seqlens, chunk_size=chunk_size, blocks=pallas_common.blocks_for(backend),
+        interpret=interpret)
