@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import linear_attention, linear_attention_step
-from recurrent_testing import as_numpy, assert_close, check_against_reference, spec
+from recurrent_testing import (PACKED_N, PACKED_T, as_numpy, assert_close,
+                                check_against_reference, check_packed_against_separate, spec)
 
 IMPLS = ["xla"]  # the chunked forms checked against impl="reference"
 CHUNK = 16
@@ -72,27 +73,9 @@ def test_matches_reference(x64, rng, impl, T, g, gk, h0):
 
 @pytest.mark.parametrize("impl", ["reference", *IMPLS])
 def test_packed_sequences_match_separate_runs_under_one_compilation(x64, rng, impl):
-    T, N = 53, 4
-    # Boundaries off the chunk grid, an empty sequence, and 3 trailing tokens outside all.
-    offsets = [np.array([0, 5, 5, 37, 50]), np.array([0, 16, 30, 31, 53])]
-    args = make_inputs(rng, 1, T, g=True, gk=True, h0=True, N=N)
-    run = jax.jit(lambda args, cu: linear_attention(
-        **args, cu_seqlens=cu, impl=impl, chunk_size=CHUNK, output_final_state=True))
-    a = as_numpy(args)
-    for cu in offsets:
-        o, state = run(args, jnp.asarray(cu, jnp.int32))
-        for n in range(N):
-            s, e = cu[n], cu[n + 1]
-            o_np, s_np = np_linear_attention(
-                *(a[x][:, s:e] for x in ("q", "k", "v", "g", "gk")),
-                h0=a["initial_state"][n:n + 1])
-            assert_close(o[:, s:e], o_np, 1e-9, f"o of sequence {n}")
-            assert_close(state[n:n + 1], s_np, 1e-9, f"state of sequence {n}")
-        assert np.all(np.asarray(o[:, cu[-1]:]) == 0), "tokens past cu_seqlens[-1]"
-    assert run._cache_size() == 1, "new offsets recompiled"
-    if impl != "reference":
-        check_against_reference(linear_attention, args, rng, impl=impl, tol=1e-9,
-                                chunk_size=CHUNK, cu_seqlens=jnp.asarray(offsets[0], jnp.int32))
+    args = make_inputs(rng, 1, PACKED_T, g=True, gk=True, h0=True, N=PACKED_N)
+    check_packed_against_separate(linear_attention, np_linear_attention, args, ("q", "k", "v", "g", "gk"),
+                                  rng, impl=impl, chunk_size=CHUNK)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
