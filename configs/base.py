@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 # Logical axis names used by the model's parameters and activations (DESIGN.md).
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "memory")
 MESH_AXES = ("data", "fsdp", "tensor")
 DATA_SOURCES = ("stdlib", "text", "mqar", "copy", "assoc_recall", "niah")
+
+
+_OPTIONAL_TYPES = {f"Optional[{t.__name__}]": t for t in (int, float, bool, str)}
 
 
 def model_config(**fields) -> ConfigDict:
@@ -45,6 +48,9 @@ def model_config(**fields) -> ConfigDict:
     cfg = ModelConfig(**{**required, **fields})
     d = dataclasses.asdict(cfg)
     d["vocab_size"] = vocab
+    for f in dataclasses.fields(ModelConfig):
+        if d[f.name] is None:   # a typed placeholder, so that `--config.model.X=...` works
+            d[f.name] = config_dict.placeholder(_OPTIONAL_TYPES[str(f.type)])
     return ConfigDict(d)
 
 

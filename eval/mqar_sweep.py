@@ -1,13 +1,17 @@
 """MQAR sweep: recall accuracy against recurrent state size, one 2-layer mixer-only model per
-(mixer, width), as in Zoology.
+(mixer, width, learning rate), as in Zoology; each (mixer, width) reports its best learning rate.
 
     python -m eval.mqar_sweep --out out/mqar_sweep [--mixers attn swa la ...] [--widths 32 64]
-                              [--steps N] [--quick]
+                              [--lrs 1e-3 3e-3] [--short_conv all|default|none] [--steps N]
+                              [--quick]
 
 Each model is trained by the project's trainer (`train.run` on `configs/mqar.py`, with
-`model.pattern`, `model.d_model`, `model.num_heads` set per run) and scored on held-out MQAR
-examples (the trainer's validation split, drawn with the test seeds of `eval.mqar.mqar_seed`):
-the accuracy over the queried positions. The recurrent state size is the number of floats the
+`model.pattern`, `model.d_model`, `model.num_heads`, `optim.learning_rate` set per run) and
+scored on held-out MQAR examples (the trainer's validation split, drawn with the test seeds of
+`eval.mqar.mqar_seed`): the accuracy over the queried positions. `--short_conv all` (the
+default) gives every mixer the q/k/v short convs that gdn and deltanet have built in, so that
+the comparison is between memories, not between token shifts (without them, attention sits on
+the MQAR plateau far longer than a CPU budget allows). The recurrent state size is the number of floats the
 model carries per sequence while decoding at the task's length (its decode cache, from
 `mem_lm.init_cache`; for `attn` that is the whole KV cache, for `swa` the window's). Finished
 runs are kept in OUT/runs/NAME/result.json and reused when the sweep is rerun with the same
@@ -24,6 +28,7 @@ from typing import Optional, Sequence
 from eval import common
 
 MIXERS = ("attn", "swa", "la", "retnet", "gla", "deltanet", "gdn")
+SHORT_CONV = {"all": True, "none": False, "default": None}
 
 
 def state_size(model_cfg, seq_len: int) -> int:
@@ -35,16 +40,68 @@ def state_size(model_cfg, seq_len: int) -> int:
     return int(sum(a.size for a in jax.tree_util.tree_leaves(cache["layers"])))
 
 
-def run_config(base_config: str, mixer: str, width: int, args):
+def run_config(base_config: str, mixer: str, width: int, lr: float, args):
     overrides = [f"model.pattern={(mixer,)!r}", f"model.d_model={width}",
+                 f"model.short_conv={SHORT_CONV[args.short_conv]}",
                  f"model.num_heads={args.num_heads}", f"model.window={args.window}",
                  f"train.seq_len={args.seq_len}", f"data.num_kv_pairs={args.num_kv_pairs}",
                  f"data.vocab_size={args.vocab_size}", f"train.steps={args.steps}",
-                 f"train.batch_size={args.batch_size}", f"optim.learning_rate={args.lr}",
+                 f"train.batch_size={args.batch_size}", f"optim.learning_rate={lr}",
                  f"train.eval_batches={max(1, -(-args.eval_examples // args.batch_size))}",
                  "train.eval_every=0", "checkpoint.enabled=False", "logging.tensorboard=False",
                  "logging.progress_bar=False"]
     return common.load_config_file(base_config, overrides + list(args.override))
+
+
+def train_or_reuse(args, out, mixer: str, width: int, lr: float, counter: str) -> dict:
+    """One run's result row: trained now, or read back from OUT/runs/NAME/result.json when a
+    run with the same resolved config finished before. A failed run gives a row with `error`
+    (and is not cached), so that one crash does not lose the rest of the sweep."""
+    import train
+    from train.config import model_config_from
+
+    name = f"{mixer}_d{width}_lr{lr:g}"
+    cfg = run_config(args.config, mixer, width, lr, args)
+    resolved = common.resolve_config(cfg)
+    model_cfg = model_config_from(resolved)
+    workdir = out / "runs" / name
+    cached = workdir / "result.json"
+    key = json.loads(json.dumps(resolved.to_dict(), default=str))
+    if cached.is_file() and not args.fresh:
+        prev = json.loads(cached.read_text())
+        if prev.get("config") == key:
+            print(f"{counter} {name}: reusing {cached}", flush=True)
+            return prev["row"]
+    print(f"{counter} training {name} ({args.steps} steps)", flush=True)
+    row = {"mixer": mixer, "d_model": width, "lr": lr,
+           "state_size": state_size(model_cfg, args.seq_len)}
+    t0 = time.perf_counter()
+    try:
+        r = train.run(cfg, str(workdir), progress=True)
+    except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        print(f"    {name} failed ({msg}); not cached, rerun the sweep to retry",
+              file=sys.stderr, flush=True)
+        return {**row, "accuracy": None, "error": msg}
+    row.update(params=r.get("num_params"), accuracy=r.get("eval_accuracy"),
+               eval_loss=r.get("eval_loss"), train_loss=r.get("loss"), steps=r.get("step"),
+               train_seconds=time.perf_counter() - t0)
+    print(f"    accuracy {row['accuracy']:.3f}, state {row['state_size']:,} floats, "
+          f"{row['train_seconds']:.0f}s", flush=True)
+    common.write_json(cached, {"config": key, "row": row})
+    return row
+
+
+def best_per_cell(runs: Sequence[dict]) -> list:
+    """The best-accuracy run of each (mixer, d_model), in first-seen order (failed runs count
+    as accuracy −1, so a cell is only reported failed when all of its runs failed)."""
+    best = {}
+    for r in runs:
+        cell = (r["mixer"], r["d_model"])
+        score = -1 if r["accuracy"] is None else r["accuracy"]
+        if cell not in best or score > best[cell][0]:
+            best[cell] = (score, r)
+    return [r for _, r in best.values()]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -61,18 +118,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     help="Zoology uses 8192; the output layer dominates CPU time, so smaller here")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3],
+                    help="learning rates tried per (mixer, width); the best is reported")
+    ap.add_argument("--short_conv", choices=tuple(SHORT_CONV), default="all",
+                    help="q/k/v short convs for all mixers, none, or each mixer's default")
     ap.add_argument("--eval_examples", type=int, default=512)
     ap.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="more config overrides for every run")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke test: widths 16, seq_len 32, 4 pairs, vocab 64, 10 steps")
+                    help="smoke test: widths 16, seq_len 32, 4 pairs, vocab 64, 10 steps, "
+                         "one learning rate")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that already have results")
     ap.add_argument("--out", default="out/mqar_sweep")
     args = ap.parse_args(argv)
     if args.quick:
         args.widths, args.seq_len, args.num_kv_pairs, args.vocab_size = [16], 32, 4, 64
         args.steps, args.batch_size, args.eval_examples, args.window = 10, 8, 16, 8
+        args.lrs = args.lrs[:1]
     bad = [m for m in args.mixers if m not in common.mixer_names()]
     if bad:
         common.fail(f"--mixers: unknown {bad}; known: {common.mixer_names()}")
@@ -82,55 +144,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except ValueError as e:
         common.fail(str(e))
 
-    import train
-    from train.config import model_config_from
-
     out = common.out_dir(args.out)
-    rows = []
-    runs = [(m, w) for m in args.mixers for w in args.widths]
-    for i, (mixer, width) in enumerate(runs):
-        name = f"{mixer}_d{width}"
-        cfg = run_config(args.config, mixer, width, args)
-        resolved = common.resolve_config(cfg)
-        model_cfg = model_config_from(resolved)
-        workdir = out / "runs" / name
-        cached = workdir / "result.json"
-        key = json.loads(json.dumps(resolved.to_dict(), default=str))
-        if cached.is_file() and not args.fresh:
-            prev = json.loads(cached.read_text())
-            if prev.get("config") == key:
-                print(f"[{i + 1}/{len(runs)}] {name}: reusing {cached}", flush=True)
-                rows.append(prev["row"])
-                continue
-        print(f"[{i + 1}/{len(runs)}] training {name} ({args.steps} steps)", flush=True)
-        t0 = time.perf_counter()
-        try:
-            r = train.run(cfg, str(workdir), progress=True)
-        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            print(f"    {name} failed ({msg}); not cached, rerun the sweep to retry",
-                  file=sys.stderr, flush=True)
-            rows.append({"mixer": mixer, "d_model": width, "accuracy": None, "error": msg,
-                         "state_size": state_size(model_cfg, args.seq_len)})
-            continue
-        row = {"mixer": mixer, "d_model": width, "state_size": state_size(model_cfg, args.seq_len),
-               "params": r.get("num_params"), "accuracy": r.get("eval_accuracy"),
-               "eval_loss": r.get("eval_loss"), "train_loss": r.get("loss"),
-               "steps": r.get("step"), "train_seconds": time.perf_counter() - t0}
-        print(f"    accuracy {row['accuracy']:.3f}, state {row['state_size']:,} floats, "
-              f"{row['train_seconds']:.0f}s", flush=True)
-        common.write_json(cached, {"config": key, "row": row})
-        rows.append(row)
+    runs = [(m, w, lr) for m in args.mixers for w in args.widths for lr in args.lrs]
+    all_runs = [train_or_reuse(args, out, mixer, width, lr, f"[{i + 1}/{len(runs)}]")
+                for i, (mixer, width, lr) in enumerate(runs)]
+    rows = best_per_cell(all_runs)
 
-    common.print_table(rows, ["mixer", "d_model", "state_size", "params", "accuracy",
-                              "eval_loss", "train_seconds"], floatfmt=".3f",
+    common.print_table(rows, ["mixer", "d_model", "state_size", "params", "lr", "accuracy",
+                              "eval_loss", "train_seconds"], floatfmt=".3g",
                        title=f"MQAR: seq_len {args.seq_len}, {args.num_kv_pairs} pairs, "
-                             f"vocab {args.vocab_size}, {args.steps} steps")
+                             f"vocab {args.vocab_size}, {args.steps} steps, best of lr "
+                             f"{args.lrs}, short convs: {args.short_conv}")
     result = {"task": "mqar_sweep",
               "settings": {k: getattr(args, k) for k in
                            ("config", "seq_len", "num_kv_pairs", "vocab_size", "steps",
-                            "batch_size", "lr", "window", "num_heads", "eval_examples")},
-              "results": rows}
+                            "batch_size", "lrs", "short_conv", "window", "num_heads",
+                            "eval_examples")},
+              "results": rows, "all_runs": all_runs}
     common.write_json(out / "mqar_sweep.json", result)
     series = {}
     for m in args.mixers:

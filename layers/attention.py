@@ -1,5 +1,6 @@
 """Softmax attention mixers: full causal (`attn`) and sliding window (`swa`), GQA, RoPE,
-optional attention sinks, packed documents through segment ids.
+optional attention sinks, optional SiLU short convs on q, k, v (before RoPE; the token shift
+that lets a single layer bind a key to the token after it), packed documents through segment ids.
 
 Decode cache (`init_cache`):
   * full attention: a preallocated buffer of `max_len` keys/values, filled at `pos`;
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from layers.common import constrain, dense
+from layers.conv import qkv_conv_cache, short_conv_qkv
 from layers.rope import apply_rope
 from pallas_kernels.attention import attention
 
@@ -37,13 +39,20 @@ class Attention(nn.Module):
     window: Optional[int] = None
     rope_theta: float = 10000.0
     use_sinks: bool = False
+    use_short_conv: bool = False
+    conv_size: int = 4
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
 
     def init_cache(self, batch: int, max_len: int) -> dict:
-        return init_cache(batch, max_len, self.num_kv_heads, self.head_dim, self.window,
-                          self.dtype)
+        cache = init_cache(batch, max_len, self.num_kv_heads, self.head_dim, self.window,
+                           self.dtype)
+        if self.use_short_conv:
+            H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+            cache.update(qkv_conv_cache(batch, {"q": (H, D), "k": (Hkv, D), "v": (Hkv, D)},
+                                        self.conv_size, self.dtype))
+        return cache
 
     @nn.compact
     def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
@@ -53,6 +62,11 @@ class Attention(nn.Module):
         q = dense((H, D), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
         k = dense((Hkv, D), ("embed", "heads", "kv"), name="k_proj", **kw)(x)
         v = dense((Hkv, D), ("embed", "heads", "kv"), name="v_proj", **kw)(x)
+        conv_cache = {}
+        if self.use_short_conv:
+            qkv, conv_cache = short_conv_qkv({"q": q, "k": k, "v": v}, self.conv_size,
+                                             segment_ids, cache, self.dtype)
+            q, k, v = qkv["q"], qkv["k"], qkv["v"]
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         q = constrain(q, ("batch", "length", "heads", "kv"))
@@ -81,6 +95,8 @@ class Attention(nn.Module):
             new_cache = {"k": ck, "v": cv}
         o = constrain(o, ("batch", "length", "heads", "kv"))
         y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
+        if new_cache is not None:
+            new_cache.update(conv_cache)
         return y, new_cache
 
     def _ring(self, attn, q, k, v, cache, cache_pos):

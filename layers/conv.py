@@ -53,3 +53,21 @@ class ShortConv(nn.Module):
             y = jax.nn.silu(y)
         new_cache = None if cache is None else xp[:, -(W - 1):]
         return y.astype(self.dtype), new_cache
+
+
+def qkv_conv_cache(batch: int, channels: dict, width: int, dtype) -> dict:
+    """Empty caches of `short_conv_qkv`: {"conv_q": ..., ...} for channels {"q": (H, D), ...}."""
+    return {f"conv_{n}": init_cache(batch, c, width, dtype) for n, c in channels.items()}
+
+
+def short_conv_qkv(tensors: dict, width: int, segment_ids, cache: Optional[dict], dtype):
+    """SiLU(short conv) of each named tensor ({"q": q, "k": k, "v": v}), through submodules
+    `{name}_conv` of the calling (compact) module. Returns (the outputs by name, the updated
+    cache entries `conv_{name}`: empty without a cache)."""
+    outs, new_cache = {}, {}
+    for n, t in tensors.items():
+        c = None if cache is None else cache[f"conv_{n}"]
+        outs[n], c = ShortConv(width, dtype=dtype, name=f"{n}_conv")(t, segment_ids, c)
+        if cache is not None:
+            new_cache[f"conv_{n}"] = c
+    return outs, new_cache

@@ -1,14 +1,16 @@
 """Gated DeltaNet (`gdn`) and DeltaNet (`deltanet`) on `pallas_kernels.gated_delta_rule`,
 as in the Gated DeltaNet reference code (fla's GatedDeltaNet layer):
 
-  q, k, v = SiLU(conv4(W_q x)), SiLU(conv4(W_k x)), SiLU(conv4(W_v x))   (causal depthwise)
+  q, k, v = SiLU(conv4(W_q x)), SiLU(conv4(W_k x)), SiLU(conv4(W_v x))   (causal depthwise;
+  SiLU(W x) when use_short_conv is False)
   q, k L2-normalised per head (inside the op); β = sigmoid(W_β x)  (2·sigmoid with
   allow_neg_eigval, eigenvalues of I − βkkᵀ in [−1, 1]);
   g = −exp(A_log) · softplus(W_a x + dt_bias), A ~ U(1, 16), dt log-uniform in [1e-3, 0.1]
   (Mamba2 init); DeltaNet has no decay (g = 0);
   y = o_proj(RMSNorm(o) ⊙ SiLU(W_g x)) per head. Value heads are expand_v × head_dim wide.
 
-Decode cache: the [B, H, K, V] float32 state and the last conv_size − 1 inputs of each conv.
+Decode cache: the [B, H, K, V] float32 state and the last conv_size − 1 inputs of each conv
+(when there are convs).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 
 from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_param,
                            reset_gate, step_or_chunk)
-from layers.conv import ShortConv, init_cache as conv_cache
+from layers.conv import qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm
 from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 
@@ -31,6 +33,7 @@ class GatedDeltaNet(nn.Module):
     use_decay: bool = True           # False: DeltaNet
     allow_neg_eigval: bool = False
     conv_size: int = 4
+    use_short_conv: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
@@ -43,10 +46,11 @@ class GatedDeltaNet(nn.Module):
 
     def init_cache(self, batch: int, max_len: int) -> dict:
         H, K, V = self.num_heads, self.head_dim, self.value_dim
-        return {"state": jnp.zeros((batch, H, K, V), jnp.float32),
-                "conv_q": conv_cache(batch, (H, K), self.conv_size, self.dtype),
-                "conv_k": conv_cache(batch, (H, K), self.conv_size, self.dtype),
-                "conv_v": conv_cache(batch, (H, V), self.conv_size, self.dtype)}
+        cache = {"state": jnp.zeros((batch, H, K, V), jnp.float32)}
+        if self.use_short_conv:
+            cache.update(qkv_conv_cache(batch, {"q": (H, K), "k": (H, K), "v": (H, V)},
+                                        self.conv_size, self.dtype))
+        return cache
 
     @nn.compact
     def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
@@ -54,15 +58,13 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.value_dim
         kw = dict(std=self.init_std, dtype=self.dtype)
-        new_cache = {}
-        qkv = []
-        for n, d in (("q", K), ("k", K), ("v", V)):
-            t = dense((H, d), ("embed", "heads", "kv"), name=f"{n}_proj", **kw)(x)
-            c = None if cache is None else cache[f"conv_{n}"]
-            t, new_cache[f"conv_{n}"] = ShortConv(self.conv_size, dtype=self.dtype,
-                                                  name=f"{n}_conv")(t, segment_ids, c)
-            qkv.append(constrain(t, ("batch", "length", "heads", "kv")))
-        q, k, v = qkv
+        qkv = {n: dense((H, d), ("embed", "heads", "kv"), name=f"{n}_proj", **kw)(x)
+               for n, d in (("q", K), ("k", K), ("v", V))}
+        if self.use_short_conv:
+            qkv, new_cache = short_conv_qkv(qkv, self.conv_size, segment_ids, cache, self.dtype)
+        else:   # the activation the conv path ends with (as flash-linear-attention does)
+            qkv, new_cache = {n: jax.nn.silu(t) for n, t in qkv.items()}, {}
+        q, k, v = (constrain(qkv[n], ("batch", "length", "heads", "kv")) for n in "qkv")
         beta = jax.nn.sigmoid(dense((H,), ("embed", "heads"), name="b_proj", **kw)(x)
                               .astype(jnp.float32))
         if self.allow_neg_eigval:

@@ -10,9 +10,11 @@
              skip D ⊙ x.
   gla        Gated linear attention: per-key log-gates logsigmoid(W₂W₁x + b)/τ, rank 16, τ = 16.
 
-All read out o = Sᵀ(scale·q) per head, normalise with a per-head RMSNorm (gated by SiLU(W_g x)
-for retnet, lightning, ssd, gla) and project back with o_proj. The decode cache is the
-[B, H, K, V] float32 state (plus the conv inputs for ssd).
+Any kind can put q, k, v through the same short convs first (`use_short_conv`; the model turns
+it on for ssd, and for all with `ModelConfig.short_conv=True`). All read out o = Sᵀ(scale·q)
+per head, normalise with a per-head RMSNorm (gated by SiLU(W_g x) for retnet, lightning, ssd,
+gla) and project back with o_proj. The decode cache is the [B, H, K, V] float32 state (plus the
+conv inputs with short convs).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 
 from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_param,
                            reset_gate, step_or_chunk)
-from layers.conv import ShortConv, init_cache as conv_cache
+from layers.conv import qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm
 from layers.rope import apply_rope
 from pallas_kernels.linear_attention import linear_attention, linear_attention_step
@@ -58,7 +60,8 @@ class LinearAttention(nn.Module):
     num_layers: int = 1          # lightning
     feature_map: str = "elu"     # la
     feature_dim: int = 16        # la with the taylor map
-    conv_size: int = 4           # ssd
+    conv_size: int = 4
+    use_short_conv: bool = False  # SiLU(short conv) on q, k, v (the model turns it on for ssd)
     gate_rank: int = 16          # gla
     gate_normalizer: float = 16.0  # gla
     rope_theta: float = 10000.0  # retnet
@@ -77,9 +80,10 @@ class LinearAttention(nn.Module):
     def init_cache(self, batch: int, max_len: int) -> dict:
         H, D = self.num_heads, self.head_dim
         cache = {"state": jnp.zeros((batch, H, self.key_dim, D), jnp.float32)}
-        if self.kind == "ssd":
-            for n in "qkv":
-                cache[f"conv_{n}"] = conv_cache(batch, (H, D), self.conv_size, self.dtype)
+        if self.use_short_conv:
+            dq = self.feature_dim if self.kind == "la" and self.feature_map == "taylor" else D
+            cache.update(qkv_conv_cache(batch, {"q": (H, dq), "k": (H, dq), "v": (H, D)},
+                                        self.conv_size, self.dtype))
         return cache
 
     @nn.compact
@@ -97,6 +101,10 @@ class LinearAttention(nn.Module):
         v = dense((H, D), ("embed", "heads", "kv"), name="v_proj", **kw)(x)
         g = gk = gate = skip = scale = None
         new_cache = {}
+        if self.use_short_conv:
+            qkv, new_cache = short_conv_qkv({"q": q, "k": k, "v": v}, self.conv_size,
+                                            segment_ids, cache, self.dtype)
+            q, k, v = qkv["q"], qkv["k"], qkv["v"]
         if self.kind == "la":
             if self.feature_map == "elu":
                 q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
@@ -114,14 +122,6 @@ class LinearAttention(nn.Module):
             q, k = jax.nn.silu(q), jax.nn.silu(k)
             g = jnp.broadcast_to(lightning_log_decays(H, layer_idx, self.num_layers), (B, T, H))
         elif self.kind == "ssd":
-            convs = []
-            for n, t in (("q", q), ("k", k), ("v", v)):
-                c = None if cache is None else cache[f"conv_{n}"]
-                t, c = ShortConv(self.conv_size, dtype=self.dtype, name=f"{n}_conv")(
-                    t, segment_ids, c)
-                convs.append(t)
-                new_cache[f"conv_{n}"] = c
-            q, k, v = convs
             dt = dense((H,), ("embed", "heads"), name="dt_proj", **kw)(x).astype(jnp.float32)
             dt = jax.nn.softplus(dt + head_param(self, "dt_bias", dt_bias_init, H))
             g = -jnp.exp(head_param(self, "A_log", a_log_init, H)) * dt

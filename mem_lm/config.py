@@ -11,6 +11,9 @@ from layers.linear_attention import FEATURE_MAPS
 
 MIXERS = ("attn", "swa", "la", "retnet", "lightning", "ssd", "gla", "gdn", "deltanet")
 RECURRENT = ("la", "retnet", "lightning", "ssd", "gla", "gdn", "deltanet")
+# Mixers whose q, k, v go through a causal short conv unless `short_conv` says otherwise
+# (as in the papers and in flash-linear-attention's defaults).
+CONV_BY_DEFAULT = ("ssd", "gdn", "deltanet")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 IMPLS = ("auto", "reference", "xla", "pallas")
@@ -43,7 +46,11 @@ class ModelConfig:
     feature_dim: int = 16                  # la with taylor: q/k feature dim per head
     expand_v: float = 1.0                  # gdn/deltanet value head = expand_v · head_dim
     allow_neg_eigval: bool = False         # gdn/deltanet: β = 2·sigmoid
-    conv_size: int = 4                     # short conv of gdn/deltanet/ssd
+    conv_size: int = 4                     # width of the q/k/v short convs
+    # q/k/v short convs for every mixer (True), none (False), or the mixer's default (None:
+    # on for ssd/gdn/deltanet only). True gives attention and the linear attentions the token
+    # shift that the delta-rule models have built in, for like-for-like comparisons.
+    short_conv: Optional[bool] = None
     gate_rank: int = 16                    # gla low-rank gate projection
     gate_normalizer: float = 16.0          # gla log-gate temperature
     norm_eps: float = 1e-6
@@ -97,6 +104,7 @@ class ModelConfig:
         need(self.norm_eps > 0, "norm_eps", "must be > 0")
         need(self.init_std > 0, "init_std", "must be > 0")
         need(self.gate_normalizer > 0, "gate_normalizer", "must be > 0")
+        need(self.short_conv in (None, True, False), "short_conv", "must be None, True or False")
         if any(m in ("attn", "swa", "retnet") for m in self.pattern):
             need(self.resolved_head_dim % 2 == 0, "head_dim", "must be even for RoPE")
 
@@ -104,6 +112,9 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    def uses_short_conv(self, mixer: str) -> bool:
+        return mixer in CONV_BY_DEFAULT if self.short_conv is None else bool(self.short_conv)
 
     @property
     def resolved_num_kv_heads(self) -> int:
@@ -131,13 +142,15 @@ def mixer_param_count(cfg: ModelConfig, mixer: str) -> int:
     """Parameters of one token mixer (see the formulas in README / module docs)."""
     d, H, D = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
     HD = H * D
+    conv = cfg.conv_size if cfg.uses_short_conv(mixer) else 0   # per q/k/v channel
     if mixer in ("attn", "swa"):
         kv = cfg.resolved_num_kv_heads * D
-        return d * HD + 2 * d * kv + HD * d + (H if cfg.attn_sinks else 0)
+        return (d * HD + 2 * d * kv + HD * d + (H if cfg.attn_sinks else 0)
+                + conv * (HD + 2 * kv))
     if mixer in ("gdn", "deltanet"):
         V = H * int(round(D * cfg.expand_v))
         n = 2 * d * HD + d * V                  # q, k, v projections
-        n += cfg.conv_size * (2 * HD + V)        # three depthwise convs
+        n += conv * (2 * HD + V)                 # three depthwise convs
         n += d * H                               # β projection
         if mixer == "gdn":
             n += d * H + 2 * H                   # a projection, A_log, dt_bias
@@ -145,14 +158,14 @@ def mixer_param_count(cfg: ModelConfig, mixer: str) -> int:
         return n
     # linear attention family
     if mixer == "la" and cfg.feature_map == "taylor":
-        n = 2 * d * H * cfg.feature_dim + d * HD
+        n = 2 * d * H * cfg.feature_dim + d * HD + conv * (2 * H * cfg.feature_dim + HD)
     else:
-        n = 3 * d * HD
+        n = 3 * d * HD + conv * 3 * HD
     n += D + HD * d                              # per-head output norm, o_proj
     if mixer != "la":
         n += d * HD                              # output gate
     if mixer == "ssd":
-        n += 3 * cfg.conv_size * HD + d * H + 3 * H   # convs, dt projection, dt_bias, A_log, D
+        n += d * H + 3 * H                       # dt projection, dt_bias, A_log, D
     if mixer == "gla":
         n += d * cfg.gate_rank + cfg.gate_rank * HD + HD
     return n

@@ -43,20 +43,20 @@ def make_mixer(cfg: ModelConfig, mixer: str, name: Optional[str] = None) -> nn.M
     dt = compute_dtype(cfg)
     common = dict(d_model=cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim,
                   init_std=cfg.init_std, dtype=dt, name=name)
+    conv = dict(use_short_conv=cfg.uses_short_conv(mixer), conv_size=cfg.conv_size)
     if mixer in ("attn", "swa"):
         return Attention(num_kv_heads=cfg.resolved_num_kv_heads,
                          window=cfg.window if mixer == "swa" else None,
                          rope_theta=cfg.rope_theta, use_sinks=cfg.attn_sinks,
-                         impl=cfg.attn_impl, **common)
+                         impl=cfg.attn_impl, **conv, **common)
     ops = dict(impl=cfg.impl, chunk_size=cfg.chunk_size, norm_eps=cfg.norm_eps)
     if mixer in ("gdn", "deltanet"):
         return GatedDeltaNet(expand_v=cfg.expand_v, use_decay=mixer == "gdn",
-                             allow_neg_eigval=cfg.allow_neg_eigval, conv_size=cfg.conv_size,
-                             **ops, **common)
+                             allow_neg_eigval=cfg.allow_neg_eigval, **conv, **ops, **common)
     return LinearAttention(kind=mixer, num_layers=cfg.num_layers, feature_map=cfg.feature_map,
-                           feature_dim=cfg.feature_dim, conv_size=cfg.conv_size,
-                           gate_rank=cfg.gate_rank, gate_normalizer=cfg.gate_normalizer,
-                           rope_theta=cfg.rope_theta, **ops, **common)
+                           feature_dim=cfg.feature_dim, gate_rank=cfg.gate_rank,
+                           gate_normalizer=cfg.gate_normalizer,
+                           rope_theta=cfg.rope_theta, **conv, **ops, **common)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:

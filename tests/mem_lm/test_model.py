@@ -26,12 +26,16 @@ def _init(cfg, B=2, T=8):
     return model, nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens))
 
 
-CASES = [(m,) for m in MIXERS] + [("gdn", "swa", "attn")]
+CASES = [((m,), None) for m in MIXERS] + [(("gdn", "swa", "attn"), None),
+                                         (("attn", "swa", "la", "gla"), True),
+                                         (("gdn", "ssd"), False)]
 
 
-@pytest.mark.parametrize("pattern", CASES, ids=["-".join(p) for p in CASES])
-def test_cached_decoding_and_packing_match_full_forward(pattern, rng):
-    cfg = tiny(pattern)
+@pytest.mark.parametrize("pattern, short_conv", CASES,
+                         ids=["-".join(p) + {None: "", True: "+conv", False: "-noconv"}[c]
+                              for p, c in CASES])
+def test_cached_decoding_and_packing_match_full_forward(pattern, short_conv, rng):
+    cfg = tiny(pattern, short_conv=short_conv)
     model, params = _init(cfg)
     fwd = jax.jit(model.apply)
     B, T0, T = 2, 6, 15
@@ -99,8 +103,9 @@ ALL = tuple(MIXERS)
     dict(),
     dict(scan_layers=True, tie_embeddings=False, use_mlp=False),
     dict(num_kv_heads=1, attn_sinks=True, expand_v=2.0, feature_map="taylor", d_ff=24,
-         head_dim=4),
-], ids=["plain", "scan-untied-nomlp", "gqa-sinks-expandv-taylor"])
+         head_dim=4, short_conv=True),
+    dict(short_conv=False),
+], ids=["plain", "scan-untied-nomlp", "gqa-sinks-expandv-taylor-conv", "noconv"])
 def test_logical_axes_and_param_count(kw):
     cfg = ModelConfig(num_layers=len(ALL), pattern=ALL, **{**TINY, **kw})
     model = LanguageModel(cfg)
@@ -127,6 +132,7 @@ def test_logical_axes_and_param_count(kw):
     ("remat", dict(remat="some")),
     ("feature_map", dict(feature_map="relu")),
     ("chunk_size", dict(chunk_size=6)),
+    ("short_conv", dict(short_conv="yes")),
 ])
 def test_bad_config_names_the_field(field, kw):
     base = dict(vocab_size=11, d_model=16, num_layers=2, num_heads=2, pattern=("gdn",))
