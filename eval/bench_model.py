@@ -14,7 +14,8 @@ Each cell times one full training step (forward, backward, AdamW update from the
 compiles; the median of `--reps` calls. Memory is XLA's own account of the compiled step
 (arguments + outputs + temporaries, less donated/aliased buffers): the peak the step needs on
 any backend. Cells whose estimated step time exceeds `--max_step_seconds` (extrapolated from
-the previous length) are skipped and shown as "-".
+the previous length) are not timed and show "-" for tokens/s, but are still compiled, so their
+memory is reported.
 """
 from __future__ import annotations
 
@@ -85,7 +86,9 @@ def memory_bytes(compiled) -> Optional[int]:
                - m.alias_size_in_bytes)
 
 
-def bench_cell(cfg, seq_len: int, batch: int, reps: int, seed: int = 0) -> dict:
+def bench_cell(cfg, seq_len: int, batch: int, reps: int, seed: int = 0,
+               timed: bool = True) -> dict:
+    """Compile one training step (its memory) and, when `timed`, time `reps` calls of it."""
     import jax
     import jax.numpy as jnp
     from configs.base import get_config
@@ -105,6 +108,9 @@ def bench_cell(cfg, seq_len: int, batch: int, reps: int, seed: int = 0) -> dict:
     compiled = step.lower(params, opt_state, tokens).compile()
     compile_s = time.perf_counter() - t0
     mem = memory_bytes(compiled)
+    r = {"memory_mb": None if mem is None else mem / 2**20, "compile_seconds": compile_s}
+    if not timed:
+        return r
     params, opt_state, loss = compiled(params, opt_state, tokens)   # warm-up
     jax.block_until_ready(loss)
     times = []
@@ -114,8 +120,7 @@ def bench_cell(cfg, seq_len: int, batch: int, reps: int, seed: int = 0) -> dict:
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
     t = float(np.median(times))
-    return {"step_seconds": t, "tokens_per_second": batch * seq_len / t,
-            "memory_mb": None if mem is None else mem / 2**20, "compile_seconds": compile_s,
+    return {**r, "step_seconds": t, "tokens_per_second": batch * seq_len / t,
             "loss": float(loss)}
 
 
@@ -163,19 +168,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cells = [(n, L) for L in lengths for n in cfgs]
     last = {}
     for name, L in common.progress_bar(cells, desc="bench_model"):
-        prev = last.get(name)
+        prev, skipped = last.get(name), None
         if prev is not None:
             # worst case quadratic growth from the previous length
             est = prev[1] * (L / prev[0]) ** 2
             if est > args.max_step_seconds:
-                results[name].append({"seq_len": L, "skipped": f"estimated {est:.0f}s per step"})
-                continue
+                skipped = f"estimated {est:.0f}s per step"
         try:
-            r = bench_cell(cfgs[name], L, args.batch, args.reps)
+            r = bench_cell(cfgs[name], L, args.batch, args.reps, timed=skipped is None)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, keep going
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             print(f"{name} at {L}: {msg}", file=sys.stderr)
             results[name].append({"seq_len": L, "error": msg})
+            continue
+        if skipped:
+            print(f"{name:>12} L={L:>6}: not timed ({skipped}), {(r['memory_mb'] or 0):>9,.1f} MB",
+                  flush=True)
+            results[name].append({"seq_len": L, "skipped": skipped, **r})
             continue
         last[name] = (L, r["step_seconds"])
         print(f"{name:>12} L={L:>6}: {r['tokens_per_second']:>10,.0f} tok/s, "
@@ -238,7 +247,7 @@ def _plot(path, cfgs, results, batch):
         ok = [r for r in results[name] if "tokens_per_second" in r]
         xs = [r["seq_len"] for r in ok]
         axes[0].plot(xs, [r["tokens_per_second"] for r in ok], marker="o", label=name)
-        mem = [r for r in ok if r.get("memory_mb") is not None]
+        mem = [r for r in results[name] if r.get("memory_mb") is not None]
         axes[1].plot([r["seq_len"] for r in mem], [r["memory_mb"] for r in mem], marker="o",
                      label=name)
     for ax, ylabel in zip(axes, ("training tokens/s", "step memory (MB)")):

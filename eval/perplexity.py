@@ -1,19 +1,22 @@
 """Validation perplexity at several context lengths (length extrapolation).
 
-    python -m eval.perplexity --checkpoint WORKDIR [--data PATHS] [--lengths 256 512 ...]
+    python -m eval.perplexity --checkpoint WORKDIR [WORKDIR ...] [--names A B ...]
+                              [--data PATHS] [--lengths 256 512 ...]
 
 The validation text is, by default, the validation split of the data the checkpoint was trained
 on (the built-in corpus: Python's standard library), tokenized with its tokenizer; `--data`
 takes files, directories or globs instead (comma-separated). At each context length L the same
 number of tokens (`--tokens`) is scored: windows of L + 1 consecutive tokens spread evenly over
 the text, every position predicted with the window before it as context. Lengths default to
-1/2, 1, 2, 4 and 8 times the training length.
+1/2, 1, 2, 4 and 8 times the training length (of the first checkpoint). Several checkpoints
+are scored on the same windows and drawn as one curve each.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
@@ -89,8 +92,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="training workdir or checkpoint directory")
+    src.add_argument("--checkpoint", nargs="+", help="training workdir(s) or checkpoint dir(s)")
     src.add_argument("--config", help="an untrained model from this config (smoke runs)")
+    ap.add_argument("--names", nargs="+", help="labels for the checkpoints (default: dir names)")
     ap.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE")
     ap.add_argument("--data", help="validation text: files, directories or globs, comma-separated")
     ap.add_argument("--tokenizer", help="override the tokenizer ('byte' or a tokenizer.json)")
@@ -102,44 +106,55 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.batch_tokens < 1:
         common.fail("--tokens and --batch_tokens must be positive")
+    sources = args.checkpoint or [None]
+    names = args.names or ([Path(p).resolve().name for p in args.checkpoint] if args.checkpoint
+                           else ["untrained"])
+    if len(names) != len(sources):
+        common.fail(f"--names has {len(names)} entries for {len(sources)} checkpoints")
 
-    model, variables, source, tcfg = common.load_model(args.checkpoint, args.config,
-                                                       args.override)
-    tokens, tokenizer, what = validation_tokens(tcfg, args.data, args.tokenizer)
-    vocab = common.model_vocab_size(model)
-    if tokenizer.vocab_size > vocab:
-        common.fail(f"the tokenizer has {tokenizer.vocab_size} symbols, more than the model's "
-                    f"vocabulary ({vocab})")
-    train_len = int(tcfg.get("train", {}).get("seq_len", 0)) or None
-    lengths = args.lengths or ([max(16, train_len // 2), train_len, 2 * train_len,
-                                4 * train_len, 8 * train_len] if train_len else [256, 512, 1024])
-    if min(lengths) < 1:
-        common.fail(f"--lengths must be positive, got {lengths}")
-    print(f"validation text: {what}, {len(tokens):,} tokens", flush=True)
-    rows = []
-    for L in lengths:
-        try:
-            r = perplexity_at(model, variables, tokens, L, args.tokens, args.batch_tokens)
-        except ValueError as e:
-            common.fail(str(e))
-        if train_len:
-            r["x_train_length"] = L / train_len
-        rows.append(r)
-    common.print_table(rows, ["context_length", "x_train_length", "tokens", "loss", "perplexity",
-                              "bits_per_token"], title="validation perplexity by context length")
+    models, rows, lengths, tokens = {}, [], args.lengths, None
+    for name, ckpt in zip(names, sources):
+        model, variables, source, tcfg = common.load_model(ckpt, args.config, args.override)
+        if tokens is None:   # the first model's validation text serves them all
+            tokens, tokenizer, what = validation_tokens(tcfg, args.data, args.tokenizer)
+            print(f"validation text: {what}, {len(tokens):,} tokens", flush=True)
+        vocab = common.model_vocab_size(model)
+        if tokenizer.vocab_size > vocab:
+            common.fail(f"{name}: the tokenizer has {tokenizer.vocab_size} symbols, more than "
+                        f"the model's vocabulary ({vocab})")
+        train_len = int(tcfg.get("train", {}).get("seq_len", 0)) or None
+        if lengths is None:
+            lengths = ([max(16, train_len // 2), train_len, 2 * train_len, 4 * train_len,
+                        8 * train_len] if train_len else [256, 512, 1024])
+        if min(lengths) < 1:
+            common.fail(f"--lengths must be positive, got {lengths}")
+        results = []
+        for L in lengths:
+            try:
+                r = perplexity_at(model, variables, tokens, L, args.tokens, args.batch_tokens)
+            except ValueError as e:
+                common.fail(str(e))
+            if train_len:
+                r["x_train_length"] = L / train_len
+            results.append(r)
+            rows.append({"model": name, **r})
+        models[name] = {**source, "train_seq_len": train_len, "results": results}
+    common.print_table(rows, ["model", "context_length", "x_train_length", "tokens", "loss",
+                              "perplexity", "bits_per_token"],
+                       title="validation perplexity by context length")
     out = common.out_dir(args.out)
-    result = {"task": "perplexity", **source, "data": what, "train_seq_len": train_len,
-              "results": rows}
+    result = {"task": "perplexity", "data": what, "models": models}
     common.write_json(out / "perplexity.json", result)
+    train_lens = {m["train_seq_len"] for m in models.values()} - {None}
     common.plot_lines(out / "perplexity.png",
-                      {"validation": ([r["context_length"] for r in rows],
-                                      [r["perplexity"] for r in rows])},
+                      {n: ([r["context_length"] for r in m["results"]],
+                           [r["perplexity"] for r in m["results"]]) for n, m in models.items()},
                       xlabel="context length (tokens)", ylabel="perplexity", logx=True,
                       title="perplexity vs context length"
-                            + (f" (trained at {train_len})" if train_len else ""))
+                            + (f" (trained at {train_lens.pop()})" if len(train_lens) == 1
+                               else ""))
     print(f"wrote {out / 'perplexity.json'} and {out / 'perplexity.png'}")
     return result
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

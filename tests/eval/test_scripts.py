@@ -51,15 +51,18 @@ def _json(path):
 
 def test_perplexity(checkpoint, tmp_path, capsys):
     from eval import perplexity
-    perplexity.main(["--checkpoint", str(checkpoint), "--lengths", "8", "32",
-                     "--tokens", "64", "--out", str(tmp_path)])
+    perplexity.main(["--checkpoint", str(checkpoint), str(checkpoint), "--names", "a", "b",
+                     "--lengths", "8", "32", "--tokens", "64", "--out", str(tmp_path)])
     r = _json(tmp_path / "perplexity")
-    assert [row["context_length"] for row in r["results"]] == [8, 32]
-    assert r["train_seq_len"] == 16
-    for row in r["results"]:
+    assert set(r["models"]) == {"a", "b"}
+    a = r["models"]["a"]
+    assert [row["context_length"] for row in a["results"]] == [8, 32]
+    assert a["train_seq_len"] == 16
+    for row in a["results"]:
         assert row["tokens"] == 64
         assert math.isclose(row["perplexity"], math.exp(row["loss"]), rel_tol=1e-6)
         assert 1 < row["perplexity"] < 2 * 256   # an untrained byte model: about uniform
+    assert r["models"]["b"]["results"] == a["results"]    # same model, same windows
     assert (tmp_path / "perplexity.png").stat().st_size > 0
     assert "| context_length |" in capsys.readouterr().out
 
@@ -112,8 +115,8 @@ def test_mqar_sweep_quick_and_reuse(tmp_path, capsys):
     assert set(rows) == {"attn", "swa"} and r["settings"]["seq_len"] == 32
     for row in rows.values():
         assert 0 <= row["accuracy"] <= 1 and row["steps"] == 10 and row["params"] > 0
-    # 2 layers x (k + v) x 32 tokens x 16 wide, against the swa window of 8
-    assert rows["attn"]["state_size"] == 2 * 2 * 32 * 16
+    # 2 layers x ((k + v) x 32 tokens + (q, k, v) x 3 conv inputs) x 16 wide; swa: window 8
+    assert rows["attn"]["state_size"] == 2 * (2 * 32 + 3 * 3) * 16
     assert rows["swa"]["state_size"] < rows["attn"]["state_size"]
     assert (tmp_path / "mqar_sweep.png").stat().st_size > 0
     capsys.readouterr()
@@ -124,12 +127,16 @@ def test_mqar_sweep_quick_and_reuse(tmp_path, capsys):
 
 def test_bench_model_quick(tmp_path):
     from eval import bench_model
-    bench_model.main(["--quick", "--models", "transformer", "--lengths", "32", "--out",
-                      str(tmp_path)])
+    bench_model.main(["--quick", "--models", "transformer", "--lengths", "32", "64",
+                      "--max_step_seconds", "0", "--out", str(tmp_path)])
     r = _json(tmp_path / "bench_model")
-    (cell,) = r["models"]["transformer"]["results"]
+    cell, over = r["models"]["transformer"]["results"]
     assert cell["seq_len"] == 32 and cell["tokens_per_second"] > 0 and cell["memory_mb"] > 0
     assert r["table"][0]["transformer tok/s"] == cell["tokens_per_second"]
+    # Past --max_step_seconds a cell is not timed, but its compiled memory is still reported.
+    assert over["seq_len"] == 64 and "skipped" in over and "tokens_per_second" not in over
+    assert over["memory_mb"] > cell["memory_mb"]
+    assert r["table"][1]["transformer tok/s"] is None
 
 
 def test_bench_model_width_matching():
