@@ -1,6 +1,7 @@
 """Multi-query associative recall (Zoology's MQAR, `eval.mqar.make_mqar`): 2 mixer-only layers,
-sequence length 256 with 16 key-value pairs, vocabulary 8192. Change the mixer with
-`--config.model.pattern="('attn',)"` (or la, retnet, gla, deltanet, swa, ...).
+sequence length 256 with 16 key-value pairs, vocabulary 8192, q/k/v short convs on every mixer
+(as `eval.mqar_sweep` runs it). Change the mixer with `--config.model.pattern="('attn',)"` (or
+la, retnet, gla, deltanet, swa, ...).
 
     python -m train --config configs/mqar.py --workdir runs/mqar_gdn
 """
@@ -10,10 +11,14 @@ from configs import base
 def get_config():
     c = base.get_config()
     c.model = base.model_config(d_model=64, num_layers=2, num_heads=2, pattern=("gdn",),
-                                use_mlp=False, window=32)
+                                use_mlp=False, window=32, short_conv=True)
     c.data.update(source="mqar", vocab_size=8192, num_kv_pairs=16, power_a=0.01,
                   random_non_queries=True)
-    c.train.update(steps=1500, batch_size=64, seq_len=256, log_every=25, eval_every=250,
+    c.train.update(steps=2000, batch_size=64, seq_len=256, log_every=25, eval_every=250,
                    eval_batches=4, checkpoint_every=500)
-    c.optim.update(learning_rate=3e-3, warmup_steps=100, weight_decay=0.1)
+    # No weight decay, no clipping, b2 0.999: with the language-model defaults (0.1, 1.0, 0.95)
+    # softmax attention stays on the MQAR plateau (accuracy ~0.1 after 1000 steps at 64/8);
+    # with these it reaches 0.997 in 2000 steps (README, MQAR).
+    c.optim.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip_norm=0.0,
+                   b2=0.999)
     return c

@@ -116,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--num_kv_pairs", type=int, default=16)
     ap.add_argument("--vocab_size", type=int, default=512,
                     help="Zoology uses 8192; the output layer dominates CPU time, so smaller here")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3],
                     help="learning rates tried per (mixer, width); the best is reported")
