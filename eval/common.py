@@ -34,6 +34,20 @@ def fail(message: str) -> NoReturn:
     raise EvalError(message)
 
 
+def train_model(cfg, workdir, **kwargs) -> dict:
+    """`train.run` for scripts that train several models in a row: when a run is stopped by
+    SIGTERM (it has saved a checkpoint), the script stops too (exit 143) instead of going on
+    to the next model with this one half-trained; rerunning the script resumes the run."""
+    import train
+
+    result = train.run(cfg, str(workdir), **kwargs)
+    if result.get("preempted"):
+        print(f"stopped by SIGTERM while training {workdir}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        raise SystemExit(143)
+    return result
+
+
 def out_dir(path) -> Path:
     """Create (if needed) and return the output directory."""
     p = Path(path)

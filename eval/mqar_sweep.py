@@ -57,7 +57,6 @@ def train_or_reuse(args, out, mixer: str, width: int, lr: float, counter: str) -
     """One run's result row: trained now, or read back from OUT/runs/NAME/result.json when a
     run with the same resolved config finished before. A failed run gives a row with `error`
     (and is not cached), so that one crash does not lose the rest of the sweep."""
-    import train
     from train.config import model_config_from
 
     name = f"{mixer}_d{width}_lr{lr:g}"
@@ -77,7 +76,7 @@ def train_or_reuse(args, out, mixer: str, width: int, lr: float, counter: str) -
            "state_size": state_size(model_cfg, args.seq_len)}
     t0 = time.perf_counter()
     try:
-        r = train.run(cfg, str(workdir), progress=True)
+        r = common.train_model(cfg, workdir, progress=True)
     except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         print(f"    {name} failed ({msg}); not cached, rerun the sweep to retry",

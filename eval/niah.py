@@ -70,8 +70,6 @@ def evaluate_grid(model, variables, task: str, lengths: Sequence[int], depths: S
 
 def _train_models(args, out) -> list:
     """Train one model per --patterns entry on --config; returns [(name, workdir)]."""
-    import train
-
     runs = []
     for name in args.patterns:
         pattern = parse_pattern(name)
@@ -82,7 +80,7 @@ def _train_models(args, out) -> list:
         workdir = out / "train" / name.replace(",", "-")
         print(f"training {name} (pattern {pattern}) for {cfg.train.steps} steps -> {workdir}",
               flush=True)
-        train.run(cfg, str(workdir))
+        common.train_model(cfg, workdir)
         runs.append((name, workdir))
     return runs
 
