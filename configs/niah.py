@@ -19,8 +19,8 @@ def get_config():
     c.data.update(source="niah", vocab_size=128, num_kv_pairs=2)
     c.train.update(steps=1500, batch_size=32, seq_len=128, log_every=25, eval_every=250,
                    eval_batches=8, checkpoint_every=500)
-    # The optimiser settings of configs/mqar.py, under which attention leaves the retrieval
-    # plateau within a CPU budget; short convs on every mixer for the same reason.
-    c.optim.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip_norm=0.0,
-                   b2=0.999)
+    # The language-model optimiser defaults suit the recurrent models here (gdn: 0.95 retrieval
+    # at step 1000; at lr 1e-3 without decay or clipping it stays at chance). Attention needs
+    # the MQAR settings instead (README, NIAH: trained with --override).
+    c.optim.update(learning_rate=3e-3, warmup_steps=100, weight_decay=0.1)
     return c
