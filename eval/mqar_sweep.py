@@ -55,8 +55,9 @@ def run_config(base_config: str, mixer: str, width: int, lr: float, args):
 
 def train_or_reuse(args, out, mixer: str, width: int, lr: float, counter: str) -> dict:
     """One run's result row: trained now, or read back from OUT/runs/NAME/result.json when a
-    run with the same resolved config finished before. A failed run gives a row with `error`
-    (and is not cached), so that one crash does not lose the rest of the sweep."""
+    run with the same resolved config finished before (None with --reuse_only when none did).
+    A failed run gives a row with `error` (and is not cached), so that one crash does not lose
+    the rest of the sweep."""
     from train.config import model_config_from
 
     name = f"{mixer}_d{width}_lr{lr:g}"
@@ -71,6 +72,9 @@ def train_or_reuse(args, out, mixer: str, width: int, lr: float, counter: str) -
         if prev.get("config") == key:
             print(f"{counter} {name}: reusing {cached}", flush=True)
             return prev["row"]
+    if args.reuse_only:
+        print(f"{counter} {name}: no finished run, left out (--reuse_only)", flush=True)
+        return None
     print(f"{counter} training {name} ({args.steps} steps)", flush=True)
     row = {"mixer": mixer, "d_model": width, "lr": lr,
            "state_size": state_size(model_cfg, args.seq_len)}
@@ -117,8 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     help="Zoology uses 8192; the output layer dominates CPU time, so smaller here")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3],
-                    help="learning rates tried per (mixer, width); the best is reported")
+    ap.add_argument("--lrs", type=float, nargs="+",
+                    help="learning rates tried per (mixer, width), the best reported "
+                         "(default 1e-3 3e-3; --quick: 1e-3)")
     ap.add_argument("--short_conv", choices=tuple(SHORT_CONV), default="all",
                     help="q/k/v short convs for all mixers, none, or each mixer's default")
     ap.add_argument("--eval_examples", type=int, default=512)
@@ -128,12 +133,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     help="smoke test: widths 16, seq_len 32, 4 pairs, vocab 64, 10 steps, "
                          "one learning rate")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that already have results")
+    ap.add_argument("--reuse_only", action="store_true",
+                    help="train nothing: table and plot from the runs that finished")
     ap.add_argument("--out", default="out/mqar_sweep")
     args = ap.parse_args(argv)
     if args.quick:
         args.widths, args.seq_len, args.num_kv_pairs, args.vocab_size = [16], 32, 4, 64
         args.steps, args.batch_size, args.eval_examples, args.window = 10, 8, 16, 8
-        args.lrs = args.lrs[:1]
+    args.lrs = args.lrs or ([1e-3] if args.quick else [1e-3, 3e-3])
     bad = [m for m in args.mixers if m not in common.mixer_names()]
     if bad:
         common.fail(f"--mixers: unknown {bad}; known: {common.mixer_names()}")
@@ -147,6 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     runs = [(m, w, lr) for m in args.mixers for w in args.widths for lr in args.lrs]
     all_runs = [train_or_reuse(args, out, mixer, width, lr, f"[{i + 1}/{len(runs)}]")
                 for i, (mixer, width, lr) in enumerate(runs)]
+    all_runs = [r for r in all_runs if r is not None]
     rows = best_per_cell(all_runs)
 
     common.print_table(rows, ["mixer", "d_model", "state_size", "params", "lr", "accuracy",
@@ -163,8 +171,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     common.write_json(out / "mqar_sweep.json", result)
     series = {}
     for m in args.mixers:
-        pts = sorted((r["state_size"], r["accuracy"]) for r in rows if r["mixer"] == m)
-        series[m] = ([p[0] for p in pts], [p[1] for p in pts])
+        pts = sorted((r["state_size"], r["accuracy"]) for r in rows
+                     if r["mixer"] == m and r["accuracy"] is not None)
+        if pts:
+            series[m] = ([p[0] for p in pts], [p[1] for p in pts])
     common.plot_lines(out / "mqar_sweep.png", series, xlabel="recurrent state size (floats)",
                       ylabel="MQAR accuracy", logx=True, ylim=(-0.02, 1.02),
                       title=f"MQAR, seq_len {args.seq_len}, {args.num_kv_pairs} kv pairs")

@@ -123,6 +123,10 @@ def test_mqar_sweep_quick_and_reuse(tmp_path, capsys):
     mqar_sweep.main(args)                                       # finished runs are reused
     assert capsys.readouterr().out.count("reusing") == 2
     assert _json(tmp_path / "mqar_sweep")["results"] == r["results"]
+    # --reuse_only reports the finished runs and trains nothing for the missing lr.
+    mqar_sweep.main(args + ["--reuse_only", "--lrs", "1e-3", "1e-2"])
+    assert "left out (--reuse_only)" in capsys.readouterr().out
+    assert _json(tmp_path / "mqar_sweep")["results"] == r["results"]
 
 
 def test_bench_model_quick(tmp_path):
