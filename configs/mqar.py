@@ -14,11 +14,10 @@ def get_config():
                                 use_mlp=False, window=32, short_conv=True)
     c.data.update(source="mqar", vocab_size=8192, num_kv_pairs=16, power_a=0.01,
                   random_non_queries=True)
-    c.train.update(steps=2000, batch_size=64, seq_len=256, log_every=25, eval_every=250,
+    c.train.update(steps=1000, batch_size=64, seq_len=256, log_every=25, eval_every=250,
                    eval_batches=4, checkpoint_every=500)
-    # No weight decay, no clipping, b2 0.999: with the language-model defaults (0.1, 1.0, 0.95)
-    # softmax attention stays on the MQAR plateau (accuracy ~0.1 after 1000 steps at 64/8);
-    # with these it reaches 0.997 in 2000 steps (README, MQAR).
-    c.optim.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip_norm=0.0,
-                   b2=0.999)
+    # The language-model optimiser (weight decay 0.1, clipping 1.0, b2 0.95) at lr 1e-2: with
+    # short convs on every mixer, all of them learn MQAR under it in 1000 steps at 64/8 (attn
+    # 1.00, gdn 0.92; README, MQAR). At lr 2e-3 attention stays on the plateau (0.11).
+    c.optim.update(learning_rate=1e-2, warmup_steps=100)
     return c

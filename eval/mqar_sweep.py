@@ -2,8 +2,8 @@
 (mixer, width, learning rate), as in Zoology; each (mixer, width) reports its best learning rate.
 
     python -m eval.mqar_sweep --out out/mqar_sweep [--mixers attn swa la ...] [--widths 32 64]
-                              [--lrs 1e-3 3e-3] [--short_conv all|default|none] [--steps N]
-                              [--quick]
+                              [--lrs 1e-3 1e-2] [--short_conv all|default|none] [--steps N]
+                              [--override optim.b2=0.999 ...] [--reuse_only] [--quick]
 
 Each model is trained by the project's trainer (`train.run` on `configs/mqar.py`, with
 `model.pattern`, `model.d_model`, `model.num_heads`, `optim.learning_rate` set per run) and
@@ -11,9 +11,11 @@ scored on held-out MQAR examples (the trainer's validation split, drawn with the
 `eval.mqar.mqar_seed`): the accuracy over the queried positions. `--short_conv all` (the
 default) gives every mixer the q/k/v short convs that gdn and deltanet have built in, so that
 the comparison is between memories, not between token shifts (without them, attention sits on
-the MQAR plateau far longer than a CPU budget allows). The recurrent state size is the number of floats the
-model carries per sequence while decoding at the task's length (its decode cache, from
-`mem_lm.init_cache`; for `attn` that is the whole KV cache, for `swa` the window's). Finished
+the MQAR plateau far longer than a CPU budget allows). The optimiser is the config's, changed
+with `--override` (attention and the recurrent models want different ones: configs/mqar.py).
+The recurrent state size is the number of floats the model carries per sequence while decoding
+at the task's length (its decode cache, from `mem_lm.init_cache`, conv inputs included; for
+`attn` that is the whole KV cache, for `swa` the window's). Finished
 runs are kept in OUT/runs/NAME/result.json and reused when the sweep is rerun with the same
 settings; `--fresh` retrains.
 """
@@ -119,11 +121,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--num_kv_pairs", type=int, default=16)
     ap.add_argument("--vocab_size", type=int, default=512,
                     help="Zoology uses 8192; the output layer dominates CPU time, so smaller here")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--lrs", type=float, nargs="+",
                     help="learning rates tried per (mixer, width), the best reported "
-                         "(default 1e-3 3e-3; --quick: 1e-3)")
+                         "(default 1e-3 1e-2; --quick: 1e-3)")
     ap.add_argument("--short_conv", choices=tuple(SHORT_CONV), default="all",
                     help="q/k/v short convs for all mixers, none, or each mixer's default")
     ap.add_argument("--eval_examples", type=int, default=512)
@@ -140,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.quick:
         args.widths, args.seq_len, args.num_kv_pairs, args.vocab_size = [16], 32, 4, 64
         args.steps, args.batch_size, args.eval_examples, args.window = 10, 8, 16, 8
-    args.lrs = args.lrs or ([1e-3] if args.quick else [1e-3, 3e-3])
+    args.lrs = args.lrs or ([1e-3] if args.quick else [1e-3, 1e-2])
     bad = [m for m in args.mixers if m not in common.mixer_names()]
     if bad:
         common.fail(f"--mixers: unknown {bad}; known: {common.mixer_names()}")
