@@ -156,5 +156,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"wrote {out / 'perplexity.json'} and {out / 'perplexity.png'}")
     return result
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -72,16 +72,24 @@ class LinearAttention(nn.Module):
     chunk_size: int = 64
 
     @property
+    def taylor(self) -> bool:
+        return self.kind == "la" and self.feature_map == "taylor"
+
+    @property
+    def proj_dim(self) -> int:
+        """Width per head of the q/k projections (before the Taylor feature map)."""
+        return self.feature_dim if self.taylor else self.head_dim
+
+    @property
     def key_dim(self) -> int:
-        if self.kind == "la" and self.feature_map == "taylor":
-            return 1 + self.feature_dim + self.feature_dim ** 2
-        return self.head_dim
+        """Width per head of the keys the state is built from (after the feature map)."""
+        return 1 + self.feature_dim + self.feature_dim ** 2 if self.taylor else self.head_dim
 
     def init_cache(self, batch: int, max_len: int) -> dict:
         H, D = self.num_heads, self.head_dim
         cache = {"state": jnp.zeros((batch, H, self.key_dim, D), jnp.float32)}
         if self.use_short_conv:
-            dq = self.feature_dim if self.kind == "la" and self.feature_map == "taylor" else D
+            dq = self.proj_dim
             cache.update(qkv_conv_cache(batch, {"q": (H, dq), "k": (H, dq), "v": (H, D)},
                                         self.conv_size, self.dtype))
         return cache
@@ -94,8 +102,7 @@ class LinearAttention(nn.Module):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         kw = dict(std=self.init_std, dtype=self.dtype)
-        taylor = self.kind == "la" and self.feature_map == "taylor"
-        dq = self.feature_dim if taylor else D
+        taylor, dq = self.taylor, self.proj_dim
         q = dense((H, dq), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
         k = dense((H, dq), ("embed", "heads", "kv"), name="k_proj", **kw)(x)
         v = dense((H, D), ("embed", "heads", "kv"), name="v_proj", **kw)(x)
