@@ -1,8 +1,10 @@
 """Framework-free memory ops (pure functions of arrays): see DESIGN.md, "The op contract".
 
 One folder per op family: reference.py (the recurrence, plain and slow), xla.py (chunked,
-jnp, any backend), pallas.py (the kernels, TPU and GPU layouts of the shared math in
-pallas_common.py), and the public dispatcher.
+jnp, any backend), pallas.py (the kernels), and the public dispatcher. The kernels' shared
+scaffolding: chunk_math.py (the math of one chunk), scan_parallel.py (the chunk-parallel
+kernels), scan_tpu.py / scan_gpu.py (each backend's sequential state pass) and pallas_scan.py
+(phases, custom_vjp, block policy).
 """
 
 from .gated_delta_rule import gated_delta_rule, gated_delta_rule_step

@@ -21,7 +21,11 @@ A query that sees no key returns zeros. Accumulation is float32 (float64 for flo
 `o` has q's dtype.
 
 impl: "reference" (all scores, kv repeated), "xla" (query blocks under checkpoint, grouped
-kv, window-sliced keys), "auto" (xla). There is no Pallas kernel in this family yet.
+kv, window-sliced keys, any backend), "cudnn" (cuDNN flash attention, CUDA GPUs), "splash"
+(JAX's splash attention, TPUs; interpret mode elsewhere), "auto": the platform's library
+kernel when it can serve the call, else xla (`library.choose_impl`; the library kernels and
+what they serve are described in `library.py`). Asking for "cudnn" or "splash" by name for a
+call it cannot serve raises a ValueError saying why.
 """
 from __future__ import annotations
 
@@ -33,10 +37,11 @@ from pallas_kernels.common import check_rank
 from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.xla import attention_xla
 from pallas_kernels.attention.mask import attention_mask
+from pallas_kernels.attention import library
 
 __all__ = ["attention", "attention_reference", "attention_xla", "attention_mask"]
 
-IMPLS = ("auto", "reference", "xla")
+IMPLS = ("auto", "reference", "xla", "cudnn", "splash")
 
 
 def _positions(name, pos, B, T):
@@ -89,14 +94,26 @@ def attention(q, k, v, *, scale: Optional[float] = None, causal: bool = True,
     elif kv_segment_ids is not None:
         raise ValueError("`kv_segment_ids` given without `segment_ids`")
 
-    default_positions = q_positions is None and kv_positions is None and Tq <= Tk
+    explicit_positions = q_positions is not None or kv_positions is not None
+    spec = library.CallSpec.of(q, k, v, causal=causal, window=window, sinks=sinks,
+                               segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                               positions=explicit_positions)
+    impl = library.resolve_impl(impl, spec)
+
+    scale = D ** -0.5 if scale is None else float(scale)
+    if impl == "cudnn":
+        return library.attention_cudnn(q, k, v, scale=scale, causal=causal, window=window)
+    if impl == "splash":
+        return library.attention_splash(q, k, v, scale=scale, causal=causal, window=window,
+                                        sinks=sinks, q_seg=segment_ids, kv_seg=kv_segment_ids)
+
+    default_positions = not explicit_positions and Tq <= Tk
     q_pos = _positions("q_positions", q_positions, B, Tq)
     kv_pos = _positions("kv_positions", kv_positions, B, Tk)
     if q_pos is None:
         q_pos = (Tk - Tq + jnp.arange(Tq, dtype=jnp.int32))[None]
     if kv_pos is None:
         kv_pos = jnp.arange(Tk, dtype=jnp.int32)[None]
-    scale = D ** -0.5 if scale is None else float(scale)
     kw = dict(scale=scale, causal=causal, window=window, sinks=sinks, q_seg=segment_ids,
               kv_seg=kv_segment_ids, q_pos=q_pos, kv_pos=kv_pos)
     if impl == "reference":

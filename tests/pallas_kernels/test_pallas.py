@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import common, pallas_common
+from pallas_kernels import chunk_math, common, pallas_scan
 from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from pallas_kernels.linear_attention.pallas import linear_attention_pallas
@@ -139,13 +139,13 @@ def test_ut_inverse_is_the_inverse(x64, rng):
     """Blocked forward substitution + block merge equals (I + L)^-1 for C = 16, 32, 64, 128."""
     for C in (16, 32, 64, 128):
         L = np.tril(rng.standard_normal((C, C)) * 0.3, -1)
-        T = np.asarray(jax.jit(pallas_common.ut_inverse)(jnp.asarray(L)))
+        T = np.asarray(jax.jit(chunk_math.ut_inverse)(jnp.asarray(L)))
         np.testing.assert_allclose(T @ (np.eye(C) + L), np.eye(C), atol=1e-9)
     # and its closed-form gradient against the gradient of a dense solve
     L = jnp.asarray(np.tril(rng.standard_normal((32, 32)) * 0.3, -1))
     ct = jnp.asarray(rng.standard_normal((32, 32)))
     mask = np.tril(np.ones((32, 32)), -1)
-    got = jax.grad(lambda L: jnp.sum(pallas_common.ut_inverse(L) * ct))(L)
+    got = jax.grad(lambda L: jnp.sum(chunk_math.ut_inverse(L) * ct))(L)
     want = jax.grad(lambda L: jnp.sum(jnp.linalg.inv(jnp.eye(32) + L) * ct))(L)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want) * mask, atol=1e-9)
 
@@ -173,5 +173,5 @@ def test_public_dispatch(rng, monkeypatch):
         monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
         fn = common.select_impl(pkg, "linear_attention", "auto", 64)
         assert fn.func.__name__ == "linear_attention_pallas"
-        assert pallas_common.default_backend() == layout
-        assert not pallas_common.default_interpret()
+        assert pallas_scan.default_backend() == layout
+        assert not pallas_scan.default_interpret()

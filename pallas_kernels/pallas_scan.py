@@ -1,0 +1,231 @@
+"""The Pallas chunked scans as one differentiable function: phases, custom_vjp, block policy,
+and the token <-> kernel layout. The chunk math is in `chunk_math`; the kernels that run over
+all chunks at once in `scan_parallel` (the same code for both backends); the sequential state
+passes in `scan_tpu` (Mosaic) and `scan_gpu` (Pallas' Triton backend).
+
+Chunk-parallel: the sequential dimension carries only the state recurrence.
+
+  forward   1. W, U for every chunk at once (delta rule only)         scan_parallel.ut_transform
+            2. one pass over chunks per (batch·head, value tile):
+               S_in -> h[c];  vn = U − W S_in;  S <- d S + Ksᵀ vn     scan_*.state_forward
+            3. o = Qe h[c] + P vn for every chunk at once             scan_parallel.output
+  backward  1. Pᵀ do for every chunk at once (delta rule only)        scan_parallel.intra_dv
+            2. one reverse pass: dS_in = d dS + Qeᵀ do − Wᵀ(Pᵀdo + Ks dS),
+               writing the cotangent of every chunk's outgoing state  scan_*.state_backward
+            3. every chunk's input gradients at once: `jax.vjp` of the chunk function at
+               (h[c], chunk inputs) with cotangents (do, dS_out[c])    scan_parallel.chunk_vjp
+
+The forward keeps the chunk-boundary states h [BH, NC, K, V] (in the matmul dtype), W and the
+inputs as residuals, never a state per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import common, scan_gpu, scan_parallel, scan_tpu
+from .chunk_math import SUB, Spec
+
+
+# ----------------------------------------------------------------------------- platform
+def default_backend() -> str:
+    """'tpu' or 'gpu' kernel layout for the current default device ('tpu' layout on CPU)."""
+    plat = jax.default_backend()
+    return "gpu" if plat in ("gpu", "cuda", "rocm") else "tpu"
+
+
+def default_interpret() -> bool:
+    """Interpret mode unless a TPU or GPU is the default device."""
+    return jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm")
+
+
+# ----------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+    """Static description of one kernel call (hashable: a nondiff argument of custom_vjp)."""
+    spec: Spec
+    acc: str               # accumulation / state dtype
+    out: str               # o's dtype
+    H: int
+    C: int
+    NC: int
+    Kp: int
+    Vp: int
+    BV: int                # value tile of the chunk-parallel kernels
+    BV_seq: int            # value tile of the sequential passes
+    backend: str           # "tpu" | "gpu"
+    interpret: bool
+    varlen: bool           # packed sequences: a final state after every chunk
+
+    @property
+    def kinds(self) -> tuple:
+        return self.spec.kinds
+
+    def extra_shape(self, kind: str, BH: int, T_pad: int) -> tuple:
+        return {"col": (BH, T_pad, 1), "key": (BH, T_pad, self.Kp),
+                "kcol": (BH, self.NC, self.Kp, 1)}[kind]
+
+
+def _sequential(cfg):
+    return scan_tpu if cfg.backend == "tpu" else scan_gpu
+
+
+def _forward(cfg, q, k, v, extras, h0, reset, hidx):
+    """(o, final states, residuals (h, W))."""
+    w, u = scan_parallel.ut_transform(cfg, k, v, extras) if cfg.spec.delta else (None, v)
+    h, vn, fin = _sequential(cfg).state_forward(cfg, k, u, w, extras, h0, reset, hidx)
+    o = scan_parallel.output(cfg, q, k, vn, extras, h)
+    return o, fin, (h, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(cfg, q, k, v, extras, h0, reset, hidx):
+    o, fin, _ = _forward(cfg, q, k, v, extras, h0, reset, hidx)
+    return o, fin
+
+
+def _scan_fwd(cfg, q, k, v, extras, h0, reset, hidx):
+    o, fin, res = _forward(cfg, q, k, v, extras, h0, reset, hidx)
+    return (o, fin), (q, k, v, extras, h0, reset, hidx) + res
+
+
+def _scan_bwd(cfg, res, cts):
+    q, k, v, extras, h0, reset, hidx, h, w = res
+    do, dfin = cts
+    do = do.astype(cfg.out)
+    dvo = scan_parallel.intra_dv(cfg, q, k, do, extras) if cfg.spec.delta else None
+    dh, dh0 = _sequential(cfg).state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0,
+                                              reset, hidx)
+    dq, dk, dv, dex = scan_parallel.chunk_vjp(cfg, q, k, v, extras, h, do, dh)
+    dex = tuple(d.astype(e.dtype) for d, e in zip(dex, extras))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dex,
+            dh0.astype(h0.dtype), None, None)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+# ----------------------------------------------------------------------------- block policy
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """A backend's block-shape policy: K and V are padded to multiples of `align` (and to a
+    power of two if `pow2`); value tiles of `v_tile` (chunk-parallel kernels) and `v_tile_seq`
+    (sequential passes), each halved for float32 inputs (`f32_halve`: the GPU's shared
+    memory holds half as many float32 operands)."""
+    backend: str
+    align: int
+    v_tile: int
+    v_tile_seq: int
+    pow2: bool
+    f32_halve: bool
+
+
+# TPU (Mosaic): K and V padded to multiples of 128 lanes, value tiles of 128; the sequential
+# passes walk the chunks as the last ("arbitrary") grid axis with the float32 state in VMEM.
+TPU_BLOCKS = Blocks("tpu", align=128, v_tile=128, v_tile_seq=128, pow2=False, f32_halve=False)
+# GPU (Pallas' Triton backend): K and V padded to powers of two >= 16 (Triton's tensor shapes);
+# value tiles of 64, the sequential passes loop over chunks inside one program per
+# (batch·head, value tile) with the float32 state in registers.
+GPU_BLOCKS = Blocks("gpu", align=16, v_tile=64, v_tile_seq=64, pow2=True, f32_halve=True)
+BLOCKS = {"tpu": TPU_BLOCKS, "gpu": GPU_BLOCKS}
+
+
+def blocks_for(backend: Optional[str]) -> Blocks:
+    """The block policy of `backend` ("tpu" | "gpu"; None: the default device's layout)."""
+    backend = backend or default_backend()
+    if backend not in BLOCKS:
+        raise ValueError(f"`backend` must be 'tpu' or 'gpu', got {backend!r}")
+    return BLOCKS[backend]
+
+
+def _pad_dim(d: int, blocks: Blocks) -> int:
+    if blocks.pow2:
+        p = blocks.align
+        while p < d:
+            p *= 2
+        return p
+    return -(-d // blocks.align) * blocks.align
+
+
+def _tile(Vp: int, tile: int, blocks: Blocks, f32: bool) -> int:
+    if f32 and blocks.f32_halve:
+        tile //= 2
+    return min(max(tile, blocks.align), Vp)
+
+
+# ----------------------------------------------------------------------------- the op wrapper
+def chunked_scan(family: str, q, k, v, *, beta=None, g=None, gk=None, scale: float,
+                 initial_state=None, cu_seqlens=None, chunk_size: int = 64,
+                 blocks: Blocks, interpret: Optional[bool] = None):
+    """Run one op family's Pallas kernels on validated [B, T, H, D] inputs.
+
+    family: "la" (linear attention) or "gdn" (gated delta rule).
+    Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in the accumulation dtype).
+    """
+    if interpret is None:
+        interpret = default_interpret()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    acc = common.acc_dtype(q)
+    cd = jnp.result_type(q, k, v)
+    cd = cd if jnp.dtype(cd).itemsize < 4 else acc
+    # Per-key gates form a [C, C, K] block inside the kernel: keep their chunk small.
+    C = SUB if gk is not None else max(chunk_size, SUB)
+    layout = common.chunk_layout(B, T, C, cu_seqlens)
+    NC, T_pad, N = layout.num_chunks, layout.T_pad, layout.num_seqs
+    Kp, Vp = _pad_dim(K, blocks), _pad_dim(V, blocks)
+    f32 = jnp.dtype(cd).itemsize >= 4
+
+    def tokens(x, width, dtype=None, cumsum=False):
+        """[B, T, H(, D)] -> [B·H, T_pad, width]; gates become within-chunk cumulative sums."""
+        if dtype is not None:
+            x = x.astype(dtype)
+        if x.ndim == 3:
+            x = x[..., None]
+        x = layout.to_chunks(x)                            # [B, NC, C, H, D]
+        if cumsum:
+            x = jnp.cumsum(x, axis=2)
+        x = x.reshape(B, T_pad, H, x.shape[-1]).transpose(0, 2, 1, 3)
+        x = x.reshape(B * H, T_pad, x.shape[-1])
+        return jnp.pad(x, ((0, 0), (0, 0), (0, width - x.shape[-1])))
+
+    extras = []
+    if beta is not None:
+        extras.append(tokens(beta, 1, acc))
+    if g is not None:
+        extras.append(tokens(g, 1, acc, cumsum=True))
+    if gk is not None:
+        gk_cum = tokens(gk, Kp, acc, cumsum=True)
+        extras.append(gk_cum)
+        extras.append(gk_cum.reshape(B * H, NC, C, Kp)[:, :, C - 1, :, None])  # [BH, NC, Kp, 1]
+
+    if initial_state is None:
+        h0 = jnp.zeros((N * H, Kp, Vp), acc)
+    else:
+        h0 = initial_state.astype(acc)
+        if layout.empty is not None:  # an empty sequence's state bypasses the kernel
+            h0 = jnp.where(layout.empty[:, None, None, None], lax.stop_gradient(h0), h0)
+        h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V))).reshape(N * H, Kp, Vp)
+    reset = layout.reset.reshape(-1).astype(jnp.int32)
+    hidx = layout.seq.reshape(-1).astype(jnp.int32)
+
+    spec = Spec(delta=family == "gdn", has_g=g is not None, has_gk=gk is not None,
+                scale=float(scale), cd=jnp.dtype(cd).name)
+    cfg = ScanConfig(
+        spec=spec, acc=jnp.dtype(acc).name, out=jnp.dtype(q.dtype).name, H=H, C=C, NC=NC,
+        Kp=Kp, Vp=Vp, BV=_tile(Vp, blocks.v_tile, blocks, f32),
+        BV_seq=_tile(Vp, blocks.v_tile_seq, blocks, f32), backend=blocks.backend,
+        interpret=bool(interpret), varlen=cu_seqlens is not None)
+    o, states = _scan(cfg, tokens(q, Kp), tokens(k, Kp), tokens(v, Vp), tuple(extras), h0,
+                      reset, hidx)
+
+    o = o[..., :V].reshape(B, H, T_pad, V).transpose(0, 2, 1, 3)
+    o = layout.from_chunks(o.reshape(B, NC, C, H, V))
+    states = states[..., :K, :V].reshape(B, H, -1, K, V).transpose(0, 2, 1, 3, 4)
+    h0_user = None if initial_state is None else initial_state.astype(acc)
+    return o.astype(q.dtype), layout.final_states(states, h0_user)
