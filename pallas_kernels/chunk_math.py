@@ -48,10 +48,10 @@ def _iota(shape, dim):
     return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-def _dot(a, b, cd, ta, tb):
+def _dot(a, b, cd, ta, tb, precise=True):
     acc = jnp.promote_types(cd, jnp.float32)
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-    prec = None if cd == jnp.bfloat16 else lax.Precision.HIGHEST
+    prec = lax.Precision.HIGHEST if precise and cd != jnp.bfloat16 else None
     return lax.dot_general(a.astype(cd), b.astype(cd), dims, precision=prec,
                            preferred_element_type=acc)
 
@@ -106,11 +106,14 @@ def _masked_exp(diff, mask):
 
 
 # ----------------------------------------------------------------------------- UT inverse
-def _ut_inverse(L, block: int):
+def _ut_inverse(L, block: int, precise: bool):
     C = L.shape[0]
     b = min(block, C)
     dt = L.dtype
-    mm = matmul(False)
+
+    def mm(a, b, dt):
+        return _dot(a, b, dt, False, False, precise)
+
     r, c = _iota((C, C), 0), _iota((C, C), 1)
     eye = (r == c).astype(dt)
     same = div(r, b) == div(c, b)
@@ -133,29 +136,31 @@ def _ut_inverse(L, block: int):
     return T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def ut_inverse(L, block: int = SUB):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def ut_inverse(L, block: int = SUB, precise: bool = True):
     """(I + L)^-1 for a strictly lower-triangular L [C, C], by blocked forward substitution.
 
     The diagonal blocks (size `block`) are inverted together, one row of every block per loop
     step (I + L_d is block diagonal); the off-diagonal blocks are then merged with matmuls:
     (I + L)^-1 = (I + D L_o)^-1 D with D = (I + L_d)^-1, and N = -D L_o is block-nilpotent,
-    so (I + D L_o)^-1 = prod_p (I + N^(2^p)). All matmuls at full precision.
+    so (I + D L_o)^-1 = prod_p (I + N^(2^p)). With `precise=False` the float32 matmuls run at
+    the backend's default precision (TF32 tensor cores on a GPU): enough for bf16 inputs, and
+    several times faster than full float32 there.
     Its gradient is closed-form (dL = -Tᵀ dT Tᵀ below the diagonal), so a backward kernel
     never differentiates through the substitution loop.
     """
-    return _ut_inverse(L, block)
+    return _ut_inverse(L, block, precise)
 
 
-def _ut_inverse_fwd(L, block):
-    T = _ut_inverse(L, block)
+def _ut_inverse_fwd(L, block, precise):
+    T = _ut_inverse(L, block, precise)
     return T, T
 
 
-def _ut_inverse_bwd(block, T, dT):
+def _ut_inverse_bwd(block, precise, T, dT):
     C = T.shape[0]
     dt = T.dtype
-    dL = -_dot(_dot(T, dT, dt, True, False), T, dt, False, True)
+    dL = -_dot(_dot(T, dT, dt, True, False, precise), T, dt, False, True, precise)
     return (jnp.where(_iota((C, C), 0) > _iota((C, C), 1), dL, 0),)
 
 
@@ -253,7 +258,8 @@ def ut_transform(gt: Gates, k, v, cd, diff: bool = False):
     else:
         gam, kb = 1.0, k * gt.beta
     L = jnp.where(i > j, gt.beta * kk * gam, 0)
-    T = ut_inverse(L) if diff else _ut_inverse(L, SUB)
+    precise = jnp.dtype(cd) != jnp.bfloat16
+    T = ut_inverse(L, SUB, precise) if diff else _ut_inverse(L, SUB, precise)
     return mm(T, kb, cd), mm(T, v * gt.beta, cd)
 
 

@@ -61,6 +61,8 @@ class ScanConfig:
     backend: str           # "tpu" | "gpu"
     interpret: bool
     varlen: bool           # packed sequences: a final state after every chunk
+    warps: int = 4         # GPU: warps per program of the chunk-parallel kernels
+    warps_seq: int = 4     # GPU: warps per program of the sequential passes
 
     @property
     def kinds(self) -> tuple:
@@ -116,13 +118,16 @@ class Blocks:
     """A backend's block-shape policy: K and V are padded to multiples of `align` (and to a
     power of two if `pow2`); value tiles of `v_tile` (chunk-parallel kernels) and `v_tile_seq`
     (sequential passes), each halved for float32 inputs (`f32_halve`: the GPU's shared
-    memory holds half as many float32 operands)."""
+    memory holds half as many float32 operands); on GPU, `warps` / `warps_seq` warps per
+    program of the chunk-parallel kernels / sequential passes."""
     backend: str
     align: int
     v_tile: int
     v_tile_seq: int
     pow2: bool
     f32_halve: bool
+    warps: int = 4
+    warps_seq: int = 4
 
 
 # TPU (Mosaic): K and V padded to multiples of 128 lanes, value tiles of 128; the sequential
@@ -159,14 +164,13 @@ def _tile(Vp: int, tile: int, blocks: Blocks, f32: bool) -> int:
 
 
 # ----------------------------------------------------------------------------- the op wrapper
-def chunked_scan(family: str, q, k, v, *, beta=None, g=None, gk=None, scale: float,
-                 initial_state=None, cu_seqlens=None, chunk_size: int = 64,
-                 blocks: Blocks, interpret: Optional[bool] = None):
-    """Run one op family's Pallas kernels on validated [B, T, H, D] inputs.
+def prepare(family: str, q, k, v, *, beta=None, g=None, gk=None, scale: float,
+            initial_state=None, cu_seqlens=None, chunk_size: int = 64, blocks: Blocks,
+            interpret: Optional[bool] = None):
+    """Validated [B, T, H, D] inputs -> (ScanConfig, the kernels' inputs (q, k, v, extras, h0,
+    reset, hidx) in the [B·H, T_pad, D] layout, the ChunkLayout).
 
-    family: "la" (linear attention) or "gdn" (gated delta rule).
-    Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in the accumulation dtype).
-    """
+    family: "la" (linear attention) or "gdn" (gated delta rule)."""
     if interpret is None:
         interpret = default_interpret()
     B, T, H, K = q.shape
@@ -220,12 +224,22 @@ def chunked_scan(family: str, q, k, v, *, beta=None, g=None, gk=None, scale: flo
         spec=spec, acc=jnp.dtype(acc).name, out=jnp.dtype(q.dtype).name, H=H, C=C, NC=NC,
         Kp=Kp, Vp=Vp, BV=_tile(Vp, blocks.v_tile, blocks, f32),
         BV_seq=_tile(Vp, blocks.v_tile_seq, blocks, f32), backend=blocks.backend,
-        interpret=bool(interpret), varlen=cu_seqlens is not None)
-    o, states = _scan(cfg, tokens(q, Kp), tokens(k, Kp), tokens(v, Vp), tuple(extras), h0,
-                      reset, hidx)
+        interpret=bool(interpret), varlen=cu_seqlens is not None, warps=blocks.warps,
+        warps_seq=blocks.warps_seq)
+    args = (tokens(q, Kp), tokens(k, Kp), tokens(v, Vp), tuple(extras), h0, reset, hidx)
+    return cfg, args, layout
 
-    o = o[..., :V].reshape(B, H, T_pad, V).transpose(0, 2, 1, 3)
-    o = layout.from_chunks(o.reshape(B, NC, C, H, V))
+
+def chunked_scan(family: str, q, k, v, *, initial_state=None, **kw):
+    """Run one op family's Pallas kernels on validated [B, T, H, D] inputs (arguments as for
+    `prepare`). Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in the
+    accumulation dtype)."""
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    cfg, args, layout = prepare(family, q, k, v, initial_state=initial_state, **kw)
+    o, states = _scan(cfg, *args)
+    o = o[..., :V].reshape(B, H, layout.T_pad, V).transpose(0, 2, 1, 3)
+    o = layout.from_chunks(o.reshape(B, cfg.NC, cfg.C, H, V))
     states = states[..., :K, :V].reshape(B, H, -1, K, V).transpose(0, 2, 1, 3, 4)
-    h0_user = None if initial_state is None else initial_state.astype(acc)
+    h0_user = None if initial_state is None else initial_state.astype(common.acc_dtype(q))
     return o.astype(q.dtype), layout.final_states(states, h0_user)

@@ -17,9 +17,9 @@ from . import chunk_math
 from .chunk_math import div, rem
 
 
-def _params():
+def _params(cfg):
     from jax.experimental.pallas import triton as pltr
-    return pltr.CompilerParams(num_warps=4, num_stages=2)
+    return pltr.CompilerParams(num_warps=cfg.warps_seq, num_stages=2)
 
 
 def _specs(cfg, T_pad: int, n_rows: int, n_idx: int):
@@ -85,7 +85,7 @@ def state_forward(cfg, k, u, w, extras, h0, reset, hidx):
                  + ([jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), cd)] if delta else [])
                  + [jax.ShapeDtypeStruct((BH, NC if cfg.varlen else 1, cfg.Kp, cfg.Vp), acc)])
     outs = pl.pallas_call(
-        kernel, grid=(BH, cfg.Vp // cfg.BV_seq), compiler_params=_params(),
+        kernel, grid=(BH, cfg.Vp // cfg.BV_seq), compiler_params=_params(cfg),
         interpret=cfg.interpret,
         in_specs=([sp["idx"], sp["idx"], sp["key"], sp["val"]] + ([sp["key"]] if delta else [])
                   + [sp[kd] for kd in cfg.kinds] + [sp["h0"]]),
@@ -140,7 +140,7 @@ def state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0, reset, hidx):
         lax.fori_loop(0, NC, body, init)
 
     return pl.pallas_call(
-        kernel, grid=(BH, cfg.Vp // cfg.BV_seq), compiler_params=_params(),
+        kernel, grid=(BH, cfg.Vp // cfg.BV_seq), compiler_params=_params(cfg),
         interpret=cfg.interpret,
         in_specs=([sp["idx"], sp["idx"], sp["key"], sp["key"]] + ([sp["key"]] if delta else [])
                   + [sp[kd] for kd in cfg.kinds] + [sp["val"]]

@@ -20,7 +20,7 @@ def compiler_params(cfg, ndim: int):
         from jax.experimental.pallas import tpu as pltpu
         return pltpu.CompilerParams(dimension_semantics=("parallel",) * ndim)
     from jax.experimental.pallas import triton as pltr
-    return pltr.CompilerParams(num_warps=4, num_stages=2)
+    return pltr.CompilerParams(num_warps=cfg.warps, num_stages=2)
 
 
 def _specs(cfg, tiled: bool):
