@@ -8,6 +8,7 @@ import math
 from typing import Optional, Sequence
 
 from layers.linear_attention import FEATURE_MAPS
+from pallas_kernels.attention import IMPLS as ATTN_IMPLS
 
 MIXERS = ("attn", "swa", "la", "retnet", "lightning", "ssd", "gla", "gdn", "deltanet")
 RECURRENT = ("la", "retnet", "lightning", "ssd", "gla", "gdn", "deltanet")
@@ -40,7 +41,8 @@ class ModelConfig:
     scan_layers: bool = False              # nn.scan over the repeated pattern groups
     remat: str = "none"                    # none | full | dots | dots_no_batch
     impl: str = "auto"                     # linear_attention / gated_delta_rule impl
-    attn_impl: str = "auto"                # softmax attention impl (auto | reference | xla)
+    attn_impl: str = "auto"                # softmax attention impl: auto | reference | xla |
+                                           # cudnn (GPU) | splash (TPU)
     chunk_size: int = 64                   # chunk of the recurrent ops
     feature_map: str = "elu"               # la: identity | elu | taylor
     feature_dim: int = 16                  # la with taylor: q/k feature dim per head
@@ -95,8 +97,7 @@ class ModelConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.remat in REMAT, "remat", f"must be one of {REMAT}")
         need(self.impl in IMPLS, "impl", f"must be one of {IMPLS}")
-        need(self.attn_impl in ("auto", "reference", "xla"), "attn_impl",
-             "must be one of ('auto', 'reference', 'xla')")
+        need(self.attn_impl in ATTN_IMPLS, "attn_impl", f"must be one of {ATTN_IMPLS}")
         need(self.feature_map in FEATURE_MAPS, "feature_map", f"must be one of {FEATURE_MAPS}")
         need(self.expand_v > 0 and float(self.resolved_head_dim * self.expand_v).is_integer(),
              "expand_v", f"must be > 0 with expand_v · head_dim ({self.resolved_head_dim}) "
