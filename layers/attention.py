@@ -75,8 +75,11 @@ class Attention(nn.Module):
             sinks = self.param("sinks", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                      ("heads",)), (H,),
                                jnp.float32)
+        # A named library kernel (cudnn, splash) takes no explicit positions, which decode
+        # caches pass: with a cache, "auto" uses it where it can and the XLA path elsewhere.
+        impl = "auto" if cache is not None and self.impl in ("cudnn", "splash") else self.impl
         attn = lambda q, k, v, **a: attention(q, k, v, window=self.window, sinks=sinks,
-                                              impl=self.impl, **a)
+                                              impl=impl, **a)
         new_cache = None
         if cache is None:
             o = attn(q, k, v, segment_ids=segment_ids)
