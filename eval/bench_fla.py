@@ -200,6 +200,8 @@ def run_cell(op, B, T, H, D, dtype, reps, unsafe_bwd) -> dict:
         r["fwd_ms"] = median_ms(forward, reps)
     if "fwd_bwd_skipped" not in r:
         r["fwd_bwd_ms"] = median_ms(fwd_bwd, reps)
+        for x in leaves:        # the base is the inputs alone, as in bench_ops
+            x.grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

@@ -1,26 +1,37 @@
-"""Training throughput and memory of whole models against sequence length, side by side.
+"""Training throughput, MFU and memory of whole models against sequence length, side by side.
 
-    python -m eval.bench_model [--lengths 1024 2048 4096 8192 16384] [--quick] --out out/bench_model
+    python -m eval.bench_model [--backend cpu|gpu|tpu] [--lengths 1024 2048 4096 8192 16384]
+                               [--quick] [--time_budget SECONDS] --out out/bench_model
 
-Models (same number of layers and heads; `gdn` and `hybrid` get the d_model that brings their
-parameter count closest to the transformer's):
+Models (same number of layers and heads; with --width_match, the CPU default, `gdn` and
+`hybrid` get the d_model that brings their parameter count closest to the transformer's):
 
     transformer   softmax attention + SwiGLU MLP in every layer
     gdn           Gated DeltaNet + MLP in every layer
     hybrid        Gated DeltaNet and sliding-window attention alternating (+ MLP)
 
+Defaults per backend (each flag overrides):
+
+    cpu       d_model 256 (transformer; the others width-matched), 4 layers, 4 heads, vocab
+              256, batch 1, lengths 1024 ... 16384, float32, 3 reps
+    gpu, tpu  d_model 1024 for all three (no width matching: the GDN model has 88M params),
+              4 layers, 8 heads (head_dim 128), vocab 32768, batch 2, length 8192, bfloat16,
+              5 reps
+
 Each cell times one full training step (forward, backward, AdamW update from the trainer's own
 `train.optim.make_optimizer`) on a batch of `--batch` sequences, after a warm-up call that
-compiles; the median of `--reps` calls. Memory is XLA's own account of the compiled step
-(arguments + outputs + temporaries, less donated/aliased buffers): the peak the step needs on
-any backend. Cells whose estimated step time exceeds `--max_step_seconds` (extrapolated from
-the previous length) are not timed and show "-" for tokens/s, but are still compiled, so their
-memory is reported.
+compiles; the median of `--reps` calls. MFU is the trainer's own estimate
+(`train.metrics`: 6·params + the attention score/value products per token, over the device's
+peak bf16 FLOP/s; on CPU a rough cores × clock figure). Memory is XLA's own account of the
+compiled step (arguments + outputs + temporaries, less donated/aliased buffers): the peak the
+step needs on any backend. Cells whose estimated step time exceeds `--max_step_seconds`
+(extrapolated from the previous length) are not timed and show "-" for tokens/s, but are
+still compiled, so their memory is reported; with --time_budget no cell starts past it.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -28,17 +39,27 @@ from typing import Optional, Sequence
 import numpy as np
 
 from eval import common
+from eval.bench_fla import error_text
 
 MODELS = {
     "transformer": dict(pattern=("attn",)),
     "gdn": dict(pattern=("gdn",)),
     "hybrid": dict(pattern=("gdn", "swa")),
 }
+PRESETS = {
+    "cpu": dict(d_model=256, num_layers=4, num_heads=4, vocab_size=256, batch=1,
+                lengths=[1024, 2048, 4096, 8192, 16384], dtype="float32", reps=3,
+                width_match=True, window=512),
+    "gpu": dict(d_model=1024, num_layers=4, num_heads=8, vocab_size=32768, batch=2,
+                lengths=[8192], dtype="bfloat16", reps=5, width_match=False, window=512),
+}
+PRESETS["tpu"] = PRESETS["gpu"]
 
 
 def model_configs(names: Sequence[str], d_model: int, num_layers: int, num_heads: int,
-                  vocab_size: int, window: int, **extra) -> dict:
-    """ModelConfigs for `names`; all but the transformer width-matched to its parameter count."""
+                  vocab_size: int, window: int, width_match: bool = True, **extra) -> dict:
+    """ModelConfigs for `names`; with `width_match`, all but the transformer width-matched to
+    its parameter count, else all at `d_model`."""
     from mem_lm import ModelConfig, param_count
 
     def make(name, d):
@@ -49,7 +70,7 @@ def model_configs(names: Sequence[str], d_model: int, num_layers: int, num_heads
     step = 2 * num_heads                      # even head_dim (RoPE)
     out = {}
     for name in names:
-        if name == "transformer":
+        if name == "transformer" or not width_match:
             out[name] = make(name, d_model)
             continue
         cands = range(max(step, (d_model // 2) // step * step), 2 * d_model + step, step)
@@ -92,7 +113,8 @@ def bench_cell(cfg, seq_len: int, batch: int, reps: int, seed: int = 0,
     import jax
     import jax.numpy as jnp
     from configs.base import get_config
-    from mem_lm import LanguageModel
+    from mem_lm import LanguageModel, param_count
+    from train.metrics import peak_flops_per_device, train_flops_per_token
     from train.optim import make_optimizer
 
     model = LanguageModel(cfg)
@@ -120,54 +142,93 @@ def bench_cell(cfg, seq_len: int, batch: int, reps: int, seed: int = 0,
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
     t = float(np.median(times))
-    return {**r, "step_seconds": t, "tokens_per_second": batch * seq_len / t,
-            "loss": float(loss)}
+    tps = batch * seq_len / t
+    peak = peak_flops_per_device(get_config()) * jax.device_count()
+    mfu = tps * train_flops_per_token(param_count(cfg), cfg, seq_len) / peak
+    return {**r, "step_seconds": t, "tokens_per_second": tps,
+            "mfu": mfu if np.isfinite(mfu) else None, "loss": float(loss)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m eval.bench_model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=tuple(PRESETS), default="cpu")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--lengths", type=int, nargs="+",
-                    help="sequence lengths (default 1024 2048 4096 8192 16384; --quick: 128 256)")
-    ap.add_argument("--batch", type=int, default=1, help="sequences per step")
-    ap.add_argument("--d_model", type=int, default=256, help="the transformer's width")
-    ap.add_argument("--num_layers", type=int, default=4)
-    ap.add_argument("--num_heads", type=int, default=4)
-    ap.add_argument("--vocab_size", type=int, default=256)
-    ap.add_argument("--window", type=int, default=512, help="the hybrid's attention window")
-    ap.add_argument("--reps", type=int, default=3)
+                    help="sequence lengths (default: per backend; --quick: 128 256)")
+    ap.add_argument("--batch", type=int, help="sequences per step")
+    ap.add_argument("--d_model", type=int, help="the transformer's width")
+    ap.add_argument("--num_layers", type=int)
+    ap.add_argument("--num_heads", type=int)
+    ap.add_argument("--vocab_size", type=int)
+    ap.add_argument("--width_match", action=argparse.BooleanOptionalAction, default=None,
+                    help="width-match gdn and hybrid to the transformer's parameter count")
+    ap.add_argument("--window", type=int, help="the hybrid's attention window (512)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
+    ap.add_argument("--impl", default="auto", help="ModelConfig.impl (the recurrent ops)")
+    ap.add_argument("--attn_impl", default="auto", help="ModelConfig.attn_impl")
+    ap.add_argument("--reps", type=int)
     ap.add_argument("--max_step_seconds", type=float, default=60.0)
+    ap.add_argument("--time_budget", type=float, default=None,
+                    help="seconds; no cell starts past it")
     ap.add_argument("--quick", action="store_true",
                     help="tiny models and lengths 128, 256 (smoke test)")
     ap.add_argument("--out", default="out/bench_model")
     args = ap.parse_args(argv)
+    preset = dict(PRESETS[args.backend])
     if args.quick:
-        args.lengths = args.lengths or [128, 256]
-        args.d_model, args.num_layers, args.num_heads, args.window, args.reps = 32, 2, 2, 64, 1
-    args.lengths = args.lengths or [1024, 2048, 4096, 8192, 16384]
+        preset.update(lengths=[128, 256], d_model=32, num_layers=2, num_heads=2, window=64,
+                      vocab_size=256, reps=1)
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if min(args.lengths) < 2 or args.batch < 1 or args.reps < 1:
         common.fail("--lengths must be >= 2, --batch and --reps >= 1")
 
+    os.environ["JAX_PLATFORMS"] = args.backend
     import jax
     from mem_lm import param_count
 
     try:
         cfgs = model_configs(args.models, args.d_model, args.num_layers, args.num_heads,
-                             args.vocab_size, args.window)
+                             args.vocab_size, args.window, width_match=args.width_match,
+                             dtype=args.dtype, impl=args.impl, attn_impl=args.attn_impl)
     except ValueError as e:
         common.fail(str(e))
-    device = jax.devices()[0]
+    try:
+        device = jax.devices()[0]
+    except RuntimeError as e:
+        common.fail(f"--backend {args.backend}: no such device ({e})")
     print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; "
-          f"batch {args.batch}; " + ", ".join(
+          f"batch {args.batch}; {args.dtype}; " + ", ".join(
               f"{n}: d_model {c.d_model}, {param_count(c) / 1e6:.2f}M params"
               for n, c in cfgs.items()), flush=True)
 
+    out = common.out_dir(args.out)
     results = {n: [] for n in cfgs}
     lengths = sorted(args.lengths)
     cells = [(n, L) for L in lengths for n in cfgs]
     last = {}
+    start = time.perf_counter()
+
+    def write(**extra) -> dict:   # after every cell: a run stopped from outside keeps its cells
+        result = {
+            "task": "bench_model", "device": f"{device.platform} {device.device_kind}",
+            "device_count": jax.device_count(), "batch": args.batch, "dtype": args.dtype,
+            "models": {n: {"config": {k: (list(v) if isinstance(v, tuple) else v)
+                                      for k, v in c.to_dict().items()},
+                           "params": param_count(c), "results": results[n]}
+                       for n, c in cfgs.items()}, **extra}
+        common.write_json(out / "bench_model.json", result)
+        return result
+
     for name, L in common.progress_bar(cells, desc="bench_model"):
+        elapsed = time.perf_counter() - start
+        if args.time_budget is not None and elapsed > args.time_budget:
+            why = f"not started: {elapsed:.0f} s spent of --time_budget {args.time_budget:g}"
+            print(f"{name:>12} L={L:>6}: {why}", flush=True)
+            results[name].append({"seq_len": L, "skipped": why})
+            continue
         prev, skipped = last.get(name), None
         if prev is not None:
             # worst case quadratic growth from the previous length
@@ -177,20 +238,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         try:
             r = bench_cell(cfgs[name], L, args.batch, args.reps, timed=skipped is None)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, keep going
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            msg = error_text(e, 200)
             print(f"{name} at {L}: {msg}", file=sys.stderr)
             results[name].append({"seq_len": L, "error": msg})
+            write()
             continue
         if skipped:
             print(f"{name:>12} L={L:>6}: not timed ({skipped}), {(r['memory_mb'] or 0):>9,.1f} MB",
                   flush=True)
             results[name].append({"seq_len": L, "skipped": skipped, **r})
+            write()
             continue
         last[name] = (L, r["step_seconds"])
-        print(f"{name:>12} L={L:>6}: {r['tokens_per_second']:>10,.0f} tok/s, "
+        mfu = f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+        print(f"{name:>12} L={L:>6}: {r['tokens_per_second']:>10,.0f} tok/s{mfu}, "
               f"{(r['memory_mb'] or 0):>9,.1f} MB, step {r['step_seconds']:.3f}s "
               f"(compile {r['compile_seconds']:.0f}s)", flush=True)
         results[name].append({"seq_len": L, **r})
+        write()
 
     def cell(name, L, key):
         for r in results.get(name, []):
@@ -204,6 +269,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for n in cfgs:
             row[f"{n} tok/s"] = cell(n, L, "tokens_per_second")
         for n in cfgs:
+            mfu = cell(n, L, "mfu")
+            row[f"{n} MFU %"] = None if mfu is None else 100 * mfu
+        for n in cfgs:
             row[f"{n} MB"] = cell(n, L, "memory_mb")
         base = cell("transformer", L, "tokens_per_second")
         for n in cfgs:
@@ -212,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 row[f"{n}/transformer"] = v / base if v and base else None
         rows.append(row)
     common.print_table(rows, floatfmt=",.4g",
-                       title="training tokens/s and step memory (MB) by sequence length")
+                       title="training tokens/s, MFU and step memory (MB) by sequence length")
     summary = {}
     for n in cfgs:
         for L in (L for L in lengths if L >= 8192 and n != "transformer"):
@@ -226,15 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for k, v in summary.items():
         print(f"{k}: {v:.2f}")
 
-    out = common.out_dir(args.out)
-    result = {"task": "bench_model", "device": f"{device.platform} {device.device_kind}",
-              "device_count": jax.device_count(), "batch": args.batch,
-              "models": {n: {"config": {k: (list(v) if isinstance(v, tuple) else v)
-                                        for k, v in c.to_dict().items()},
-                             "params": param_count(c), "results": results[n]}
-                         for n, c in cfgs.items()},
-              "table": rows, "summary": summary}
-    common.write_json(out / "bench_model.json", result)
+    result = write(table=rows, summary=summary)
     _plot(out / "bench_model.png", cfgs, results, args.batch)
     print(f"wrote {out / 'bench_model.json'} and {out / 'bench_model.png'}")
     return result

@@ -9,9 +9,10 @@ Ops: the gated delta rule with g and β (`gdn`), linear attention with a per-hea
 (`la_g`) and with per-key decays gk (`la_gk`, GLA), and causal softmax attention (`attn`,
 `pallas_kernels.attention.attention`). Impls: those each op's package lists at run time
 (`pallas_kernels.common.IMPLS`, `pallas_kernels.attention.IMPLS`) less "auto"; "reference"
-only on CPU (it keeps a state per token, or all T² scores), the Pallas kernels only off CPU
-(on CPU they run in interpret mode). An impl that fails (unsupported here, out of memory)
-is reported with its error, and the run goes on.
+only on CPU (it keeps a state per token, or all T² scores); no kernel where it would run in
+interpret mode (pallas on CPU, splash off TPU) and no cuDNN off GPU (ELSEWHERE). --impls
+names others explicitly. An impl that fails (cannot serve the call, out of memory) is
+reported with its error, and the run goes on.
 
 Defaults per backend (each flag overrides):
 
@@ -89,6 +90,9 @@ PRESETS = {
                 matmul_n=8192),
 }
 PRESETS["tpu"] = PRESETS["gpu"]
+# Impls not run unless asked for, per platform: kernels that would only run in interpret mode
+# there (slow; the test suite covers that mode) or that need another platform's library.
+ELSEWHERE = {"cpu": {"pallas", "splash", "cudnn"}, "gpu": {"splash"}, "tpu": {"cudnn"}}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -127,8 +131,10 @@ def make_inputs(op: str, B: int, T: int, H: int, K: int, dtype, seed: int = 0) -
     return x
 
 
-def make_fns(op: str, impl: str, inputs: dict):
-    """(jitted forward, jitted fwd+bwd) for one op/impl, both taking the input dict."""
+def make_fns(op: str, impl: str, inputs: dict) -> tuple:
+    """((jitted forward, its args), (jitted fwd+bwd, its args)) for one op/impl. The cotangent
+    is an argument, not a constant: XLA would fold a constant of the size of o into the
+    program, and take seconds to compile it."""
     import jax
     import jax.numpy as jnp
     from pallas_kernels.attention import attention
@@ -145,20 +151,20 @@ def make_fns(op: str, impl: str, inputs: dict):
     ct = jnp.asarray(np.random.default_rng(1).standard_normal(inputs["v"].shape),
                      inputs["v"].dtype)
 
-    def loss(x):
+    def loss(x, ct):
         return jnp.sum(forward(x).astype(jnp.float32) * ct.astype(jnp.float32))
 
-    return jax.jit(forward), jax.jit(jax.grad(loss))
+    return (jax.jit(forward), (inputs,)), (jax.jit(jax.grad(loss)), (inputs, ct))
 
 
-def time_call(fn, args, reps: int) -> float:
-    """Median wall seconds of `fn(args)` over `reps` calls, after one warm-up call."""
+def time_call(fn, args: tuple, reps: int) -> float:
+    """Median wall seconds of `fn(*args)` over `reps` calls, after one warm-up call."""
     import jax
-    jax.block_until_ready(fn(args))
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(args))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -176,7 +182,7 @@ def matmul_gflops(n: int, dtype, reps: int = 5) -> float:
     import jax.numpy as jnp
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     mm = jax.jit(lambda a: a @ a)
-    return 2.0 * n ** 3 / time_call(mm, x, reps) / 1e9
+    return 2.0 * n ** 3 / time_call(mm, (x,), reps) / 1e9
 
 
 def _memory_stats(device) -> Optional[dict]:
@@ -186,10 +192,10 @@ def _memory_stats(device) -> Optional[dict]:
         return None
 
 
-def timed_with_peak(device, compiled, inputs, reps: int) -> tuple:
+def timed_with_peak(device, compiled, args: tuple, reps: int) -> tuple:
     """(median seconds, peak MB or None, whether that peak is only an upper bound)."""
     before = _memory_stats(device)
-    sec = time_call(compiled, inputs, reps)
+    sec = time_call(compiled, args, reps)
     after = _memory_stats(device)
     if not before or not after or "peak_bytes_in_use" not in after:
         return sec, None, False
@@ -211,8 +217,8 @@ def _rss_child(spec: str) -> None:
 
     s = json.loads(spec)
     inputs = make_inputs(s["op"], s["B"], s["T"], s["H"], s["K"], jnp.dtype(s["dtype"]))
-    _, fwd_bwd = make_fns(s["op"], s["impl"], inputs)
-    fwd_bwd = fwd_bwd.lower(inputs).compile()
+    _, (fwd_bwd, args) = make_fns(s["op"], s["impl"], inputs)
+    fwd_bwd = fwd_bwd.lower(*args).compile()
     proc = psutil.Process()
     base = proc.memory_info().rss
     peak, done = [base], threading.Event()
@@ -224,7 +230,7 @@ def _rss_child(spec: str) -> None:
 
     thread = threading.Thread(target=sample)
     thread.start()
-    out = fwd_bwd(inputs)
+    out = fwd_bwd(*args)
     jax.block_until_ready(out)
     done.set()
     thread.join()
@@ -291,7 +297,7 @@ def run_peers(args, budget: float, log) -> list:
 # ----------------------------------------------------------------------------- main
 def op_impls(op: str, backend: str, requested: Optional[Sequence[str]]) -> list:
     """The impls to run for `op`: its package's IMPLS (read at run time) less "auto";
-    by default no reference off CPU and no (interpret-mode) Pallas on CPU."""
+    by default none of ELSEWHERE[backend], and the reference only on CPU."""
     if op == "attn":
         from pallas_kernels.attention import IMPLS
     else:
@@ -299,7 +305,7 @@ def op_impls(op: str, backend: str, requested: Optional[Sequence[str]]) -> list:
     known = [i for i in IMPLS if i != "auto"]
     if requested:
         return [i for i in requested if i in known]
-    drop = {"pallas"} if backend == "cpu" else {"reference"}
+    drop = ELSEWHERE[backend] | (set() if backend == "cpu" else {"reference"})
     return [i for i in known if i not in drop]
 
 
@@ -343,6 +349,9 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args._rss_child:
         return args
+    # Before anything imports jax (pallas_kernels does): jax reads it once, at import.
+    os.environ["JAX_PLATFORMS"] = args.backend
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     preset = PRESETS[args.backend]
     if args.shapes and args.lengths:
         common.fail("give --shapes or --lengths, not both")
@@ -387,8 +396,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             budget = min(budget, deadline - time.perf_counter())
         peers = run_peers(args, budget, log)
 
-    os.environ["JAX_PLATFORMS"] = args.backend
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.numpy as jnp
     try:
@@ -471,7 +478,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 def _run_cell(r, op, B, T, impl, args, H, K, dtype, device, last, size) -> None:
     """Fill `r` with one cell's measurements (see the module docstring)."""
     inputs = make_inputs(op, B, T, H, K, dtype)
-    for name, fn in zip(("fwd", "fwd_bwd"), make_fns(op, impl, inputs)):
+    for name, (fn, fn_args) in zip(("fwd", "fwd_bwd"), make_fns(op, impl, inputs)):
         prev = last.get((op, impl, name))
         est = prev[1] * size(op, B, T) / prev[0] if prev else 0.0
         if est > args.max_seconds:
@@ -479,9 +486,9 @@ def _run_cell(r, op, B, T, impl, args, H, K, dtype, device, last, size) -> None:
                                     f"shape (> --max_seconds {args.max_seconds:g})")
             continue
         t0 = time.perf_counter()
-        compiled = fn.lower(inputs).compile()
+        compiled = fn.lower(*fn_args).compile()
         r[f"{name}_compile_s"] = time.perf_counter() - t0
-        sec, peak, bound = timed_with_peak(device, compiled, inputs, args.reps)
+        sec, peak, bound = timed_with_peak(device, compiled, fn_args, args.reps)
         last[(op, impl, name)] = (size(op, B, T), sec)
         r[f"{name}_ms"] = sec * 1e3
         r[f"{name}_gflops"] = nominal_flops(op, B, T, H, K, K, name == "fwd") / sec / 1e9
@@ -549,7 +556,8 @@ def _plot(path, records, args, device) -> None:
         ax.set_yscale("log")
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if names:
+        axes[0].legend(fontsize=7)
     fig.suptitle(f"ops on {device.platform} ({device.device_kind}), {args.dtype}, "
                  f"H={args.heads} K=V={args.head_dim}")
     fig.tight_layout()

@@ -16,6 +16,7 @@ from eval import common
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
     monkeypatch.setenv("MEMLM_NO_PROGRESS", "1")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")   # bench_model sets it; restored after the test
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +137,26 @@ def test_bench_model_quick(tmp_path):
     r = _json(tmp_path / "bench_model")
     cell, over = r["models"]["transformer"]["results"]
     assert cell["seq_len"] == 32 and cell["tokens_per_second"] > 0 and cell["memory_mb"] > 0
+    assert 0 < cell["mfu"] < 1
     assert r["table"][0]["transformer tok/s"] == cell["tokens_per_second"]
+    assert r["table"][0]["transformer MFU %"] == pytest.approx(100 * cell["mfu"])
     # Past --max_step_seconds a cell is not timed, but its compiled memory is still reported.
     assert over["seq_len"] == 64 and "skipped" in over and "tokens_per_second" not in over
     assert over["memory_mb"] > cell["memory_mb"]
     assert r["table"][1]["transformer tok/s"] is None
+
+
+def test_bench_model_gpu_preset_is_the_issue_baseline():
+    """--backend gpu: all three at d_model 1024 (no width matching), the GDN model 88M params."""
+    from eval.bench_model import PRESETS, model_configs
+    from mem_lm import param_count
+    p = PRESETS["gpu"]
+    cfgs = model_configs(["transformer", "gdn", "hybrid"], p["d_model"], p["num_layers"],
+                         p["num_heads"], p["vocab_size"], p["window"],
+                         width_match=p["width_match"], dtype=p["dtype"])
+    assert {c.d_model for c in cfgs.values()} == {1024}
+    assert round(param_count(cfgs["gdn"]) / 1e6) == 88
+    assert (p["batch"], p["lengths"], cfgs["gdn"].dtype) == (2, [8192], "bfloat16")
 
 
 def test_bench_model_width_matching():
