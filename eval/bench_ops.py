@@ -66,6 +66,7 @@ bench_ops.png are written at the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -114,21 +115,23 @@ def nominal_flops(op: str, B: int, T: int, H: int, K: int, V: int,
 
 
 def make_inputs(op: str, B: int, T: int, H: int, K: int, dtype, seed: int = 0) -> dict:
+    """Random inputs drawn on the device (numpy would spend seconds per cell at GPU sizes)."""
+    import jax
     import jax.numpy as jnp
-    rng = np.random.default_rng(seed)
-    arr = lambda x: jnp.asarray(x, dtype)
-    k = rng.standard_normal((B, T, H, K))
+    kq, kk, kv, kg, kb = jax.random.split(jax.random.PRNGKey(seed), 5)
+    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32)
+    log_decay = lambda shape: jnp.log(jax.random.uniform(kg, shape, jnp.float32, 0.9, 1.0))
+    k = normal(kk, (B, T, H, K))
     if op != "attn":   # the delta rule expects unit keys; the gated sums stay bounded too
-        k = k / np.linalg.norm(k, axis=-1, keepdims=True)
-    x = {"q": arr(rng.standard_normal((B, T, H, K))), "k": arr(k),
-         "v": arr(rng.standard_normal((B, T, H, K)))}
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    x = {"q": normal(kq, (B, T, H, K)), "k": k, "v": normal(kv, (B, T, H, K))}
     if op == "la_gk":
-        x["gk"] = arr(np.log(rng.uniform(0.9, 1.0, (B, T, H, K))))
+        x["gk"] = log_decay((B, T, H, K))
     elif op != "attn":
-        x["g"] = arr(np.log(rng.uniform(0.9, 1.0, (B, T, H))))
+        x["g"] = log_decay((B, T, H))
     if op == "gdn":
-        x["beta"] = arr(rng.uniform(0.0, 1.0, (B, T, H)))
-    return x
+        x["beta"] = jax.random.uniform(kb, (B, T, H), jnp.float32)
+    return {name: a.astype(dtype) for name, a in x.items()}
 
 
 def make_fns(op: str, impl: str, inputs: dict) -> tuple:
@@ -148,8 +151,7 @@ def make_fns(op: str, impl: str, inputs: dict) -> tuple:
             return gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], impl=impl)[0]
         return linear_attention(x["q"], x["k"], x["v"], x.get("g"), x.get("gk"), impl=impl)[0]
 
-    ct = jnp.asarray(np.random.default_rng(1).standard_normal(inputs["v"].shape),
-                     inputs["v"].dtype)
+    ct = jax.random.normal(jax.random.PRNGKey(1), inputs["v"].shape, inputs["v"].dtype)
 
     def loss(x, ct):
         return jnp.sum(forward(x).astype(jnp.float32) * ct.astype(jnp.float32))
@@ -178,11 +180,15 @@ def xla_memory_mb(compiled) -> Optional[float]:
 
 
 def matmul_gflops(n: int, dtype, reps: int = 5) -> float:
+    return 2.0 * n ** 3 / time_call(*_matmul(n, dtype), reps) / 1e9
+
+
+@functools.cache
+def _matmul(n: int, dtype) -> tuple:
+    """(jitted a @ a, (a,)): made and compiled once, measured before every cell."""
     import jax
-    import jax.numpy as jnp
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-    mm = jax.jit(lambda a: a @ a)
-    return 2.0 * n ** 3 / time_call(mm, (x,), reps) / 1e9
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    return jax.jit(lambda a: a @ a), (x,)
 
 
 def _memory_stats(device) -> Optional[dict]:
