@@ -267,7 +267,7 @@ def run_peers(args, budget: float, log) -> list:
     if args.fla_unsafe_bwd:
         cmd.append("--unsafe_bwd")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    if args.fla_path:   # fla and a newer triton for torch alone, never on JAX's path
+    if args.fla_path:   # fla (or a newer triton) on the torch process's path alone, not JAX's
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (args.fla_path, str(REPO), env.get("PYTHONPATH")) if p)
     print(f"peers: {' '.join(cmd[1:])} (budget {budget:.0f} s)", flush=True)
