@@ -189,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if min(args.lengths) < 2 or args.batch < 1 or args.reps < 1:
         common.fail("--lengths must be >= 2, --batch and --reps >= 1")
 
-    os.environ["JAX_PLATFORMS"] = args.backend
+    os.environ["JAX_PLATFORMS"] = common.jax_platforms(args.backend)
     import jax
     from mem_lm import param_count
 

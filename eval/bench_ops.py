@@ -245,7 +245,7 @@ def _rss_child(spec: str) -> None:
 
 
 def rss_growth_mb(spec: dict, backend: str) -> Optional[float]:
-    env = dict(os.environ, JAX_PLATFORMS=backend)
+    env = dict(os.environ, JAX_PLATFORMS=common.jax_platforms(backend))
     cmd = [sys.executable, "-m", "eval.bench_ops", "--_rss_child", json.dumps(spec)]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
@@ -356,7 +356,7 @@ def parse_args(argv):
     if args._rss_child:
         return args
     # Before anything imports jax (pallas_kernels does): jax reads it once, at import.
-    os.environ["JAX_PLATFORMS"] = args.backend
+    os.environ["JAX_PLATFORMS"] = common.jax_platforms(args.backend)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     preset = PRESETS[args.backend]
     if args.shapes and args.lengths:

@@ -28,6 +28,12 @@ class EvalError(SystemExit):
         return self.message
 
 
+def jax_platforms(backend: str) -> str:
+    """JAX_PLATFORMS for a --backend choice: "gpu" names CUDA (JAX's "gpu" alias also tries
+    ROCm and fails where no ROCm plugin is installed)."""
+    return {"gpu": "cuda"}.get(backend, backend)
+
+
 def fail(message: str) -> NoReturn:
     """Print `error: message` to stderr and exit with status 2."""
     print(f"error: {message}", file=sys.stderr, flush=True)

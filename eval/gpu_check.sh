@@ -32,6 +32,7 @@ PEER_S=${PEER_S:-110}                 # of OPS_S, for the fla / torch process
 PHASES_S=${PHASES_S:-100}
 PARTS=${PARTS:-correctness phases bench_ops bench_model}   # which parts run, in this order
 OPS_ARGS=${OPS_ARGS:-}                # more arguments for bench_ops (e.g. --shapes 4x4096)
+CORR_ARGS=${CORR_ARGS:-}              # more arguments for gpu_correctness (e.g. --ops gdn)
 PHASE_VARIANTS=${PHASE_VARIANTS:-default warps8 tile128 seq_tile32}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false MEMLM_NO_PROGRESS=1 \
@@ -94,7 +95,7 @@ EOF
       --time_budget $((MODEL_S - 40)) --out "$OUT"
   else
     part correctness "$CORRECTNESS_S" "$PY" -m eval.gpu_correctness \
-      --time_budget $((CORRECTNESS_S - 30)) --out "$OUT"
+      --time_budget $((CORRECTNESS_S - 30)) --out "$OUT" $CORR_ARGS
     part phases "$PHASES_S" "$PY" -m eval.bench_phases --ops gdn la_g \
       --variants $PHASE_VARIANTS --out "$OUT/phases"
     part bench_ops "$OPS_S" "$PY" -m eval.bench_ops --backend gpu --peer_budget "$PEER_S" \
