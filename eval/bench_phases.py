@@ -74,8 +74,8 @@ def run_phases(cfg, args, reps):
         cells[name] = (float(np.median(times)) * 1e3, compile_s)
         return out
 
-    w, u = (stage("ut", lambda k, v, e: scan_parallel.ut_transform(cfg, k, v, e), k, v, extras)
-            if delta else (None, v))
+    w, u, tri = (stage("ut", lambda k, v, e: scan_parallel.ut_transform(cfg, k, v, e),
+                       k, v, extras) if delta else (None, v, None))
     h, vn, fin = stage("state_fwd", lambda k, u, w, e, h0: seq.state_forward(
         cfg, k, u, w, e, h0, reset, hidx), k, u, w, extras, h0)
     stage("output", lambda q, k, vn, e, h: scan_parallel.output(cfg, q, k, vn, e, h),
@@ -85,8 +85,8 @@ def run_phases(cfg, args, reps):
                  q, k, do, extras) if delta else None)
     dh, _ = stage("state_bwd", lambda q, k, w, e, do, dvo, fin: seq.state_backward(
         cfg, q, k, w, e, do, dvo, fin, h0, reset, hidx), q, k, w, extras, do, dvo, fin)
-    stage("chunk_vjp", lambda q, k, v, e, h, do, dh: scan_parallel.chunk_vjp(
-        cfg, q, k, v, e, h, do, dh), q, k, v, extras, h, do, dh)
+    stage("chunk_vjp", lambda q, k, v, e, h, tri, do, dh: scan_parallel.chunk_vjp(
+        cfg, q, k, v, e, h, tri, do, dh), q, k, v, extras, h, tri, do, dh)
     return cells
 
 

@@ -8,6 +8,7 @@ as within-chunk cumulative log decays A (G [C, 1] per head, Gk [C, K] per key, o
     P  = lower(Σ_k q_ik k_jk e^(A_ik − A_jk))  (diagonal kept)   (`intra_scores`)
     gated delta rule only (`ut_transform`):
         T = (I + strict_lower(diag(β) (Γ ⊙ K Kᵀ)))⁻¹,  W = T (β e^G ⊙ K),  U = T (β ⊙ V)
+        (T is kept from the forward for the backward, which needs only its closed-form vjp)
     vn = U − W S_in  (delta rule)   or   vn = V  (linear attention)
     o     = Qe S_in + P vn
     S_out = d ⊙ S_in + Ksᵀ vn
@@ -106,13 +107,23 @@ def _masked_exp(diff, mask):
 
 
 # ----------------------------------------------------------------------------- UT inverse
-def _ut_inverse(L, block: int, precise: bool):
+def ut_inverse(L, block: int = SUB, precise: bool = True):
+    """(I + L)^-1 for a strictly lower-triangular L [C, C], by blocked forward substitution.
+
+    The diagonal blocks (size `block`) are inverted together, one row of every block per loop
+    step (I + L_d is block diagonal); the off-diagonal blocks are then merged with matmuls:
+    (I + L)^-1 = (I + D L_o)^-1 D with D = (I + L_d)^-1, and N = -D L_o is block-nilpotent,
+    so (I + D L_o)^-1 = prod_p (I + N^(2^p)). With `precise=False` the float32 matmuls run at
+    the backend's default precision (TF32 tensor cores on a GPU): enough for bf16 inputs, and
+    several times faster than full float32 there. Not differentiable: the backward reuses the
+    forward's inverse (`reuse_inverse`).
+    """
     C = L.shape[0]
     b = min(block, C)
     dt = L.dtype
 
-    def mm(a, b, dt):
-        return _dot(a, b, dt, False, False, precise)
+    def mm(x, y, dt):
+        return _dot(x, y, dt, False, False, precise)
 
     r, c = _iota((C, C), 0), _iota((C, C), 1)
     eye = (r == c).astype(dt)
@@ -136,35 +147,26 @@ def _ut_inverse(L, block: int, precise: bool):
     return T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def ut_inverse(L, block: int = SUB, precise: bool = True):
-    """(I + L)^-1 for a strictly lower-triangular L [C, C], by blocked forward substitution.
-
-    The diagonal blocks (size `block`) are inverted together, one row of every block per loop
-    step (I + L_d is block diagonal); the off-diagonal blocks are then merged with matmuls:
-    (I + L)^-1 = (I + D L_o)^-1 D with D = (I + L_d)^-1, and N = -D L_o is block-nilpotent,
-    so (I + D L_o)^-1 = prod_p (I + N^(2^p)). With `precise=False` the float32 matmuls run at
-    the backend's default precision (TF32 tensor cores on a GPU): enough for bf16 inputs, and
-    several times faster than full float32 there.
-    Its gradient is closed-form (dL = -Tᵀ dT Tᵀ below the diagonal), so a backward kernel
-    never differentiates through the substitution loop.
-    """
-    return _ut_inverse(L, block, precise)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def reuse_inverse(L, T, precise: bool = True):
+    """T, given T = (I + L)^-1 computed already (by the forward kernel), as a function of L:
+    its gradient is the closed form dL = strict_lower(-Tᵀ dT Tᵀ), two matmuls, so the
+    backward neither recomputes nor differentiates the substitution loop."""
+    return T
 
 
-def _ut_inverse_fwd(L, block, precise):
-    T = _ut_inverse(L, block, precise)
+def _reuse_inverse_fwd(L, T, precise):
     return T, T
 
 
-def _ut_inverse_bwd(block, precise, T, dT):
+def _reuse_inverse_bwd(precise, T, dT):
     C = T.shape[0]
     dt = T.dtype
     dL = -_dot(_dot(T, dT, dt, True, False, precise), T, dt, False, True, precise)
-    return (jnp.where(_iota((C, C), 0) > _iota((C, C), 1), dL, 0),)
+    return jnp.where(_iota((C, C), 0) > _iota((C, C), 1), dL, 0), jnp.zeros_like(T)
 
 
-ut_inverse.defvjp(_ut_inverse_fwd, _ut_inverse_bwd)
+reuse_inverse.defvjp(_reuse_inverse_fwd, _reuse_inverse_bwd)
 
 
 # ----------------------------------------------------------------------------- the chunk
@@ -246,8 +248,10 @@ def intra_scores(gt: Gates, q, k, cd, mm):
     return jnp.where(causal, qk, 0)
 
 
-def ut_transform(gt: Gates, k, v, cd, diff: bool = False):
-    """(W [C, K], U [C, V]) of the gated delta rule's WY/UT form."""
+def ut_transform(gt: Gates, k, v, cd, T=None):
+    """(W [C, K], U [C, V], T [C, C]) of the gated delta rule's WY/UT form. Given T (the
+    forward's inverse), the form to differentiate: T enters through `reuse_inverse`."""
+    diff = T is not None
     mm = matmul(diff)
     C = k.shape[0]
     i, j = _iota((C, C), 0), _iota((C, C), 1)
@@ -259,8 +263,8 @@ def ut_transform(gt: Gates, k, v, cd, diff: bool = False):
         gam, kb = 1.0, k * gt.beta
     L = jnp.where(i > j, gt.beta * kk * gam, 0)
     precise = jnp.dtype(cd) != jnp.bfloat16
-    T = ut_inverse(L, SUB, precise) if diff else _ut_inverse(L, SUB, precise)
-    return mm(T, kb, cd), mm(T, v * gt.beta, cd)
+    T = reuse_inverse(L, T, precise) if diff else ut_inverse(L, SUB, precise)
+    return mm(T, kb, cd), mm(T, v * gt.beta, cd), T
 
 
 def state_step(spec: Spec, S, k, u, w, extras):
@@ -301,16 +305,17 @@ def intra_dv(spec: Spec, q, k, do, extras):
 
 
 def chunk_fn(spec: Spec):
-    """The whole chunk, (S_in, q, k, v, *extras) -> (o, S_out), for `jax.vjp` in a kernel."""
+    """The whole chunk, (S_in, T, q, k, v, *extras) -> (o, S_out), for `jax.vjp` in a kernel
+    (T: the forward's UT inverse of the chunk; None for linear attention)."""
     mm = matmul(True)
     cd = spec.cd
 
-    def fn(S, q, k, v, *extras):
+    def fn(S, T, q, k, v, *extras):
         gt = spec.gates(extras)
         q = q * spec.scale
         Ks, d = key_decay(gt, k)
         if spec.delta:
-            W, U = ut_transform(gt, k, v, cd, diff=True)
+            W, U, _ = ut_transform(gt, k, v, cd, T)
             vn = U - mm(W, S, cd)
         else:
             vn = v

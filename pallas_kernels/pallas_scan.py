@@ -5,7 +5,8 @@ passes in `scan_tpu` (Mosaic) and `scan_gpu` (Pallas' Triton backend).
 
 Chunk-parallel: the sequential dimension carries only the state recurrence.
 
-  forward   1. W, U for every chunk at once (delta rule only)         scan_parallel.ut_transform
+  forward   1. W, U (and the UT inverse T) for every chunk at once (delta rule only)
+                                                                      scan_parallel.ut_transform
             2. one pass over chunks per (batch·head, value tile):
                S_in -> h[c];  vn = U − W S_in;  S <- d S + Ksᵀ vn     scan_*.state_forward
             3. o = Qe h[c] + P vn for every chunk at once             scan_parallel.output
@@ -13,10 +14,10 @@ Chunk-parallel: the sequential dimension carries only the state recurrence.
             2. one reverse pass: dS_in = d dS + Qeᵀ do − Wᵀ(Pᵀdo + Ks dS),
                writing the cotangent of every chunk's outgoing state  scan_*.state_backward
             3. every chunk's input gradients at once: `jax.vjp` of the chunk function at
-               (h[c], chunk inputs) with cotangents (do, dS_out[c])    scan_parallel.chunk_vjp
+               (h[c], T, chunk inputs) with cotangents (do, dS_out[c]) scan_parallel.chunk_vjp
 
-The forward keeps the chunk-boundary states h [BH, NC, K, V] (in the matmul dtype), W and the
-inputs as residuals, never a state per token.
+The forward keeps the chunk-boundary states h [BH, NC, K, V] (in the matmul dtype), W, the UT
+inverses [BH, T, C] and the inputs as residuals, never a state per token.
 """
 from __future__ import annotations
 
@@ -78,11 +79,12 @@ def _sequential(cfg):
 
 
 def _forward(cfg, q, k, v, extras, h0, reset, hidx):
-    """(o, final states, residuals (h, W))."""
-    w, u = scan_parallel.ut_transform(cfg, k, v, extras) if cfg.spec.delta else (None, v)
+    """(o, final states, residuals (h, W, the chunks' UT inverses))."""
+    w, u, tri = (scan_parallel.ut_transform(cfg, k, v, extras) if cfg.spec.delta
+                 else (None, v, None))
     h, vn, fin = _sequential(cfg).state_forward(cfg, k, u, w, extras, h0, reset, hidx)
     o = scan_parallel.output(cfg, q, k, vn, extras, h)
-    return o, fin, (h, w)
+    return o, fin, (h, w, tri)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -97,13 +99,13 @@ def _scan_fwd(cfg, q, k, v, extras, h0, reset, hidx):
 
 
 def _scan_bwd(cfg, res, cts):
-    q, k, v, extras, h0, reset, hidx, h, w = res
+    q, k, v, extras, h0, reset, hidx, h, w, tri = res
     do, dfin = cts
     do = do.astype(cfg.out)
     dvo = scan_parallel.intra_dv(cfg, q, k, do, extras) if cfg.spec.delta else None
     dh, dh0 = _sequential(cfg).state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0,
                                               reset, hidx)
-    dq, dk, dv, dex = scan_parallel.chunk_vjp(cfg, q, k, v, extras, h, do, dh)
+    dq, dk, dv, dex = scan_parallel.chunk_vjp(cfg, q, k, v, extras, h, tri, do, dh)
     dex = tuple(d.astype(e.dtype) for d, e in zip(dex, extras))
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dex,
             dh0.astype(h0.dtype), None, None)

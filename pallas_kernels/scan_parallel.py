@@ -40,6 +40,7 @@ def _specs(cfg, tiled: bool):
         kcol=pl.BlockSpec((None, None, Kp, 1), m(lambda bh, c, iv: (bh, c, 0, 0))),
         val=pl.BlockSpec((None, C, BV), m(lambda bh, c, iv: (bh, c, iv))),
         state=pl.BlockSpec((None, None, Kp, BV), m(lambda bh, c, iv: (bh, c, 0, iv))),
+        tri=pl.BlockSpec((None, C, C), m(lambda bh, c, iv: (bh, c, 0))),
         part=part)
 
 
@@ -57,24 +58,28 @@ def _load(acc):
 
 
 def ut_transform(cfg, k, v, extras):
-    """(W [BH, T_pad, Kp], U [BH, T_pad, Vp]) in the matmul dtype, all chunks at once."""
+    """(W [BH, T_pad, Kp], U [BH, T_pad, Vp]) in the matmul dtype and each chunk's UT inverse
+    T as rows [BH, T_pad, C] in the accumulation dtype, all chunks at once."""
     sp = _specs(cfg, tiled=False)
-    ld, n = _load(jnp.dtype(cfg.acc)), len(extras)
+    acc = jnp.dtype(cfg.acc)
+    ld, n = _load(acc), len(extras)
 
     def kernel(k_ref, v_ref, *rest):
-        ex_refs, (w_ref, u_ref) = rest[:n], rest[n:]
+        ex_refs, (w_ref, u_ref, t_ref) = rest[:n], rest[n:]
         gt = cfg.spec.gates([ld(e) for e in ex_refs])
-        w, u = chunk_math.ut_transform(gt, ld(k_ref), ld(v_ref), cfg.spec.cd)
+        w, u, t = chunk_math.ut_transform(gt, ld(k_ref), ld(v_ref), cfg.spec.cd)
         w_ref[...] = w.astype(w_ref.dtype)
         u_ref[...] = u.astype(u_ref.dtype)
+        t_ref[...] = t
 
     BH, T_pad, _ = k.shape
     cd = jnp.dtype(cfg.spec.cd)
     return _call(cfg, kernel, "ut", False,
                  [sp["key"], sp["val"]] + [sp[kd] for kd in cfg.kinds],
-                 [sp["key"], sp["val"]],
+                 [sp["key"], sp["val"], sp["tri"]],
                  [jax.ShapeDtypeStruct((BH, T_pad, cfg.Kp), cd),
-                  jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), cd)],
+                  jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), cd),
+                  jax.ShapeDtypeStruct((BH, T_pad, cfg.C), acc)],
                  k, v, *extras)
 
 
@@ -114,21 +119,23 @@ def intra_dv(cfg, q, k, do, extras):
                  q, k, do, *extras)
 
 
-def chunk_vjp(cfg, q, k, v, extras, h, do, dh):
+def chunk_vjp(cfg, q, k, v, extras, h, tri, do, dh):
     """Every chunk's input gradients at once: the vjp of the chunk function at its entering
-    state h[c] with cotangents (do, dh[c] = that of its outgoing state). Value tiles give
-    partial dq, dk and gate gradients, summed here. Returns (dq, dk, dv, dextras)."""
+    state h[c] (and UT inverse tri, delta rule) with cotangents (do, dh[c] = that of its
+    outgoing state). Value tiles give partial dq, dk and gate gradients, summed here.
+    Returns (dq, dk, dv, dextras)."""
     sp = _specs(cfg, tiled=True)
     acc = jnp.dtype(cfg.acc)
-    ld, n = _load(acc), len(extras)
+    ld, n, delta = _load(acc), len(extras), cfg.spec.delta
     fn = chunk_math.chunk_fn(cfg.spec)
 
     def kernel(q_ref, k_ref, v_ref, *rest):
-        ex_refs = rest[:n]
-        h_ref, do_ref, dh_ref, dq_ref, dk_ref, dv_ref = rest[n:n + 6]
-        dex_refs = rest[n + 6:]
-        S = ld(h_ref)
-        _, vjp = jax.vjp(lambda *x: fn(S, *x), ld(q_ref), ld(k_ref), ld(v_ref),
+        ex_refs, rest = rest[:n], rest[n:]
+        t_ref, rest = (rest[0], rest[1:]) if delta else (None, rest)
+        h_ref, do_ref, dh_ref, dq_ref, dk_ref, dv_ref = rest[:6]
+        dex_refs = rest[6:]
+        S, T = ld(h_ref), ld(t_ref) if delta else None
+        _, vjp = jax.vjp(lambda *x: fn(S, T, *x), ld(q_ref), ld(k_ref), ld(v_ref),
                          *[ld(e) for e in ex_refs])
         dq, dk, dv, *dex = vjp((ld(do_ref), ld(dh_ref)))
         dq_ref[...] = dq
@@ -142,12 +149,12 @@ def chunk_vjp(cfg, q, k, v, extras, h, do, dh):
     outs = _call(
         cfg, kernel, "chunk_vjp", True,
         [sp["key"], sp["key"], sp["val"]] + [sp[kd] for kd in cfg.kinds]
-        + [sp["state"], sp["val"], sp["state"]],
+        + ([sp["tri"]] if delta else []) + [sp["state"], sp["val"], sp["state"]],
         [sp["part"]["key"]] * 2 + [sp["val"]] + [sp["part"][kd] for kd in cfg.kinds],
         [jax.ShapeDtypeStruct((NV, BH, T_pad, cfg.Kp), acc)] * 2
         + [jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), acc)]
         + [jax.ShapeDtypeStruct((NV,) + cfg.extra_shape(kd, BH, T_pad), acc)
            for kd in cfg.kinds],
-        q, k, v, *extras, h, do, dh)
+        q, k, v, *extras, *([tri] if delta else []), h, do, dh)
     dq, dk, dv, dex = outs[0].sum(0), outs[1].sum(0), outs[2], outs[3:]
     return dq, dk, dv, tuple(d.sum(0) for d in dex)
