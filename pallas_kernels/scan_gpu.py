@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from . import chunk_math
+from . import chunk_math, scan_io
 from .chunk_math import div, rem
 
 
@@ -45,73 +45,63 @@ def _chunk_loader(cfg, acc):
     return load
 
 
+def _call(cfg, kernel, name, ins, outs, h0_rows, reset, hidx):
+    BH, T_pad, _ = ins[0][0].shape
+    sp = _specs(cfg, T_pad, h0_rows, reset.shape[0])
+    return pl.pallas_call(
+        kernel, grid=(BH, cfg.Vp // cfg.BV_seq), compiler_params=_params(cfg),
+        interpret=cfg.interpret,
+        in_specs=[sp["idx"], sp["idx"]] + [sp[kind] for _, kind in ins],
+        out_specs=[sp[kind] for _, kind in outs], out_shape=[s for s, _ in outs],
+        name=f"{'gdn' if cfg.spec.delta else 'la'}_{name}_gpu",
+    )(reset, hidx, *[x for x, _ in ins])
+
+
 def state_forward(cfg, k, u, w, extras, h0, reset, hidx):
     """(h [BH, NC, Kp, Vp]: the state entering each chunk, in the matmul dtype; vn (U − W S)
     [BH, T_pad, Vp] for the delta rule, else u; final states [BH, 1 or NC, Kp, Vp])."""
-    BH, T_pad, _ = k.shape
-    H, NC, C, n, delta = cfg.H, cfg.NC, cfg.C, len(extras), cfg.spec.delta
-    acc, cd = jnp.dtype(cfg.acc), jnp.dtype(cfg.spec.cd)
-    sp = _specs(cfg, T_pad, h0.shape[0], reset.shape[0])
+    H, NC, C, delta = cfg.H, cfg.NC, cfg.C, cfg.spec.delta
+    acc = jnp.dtype(cfg.acc)
     load_extras = _chunk_loader(cfg, acc)
 
-    def kernel(r_ref, s_ref, k_ref, u_ref, *rest):
-        w_ref, rest = (rest[0], rest[1:]) if delta else (None, rest)
-        ex_refs, (h0_ref, h_ref, *outs) = rest[:n], rest[n:]
-        vn_ref, fin_ref = outs if delta else (None, outs[0])
+    def kernel(r_ref, s_ref, *refs):
+        R = scan_io.forward_refs(cfg, refs)
         bh = pl.program_id(0)
         b, hh = div(bh, H), rem(bh, H)
 
         def body(c, S):
             i = b * NC + c
             flag = (c == 0) | (r_ref[i] != 0)
-            S = jnp.where(flag, h0_ref[s_ref[i] * H + hh].astype(acc), S)
-            h_ref[c] = S.astype(h_ref.dtype)
+            S = jnp.where(flag, R.h0[s_ref[i] * H + hh].astype(acc), S)
+            R.h[c] = S.astype(R.h.dtype)
             t = pl.ds(pl.multiple_of(c * C, C), C)
             vn, S = chunk_math.state_step(
-                cfg.spec, S, k_ref[t, :].astype(acc), u_ref[t, :].astype(acc),
-                w_ref[t, :].astype(acc) if delta else None, load_extras(ex_refs, c, t))
+                cfg.spec, S, R.k[t, :].astype(acc), R.u[t, :].astype(acc),
+                R.w[t, :].astype(acc) if delta else None, load_extras(R.extras, c, t))
             if delta:
-                vn_ref[t, :] = vn.astype(vn_ref.dtype)
+                R.vn[t, :] = vn.astype(R.vn.dtype)
             if cfg.varlen:
-                fin_ref[c] = S
+                R.fin[c] = S
             return S
 
         S = lax.fori_loop(0, NC, body, jnp.zeros((cfg.Kp, cfg.BV_seq), acc))
         if not cfg.varlen:
-            fin_ref[0] = S
+            R.fin[0] = S
 
-    out_specs = [sp["states"]] + ([sp["val"]] if delta else []) + [sp["fin"]]
-    out_shape = ([jax.ShapeDtypeStruct((BH, NC, cfg.Kp, cfg.Vp), cd)]
-                 + ([jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), cd)] if delta else [])
-                 + [jax.ShapeDtypeStruct((BH, NC if cfg.varlen else 1, cfg.Kp, cfg.Vp), acc)])
-    outs = pl.pallas_call(
-        kernel, grid=(BH, cfg.Vp // cfg.BV_seq), compiler_params=_params(cfg),
-        interpret=cfg.interpret,
-        in_specs=([sp["idx"], sp["idx"], sp["key"], sp["val"]] + ([sp["key"]] if delta else [])
-                  + [sp[kd] for kd in cfg.kinds] + [sp["h0"]]),
-        out_specs=out_specs, out_shape=out_shape,
-        name=f"{'gdn' if delta else 'la'}_state_fwd_gpu",
-    )(reset, hidx, k, u, *([w] if delta else []), *extras, h0)
-    h, *rest = outs
-    vn, fin = rest if delta else (u, rest[0])
-    return h, vn, fin
+    ins, outs = scan_io.forward_io(cfg, k, u, w, extras, h0)
+    outs = _call(cfg, kernel, "state_fwd", ins, outs, h0.shape[0], reset, hidx)
+    return scan_io.forward_results(cfg, outs, u)
 
 
 def state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0, reset, hidx):
     """(dh [BH, NC, Kp, Vp]: the cotangent of each chunk's outgoing state, in the matmul
     dtype; dh0 [N·H, Kp, Vp]), walking the chunks in reverse."""
-    BH, T_pad, _ = q.shape
-    H, NC, C, n, delta = cfg.H, cfg.NC, cfg.C, len(extras), cfg.spec.delta
-    acc, cd = jnp.dtype(cfg.acc), jnp.dtype(cfg.spec.cd)
-    sp = _specs(cfg, T_pad, h0.shape[0], reset.shape[0])
+    H, NC, C, delta = cfg.H, cfg.NC, cfg.C, cfg.spec.delta
+    acc = jnp.dtype(cfg.acc)
     load_extras = _chunk_loader(cfg, acc)
 
-    def kernel(r_ref, s_ref, q_ref, k_ref, *rest):
-        w_ref, rest = (rest[0], rest[1:]) if delta else (None, rest)
-        ex_refs, rest = rest[:n], rest[n:]
-        do_ref, rest = rest[0], rest[1:]
-        dvo_ref, rest = (rest[0], rest[1:]) if delta else (None, rest)
-        dfin_ref, dh_ref, dh0_ref = rest
+    def kernel(r_ref, s_ref, *refs):
+        R = scan_io.backward_refs(cfg, refs)
         bh = pl.program_id(0)
         b, hh = div(bh, H), rem(bh, H)
 
@@ -120,34 +110,24 @@ def state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0, reset, hidx):
             i = b * NC + c
             flag = (c == 0) | (r_ref[i] != 0)
             if cfg.varlen:
-                dS = dS + dfin_ref[c].astype(acc)
-            dh_ref[c] = dS.astype(dh_ref.dtype)
+                dS = dS + R.dfin[c].astype(acc)
+            R.dh[c] = dS.astype(R.dh.dtype)
             t = pl.ds(pl.multiple_of(c * C, C), C)
             dS_in = chunk_math.state_step_bwd(
-                cfg.spec, dS, q_ref[t, :].astype(acc), k_ref[t, :].astype(acc),
-                w_ref[t, :].astype(acc) if delta else None, do_ref[t, :].astype(acc),
-                dvo_ref[t, :].astype(acc) if delta else None, load_extras(ex_refs, c, t))
+                cfg.spec, dS, R.q[t, :].astype(acc), R.k[t, :].astype(acc),
+                R.w[t, :].astype(acc) if delta else None, R.do[t, :].astype(acc),
+                R.dvo[t, :].astype(acc) if delta else None, load_extras(R.extras, c, t))
 
             @pl.when(flag)
             def _():
-                dh0_ref[s_ref[i] * H + hh] = dS_in
+                R.dh0[s_ref[i] * H + hh] = dS_in
 
             return jnp.where(flag, jnp.zeros_like(dS_in), dS_in)
 
         # Without packed sequences only the last chunk's outgoing state is an output.
         init = (jnp.zeros((cfg.Kp, cfg.BV_seq), acc) if cfg.varlen
-                else dfin_ref[0].astype(acc))
+                else R.dfin[0].astype(acc))
         lax.fori_loop(0, NC, body, init)
 
-    return pl.pallas_call(
-        kernel, grid=(BH, cfg.Vp // cfg.BV_seq), compiler_params=_params(cfg),
-        interpret=cfg.interpret,
-        in_specs=([sp["idx"], sp["idx"], sp["key"], sp["key"]] + ([sp["key"]] if delta else [])
-                  + [sp[kd] for kd in cfg.kinds] + [sp["val"]]
-                  + ([sp["val"]] if delta else []) + [sp["fin"]]),
-        out_specs=[sp["states"], sp["h0"]],
-        out_shape=[jax.ShapeDtypeStruct((BH, NC, cfg.Kp, cfg.Vp), cd),
-                   jax.ShapeDtypeStruct(h0.shape, acc)],
-        name=f"{'gdn' if delta else 'la'}_state_bwd_gpu",
-    )(reset, hidx, q, k, *([w] if delta else []), *extras, do, *([dvo] if delta else []),
-      dfin)
+    ins, outs = scan_io.backward_io(cfg, q, k, w, extras, do, dvo, dfin, h0)
+    return _call(cfg, kernel, "state_bwd", ins, outs, h0.shape[0], reset, hidx)

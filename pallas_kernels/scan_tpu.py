@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import chunk_math
+from . import chunk_math, scan_io
 from .chunk_math import div, rem
 
 
@@ -51,95 +51,70 @@ def _resets(cfg, r_ref, reverse):
     return (cc == 0) | (r_ref[div(bh, cfg.H) * cfg.NC + cc] != 0)
 
 
+def _call(cfg, kernel, name, ins, outs, reverse, reset, hidx):
+    pltpu, params = _params()
+    sp = _specs(cfg, reverse)
+    BH = ins[0][0].shape[0]
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=(BH, cfg.Vp // cfg.BV_seq, cfg.NC),
+        in_specs=[sp[kind] for _, kind in ins], out_specs=[sp[kind] for _, kind in outs],
+        scratch_shapes=[pltpu.VMEM((cfg.Kp, cfg.BV_seq), jnp.dtype(cfg.acc))])
+    return pl.pallas_call(
+        kernel, grid_spec=grid_spec, compiler_params=params, interpret=cfg.interpret,
+        out_shape=[s for s, _ in outs],
+        name=f"{'gdn' if cfg.spec.delta else 'la'}_{name}_tpu",
+    )(reset, hidx, *[x for x, _ in ins])
+
+
 def state_forward(cfg, k, u, w, extras, h0, reset, hidx):
     """As `scan_gpu.state_forward`."""
-    pltpu, params = _params()
-    sp = _specs(cfg, reverse=False)
-    BH, T_pad, _ = k.shape
-    NC, n, delta = cfg.NC, len(extras), cfg.spec.delta
-    acc, cd = jnp.dtype(cfg.acc), jnp.dtype(cfg.spec.cd)
+    acc, delta = jnp.dtype(cfg.acc), cfg.spec.delta
     ld = lambda r: r[...].astype(acc)
 
-    def kernel(r_ref, s_ref, k_ref, u_ref, *rest):
-        w_ref, rest = (rest[0], rest[1:]) if delta else (None, rest)
-        ex_refs, (h0_ref, h_ref, *outs) = rest[:n], rest[n:]
-        *vn_ref, fin_ref, S_scr = outs
+    def kernel(r_ref, s_ref, *refs):
+        R, S_scr = scan_io.forward_refs(cfg, refs[:-1]), refs[-1]
 
         @pl.when(_resets(cfg, r_ref, reverse=False))
         def _():
-            S_scr[...] = ld(h0_ref)
+            S_scr[...] = ld(R.h0)
 
         S = S_scr[...]
-        h_ref[...] = S.astype(h_ref.dtype)
-        vn, S = chunk_math.state_step(cfg.spec, S, ld(k_ref), ld(u_ref),
-                                      ld(w_ref) if delta else None, [ld(e) for e in ex_refs])
+        R.h[...] = S.astype(R.h.dtype)
+        vn, S = chunk_math.state_step(cfg.spec, S, ld(R.k), ld(R.u),
+                                      ld(R.w) if delta else None, [ld(e) for e in R.extras])
         if delta:
-            vn_ref[0][...] = vn.astype(cd)
+            R.vn[...] = vn.astype(R.vn.dtype)
         S_scr[...] = S
-        fin_ref[...] = S
+        R.fin[...] = S
 
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(BH, cfg.Vp // cfg.BV_seq, NC),
-        in_specs=([sp["key"], sp["val"]] + ([sp["key"]] if delta else [])
-                  + [sp[kd] for kd in cfg.kinds] + [sp["h0"]]),
-        out_specs=[sp["states"]] + ([sp["val"]] if delta else []) + [sp["fin"]],
-        scratch_shapes=[pltpu.VMEM((cfg.Kp, cfg.BV_seq), acc)])
-    outs = pl.pallas_call(
-        kernel, grid_spec=grid_spec, compiler_params=params, interpret=cfg.interpret,
-        out_shape=([jax.ShapeDtypeStruct((BH, NC, cfg.Kp, cfg.Vp), cd)]
-                   + ([jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), cd)] if delta else [])
-                   + [jax.ShapeDtypeStruct((BH, NC if cfg.varlen else 1, cfg.Kp, cfg.Vp),
-                                           acc)]),
-        name=f"{'gdn' if delta else 'la'}_state_fwd_tpu",
-    )(reset, hidx, k, u, *([w] if delta else []), *extras, h0)
-    h, *rest = outs
-    vn, fin = rest if delta else (u, rest[0])
-    return h, vn, fin
+    ins, outs = scan_io.forward_io(cfg, k, u, w, extras, h0)
+    outs = _call(cfg, kernel, "state_fwd", ins, outs, False, reset, hidx)
+    return scan_io.forward_results(cfg, outs, u)
 
 
 def state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0, reset, hidx):
     """As `scan_gpu.state_backward`."""
-    pltpu, params = _params()
-    sp = _specs(cfg, reverse=True)
-    BH, T_pad, _ = q.shape
-    NC, n, delta = cfg.NC, len(extras), cfg.spec.delta
-    acc, cd = jnp.dtype(cfg.acc), jnp.dtype(cfg.spec.cd)
+    acc, delta = jnp.dtype(cfg.acc), cfg.spec.delta
     ld = lambda r: r[...].astype(acc)
 
-    def kernel(r_ref, s_ref, q_ref, k_ref, *rest):
-        w_ref, rest = (rest[0], rest[1:]) if delta else (None, rest)
-        ex_refs, rest = rest[:n], rest[n:]
-        do_ref, rest = rest[0], rest[1:]
-        dvo_ref, rest = (rest[0], rest[1:]) if delta else (None, rest)
-        dfin_ref, dh_ref, dh0_ref, dS_scr = rest
+    def kernel(r_ref, s_ref, *refs):
+        R, dS_scr = scan_io.backward_refs(cfg, refs[:-1]), refs[-1]
         flag = _resets(cfg, r_ref, reverse=True)
 
         @pl.when(pl.program_id(2) == 0)
         def _():  # without packed sequences only the last chunk's state is an output
-            dS_scr[...] = jnp.zeros(dS_scr.shape, acc) if cfg.varlen else ld(dfin_ref)
+            dS_scr[...] = jnp.zeros(dS_scr.shape, acc) if cfg.varlen else ld(R.dfin)
 
-        dS = dS_scr[...] + ld(dfin_ref) if cfg.varlen else dS_scr[...]
-        dh_ref[...] = dS.astype(cd)
+        dS = dS_scr[...] + ld(R.dfin) if cfg.varlen else dS_scr[...]
+        R.dh[...] = dS.astype(R.dh.dtype)
         dS_in = chunk_math.state_step_bwd(
-            cfg.spec, dS, ld(q_ref), ld(k_ref), ld(w_ref) if delta else None, ld(do_ref),
-            ld(dvo_ref) if delta else None, [ld(e) for e in ex_refs])
+            cfg.spec, dS, ld(R.q), ld(R.k), ld(R.w) if delta else None, ld(R.do),
+            ld(R.dvo) if delta else None, [ld(e) for e in R.extras])
         dS_scr[...] = jnp.where(flag, jnp.zeros_like(dS_in), dS_in)
 
         @pl.when(flag)
         def _():
-            dh0_ref[...] = dS_in
+            R.dh0[...] = dS_in
 
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(BH, cfg.Vp // cfg.BV_seq, NC),
-        in_specs=([sp["key"], sp["key"]] + ([sp["key"]] if delta else [])
-                  + [sp[kd] for kd in cfg.kinds] + [sp["val"]]
-                  + ([sp["val"]] if delta else []) + [sp["fin"]]),
-        out_specs=[sp["states"], sp["h0"]],
-        scratch_shapes=[pltpu.VMEM((cfg.Kp, cfg.BV_seq), acc)])
-    return pl.pallas_call(
-        kernel, grid_spec=grid_spec, compiler_params=params, interpret=cfg.interpret,
-        out_shape=[jax.ShapeDtypeStruct((BH, NC, cfg.Kp, cfg.Vp), cd),
-                   jax.ShapeDtypeStruct(h0.shape, acc)],
-        name=f"{'gdn' if delta else 'la'}_state_bwd_tpu",
-    )(reset, hidx, q, k, *([w] if delta else []), *extras, do, *([dvo] if delta else []),
-      dfin)
+    ins, outs = scan_io.backward_io(cfg, q, k, w, extras, do, dvo, dfin, h0)
+    return _call(cfg, kernel, "state_bwd", ins, outs, True, reset, hidx)
