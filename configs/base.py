@@ -87,10 +87,15 @@ def get_config() -> ConfigDict:
         eps=1e-8,
         weight_decay=0.1,
         grad_clip_norm=1.0,       # 0 = no clipping
-        # No weight decay on params whose path ("layer_0/mixer/a_proj/kernel") matches one of
-        # these regexes (re.search): norms, biases and the decay/step gates (GDN a_proj, b_proj;
-        # SSD dt_proj; GLA gk_proj). 1-D params (A_log, dt_bias, D, norm scales) never decay.
-        no_decay_patterns="norm,bias,a_proj/,b_proj/,dt_proj/,gk_proj",
+        # No weight decay on params whose path ("layer_0/mixer/a_proj/kernel"; under scan_layers
+        # "groups/block_0/mixer/a_proj/kernel") matches one of these comma-separated regexes
+        # (re.search). Names decide, never ranks, so the choice is the same with and without
+        # scan_layers. Exempt: norm scales (mixer_norm, mlp_norm, final_norm, o_norm); biases
+        # (dense biases, ssd/gdn dt_bias); per-head gate parameters (ssd/gdn A_log, ssd D,
+        # attn/swa sinks); decay/step gate projections (gdn a_proj, gdn/deltanet b_proj, ssd
+        # dt_proj, gla gk_proj_a/gk_proj_b). Decayed: embeddings, lm_head, q/k/v/o/g projections,
+        # MLPs, short-conv kernels. A new parameter that must not decay needs a pattern here.
+        no_decay_patterns="norm,bias,A_log,(^|/)D$,sinks,a_proj/,b_proj/,dt_proj/,gk_proj",
     ))
 
     c.train = ConfigDict(dict(

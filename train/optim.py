@@ -1,11 +1,13 @@
 """optax AdamW with linear warmup + cosine decay, global-norm clipping, and no weight decay on
-norms, biases, gates and other 1-D parameters."""
+the parameters whose names `optim.no_decay_patterns` matches (norm scales, biases, gate
+parameters and gate projections)."""
 from __future__ import annotations
 
 import re
 
 import jax
 import optax
+from flax.core import meta
 
 
 def learning_rate_schedule(optim_cfg) -> optax.Schedule:
@@ -29,15 +31,29 @@ def _path_str(path) -> str:
     return "/".join(parts)
 
 
+def _is_box(x) -> bool:
+    return isinstance(x, meta.AxisMetadata)
+
+
 def weight_decay_mask(params, patterns: str):
-    """True for params that get weight decay: at least 2-D and no path match of `patterns`."""
-    regexes = [re.compile(p.strip()) for p in patterns.split(",") if p.strip()]
+    """True for the params that get weight decay: those whose path ("layer_0/mixer/A_log";
+    "groups/block_0/mixer/A_log" under scan_layers) no regex of the comma-separated `patterns`
+    matches (re.search). The rule looks at names only, never at ranks, so a parameter is decayed
+    or not whether or not `scan_layers` stacks the layers along a leading axis. `params` may be
+    Flax boxed (logically partitioned) or plain; the mask has the same tree structure."""
+    regexes = []
+    for p in patterns.split(","):
+        if p.strip():
+            try:
+                regexes.append(re.compile(p.strip()))
+            except re.error as e:
+                raise ValueError(f"optim.no_decay_patterns: {p.strip()!r} is not a regex ({e})") from e
 
     def decays(path, leaf):
-        name = _path_str(path)
-        return getattr(leaf, "ndim", 0) >= 2 and not any(r.search(name) for r in regexes)
+        decayed = not any(r.search(_path_str(path)) for r in regexes)
+        return leaf.replace_boxed(decayed) if _is_box(leaf) else decayed
 
-    return jax.tree_util.tree_map_with_path(decays, params)
+    return jax.tree_util.tree_map_with_path(decays, params, is_leaf=_is_box)
 
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:

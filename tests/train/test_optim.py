@@ -1,7 +1,14 @@
+import re
+
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs.base import get_config
+from mem_lm.config import MIXERS, ModelConfig
+from mem_lm.model import LanguageModel
 from train.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 
 
@@ -18,6 +25,83 @@ def test_no_weight_decay_on_norms_biases_gates_and_vectors():
     assert not mask["layer_0"]["mixer"]["A_log"] and not mask["layer_0"]["mixer_norm"]["scale"]
     assert not mask["layer_0"]["mixer"]["a_proj"]["kernel"] and not mask["layer_0"]["mixer"]["gk_proj_b"]["kernel"]
     assert mask["layer_0"]["mlp"]["w_gate"]["kernel"]   # SwiGLU's gate is an ordinary matrix
+
+
+# What every mixer's parameters are, by the name inside a block: never decayed (norm scales,
+# biases, per-head gate parameters, the decay/step gate projections) or decayed (the matrices).
+NO_DECAY = re.compile(r"(^|/)(final_norm|mixer_norm|mlp_norm|o_norm)/scale$|/bias$|"
+                      r"/mixer/(A_log|D|dt_bias|sinks)$|"
+                      r"/mixer/(a_proj|b_proj|dt_proj|gk_proj_a|gk_proj_b)/kernel$")
+DECAY = re.compile(r"^embed/embedding$|^lm_head/kernel$|/mlp/(w_gate|w_up|w_out)/kernel$|"
+                   r"/mixer/(q_proj|k_proj|v_proj|o_proj|g_proj|q_conv|k_conv|v_conv)/kernel$")
+
+
+def _names(params, scan: bool, groups: int, pattern_len: int):
+    """{path with the layer index removed ("block_j/mixer/A_log"): (per-layer shape, leaf)}:
+    layer_i of the unscanned model is block_{i % len(pattern)}; the scanned model's params are
+    groups/block_j with a leading axis of one entry per group."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+            params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        shape = getattr(nn.meta.unbox(leaf), "shape", None)
+        if scan and name.startswith("groups/"):
+            name = name[len("groups/"):]
+            if shape is not None:
+                assert shape[0] == groups, (name, shape)
+                shape = shape[1:]
+        elif not scan and name.startswith("layer_"):
+            i, rest = name[len("layer_"):].split("/", 1)
+            name = f"block_{int(i) % pattern_len}/{rest}"
+        out[name] = (shape, leaf)
+    return out
+
+
+@pytest.fixture(scope="module")
+def every_mixer_params():
+    """Boxed param shapes (no compile) of a tiny model with every mixer, short convs, sinks and
+    an untied head, two pattern groups; for scan_layers False and True."""
+    out = {}
+    for scan in (False, True):
+        cfg = ModelConfig(vocab_size=16, d_model=16, num_layers=2 * len(MIXERS), num_heads=2,
+                          pattern=MIXERS, short_conv=True, attn_sinks=True, tie_embeddings=False,
+                          d_ff=16, gate_rank=4, feature_dim=4, chunk_size=8, scan_layers=scan)
+        out[scan] = jax.eval_shape(lambda: LanguageModel(cfg).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    return out
+
+
+def test_weight_decay_follows_names_same_with_and_without_scan_layers(every_mixer_params):
+    patterns = get_config().optim.no_decay_patterns
+    decayed = {}
+    for scan, boxed in every_mixer_params.items():
+        params = _names(nn.meta.unbox(boxed), scan, 2, len(MIXERS))
+        mask = _names(weight_decay_mask(nn.meta.unbox(boxed), patterns), scan, 2, len(MIXERS))
+        assert mask.keys() == params.keys()
+        # Boxed (logically partitioned) params get the same mask, in boxes.
+        assert nn.meta.unbox(weight_decay_mask(boxed, patterns)) == \
+            weight_decay_mask(nn.meta.unbox(boxed), patterns)
+        for name, (shape, _) in params.items():
+            exempt, matrix = NO_DECAY.search(name), DECAY.search(name)
+            assert bool(exempt) != bool(matrix), \
+                f"{name} {shape}: classify it (no_decay_patterns, and NO_DECAY or DECAY here)"
+            if matrix:
+                assert len(shape) >= 2 and mask[name][1] is True, f"{name} {shape} is not decayed"
+            else:
+                assert mask[name][1] is False, f"{name} {shape} is decayed (scan_layers={scan})"
+            if len(shape) < 2:   # a per-layer vector or scalar: never decayed
+                assert mask[name][1] is False, name
+        decayed[scan] = {n for n, (_, m) in mask.items() if m}
+    assert decayed[True] == decayed[False]
+    names = set(_names(nn.meta.unbox(every_mixer_params[False]), False, 2, len(MIXERS)))
+    for want in ("A_log", "D", "dt_bias", "sinks", "o_norm/scale", "gk_proj_b/bias",
+                 "conv/kernel", "lm_head/kernel"):   # the model really has them all
+        assert any(n.endswith(want) for n in names), want
+
+
+def test_bad_no_decay_pattern_names_the_field():
+    with pytest.raises(ValueError, match="optim.no_decay_patterns: '\\(' is not a regex"):
+        weight_decay_mask({"w": jnp.ones((2, 2))}, "norm,(")
 
 
 def test_schedule_warmup_then_cosine_to_end_factor():
