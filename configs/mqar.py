@@ -1,4 +1,4 @@
-"""Multi-query associative recall (Zoology's MQAR, `eval.mqar.make_mqar`): 2 mixer-only layers,
+"""Multi-query associative recall (Zoology's MQAR, `train.tasks.mqar.make_mqar`): 2 mixer-only layers,
 sequence length 256 with 16 key-value pairs, vocabulary 8192, q/k/v short convs on every mixer
 (as `eval.mqar_sweep` runs it). Change the mixer with `--config.model.pattern="('attn',)"` (or
 la, retnet, gla, deltanet, swa, ...).

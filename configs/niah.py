@@ -1,4 +1,4 @@
-"""Needle in a haystack on a synthetic vocabulary (`eval.niah_data.make_niah`), small enough for
+"""Needle in a haystack on a synthetic vocabulary (`train.tasks.niah.make_niah`), small enough for
 small models on a CPU: filler tokens, needles `NEEDLE key value` (one queried, the rest
 distractors: `data.num_kv_pairs` needles in all), and `QUERY key` at the end, whose next token
 is the value. Train at 128 tokens, then test at up to 8x that with `eval.niah`:

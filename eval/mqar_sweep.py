@@ -8,7 +8,7 @@
 Each model is trained by the project's trainer (`train.run` on `configs/mqar.py`, with
 `model.pattern`, `model.d_model`, `model.num_heads`, `optim.learning_rate` set per run) and
 scored on held-out MQAR examples (the trainer's validation split, drawn with the test seeds of
-`eval.mqar.mqar_seed`): the accuracy over the queried positions. `--short_conv all` (the
+`train.tasks.mqar.mqar_seed`): the accuracy over the queried positions. `--short_conv all` (the
 default) gives every mixer the q/k/v short convs that gdn and deltanet have built in, so that
 the comparison is between memories, not between token shifts (without them, attention sits on
 the MQAR plateau far longer than a CPU budget allows). The optimiser is the config's, changed
@@ -146,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     bad = [m for m in args.mixers if m not in common.mixer_names()]
     if bad:
         common.fail(f"--mixers: unknown {bad}; known: {common.mixer_names()}")
-    from eval.mqar import check_mqar_args
+    from train.tasks.mqar import check_mqar_args
     try:
         check_mqar_args(args.vocab_size, args.seq_len, args.num_kv_pairs)
     except ValueError as e:

@@ -5,7 +5,7 @@
 
 With `--checkpoint`, each model is evaluated as it is. With `--config`, one model per entry of
 `--patterns` is first trained on the synthetic task (through `train.run`, into OUT/train/NAME),
-then evaluated. The task is the synthetic-vocabulary needle (`eval.niah_data.make_niah`) for
+then evaluated. The task is the synthetic-vocabulary needle (`train.tasks.niah.make_niah`) for
 models trained on `data.source = "niah"`, else the byte-level passkey (`make_passkey`); force
 it with `--task`. Context lengths default to 1/2, 1, 2, 4 and 8 times the training length.
 
@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from eval import common
-from eval.niah_data import make_niah, make_passkey
+from train.tasks.niah import make_niah, make_passkey
 
 TASKS = ("auto", "synthetic", "passkey")
 # Named mixer patterns for --patterns (anything else is read as a comma-separated pattern).

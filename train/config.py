@@ -15,6 +15,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from configs import base as base_config
+from train.tasks.niah import niah_vocab
 
 
 class ConfigError(ValueError):
@@ -172,7 +173,6 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
         if d.vocab_size < 4 * d.num_kv_pairs:
             _fail("data.vocab_size", f"{d.vocab_size} is too small for {d.num_kv_pairs} distinct keys and values")
     if d.source == "niah":
-        from eval.niah_data import niah_vocab
         try:
             keys = niah_vocab(d.vocab_size)["keys"]
         except ValueError as e:

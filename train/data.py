@@ -13,10 +13,10 @@ Sources:
     stdlib        the built-in corpus: the .py files of Python's standard library (found through
                   `sysconfig`, no download), split into train/validation by a hash of the file name
     text          files / directories / globs of text or JSONL (`data.paths`)
-    mqar          multi-query associative recall (`eval.mqar.make_mqar`, Zoology's procedure)
+    mqar          multi-query associative recall (`train.tasks.mqar.make_mqar`, Zoology's procedure)
     copy          copy a random string after a separator
     assoc_recall  key-value pairs, then queried keys followed by their values
-    niah          needle in a haystack on a synthetic vocabulary (`eval.niah_data.make_niah`)
+    niah          needle in a haystack on a synthetic vocabulary (`train.tasks.niah.make_niah`)
 Text is tokenized (bytes by default, a HF `tokenizers` tokenizer.json as an option),
 concatenated and cut into rows of seq_len + 1 tokens; segment ids mark the documents inside a
 row, and targets that cross a document boundary get weight 0.
@@ -33,6 +33,9 @@ from typing import Iterator, Sequence
 
 import grain
 import numpy as np
+
+from train.tasks.mqar import make_mqar, mqar_seed
+from train.tasks.niah import make_niah
 
 SYNTHETIC = ("mqar", "copy", "assoc_recall", "niah")
 _SPLIT_ID = {"train": 0, "val": 1}
@@ -222,7 +225,6 @@ class SyntheticTask:
     def __getitem__(self, index: int) -> dict:
         c, T = self.cfg, self.seq_len
         if c.source == "mqar":
-            from eval.mqar import make_mqar, mqar_seed
             split = "train" if self.split == "train" else "test"
             inputs, labels = make_mqar(1, c.vocab_size, T, c.num_kv_pairs, power_a=c.power_a,
                                        random_non_queries=c.random_non_queries,
@@ -254,7 +256,6 @@ class SyntheticTask:
             labels[qpos] = vals[q]
             return _from_labels(seq[:-1], labels)
         if c.source == "niah":
-            from eval.niah_data import make_niah
             inputs, labels, _ = make_niah(1, V, T, num_needles=c.num_kv_pairs,
                                           seed=(int(self.seed), _SPLIT_ID[self.split], int(index),
                                                 0x4E494148))

@@ -95,8 +95,8 @@ def test_synthetic_tasks_are_functions_of_seed_and_index():
         np.testing.assert_array_equal(ex["targets"][:-1][w], ex["inputs"][1:][w])
 
 
-def test_mqar_matches_eval_generator():
-    from eval.mqar import make_mqar, mqar_seed
+def test_mqar_source_matches_the_task_generator():
+    from train.tasks.mqar import make_mqar, mqar_seed
     c = _cfg(source="mqar", vocab_size=64, num_kv_pairs=4)
     ex = D.SyntheticTask(c.data, 16, 3, "train")[5]
     inputs, labels = make_mqar(1, 64, 16, 4, seed=(*mqar_seed(3, "train"), 5))

@@ -1,11 +1,11 @@
-"""Properties of the MQAR generator (eval.mqar.make_mqar); numpy only, no JAX compile."""
+"""Properties of the MQAR generator (train.tasks.mqar.make_mqar); numpy only, no JAX compile."""
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from eval.mqar import IGNORE_INDEX, make_mqar, mqar_seed
+from train.tasks.mqar import IGNORE_INDEX, make_mqar, mqar_seed
 
 V, T, P = 128, 64, 8
 
@@ -109,7 +109,7 @@ def test_bad_arguments(kwargs, word):
 def test_large_batch_is_fast_and_numpy_only():
     # 100k examples of the sweep's setting in a few seconds, without importing jax or flax.
     # CPU time of this process, not wall time: robust to a busy machine.
-    code = ("import sys, time; t = time.process_time(); from eval.mqar import make_mqar; "
+    code = ("import sys, time; t = time.process_time(); from train.tasks.mqar import make_mqar; "
             "x, y = make_mqar(100_000, 8192, 256, 16, seed=0); "
             "assert 'jax' not in sys.modules and 'flax' not in sys.modules, 'imports jax'; "
             "print(time.process_time() - t)")

@@ -1,8 +1,8 @@
-"""Needle placement of the NIAH generators (eval.niah_data); numpy only."""
+"""Needle placement of the NIAH generators (train.tasks.niah); numpy only."""
 import numpy as np
 import pytest
 
-from eval.niah_data import (IGNORE_INDEX, NEEDLE, QUERY, make_niah, make_passkey, niah_vocab)
+from train.tasks.niah import (IGNORE_INDEX, NEEDLE, QUERY, make_niah, make_passkey, niah_vocab)
 
 V, T = 64, 100
 

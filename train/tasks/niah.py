@@ -1,4 +1,5 @@
-"""Needle-in-a-haystack data, numpy only (the training pipeline may import it without JAX).
+"""Needle-in-a-haystack data, numpy only: the training data pipeline (`train.data`) and the
+evaluation (`eval.niah`) both import it from here.
 
 Two flavours:
 
@@ -20,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from eval.mqar import _distinct_uniform
+from train.tasks.mqar import _distinct_uniform
 
 IGNORE_INDEX = -100
 NEEDLE, QUERY = 1, 2          # marker tokens of the synthetic task
