@@ -9,17 +9,103 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
+import math
+import operator
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLS = ("auto", "reference", "xla", "pallas")
 
 
 # ----------------------------------------------------------------------------- checks
+INPUT_CONTRACT = """What the recurrent ops (linear_attention, gated_delta_rule, their _step) accept.
+
+Arrays (q, k, v, gates, beta, initial_state / state, cu_seqlens) may be JAX arrays, traced or
+not, NumPy arrays, or anything NumPy reads as an array of numbers (nested lists); eager or
+under jit. What is static is checked before anything is computed or compiled, and a bad value
+is a ValueError naming the argument and the shapes: ranks and shapes; a floating dtype
+(float16, bfloat16, float32; float64 under x64) for every array but cu_seqlens, which is an
+integer array [N+1] with N >= 1 and B == 1; H, K, V >= 1 (B or T may be 0: o is then empty
+and every sequence keeps its initial state); `scale` a finite real number (a Python or NumPy
+scalar: it is static); `chunk_size` a positive power of two (Python or NumPy integer);
+`impl` one of the names; flags bool. The arrays are then converted with `jnp.asarray` (so
+float64 NumPy input computes in float32 unless x64 is enabled); dtypes may be mixed; the
+state and the accumulation are float32 (float64 for float64 q) and o has q's dtype.
+
+Values are not checked: they may be traced, and a check of concrete ones would cost a device
+round trip per call. The one exception is a concrete (not traced) `cu_seqlens`, which must
+satisfy 0 = cu[0] <= cu[1] <= ... <= cu[N] <= T (ValueError otherwise); traced offsets are
+trusted, and traced offsets outside that contract give unspecified outputs (no error).
+
+- Gates are natural-log decays and are meant to be <= 0. A finite positive gate is not an
+  error: it is computed as written (the state grows by exp(g)), and every impl agrees while
+  the values stay within the float range.
+- Non-finite inputs (NaN or +-inf in a gate, beta, q, k, v or the state) are not an error
+  either: the call returns, and they propagate to the outputs and final state of the one
+  sequence that holds them (a batch row, or a packed sequence of cu_seqlens) -- never to
+  another sequence. Which positions of that sequence turn non-finite depends on the impl (the
+  chunked forms may spread it over the chunk holding the token, earlier tokens included); a
+  NaN gate makes the sequence's final state NaN. A gate of -inf is therefore not a hard reset
+  (the chunked forms turn it into NaN): mark boundaries with cu_seqlens, or use a finite
+  gate such as -30.
+"""
+
+# The ops' public entry points turn their array arguments into checkable arrays
+# (`as_input`), check what is static, then convert them to JAX arrays (`to_jax`), so the
+# impls below only ever see JAX arrays.
+
 def _shape(x) -> tuple:
     return tuple(getattr(x, "shape", ()))
+
+
+def _describe(x) -> str:
+    shape = getattr(x, "shape", None)
+    return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else repr(x)[:80]
+
+
+def as_input(name: str, x, allow_none: bool = False):
+    """An op argument as an array whose shape and dtype can be checked.
+
+    JAX arrays (tracers included), NumPy arrays and shape/dtype stand-ins
+    (`jax.ShapeDtypeStruct`) pass through unchanged; anything else NumPy can turn into an
+    array of numbers (Python scalars, NumPy scalars, nested lists) is converted with
+    `np.asarray`. None passes when `allow_none`. Anything else: ValueError naming `name`.
+    """
+    if x is None:
+        if allow_none:
+            return None
+        raise ValueError(f"`{name}` is required, got None")
+    if isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+        return x
+    try:
+        arr = np.asarray(x)
+    except jax.errors.TracerArrayConversionError:  # e.g. a list holding traced scalars
+        try:
+            return jnp.asarray(x)
+        except Exception as e:
+            raise ValueError(f"`{name}` must be an array (JAX or NumPy), got {_describe(x)}: "
+                             f"{e}") from None
+    except Exception as e:  # ragged lists, objects NumPy cannot read
+        raise ValueError(f"`{name}` must be an array (JAX or NumPy), got {_describe(x)}: "
+                         f"{e}") from None
+    if arr.dtype == object:
+        raise ValueError(f"`{name}` must be an array of numbers, got {_describe(x)}")
+    return arr
+
+
+def to_jax(*xs) -> tuple:
+    """Each validated input as a JAX array (None stays None); tracers pass through."""
+    return tuple(None if x is None else jnp.asarray(x) for x in xs)
+
+
+def _dtype_is(x, kind) -> bool:
+    try:
+        return bool(jnp.issubdtype(x.dtype, kind))
+    except (TypeError, AttributeError):
+        return False
 
 
 def check_rank(name: str, x, rank: int) -> tuple:
@@ -42,7 +128,7 @@ def check_qkv(q, k, v, *, step: bool = False) -> tuple[int, ...]:
     """Check the `[B, T, H, D]` layout of q, k, v; return (B, T, H, K, V).
 
     With `step=True` (single-token decoding) the layout is `[B, H, D]` and (B, H, K, V) is
-    returned.
+    returned. B and T may be 0 (an empty batch or sequence); H, K and V must be at least 1.
     """
     rank, layout = (3, "[B, H, {}]") if step else (4, "[B, T, H, {}]")
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -53,14 +139,19 @@ def check_qkv(q, k, v, *, step: bool = False) -> tuple[int, ...]:
         raise ValueError(
             f"`v` must have shape {layout.format('V')} = {expected} to match q {q.shape}, "
             f"got {v.shape}")
+    if min(q.shape[-2:]) < 1:
+        raise ValueError(f"`q` must have H >= 1 and K >= 1 in {layout.format('K')}, "
+                         f"got {q.shape}")
+    if v.shape[-1] < 1:
+        raise ValueError(f"`v` must have V >= 1 in {layout.format('V')}, got {v.shape}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_float(name, x)
     return tuple(q.shape) + (v.shape[-1],)
 
 
 def check_float(name: str, x) -> None:
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"`{name}` must be floating point, got dtype {x.dtype}")
+    if not _dtype_is(x, jnp.floating):
+        raise ValueError(f"`{name}` must be floating point, got dtype {getattr(x, 'dtype', None)}")
 
 
 def check_array(name: str, x, expected: Sequence[int], what: str,
@@ -73,22 +164,70 @@ def check_array(name: str, x, expected: Sequence[int], what: str,
 
 
 def check_chunk_size(chunk_size) -> int:
-    if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
+    """A positive power of two (a Python or NumPy integer, not a bool); returned as an int."""
+    size = None
+    if not isinstance(chunk_size, (bool, np.bool_)):
+        try:
+            size = operator.index(chunk_size)
+        except TypeError:
+            pass
+    if size is None or size < 1 or size & (size - 1):
         raise ValueError(f"`chunk_size` must be a positive power of two, got {chunk_size!r}")
-    return chunk_size
+    return size
 
 
-def check_cu_seqlens(cu_seqlens, batch: int) -> Optional[int]:
-    """Return the number N of packed sequences (None without cu_seqlens)."""
+def check_scale(scale, K: int) -> float:
+    """The read-out scale as a Python float: `K**-0.5` for None, else a finite real number
+    (Python, NumPy or concrete 0-d JAX scalar). It is static (the kernels bake it in), so a
+    traced scale is a ValueError."""
+    if scale is None:
+        return K ** -0.5
+    if isinstance(scale, jax.core.Tracer):
+        raise ValueError("`scale` must be a concrete number (Python or NumPy scalar), got a "
+                         f"traced value {_describe(scale)}; pass it as a static argument")
+    if isinstance(scale, (bool, np.bool_)):
+        raise ValueError(f"`scale` must be a finite real number, got {scale!r}")
+    try:
+        arr = np.asarray(scale)
+        ok = arr.shape == () and (_dtype_is(arr, jnp.floating) or _dtype_is(arr, jnp.integer))
+        value = float(arr) if ok else None
+    except Exception:
+        ok = False
+    if not ok or not math.isfinite(value):
+        raise ValueError(f"`scale` must be a finite real number, got {_describe(scale)}")
+    return value
+
+
+def check_flag(name: str, x) -> bool:
+    """A static boolean option (Python or NumPy bool, or 0 / 1)."""
+    if isinstance(x, (bool, np.bool_)) or (isinstance(x, (int, np.integer)) and x in (0, 1)):
+        return bool(x)
+    raise ValueError(f"`{name}` must be a bool, got {_describe(x)}")
+
+
+def check_cu_seqlens(cu_seqlens, batch: int, T: Optional[int] = None) -> Optional[int]:
+    """Return the number N of packed sequences (None without cu_seqlens).
+
+    Static checks always: rank 1, N >= 1, an integer dtype, B == 1. Values (0 = cu[0] <=
+    cu[1] <= ... <= cu[N] <= T) only when cu_seqlens is concrete (not traced): under `jit`
+    traced offsets are not checked, and offsets outside that contract give unspecified
+    outputs (no error)."""
     if cu_seqlens is None:
         return None
     shape = check_rank("cu_seqlens", cu_seqlens, 1)
     if shape[0] < 2:
         raise ValueError(f"`cu_seqlens` must have shape [N+1] with N >= 1, got {shape}")
-    if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
-        raise ValueError(f"`cu_seqlens` must be an integer array, got dtype {cu_seqlens.dtype}")
+    if not _dtype_is(cu_seqlens, jnp.integer):
+        raise ValueError(f"`cu_seqlens` must be an integer array, got dtype "
+                         f"{getattr(cu_seqlens, 'dtype', None)}")
     if batch != 1:
         raise ValueError(f"`cu_seqlens` needs a batch of one packed row (B == 1), got B = {batch}")
+    if T is not None and isinstance(cu_seqlens, (jax.Array, np.ndarray)) and not isinstance(
+            cu_seqlens, jax.core.Tracer):
+        cu = np.asarray(cu_seqlens).astype(np.int64)
+        if cu[0] != 0 or np.any(np.diff(cu) < 0) or cu[-1] > T:
+            raise ValueError(f"`cu_seqlens` must start at 0, never decrease and end at most at "
+                             f"T = {T}, got {cu.tolist()}")
     return shape[0] - 1
 
 
@@ -107,7 +246,7 @@ AUTO_IMPL = {"gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "pallas
 
 def resolve_impl(impl: str, pallas_available: bool = True) -> str:
     """Map `impl` to a concrete path (`AUTO_IMPL` for 'auto', xla where it names none)."""
-    if impl not in IMPLS:
+    if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
@@ -139,12 +278,22 @@ def acc_dtype(x) -> jnp.dtype:
 
 
 def default_scale(scale: Optional[float], K: int) -> float:
-    return K ** -0.5 if scale is None else float(scale)
+    return check_scale(scale, K)
 
 
 def cast(dtype, *xs) -> tuple:
     """Each array cast to `dtype`; None stays None."""
     return tuple(None if x is None else x.astype(dtype) for x in xs)
+
+
+def empty_result(q, shape: Sequence[int], num_states: int, initial_state) -> tuple:
+    """(o, final state) of a call with no tokens (B == 0 or T == 0): o is zeros [B, T, H, V] in
+    q's dtype and every sequence keeps its initial state (zeros without one), in acc_dtype."""
+    B, T, H, K, V = shape
+    acc = acc_dtype(q)
+    state = (jnp.zeros((num_states, H, K, V), acc) if initial_state is None
+             else initial_state.astype(acc))
+    return jnp.zeros((B, T, H, V), q.dtype), state
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -173,7 +322,7 @@ def token_layout(batch: int, T: int, cu_seqlens=None) -> TokenLayout:
         is_start = jnp.broadcast_to(t == 0, (batch, T))
         seq = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, T))
         return TokenLayout(is_start, seq, batch)
-    cu = cu_seqlens.astype(jnp.int32)
+    cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
     seq = jnp.searchsorted(cu[1:], t, side="right").astype(jnp.int32)
     # A zero-length sequence shares its offset with the next one; the token starts the later.
     is_start = t == cu[jnp.minimum(seq, cu.shape[0] - 2)]
@@ -193,7 +342,7 @@ def token_scan(update: Callable, xs: tuple, state_shape: Sequence[int], dtype,
     layout = token_layout(B, T, cu_seqlens)
     N = layout.num_seqs
     init = (jnp.zeros((N,) + tuple(state_shape), dtype) if initial_state is None
-            else initial_state.astype(dtype))
+            else jnp.asarray(initial_state).astype(dtype))
     xs = tuple(None if x is None else jnp.moveaxis(x, 1, 0) for x in cast(dtype, *xs))
     varlen = cu_seqlens is not None
     mask = (slice(None),) + (None,) * len(state_shape)
@@ -287,7 +436,7 @@ def chunk_layout(batch: int, T: int, chunk: int, cu_seqlens=None) -> ChunkLayout
         seq = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, nc))
         return ChunkLayout(chunk, T, T_pad, reset, seq, batch)
 
-    cu = cu_seqlens.astype(jnp.int32)
+    cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
     N = cu.shape[0] - 1
     # Each sequence may waste up to chunk-1 padding tokens: a static bound on the padded size.
     T_pad = max(_round_up(T + N * (chunk - 1), chunk), chunk)

@@ -4,6 +4,12 @@
 
 g [B,T,H] is a per-head log decay (RetNet, Lightning, Mamba2-SSD), gk [B,T,H,K] a per-key one
 (GLA); both natural-log, ≤ 0. Without either it is vanilla linear attention.
+
+Inputs and bad values: as for every recurrent op, see `pallas_kernels.common.INPUT_CONTRACT`.
+Arrays may be JAX (traced or not) or NumPy, eager or under jit; a bad rank, shape or dtype is
+a ValueError naming the argument before anything runs. Values are not checked (except concrete
+`cu_seqlens`): a finite positive gate is computed as written; NaN/inf inputs return and
+propagate within their own sequence only.
 """
 from __future__ import annotations
 
@@ -16,32 +22,52 @@ def linear_attention(q, k, v, g=None, gk=None, *, scale=None, initial_state=None
     """o [B,T,H,V] (q's dtype), and the final state [N,H,K,V] (float32) if output_final_state.
 
     q, k [B,T,H,K]; v [B,T,H,V]; g [B,T,H]; gk [B,T,H,K]; initial_state [N,H,K,V] with N = B,
-    or N packed sequences given by cu_seqlens int32 [N+1] in a B == 1 batch.
+    or N packed sequences given by cu_seqlens int [N+1] in a B == 1 batch (concrete offsets
+    must satisfy 0 = cu[0] <= ... <= cu[N] <= T; tokens past cu[N] get o = 0).
     impl: "auto" | "reference" | "xla" | "pallas".
     """
+    q, k, v, g, gk, initial_state, cu_seqlens = _inputs(
+        q=q, k=k, v=v, g=g, gk=gk, initial_state=initial_state, cu_seqlens=cu_seqlens)
     B, T, H, K, V = common.check_qkv(q, k, v)
     common.check_array("g", g, (B, T, H), "[B, T, H]", allow_none=True)
     common.check_array("gk", gk, (B, T, H, K), "[B, T, H, K]", allow_none=True)
-    N = common.check_cu_seqlens(cu_seqlens, B) or B
+    N = common.check_cu_seqlens(cu_seqlens, B, T) or B
     common.check_initial_state(initial_state, N, H, K, V)
-    common.check_chunk_size(chunk_size)
+    chunk_size = common.check_chunk_size(chunk_size)
+    scale = common.check_scale(scale, K)
+    output_final_state = common.check_flag("output_final_state", output_final_state)
     fn = common.select_impl(__name__, "linear_attention", impl, chunk_size)
-    o, state = fn(q, k, v, g, gk, scale=common.default_scale(scale, K),
-                  initial_state=initial_state, cu_seqlens=cu_seqlens)
+    q, k, v, g, gk, initial_state, cu_seqlens = common.to_jax(
+        q, k, v, g, gk, initial_state, cu_seqlens)
+    if B * T == 0:
+        o, state = common.empty_result(q, (B, T, H, K, V), N, initial_state)
+        return o, (state if output_final_state else None)
+    o, state = fn(q, k, v, g, gk, scale=scale, initial_state=initial_state,
+                  cu_seqlens=cu_seqlens)
     return o, (state if output_final_state else None)
 
 
 def linear_attention_step(q, k, v, g=None, gk=None, *, scale=None, state):
     """One decoding token: q, k [B,H,K], v [B,H,V], g [B,H], gk [B,H,K], state [B,H,K,V]
     -> (o [B,H,V] in q's dtype, new state [B,H,K,V] in float32)."""
+    q, k, v, g, gk, state = _inputs(q=q, k=k, v=v, g=g, gk=gk, state=state)
     B, H, K, V = common.check_qkv(q, k, v, step=True)
     common.check_array("g", g, (B, H), "[B, H]", allow_none=True)
     common.check_array("gk", gk, (B, H, K), "[B, H, K]", allow_none=True)
     common.check_array("state", state, (B, H, K, V), "[B, H, K, V]")
+    scale = common.check_scale(scale, K)
+    q, k, v, g, gk, state = common.to_jax(q, k, v, g, gk, state)
     acc = common.acc_dtype(q)
-    o, state = linear_attention_update(
-        *common.cast(acc, state, q, k, v, g, gk), scale=common.default_scale(scale, K))
+    o, state = linear_attention_update(*common.cast(acc, state, q, k, v, g, gk), scale=scale)
     return o.astype(q.dtype), state
+
+
+def _inputs(**arrays):
+    """The array arguments as checkable arrays (`common.as_input`); only g, gk,
+    initial_state and cu_seqlens may be None."""
+    optional = ("g", "gk", "initial_state", "cu_seqlens")
+    return tuple(common.as_input(name, x, allow_none=name in optional)
+                 for name, x in arrays.items())
 
 
 __all__ = ["linear_attention", "linear_attention_step"]
