@@ -114,8 +114,10 @@ def nominal_flops(op: str, B: int, T: int, H: int, K: int, V: int,
     return fwd if fwd_only else 3.0 * fwd
 
 
-def make_inputs(op: str, B: int, T: int, H: int, K: int, dtype, seed: int = 0) -> dict:
-    """Random inputs drawn on the device (numpy would spend seconds per cell at GPU sizes)."""
+def make_inputs(op: str, B: int, T: int, H: int, K: int, dtype, seed: int = 0,
+                V: Optional[int] = None) -> dict:
+    """Random inputs drawn on the device (numpy would spend seconds per cell at GPU sizes);
+    v's head dim is V (default K)."""
     import jax
     import jax.numpy as jnp
     kq, kk, kv, kg, kb = jax.random.split(jax.random.PRNGKey(seed), 5)
@@ -124,7 +126,7 @@ def make_inputs(op: str, B: int, T: int, H: int, K: int, dtype, seed: int = 0) -
     k = normal(kk, (B, T, H, K))
     if op != "attn":   # the delta rule expects unit keys; the gated sums stay bounded too
         k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    x = {"q": normal(kq, (B, T, H, K)), "k": k, "v": normal(kv, (B, T, H, K))}
+    x = {"q": normal(kq, (B, T, H, K)), "k": k, "v": normal(kv, (B, T, H, V or K))}
     if op == "la_gk":
         x["gk"] = log_decay((B, T, H, K))
     elif op != "attn":

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from eval import bench_ops
+
 # Block-policy variants, as changes to the backend's default policy.
 VARIANTS = {
     "default": {},
@@ -33,30 +35,13 @@ VARIANTS = {
 }
 
 
-def make_inputs(op, B, T, H, K, V, dtype, seed=0):
-    import jax.numpy as jnp
-    rng = np.random.default_rng(seed)
-    arr = lambda x, dt=dtype: jnp.asarray(x, dt)
-    k = rng.standard_normal((B, T, H, K))
-    x = {"q": arr(rng.standard_normal((B, T, H, K))),
-         "k": arr(k / np.linalg.norm(k, axis=-1, keepdims=True)),
-         "v": arr(rng.standard_normal((B, T, H, V)))}
-    if op == "la_gk":
-        x["gk"] = arr(np.log(rng.uniform(0.9, 1.0, (B, T, H, K))), jnp.float32)
-    else:
-        x["g"] = arr(np.log(rng.uniform(0.9, 1.0, (B, T, H))), jnp.float32)
-    if op == "gdn":
-        x["beta"] = arr(rng.uniform(0.0, 1.0, (B, T, H)), jnp.float32)
-    return x
-
-
 def run_phases(cfg, args, reps):
     """name -> (median ms, compile s) of every phase, in execution order, on the prepared
     inputs; each phase is compiled (timed) before it first runs, then feeds the next."""
     import jax
     from pallas_kernels import pallas_scan, scan_parallel
 
-    seq = pallas_scan._sequential(cfg)
+    seq = pallas_scan.sequential(cfg)
     q, k, v, extras, h0, reset, hidx = args
     delta = cfg.spec.delta
     cells = {}
@@ -99,7 +84,8 @@ def run(args):
     base = pallas_scan.blocks_for(args.backend)
     results = []
     for op in args.ops:
-        x = make_inputs(op, args.B, args.T, args.H, args.K, args.V, jnp.dtype(args.dtype))
+        x = bench_ops.make_inputs(op, args.B, args.T, args.H, args.K, jnp.dtype(args.dtype),
+                                  V=args.V)
         family = "gdn" if op == "gdn" else "la"
         for name in args.variants:
             blocks = dataclasses.replace(base, **VARIANTS[name])

@@ -183,7 +183,7 @@ def run_chunked(intra: Intra, tokens: Mapping[str, Optional[jax.Array]], *, q: j
     acc = acc_dtype(q)
     layout = chunk_layout(B, T, chunk_size, cu_seqlens)
     NC, N = layout.num_chunks, layout.num_seqs
-    inputs = {name: to_chunk_major(jnp.asarray(x).astype(acc), layout)
+    inputs = {name: to_chunk_major(x.astype(acc), layout)
               for name, x in tokens.items() if x is not None}
     inputs["q"] = inputs["q"] * jnp.asarray(scale, acc)
     inputs = {name: x.reshape((NC * B * H,) + x.shape[3:]) for name, x in inputs.items()}
@@ -202,8 +202,7 @@ def run_chunked(intra: Intra, tokens: Mapping[str, Optional[jax.Array]], *, q: j
     store = jnp.where(jnp.repeat(ends, H, axis=1) < N, rows(ends), N * H)
 
     shape = (N * H, K, value_dim)
-    h0 = (jnp.zeros(shape, acc) if initial_state is None
-          else jnp.asarray(initial_state).astype(acc).reshape(shape))
+    h0 = jnp.zeros(shape, acc) if initial_state is None else initial_state.astype(acc).reshape(shape)
     o, final = _chunk_scan(intra, group, inputs, h0, reset, load, store)
     o = from_chunk_major(o.reshape((NC, B, H) + o.shape[1:]), layout)
     return o.astype(q.dtype), final.reshape(N, H, K, value_dim)

@@ -96,6 +96,12 @@ def as_input(name: str, x, allow_none: bool = False):
     return arr
 
 
+def as_inputs(optional: Sequence[str], **arrays) -> tuple:
+    """`as_input` of each named array argument, in order; those named in `optional` may be
+    None."""
+    return tuple(as_input(name, x, allow_none=name in optional) for name, x in arrays.items())
+
+
 def to_jax(*xs) -> tuple:
     """Each validated input as a JAX array (None stays None); tracers pass through."""
     return tuple(None if x is None else jnp.asarray(x) for x in xs)
@@ -277,10 +283,6 @@ def acc_dtype(x) -> jnp.dtype:
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def default_scale(scale: Optional[float], K: int) -> float:
-    return check_scale(scale, K)
-
-
 def cast(dtype, *xs) -> tuple:
     """Each array cast to `dtype`; None stays None."""
     return tuple(None if x is None else x.astype(dtype) for x in xs)
@@ -322,7 +324,7 @@ def token_layout(batch: int, T: int, cu_seqlens=None) -> TokenLayout:
         is_start = jnp.broadcast_to(t == 0, (batch, T))
         seq = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, T))
         return TokenLayout(is_start, seq, batch)
-    cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
+    cu = cu_seqlens.astype(jnp.int32)
     seq = jnp.searchsorted(cu[1:], t, side="right").astype(jnp.int32)
     # A zero-length sequence shares its offset with the next one; the token starts the later.
     is_start = t == cu[jnp.minimum(seq, cu.shape[0] - 2)]
@@ -342,7 +344,7 @@ def token_scan(update: Callable, xs: tuple, state_shape: Sequence[int], dtype,
     layout = token_layout(B, T, cu_seqlens)
     N = layout.num_seqs
     init = (jnp.zeros((N,) + tuple(state_shape), dtype) if initial_state is None
-            else jnp.asarray(initial_state).astype(dtype))
+            else initial_state.astype(dtype))
     xs = tuple(None if x is None else jnp.moveaxis(x, 1, 0) for x in cast(dtype, *xs))
     varlen = cu_seqlens is not None
     mask = (slice(None),) + (None,) * len(state_shape)
@@ -436,7 +438,7 @@ def chunk_layout(batch: int, T: int, chunk: int, cu_seqlens=None) -> ChunkLayout
         seq = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, nc))
         return ChunkLayout(chunk, T, T_pad, reset, seq, batch)
 
-    cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
+    cu = cu_seqlens.astype(jnp.int32)
     N = cu.shape[0] - 1
     # Each sequence may waste up to chunk-1 padding tokens: a static bound on the padded size.
     T_pad = max(_round_up(T + N * (chunk - 1), chunk), chunk)

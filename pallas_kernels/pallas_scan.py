@@ -74,7 +74,8 @@ class ScanConfig:
                 "kcol": (BH, self.NC, self.Kp, 1)}[kind]
 
 
-def _sequential(cfg):
+def sequential(cfg):
+    """The module of `cfg`'s backend with the sequential passes (scan_tpu or scan_gpu)."""
     return scan_tpu if cfg.backend == "tpu" else scan_gpu
 
 
@@ -82,7 +83,7 @@ def _forward(cfg, q, k, v, extras, h0, reset, hidx):
     """(o, final states, residuals (h, W, the chunks' UT inverses))."""
     w, u, tri = (scan_parallel.ut_transform(cfg, k, v, extras) if cfg.spec.delta
                  else (None, v, None))
-    h, vn, fin = _sequential(cfg).state_forward(cfg, k, u, w, extras, h0, reset, hidx)
+    h, vn, fin = sequential(cfg).state_forward(cfg, k, u, w, extras, h0, reset, hidx)
     o = scan_parallel.output(cfg, q, k, vn, extras, h)
     return o, fin, (h, w, tri)
 
@@ -103,7 +104,7 @@ def _scan_bwd(cfg, res, cts):
     do, dfin = cts
     do = do.astype(cfg.out)
     dvo = scan_parallel.intra_dv(cfg, q, k, do, extras) if cfg.spec.delta else None
-    dh, dh0 = _sequential(cfg).state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0,
+    dh, dh0 = sequential(cfg).state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0,
                                               reset, hidx)
     dq, dk, dv, dex = scan_parallel.chunk_vjp(cfg, q, k, v, extras, h, tri, do, dh)
     dex = tuple(d.astype(e.dtype) for d, e in zip(dex, extras))

@@ -45,6 +45,15 @@ def _chunk_loader(cfg, acc):
     return load
 
 
+def _chunk_at(cfg, r_ref, s_ref, bh, c):
+    """Chunk c of batch·head bh (the program id, read outside the chunk loop: interpret mode
+    cannot lower it inside one): (whether it starts a sequence, the initial-state row of its
+    sequence, its token rows)."""
+    i = div(bh, cfg.H) * cfg.NC + c
+    flag = (c == 0) | (r_ref[i] != 0)
+    return flag, s_ref[i] * cfg.H + rem(bh, cfg.H), pl.ds(pl.multiple_of(c * cfg.C, cfg.C), cfg.C)
+
+
 def _call(cfg, kernel, name, ins, outs, h0_rows, reset, hidx):
     BH, T_pad, _ = ins[0][0].shape
     sp = _specs(cfg, T_pad, h0_rows, reset.shape[0])
@@ -60,21 +69,18 @@ def _call(cfg, kernel, name, ins, outs, h0_rows, reset, hidx):
 def state_forward(cfg, k, u, w, extras, h0, reset, hidx):
     """(h [BH, NC, Kp, Vp]: the state entering each chunk, in the matmul dtype; vn (U − W S)
     [BH, T_pad, Vp] for the delta rule, else u; final states [BH, 1 or NC, Kp, Vp])."""
-    H, NC, C, delta = cfg.H, cfg.NC, cfg.C, cfg.spec.delta
+    NC, delta = cfg.NC, cfg.spec.delta
     acc = jnp.dtype(cfg.acc)
     load_extras = _chunk_loader(cfg, acc)
 
     def kernel(r_ref, s_ref, *refs):
         R = scan_io.forward_refs(cfg, refs)
         bh = pl.program_id(0)
-        b, hh = div(bh, H), rem(bh, H)
 
         def body(c, S):
-            i = b * NC + c
-            flag = (c == 0) | (r_ref[i] != 0)
-            S = jnp.where(flag, R.h0[s_ref[i] * H + hh].astype(acc), S)
+            flag, row, t = _chunk_at(cfg, r_ref, s_ref, bh, c)
+            S = jnp.where(flag, R.h0[row].astype(acc), S)
             R.h[c] = S.astype(R.h.dtype)
-            t = pl.ds(pl.multiple_of(c * C, C), C)
             vn, S = chunk_math.state_step(
                 cfg.spec, S, R.k[t, :].astype(acc), R.u[t, :].astype(acc),
                 R.w[t, :].astype(acc) if delta else None, load_extras(R.extras, c, t))
@@ -96,23 +102,20 @@ def state_forward(cfg, k, u, w, extras, h0, reset, hidx):
 def state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0, reset, hidx):
     """(dh [BH, NC, Kp, Vp]: the cotangent of each chunk's outgoing state, in the matmul
     dtype; dh0 [N·H, Kp, Vp]), walking the chunks in reverse."""
-    H, NC, C, delta = cfg.H, cfg.NC, cfg.C, cfg.spec.delta
+    NC, delta = cfg.NC, cfg.spec.delta
     acc = jnp.dtype(cfg.acc)
     load_extras = _chunk_loader(cfg, acc)
 
     def kernel(r_ref, s_ref, *refs):
         R = scan_io.backward_refs(cfg, refs)
         bh = pl.program_id(0)
-        b, hh = div(bh, H), rem(bh, H)
 
         def body(j, dS):
             c = NC - 1 - j
-            i = b * NC + c
-            flag = (c == 0) | (r_ref[i] != 0)
+            flag, row, t = _chunk_at(cfg, r_ref, s_ref, bh, c)
             if cfg.varlen:
                 dS = dS + R.dfin[c].astype(acc)
             R.dh[c] = dS.astype(R.dh.dtype)
-            t = pl.ds(pl.multiple_of(c * C, C), C)
             dS_in = chunk_math.state_step_bwd(
                 cfg.spec, dS, R.q[t, :].astype(acc), R.k[t, :].astype(acc),
                 R.w[t, :].astype(acc) if delta else None, R.do[t, :].astype(acc),
@@ -120,7 +123,7 @@ def state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0, reset, hidx):
 
             @pl.when(flag)
             def _():
-                R.dh0[s_ref[i] * H + hh] = dS_in
+                R.dh0[row] = dS_in
 
             return jnp.where(flag, jnp.zeros_like(dS_in), dS_in)
 

@@ -52,10 +52,15 @@ def forward_io(cfg, k, u, w, extras, h0):
     return ins, outs
 
 
+def _reader(refs):
+    """take(cond=True): the next ref in order, or None (taking nothing) where not `cond`."""
+    refs = list(refs)
+    return lambda cond=True: refs.pop(0) if cond else None
+
+
 def forward_refs(cfg, refs) -> ForwardRefs:
     """The kernel's refs (after the two index arrays, before any scratch) by name."""
-    refs = list(refs)
-    take = lambda cond=True: refs.pop(0) if cond else None
+    take = _reader(refs)
     delta = cfg.spec.delta
     k, u, w = take(), take(), take(delta)
     extras = tuple(take() for _ in cfg.kinds)
@@ -81,8 +86,7 @@ def backward_io(cfg, q, k, w, extras, do, dvo, dfin, h0):
 
 
 def backward_refs(cfg, refs) -> BackwardRefs:
-    refs = list(refs)
-    take = lambda cond=True: refs.pop(0) if cond else None
+    take = _reader(refs)
     delta = cfg.spec.delta
     q, k, w = take(), take(), take(delta)
     extras = tuple(take() for _ in cfg.kinds)

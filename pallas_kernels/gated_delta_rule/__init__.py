@@ -17,6 +17,10 @@ from .. import common
 from .reference import gated_delta_rule_update
 
 
+# The array arguments that may be None.
+_OPTIONAL = ("g", "initial_state", "cu_seqlens")
+
+
 def gated_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
                      output_final_state=False, cu_seqlens=None, use_qk_l2norm=False,
                      impl="auto", chunk_size=64):
@@ -27,7 +31,8 @@ def gated_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     satisfy 0 = cu[0] <= ... <= cu[N] <= T; tokens past cu[N] get o = 0).
     impl: "auto" | "reference" | "xla" | "pallas".
     """
-    q, k, v, beta, g, initial_state, cu_seqlens = _inputs(
+    q, k, v, beta, g, initial_state, cu_seqlens = common.as_inputs(
+        _OPTIONAL,
         q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens)
     B, T, H, K, V = common.check_qkv(q, k, v)
     common.check_array("beta", beta, (B, T, H), "[B, T, H]")
@@ -54,7 +59,8 @@ def gated_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
 def gated_delta_rule_step(q, k, v, beta, g=None, *, scale=None, state, use_qk_l2norm=False):
     """One decoding token: q, k [B,H,K], v [B,H,V], beta, g [B,H], state [B,H,K,V]
     -> (o [B,H,V] in q's dtype, new state [B,H,K,V] in float32)."""
-    q, k, v, beta, g, state = _inputs(q=q, k=k, v=v, beta=beta, g=g, state=state)
+    q, k, v, beta, g, state = common.as_inputs(
+        _OPTIONAL, q=q, k=k, v=v, beta=beta, g=g, state=state)
     B, H, K, V = common.check_qkv(q, k, v, step=True)
     common.check_array("beta", beta, (B, H), "[B, H]")
     common.check_array("g", g, (B, H), "[B, H]", allow_none=True)
@@ -67,14 +73,6 @@ def gated_delta_rule_step(q, k, v, beta, g=None, *, scale=None, state, use_qk_l2
     acc = common.acc_dtype(q)
     o, state = gated_delta_rule_update(*common.cast(acc, state, q, k, v, beta, g), scale=scale)
     return o.astype(q.dtype), state
-
-
-def _inputs(**arrays):
-    """The array arguments as checkable arrays (`common.as_input`); only g, initial_state
-    and cu_seqlens may be None."""
-    optional = ("g", "initial_state", "cu_seqlens")
-    return tuple(common.as_input(name, x, allow_none=name in optional)
-                 for name, x in arrays.items())
 
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_step"]

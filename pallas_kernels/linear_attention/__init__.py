@@ -17,6 +17,10 @@ from .. import common
 from .reference import linear_attention_update
 
 
+# The array arguments that may be None.
+_OPTIONAL = ("g", "gk", "initial_state", "cu_seqlens")
+
+
 def linear_attention(q, k, v, g=None, gk=None, *, scale=None, initial_state=None,
                      output_final_state=False, cu_seqlens=None, impl="auto", chunk_size=64):
     """o [B,T,H,V] (q's dtype), and the final state [N,H,K,V] (float32) if output_final_state.
@@ -26,7 +30,8 @@ def linear_attention(q, k, v, g=None, gk=None, *, scale=None, initial_state=None
     must satisfy 0 = cu[0] <= ... <= cu[N] <= T; tokens past cu[N] get o = 0).
     impl: "auto" | "reference" | "xla" | "pallas".
     """
-    q, k, v, g, gk, initial_state, cu_seqlens = _inputs(
+    q, k, v, g, gk, initial_state, cu_seqlens = common.as_inputs(
+        _OPTIONAL,
         q=q, k=k, v=v, g=g, gk=gk, initial_state=initial_state, cu_seqlens=cu_seqlens)
     B, T, H, K, V = common.check_qkv(q, k, v)
     common.check_array("g", g, (B, T, H), "[B, T, H]", allow_none=True)
@@ -50,7 +55,8 @@ def linear_attention(q, k, v, g=None, gk=None, *, scale=None, initial_state=None
 def linear_attention_step(q, k, v, g=None, gk=None, *, scale=None, state):
     """One decoding token: q, k [B,H,K], v [B,H,V], g [B,H], gk [B,H,K], state [B,H,K,V]
     -> (o [B,H,V] in q's dtype, new state [B,H,K,V] in float32)."""
-    q, k, v, g, gk, state = _inputs(q=q, k=k, v=v, g=g, gk=gk, state=state)
+    q, k, v, g, gk, state = common.as_inputs(
+        _OPTIONAL, q=q, k=k, v=v, g=g, gk=gk, state=state)
     B, H, K, V = common.check_qkv(q, k, v, step=True)
     common.check_array("g", g, (B, H), "[B, H]", allow_none=True)
     common.check_array("gk", gk, (B, H, K), "[B, H, K]", allow_none=True)
@@ -60,14 +66,6 @@ def linear_attention_step(q, k, v, g=None, gk=None, *, scale=None, state):
     acc = common.acc_dtype(q)
     o, state = linear_attention_update(*common.cast(acc, state, q, k, v, g, gk), scale=scale)
     return o.astype(q.dtype), state
-
-
-def _inputs(**arrays):
-    """The array arguments as checkable arrays (`common.as_input`); only g, gk,
-    initial_state and cu_seqlens may be None."""
-    optional = ("g", "gk", "initial_state", "cu_seqlens")
-    return tuple(common.as_input(name, x, allow_none=name in optional)
-                 for name, x in arrays.items())
 
 
 __all__ = ["linear_attention", "linear_attention_step"]
