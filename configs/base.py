@@ -4,7 +4,8 @@
 
 Groups (the trainer rejects any field that is not listed here, naming it):
 
-  model       the fields of `mem_lm.ModelConfig` (vocab_size -1: taken from the data)
+  model       the fields of `mem_lm.ModelConfig` (vocab_size -1: taken from the data);
+              model.mixers.<name>.<field>: each registered mechanism's settings
   data        where batches come from: the built-in corpus (Python's standard library), text
               files/dirs/globs/JSONL, or a synthetic memory task (mqar, copy, assoc_recall, niah)
   optim       AdamW, warmup + cosine decay, global-norm clipping, weight-decay exclusions
@@ -31,11 +32,44 @@ DATA_SOURCES = ("stdlib", "text", "mqar", "copy", "assoc_recall", "niah")
 _OPTIONAL_TYPES = {f"Optional[{t.__name__}]": t for t in (int, float, bool, str)}
 
 
-def model_config(**fields) -> ConfigDict:
-    """All `mem_lm.ModelConfig` fields with their defaults, `fields` applied on top.
+def _fill_placeholders(d: dict, types: dict) -> dict:
+    """None -> a typed placeholder, so that `--config.model.X=...` works on an unset field."""
+    return {k: config_dict.placeholder(types[k]) if v is None else v for k, v in d.items()}
 
-    Building the group from the dataclass itself means every model field can be overridden on
-    the command line, and a new field appears here without editing this file.
+
+def mixers_config(overrides: dict | None = None) -> ConfigDict:
+    """Every registered mechanism's settings (model.mixers.<name>.<field>) at their defaults,
+    `overrides` ({name: {field: value}}) applied on top."""
+    from layers import registry
+
+    overrides = dict(overrides or {})
+    out = {}
+    for slot in registry.SLOTS:
+        for name in registry.names(slot):
+            mech = registry.get(name)
+            settings = mech.resolve(overrides.pop(name, {}))
+            out[name] = _fill_placeholders(settings, {k: s.type for k, s in mech.settings.items()})
+    if overrides:
+        registry.get(sorted(overrides)[0])   # raises, naming the known mechanisms
+    return ConfigDict(out)
+
+
+def every_token_mixer(**settings) -> dict:
+    """{name: settings} for every registered token mixer that has all those fields, e.g.
+    `short_conv=True`: q/k/v short convs on whichever mixer `pattern` picks."""
+    from layers import registry
+
+    return {n: dict(settings) for n in registry.names("token")
+            if set(settings) <= set(registry.get(n).settings)}
+
+
+def model_config(**fields) -> ConfigDict:
+    """All `mem_lm.ModelConfig` fields with their defaults, `fields` applied on top; under
+    `mixers`, the settings of every registered mechanism.
+
+    Building the group from the dataclass and the registry means every model field and
+    mechanism setting can be overridden on the command line, and a new field or mechanism
+    appears here without editing this file.
     """
     from mem_lm import ModelConfig
 
@@ -45,13 +79,12 @@ def model_config(**fields) -> ConfigDict:
     if unknown:
         raise ValueError(f"config.model: unknown ModelConfig field(s) {unknown}; known: {sorted(known)}")
     vocab = fields.pop("vocab_size", -1)
-    cfg = ModelConfig(**{**required, **fields})
-    d = dataclasses.asdict(cfg)
+    mixers = fields.pop("mixers", {})
+    d = ModelConfig(**{**required, **fields, "mixers": mixers}).to_dict()
     d["vocab_size"] = vocab
-    for f in dataclasses.fields(ModelConfig):
-        if d[f.name] is None:   # a typed placeholder, so that `--config.model.X=...` works
-            d[f.name] = config_dict.placeholder(_OPTIONAL_TYPES[str(f.type)])
-    return ConfigDict(d)
+    d["mixers"] = mixers_config(mixers)
+    types = {f.name: _OPTIONAL_TYPES.get(str(f.type)) for f in dataclasses.fields(ModelConfig)}
+    return ConfigDict(_fill_placeholders(d, types))
 
 
 def get_config() -> ConfigDict:

@@ -11,7 +11,7 @@ from configs import base
 def get_config():
     c = base.get_config()
     c.model = base.model_config(d_model=128, num_layers=4, num_heads=4, pattern=("gdn", "swa"),
-                                window=64, chunk_size=32)
+                                mixers={"swa": {"window": 64}}, chunk_size=32)
     c.train.update(steps=300, batch_size=16, seq_len=128, log_every=10, eval_every=100,
                    eval_batches=8, checkpoint_every=100)
     c.optim.update(learning_rate=3e-3, warmup_steps=30, weight_decay=0.1)

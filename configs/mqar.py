@@ -10,8 +10,10 @@ from configs import base
 
 def get_config():
     c = base.get_config()
+    mixers = base.every_token_mixer(short_conv=True)
+    mixers["swa"]["window"] = 32
     c.model = base.model_config(d_model=64, num_layers=2, num_heads=2, pattern=("gdn",),
-                                use_mlp=False, window=32, short_conv=True)
+                                channel_pattern=("none",), mixers=mixers)
     c.data.update(source="mqar", vocab_size=8192, num_kv_pairs=16, power_a=0.01,
                   random_non_queries=True)
     c.train.update(steps=1000, batch_size=64, seq_len=256, log_every=25, eval_every=250,

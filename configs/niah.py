@@ -14,8 +14,10 @@ from configs import base
 
 def get_config():
     c = base.get_config()
+    mixers = base.every_token_mixer(short_conv=True)
+    mixers["swa"]["window"] = 32
     c.model = base.model_config(d_model=64, num_layers=2, num_heads=2, pattern=("gdn",),
-                                use_mlp=True, window=32, short_conv=True)
+                                mixers=mixers)
     c.data.update(source="niah", vocab_size=128, num_kv_pairs=2)
     c.train.update(steps=1500, batch_size=32, seq_len=128, log_every=25, eval_every=250,
                    eval_batches=8, checkpoint_every=500)

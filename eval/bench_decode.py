@@ -154,7 +154,8 @@ def main(argv=None):
     for name in args.models:
         cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model,
                           num_layers=args.num_layers, num_heads=args.num_heads,
-                          pattern=MODELS[name], window=args.window, dtype=args.dtype)
+                          pattern=MODELS[name], mixers={"swa": {"window": args.window}},
+                          dtype=args.dtype)
         model = LanguageModel(cfg)
         params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0),
                                                    jnp.zeros((1, 8), jnp.int32)))

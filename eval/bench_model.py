@@ -68,7 +68,8 @@ def model_configs(names: Sequence[str], d_model: int, num_layers: int, num_heads
 
     def make(name, d):
         return ModelConfig(vocab_size=vocab_size, d_model=d, num_layers=num_layers,
-                           num_heads=num_heads, window=window, **MODELS[name], **extra)
+                           num_heads=num_heads, mixers={"swa": {"window": window}},
+                           **MODELS[name], **extra)
 
     target = param_count(make("transformer", d_model))
     step = 2 * num_heads                      # even head_dim (RoPE)
@@ -78,7 +79,13 @@ def model_configs(names: Sequence[str], d_model: int, num_layers: int, num_heads
             out[name] = make(name, d_model)
             continue
         cands = range(max(step, (d_model // 2) // step * step), 2 * d_model + step, step)
-        out[name] = min((make(name, d) for d in cands),
+        # param_count grows with the width: bisect for the first width at or above the
+        # target, then take the closer of it and the one below (each count is an eval_shape).
+        lo, hi = 0, len(cands) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if param_count(make(name, cands[mid])) < target else (lo, mid)
+        out[name] = min((make(name, cands[i]) for i in {max(lo - 1, 0), lo}),
                         key=lambda c: abs(param_count(c) - target))
     return out
 

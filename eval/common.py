@@ -362,5 +362,5 @@ def training_config(path) -> Optional[dict]:
 
 
 def mixer_names() -> tuple:
-    from mem_lm.config import MIXERS
-    return tuple(MIXERS)
+    from mem_lm import token_mixers
+    return token_mixers()

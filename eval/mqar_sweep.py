@@ -43,9 +43,14 @@ def state_size(model_cfg, seq_len: int) -> int:
 
 
 def run_config(base_config: str, mixer: str, width: int, lr: float, args):
+    from layers import registry
+
+    conv = SHORT_CONV[args.short_conv]
+    if conv is None:
+        conv = registry.get(mixer).settings["short_conv"].default
     overrides = [f"model.pattern={(mixer,)!r}", f"model.d_model={width}",
-                 f"model.short_conv={SHORT_CONV[args.short_conv]}",
-                 f"model.num_heads={args.num_heads}", f"model.window={args.window}",
+                 f"model.mixers.{mixer}.short_conv={conv}",
+                 f"model.num_heads={args.num_heads}", f"model.mixers.swa.window={args.window}",
                  f"train.seq_len={args.seq_len}", f"data.num_kv_pairs={args.num_kv_pairs}",
                  f"data.vocab_size={args.vocab_size}", f"train.steps={args.steps}",
                  f"train.batch_size={args.batch_size}", f"optim.learning_rate={lr}",

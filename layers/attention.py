@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from layers.common import constrain, dense
-from layers.conv import qkv_conv_cache, short_conv_qkv
+from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
+from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
 from layers.rope import apply_rope
 from pallas_kernels.attention import attention
 
@@ -144,3 +145,38 @@ class Attention(nn.Module):
             "slot_pos": cache["slot_pos"].at[slots].set(new_pos[-n:]),
         }
         return o, new_cache
+
+
+def _attention_settings(windowed: bool) -> dict:
+    s = {"num_kv_heads": Setting(None, int, "GQA key/value heads (None: num_heads)", optional=True),
+         "sinks": Setting(False, bool, "a learned sink logit per head")}
+    if windowed:
+        s["window"] = Setting(512, int, "keys each query sees, itself included")
+    return {**s, **conv_settings(False)}
+
+
+def _check_attention(shared: Shared, s) -> None:
+    positive_int(s, "num_kv_heads", "conv_size", *(("window",) if "window" in s else ()))
+    if s["num_kv_heads"] is not None and shared.num_heads % s["num_kv_heads"]:
+        raise SettingError("num_kv_heads", f"must divide num_heads = {shared.num_heads}, "
+                                           f"got {s['num_kv_heads']}")
+    if shared.head_dim % 2:
+        raise SettingError("head_dim", f"must be even for RoPE, got {shared.head_dim}")
+
+
+def _build_attention(shared: Shared, s, name):
+    return Attention(d_model=shared.d_model, num_heads=shared.num_heads,
+                     num_kv_heads=s["num_kv_heads"] or shared.num_heads,
+                     head_dim=shared.head_dim, window=s.get("window"),
+                     rope_theta=shared.rope_theta, use_sinks=s["sinks"],
+                     use_short_conv=s["short_conv"], conv_size=s["conv_size"],
+                     init_std=shared.init_std, dtype=shared.dtype, impl=shared.attn_impl,
+                     name=name)
+
+
+register(Mechanism("attn", "token", _build_attention, _attention_settings(False),
+                   _check_attention, "causal softmax attention (RoPE, GQA)",
+                   attention_span=lambda s, T: T))
+register(Mechanism("swa", "token", _build_attention, _attention_settings(True),
+                   _check_attention, "sliding-window softmax attention",
+                   attention_span=lambda s, T: min(s["window"], T)))

@@ -1,16 +1,14 @@
 """Small helpers every layer shares: logically-partitioned initialisers and dense layers,
-segment-id bookkeeping for packed documents."""
+segment-id bookkeeping for packed documents, and the calls of the recurrent ops."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-# Log-gate that starts a new document inside a recurrent op: exp(-30) ≈ 1e-13 wipes the
-# previous document's state without the -inf that would poison the chunked cumsums.
-RESET_LOG_GATE = -30.0
 
 AXIS_NAMES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "memory")
 
@@ -56,9 +54,10 @@ def constrain(x, axes):
 
 
 def segment_starts(segment_ids: jax.Array) -> jax.Array:
-    """[B, T] bool: the token begins a document (its id differs from the previous token's)."""
-    prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    return segment_ids != prev
+    """[B, T] bool: the token begins a document (it begins its row, or its id differs from the
+    previous token's)."""
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.pad(change, ((0, 0), (1, 0)), constant_values=True)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -69,13 +68,62 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return t - start
 
 
-def reset_gate(g: Optional[jax.Array], segment_ids: Optional[jax.Array], shape):
-    """Add the document-reset log-gate to a per-head log gate g [B, T, H] (None = no decay)."""
-    if segment_ids is None:
-        return g
-    reset = jnp.where(segment_starts(segment_ids), RESET_LOG_GATE, 0.0)
-    reset = jnp.broadcast_to(reset[:, :, None], shape).astype(jnp.float32)
-    return reset if g is None else g + reset
+def docs_per_row(length: int, chunk_size: int) -> int:
+    """Documents a row of `length` tokens may hold and still take the packed path of
+    `step_or_chunk`: one, plus one per two chunks.
+
+    The chunked ops start every packed sequence on a chunk boundary, and with a static shape
+    they must reserve room (up to chunk_size - 1 padding tokens, and a state) for every entry
+    of cu_seqlens, used or not: room for all `length` possible documents would multiply their
+    time and memory by about chunk_size. This bound keeps the padding under half the row."""
+    return 1 + -(-length // (2 * chunk_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRows:
+    """The documents of a [B, T] batch as the recurrent ops take packed sequences: each row is
+    its own B == 1 packed row with offsets `cu_seqlens` [B, capacity + 1] (traced values of a
+    static shape, so new segment ids need no recompilation; unused entries equal T, empty
+    sequences that cost the ops nothing). `fits` (bool scalar): no row has more than
+    `capacity` documents, so every document has its own sequence. `starts` [B, T] bool."""
+    cu_seqlens: jax.Array
+    fits: jax.Array
+    starts: jax.Array
+
+
+def pack_rows(segment_ids: jax.Array, capacity: int) -> PackedRows:
+    B, T = segment_ids.shape
+    starts = segment_starts(segment_ids)
+    first = jax.vmap(lambda s: jnp.nonzero(s, size=capacity, fill_value=T)[0])(starts)
+    cu = jnp.concatenate([first, jnp.full((B, 1), T)], axis=1).astype(jnp.int32)
+    return PackedRows(cu, jnp.all(jnp.sum(starts, axis=1) <= capacity), starts)
+
+
+def restarting_scan(step_op, args, starts: jax.Array, **kw) -> jax.Array:
+    """o [B, T, H, V] of a recurrent op's one-token `step_op` run token by token over args
+    ([B, T, ...], None allowed; args[0] = q, args[2] = v) from a zero state, zeroed again
+    wherever `starts` [B, T] is set: exact for any number of documents, but sequential in T.
+    Blocks of about sqrt(T) tokens are rematerialised, so a backward pass holds O(sqrt(T))
+    states rather than one per token."""
+    B, T = starts.shape
+    q, v = args[0], args[2]
+    n = math.isqrt(max(T - 1, 0)) + 1
+    nb = -(-T // n)
+
+    def blocks(x):   # [B, T, ...] -> [nb, n, B, ...], zero-padded (outputs there are dropped)
+        x = jnp.pad(x, [(0, 0), (0, nb * n - T)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((B, nb, n) + x.shape[2:]), 0, 2)
+
+    def token(S, inp):
+        x, start = inp
+        o, S = step_op(*x, state=jnp.where(start[:, None, None, None], 0, S), **kw)
+        return S, o
+
+    block = jax.checkpoint(lambda S, xb: jax.lax.scan(token, S, xb))
+    S0 = jnp.zeros((B,) + q.shape[2:] + v.shape[3:], jnp.promote_types(q.dtype, jnp.float32))
+    _, o = jax.lax.scan(block, S0, (tuple(None if a is None else blocks(a) for a in args),
+                                    blocks(starts)))
+    return jnp.moveaxis(o, 2, 0).reshape((B, nb * n) + o.shape[3:])[:, :T]
 
 
 # ----------------------------------------------------------------------------- Mamba2 inits
@@ -97,11 +145,16 @@ def head_param(module: nn.Module, name: str, init_fn, num_heads: int) -> jax.Arr
                         jnp.float32)
 
 
-def step_or_chunk(op, step_op, *args, state, **kw):
+def step_or_chunk(op, step_op, *args, state, segment_ids=None, **kw):
     """Run a recurrent op over [B, T, ...] inputs (args; None allowed) for the three modes:
-    training (state None), one decode token (T == 1: the O(1) `step_op`), a prefill/chunk
-    from a cached state. Returns (o [B, T, H, V], new state or None)."""
+    training (state None; with segment_ids [B, T] every document starts from a zero state),
+    one decode token (T == 1: the O(1) `step_op`), a prefill/chunk from a cached state.
+    Returns (o [B, T, H, V], new state or None)."""
     chunk_kw = {k: kw.pop(k) for k in ("impl", "chunk_size")}
+    if segment_ids is not None:
+        if state is not None:
+            raise ValueError("segment_ids are for training on packed rows, not with a state")
+        return _documents(op, step_op, args, segment_ids, kw, chunk_kw), None
     if state is None:
         o, _ = op(*args, **kw, **chunk_kw)
         return o, None
@@ -109,3 +162,22 @@ def step_or_chunk(op, step_op, *args, state, **kw):
         o, new = step_op(*(None if a is None else a[:, 0] for a in args), state=state, **kw)
         return o[:, None], new
     return op(*args, initial_state=state, output_final_state=True, **kw, **chunk_kw)
+
+
+def _documents(op, step_op, args, segment_ids, kw, chunk_kw):
+    """o of the op restarted exactly at every document: each row a packed row with its
+    documents' cu_seqlens (vmapped over rows, so the batch axis stays a batch axis for
+    sharding and for the ops' parallelism), or, when some row holds more documents than
+    `docs_per_row` allows, `restarting_scan`. The predicate is one scalar for the whole
+    batch, so lax.cond runs one branch (a per-row one would turn into a select of both)."""
+    rows = pack_rows(segment_ids, docs_per_row(segment_ids.shape[1], chunk_kw["chunk_size"]))
+
+    def row(cu, *xs):
+        o, _ = op(*(None if x is None else x[None] for x in xs), cu_seqlens=cu, **kw,
+                  **chunk_kw)
+        return o[0]
+
+    return jax.lax.cond(rows.fits,
+                        lambda a: jax.vmap(row)(rows.cu_seqlens, *a),
+                        lambda a: restarting_scan(step_op, a, rows.starts, **kw),
+                        args)

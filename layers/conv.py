@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from layers.registry import Setting
+
 
 def init_cache(batch: int, channels: Sequence[int], width: int, dtype) -> jax.Array:
     return jnp.zeros((batch, width - 1) + tuple(channels), dtype)
@@ -71,3 +73,11 @@ def short_conv_qkv(tensors: dict, width: int, segment_ids, cache: Optional[dict]
         if cache is not None:
             new_cache[f"conv_{n}"] = c
     return outs, new_cache
+
+
+def conv_settings(on: bool) -> dict:
+    """The settings of a mechanism with optional q/k/v short convs (`on`: its default)."""
+    return {
+        "short_conv": Setting(on, bool, "SiLU(causal depthwise conv) on q, k, v"),
+        "conv_size": Setting(4, int, "width of the short convs"),
+    }

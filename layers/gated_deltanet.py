@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_param,
-                           reset_gate, step_or_chunk)
-from layers.conv import qkv_conv_cache, short_conv_qkv
+                           step_or_chunk)
+from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm
+from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
 from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 
 
@@ -55,7 +56,6 @@ class GatedDeltaNet(nn.Module):
     @nn.compact
     def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
                  layer_idx=None):
-        B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.value_dim
         kw = dict(std=self.init_std, dtype=self.dtype)
         qkv = {n: dense((H, d), ("embed", "heads", "kv"), name=f"{n}_proj", **kw)(x)
@@ -74,10 +74,9 @@ class GatedDeltaNet(nn.Module):
             a = dense((H,), ("embed", "heads"), name="a_proj", **kw)(x).astype(jnp.float32)
             dt = jax.nn.softplus(a + head_param(self, "dt_bias", dt_bias_init, H))
             g = -jnp.exp(head_param(self, "A_log", a_log_init, H)) * dt
-        g = reset_gate(g, segment_ids, (B, T, H))
         o, state = step_or_chunk(gated_delta_rule, gated_delta_rule_step, q, k, v, beta, g,
                                  state=None if cache is None else cache["state"],
-                                 use_qk_l2norm=True, impl=self.impl,
+                                 segment_ids=segment_ids, use_qk_l2norm=True, impl=self.impl,
                                  chunk_size=self.chunk_size)
         gate = dense((H, V), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
         o = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(o, gate)
@@ -87,3 +86,36 @@ class GatedDeltaNet(nn.Module):
             return y, None
         new_cache["state"] = state
         return y, new_cache
+
+
+_SETTINGS = {
+    "expand_v": Setting(1.0, float, "value head width = expand_v · head_dim"),
+    "allow_neg_eigval": Setting(False, bool, "β = 2·sigmoid: eigenvalues of I − βkkᵀ in [−1, 1]"),
+    **conv_settings(True),
+}
+
+
+def _check(shared: Shared, s) -> None:
+    positive_int(s, "conv_size")
+    width = shared.head_dim * s["expand_v"]
+    if not (s["expand_v"] > 0 and float(width).is_integer()):
+        raise SettingError("expand_v", f"must be > 0 with expand_v · head_dim "
+                                       f"({shared.head_dim}) an integer, got {s['expand_v']}")
+
+
+def _builder(use_decay: bool):
+    def build(shared: Shared, s, name):
+        return GatedDeltaNet(d_model=shared.d_model, num_heads=shared.num_heads,
+                             head_dim=shared.head_dim, expand_v=s["expand_v"],
+                             use_decay=use_decay, allow_neg_eigval=s["allow_neg_eigval"],
+                             conv_size=s["conv_size"], use_short_conv=s["short_conv"],
+                             norm_eps=shared.norm_eps, init_std=shared.init_std,
+                             dtype=shared.dtype, impl=shared.impl,
+                             chunk_size=shared.chunk_size, name=name)
+    return build
+
+
+register(Mechanism("gdn", "token", _builder(True), _SETTINGS, _check,
+                   "Gated DeltaNet: delta rule with a Mamba2 scalar decay", recurrent=True))
+register(Mechanism("deltanet", "token", _builder(False), _SETTINGS, _check,
+                   "DeltaNet: the delta rule without decay", recurrent=True))

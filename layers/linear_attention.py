@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_param,
-                           reset_gate, step_or_chunk)
-from layers.conv import qkv_conv_cache, short_conv_qkv
+                           step_or_chunk)
+from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm
+from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
 from layers.rope import apply_rope
 from pallas_kernels.linear_attention import linear_attention, linear_attention_step
 
@@ -142,15 +143,12 @@ class LinearAttention(nn.Module):
         if self.kind != "la":
             gate = dense((H, D), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
 
-        if segment_ids is not None and gk is not None:
-            gk = gk + reset_gate(None, segment_ids, (B, T, H))[..., None]
-        elif segment_ids is not None:
-            g = reset_gate(g, segment_ids, (B, T, H))
         q = constrain(q, ("batch", "length", "heads", "kv"))
         k = constrain(k, ("batch", "length", "heads", "kv"))
         o, state = step_or_chunk(linear_attention, linear_attention_step, q, k, v, g, gk,
                                  scale=scale, state=None if cache is None else cache["state"],
-                                 impl=self.impl, chunk_size=self.chunk_size)
+                                 segment_ids=segment_ids, impl=self.impl,
+                                 chunk_size=self.chunk_size)
         if skip is not None:
             o = (o.astype(jnp.float32) + skip).astype(o.dtype)
         o = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(o, gate)
@@ -160,3 +158,56 @@ class LinearAttention(nn.Module):
             return y, None
         new_cache["state"] = state
         return y, new_cache
+
+
+def _settings(kind: str) -> dict:
+    s = conv_settings(kind == "ssd")
+    if kind == "la":
+        s["feature_map"] = Setting("elu", str, f"one of {FEATURE_MAPS}")
+        s["feature_dim"] = Setting(16, int, "q/k feature dim per head of the taylor map")
+    if kind == "gla":
+        s["gate_rank"] = Setting(16, int, "rank of the low-rank gate projection")
+        s["gate_normalizer"] = Setting(16.0, float, "log-gate temperature")
+    return s
+
+
+def _check(shared: Shared, s) -> None:
+    positive_int(s, *(f for f in ("conv_size", "feature_dim", "gate_rank") if f in s))
+    if "feature_map" in s and s["feature_map"] not in FEATURE_MAPS:
+        raise SettingError("feature_map", f"must be one of {FEATURE_MAPS}, "
+                                          f"got {s['feature_map']!r}")
+    if s.get("gate_normalizer", 1.0) <= 0:
+        raise SettingError("gate_normalizer", f"must be > 0, got {s['gate_normalizer']}")
+
+
+def _check_rope(shared: Shared, s) -> None:
+    _check(shared, s)
+    if shared.head_dim % 2:
+        raise SettingError("head_dim", f"must be even for RoPE, got {shared.head_dim}")
+
+
+_KIND_FIELDS = ("feature_map", "feature_dim", "gate_rank", "gate_normalizer")
+
+
+def _builder(kind: str):
+    def build(shared: Shared, s, name):
+        return LinearAttention(kind=kind, d_model=shared.d_model, num_heads=shared.num_heads,
+                               head_dim=shared.head_dim, num_layers=shared.num_layers,
+                               **{k: s[k] for k in _KIND_FIELDS if k in s}, conv_size=s["conv_size"], use_short_conv=s["short_conv"],
+                               rope_theta=shared.rope_theta, norm_eps=shared.norm_eps,
+                               init_std=shared.init_std, dtype=shared.dtype, impl=shared.impl,
+                               chunk_size=shared.chunk_size, name=name)
+    return build
+
+
+_SUMMARIES = {
+    "la": "linear attention with a feature map, no decay",
+    "retnet": "multi-scale retention: fixed per-head decays, RoPE",
+    "lightning": "Lightning attention: per-head, per-layer fixed decays",
+    "ssd": "Mamba2-style scalar data-dependent gates",
+    "gla": "gated linear attention: per-key data-dependent gates",
+}
+for _kind in KINDS:
+    register(Mechanism(_kind, "token", _builder(_kind), _settings(_kind),
+                       _check_rope if _kind == "retnet" else _check, _SUMMARIES[_kind],
+                       recurrent=True))

@@ -1,4 +1,9 @@
-"""LanguageModel: embed → pre-norm blocks (mixer + SwiGLU MLP) → final RMSNorm → head.
+"""LanguageModel: embed → pre-norm blocks (token mixer + channel mixer) → final RMSNorm → head.
+
+Layer i's token mixer is pattern[i % len(pattern)], its channel mixer (the MLP slot)
+channel_pattern[i % len(channel_pattern)]; both are built through the registry
+(layers/registry.py) from the config's settings. Parameter names: layer_{i}/{mixer_norm,
+mixer, mlp_norm, mlp}, or with scan_layers groups/block_{j}/... stacked over groups.
 
     logits = model.apply(variables, tokens, segment_ids=None)            # training / eval
     logits, cache = model.apply(variables, tokens, cache=cache)         # prefill / decode
@@ -10,21 +15,20 @@ zeros before it; RoPE positions restart at 0. Padding is just another id (0 by c
 it is isolated like a document, and its logits are meaningless (mask them out of the loss).
 
 The cache (see `init_cache`) is {"pos": int32 scalar (tokens seen), "layers": [...]}:
-one dict per layer, or with scan_layers one dict per pattern position stacked over groups.
+one dict per layer, or with scan_layers one dict per group position stacked over groups.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.attention import Attention
+from layers import registry
 from layers.common import constrain, init, segment_positions
-from layers.gated_deltanet import GatedDeltaNet
-from layers.linear_attention import LinearAttention
-from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from mem_lm.config import ModelConfig
 
@@ -36,70 +40,58 @@ _REMAT_POLICIES = {
 
 
 def compute_dtype(cfg: ModelConfig):
-    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    return cfg.shared().dtype
 
 
-def make_mixer(cfg: ModelConfig, mixer: str, name: Optional[str] = None) -> nn.Module:
-    dt = compute_dtype(cfg)
-    common = dict(d_model=cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim,
-                  init_std=cfg.init_std, dtype=dt, name=name)
-    conv = dict(use_short_conv=cfg.uses_short_conv(mixer), conv_size=cfg.conv_size)
-    if mixer in ("attn", "swa"):
-        return Attention(num_kv_heads=cfg.resolved_num_kv_heads,
-                         window=cfg.window if mixer == "swa" else None,
-                         rope_theta=cfg.rope_theta, use_sinks=cfg.attn_sinks,
-                         impl=cfg.attn_impl, **conv, **common)
-    ops = dict(impl=cfg.impl, chunk_size=cfg.chunk_size, norm_eps=cfg.norm_eps)
-    if mixer in ("gdn", "deltanet"):
-        return GatedDeltaNet(expand_v=cfg.expand_v, use_decay=mixer == "gdn",
-                             allow_neg_eigval=cfg.allow_neg_eigval, **conv, **ops, **common)
-    return LinearAttention(kind=mixer, num_layers=cfg.num_layers, feature_map=cfg.feature_map,
-                           feature_dim=cfg.feature_dim, gate_rank=cfg.gate_rank,
-                           gate_normalizer=cfg.gate_normalizer,
-                           rope_theta=cfg.rope_theta, **conv, **ops, **common)
+def make_mixer(cfg: ModelConfig, name: str, module_name: Optional[str] = None):
+    """The module of mechanism `name` (token or channel mixer) as this config sets it up;
+    None for an empty channel slot."""
+    return registry.get(name).build(cfg.shared(), cfg.settings(name), module_name)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
     """An empty decode cache for `batch` rows and at most `max_len` tokens in total."""
-    per_pos = [make_mixer(cfg, m).init_cache(batch, max_len) for m in cfg.pattern]
+    per_pos = [make_mixer(cfg, cfg.layer_kinds(j)[0]).init_cache(batch, max_len)
+               for j in range(cfg.group_size)]
     if cfg.scan_layers:
         layers = [jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_groups,) + a.shape), c)
                   for c in per_pos]
     else:
-        layers = [per_pos[i % len(cfg.pattern)] for i in range(cfg.num_layers)]
+        layers = [per_pos[i % cfg.group_size] for i in range(cfg.num_layers)]
     return {"pos": jnp.zeros((), jnp.int32), "layers": layers}
 
 
 class Block(nn.Module):
     cfg: ModelConfig
-    mixer: str
+    layer: int          # position in the group: chooses the token and channel mixer
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache_pos, cache, layer_idx):
         cfg = self.cfg
         dt = compute_dtype(cfg)
+        token, channel = cfg.layer_kinds(self.layer)
         h = RMSNorm(cfg.norm_eps, dt, name="mixer_norm")(x)
-        y, new_cache = make_mixer(cfg, self.mixer, name="mixer")(
+        y, new_cache = make_mixer(cfg, token, "mixer")(
             h, positions=positions, segment_ids=segment_ids, cache=cache, cache_pos=cache_pos,
             layer_idx=layer_idx)
         x = x + y.astype(x.dtype)
-        if cfg.use_mlp:
-            h = RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x)
-            x = x + SwiGLU(cfg.d_model, cfg.resolved_d_ff, cfg.init_std, dt, name="mlp")(h)
+        mlp = make_mixer(cfg, channel, "mlp")
+        if mlp is not None:
+            x = x + mlp(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x)).astype(x.dtype)
         return constrain(x, ("batch", "length", "embed")), new_cache
 
 
 class Group(nn.Module):
-    """One repetition of the pattern (the unit that scan_layers scans over)."""
+    """One repetition of the patterns (the unit that scan_layers scans over)."""
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache_pos, cache, group_idx):
-        P = len(self.cfg.pattern)
+        P = self.cfg.group_size
         block = _maybe_remat(Block, self.cfg)
         new = []
-        for j, m in enumerate(self.cfg.pattern):
-            x, c = block(self.cfg, m, name=f"block_{j}")(
+        for j in range(P):
+            x, c = block(self.cfg, j, name=f"block_{j}")(
                 x, positions, segment_ids, cache_pos, None if cache is None else cache[j],
                 group_idx * P + j)
             new.append(c)
@@ -151,8 +143,8 @@ class LanguageModel(nn.Module):
         else:
             block = _maybe_remat(Block, cfg)
             new_layers = []
-            for i, m in enumerate(cfg.layer_mixers):
-                x, c = block(cfg, m, name=f"layer_{i}")(
+            for i in range(cfg.num_layers):
+                x, c = block(cfg, i, name=f"layer_{i}")(
                     x, positions, segment_ids, cache_pos,
                     None if cache is None else layers_cache[i], jnp.int32(i))
                 new_layers.append(c)
@@ -169,3 +161,11 @@ class LanguageModel(nn.Module):
         if cache is None:
             return logits
         return logits, {"pos": cache_pos + T, "layers": new_layers}
+
+
+@functools.lru_cache(maxsize=256)
+def param_count(cfg: ModelConfig) -> int:
+    """The exact number of parameters, from the shapes `init` creates (no arrays allocated)."""
+    model = LanguageModel(cfg)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))

@@ -64,7 +64,7 @@ def _load_step(step_dir: str, sharding=None):
     from mem_lm import LanguageModel, ModelConfig
 
     meta = read_meta(step_dir)
-    cfg = ModelConfig(**meta["model_config"])
+    cfg = ModelConfig.from_dict(meta["model_config"])
     model = LanguageModel(cfg)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     tokens = jax.ShapeDtypeStruct((1, 8), jax.numpy.int32)

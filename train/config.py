@@ -92,9 +92,7 @@ def _model_config_cls():
 
 def model_config_from(config: ConfigDict):
     """`mem_lm.ModelConfig` from the config's model group (after resolve)."""
-    ModelConfig = _model_config_cls()
-    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.model.to_dict().items()}
-    return ModelConfig(**d)
+    return _model_config_cls().from_dict(config.model.to_dict())
 
 
 def data_vocab_size(config: ConfigDict) -> int:

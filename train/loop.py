@@ -215,7 +215,7 @@ class Trainer:
 
 
 def _run_meta(config: ConfigDict, trainer: "Trainer") -> dict:
-    return dict(config=config.to_dict(), model_config=dataclasses.asdict(trainer.model_cfg),
+    return dict(config=config.to_dict(), model_config=trainer.model_cfg.to_dict(),
                 num_params=trainer.num_params)
 
 

@@ -13,7 +13,6 @@ _PEAK_TFLOPS = (
     ("v3", 123.0), ("h200", 989.0), ("h100", 989.0), ("a100", 312.0), ("l4", 121.0),
     ("a10", 125.0), ("v100", 125.0),
 )
-_SOFTMAX_MIXERS = ("attn", "attention", "swa", "transformer", "mha", "softmax")
 
 
 def peak_flops_per_device(config) -> float:
@@ -32,17 +31,15 @@ def peak_flops_per_device(config) -> float:
 
 def train_flops_per_token(num_params: int, model_cfg, seq_len: int) -> float:
     """6 N per token for the weights, plus the softmax-attention score/value products
-    (6 * T_eff * d per layer, causal), T_eff = the window for sliding-window layers."""
+    (6 · span · d per layer, causal), span = the keys a query sees (its mechanism's
+    `attention_span` in the registry: the window for sliding-window layers)."""
+    from layers import registry
+
     flops = 6.0 * num_params
-    pattern = tuple(getattr(model_cfg, "pattern", ()) or ())
-    layers = int(getattr(model_cfg, "num_layers", 0))
-    d = int(getattr(model_cfg, "d_model", 0))
-    window = int(getattr(model_cfg, "window", 0) or getattr(model_cfg, "window_size", 0) or 0)
-    for i in range(layers):
-        kind = str(pattern[i % len(pattern)]).lower() if pattern else ""
-        if kind in _SOFTMAX_MIXERS:
-            t_eff = min(seq_len, window) if (kind == "swa" and window) else seq_len
-            flops += 6.0 * t_eff * d
+    for mixer in model_cfg.layer_mixers:
+        span = registry.get(mixer).attention_span
+        if span is not None:
+            flops += 6.0 * span(model_cfg.settings(mixer), seq_len) * model_cfg.d_model
     return flops
 
 

@@ -53,7 +53,8 @@ def test_named_library_attention_kernel_still_decodes(rng):
     outs, variables = [], None
     for impl in ("xla", "cudnn"):
         cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2,
-                          pattern=("attn", "swa"), window=4, attn_impl=impl)
+                          pattern=("attn", "swa"), mixers={"swa": {"window": 4}},
+                          attn_impl=impl)
         model = LanguageModel(cfg)
         # init runs a full forward, which cuDNN cannot serve on CPU: share the xla params.
         variables = variables or model.init(jax.random.PRNGKey(0), prompt)

@@ -1,5 +1,6 @@
 """The language model: cached decoding == full forward, packed == separate, logical axis
-names, the parameter-count formula, config validation, scan/remat equivalence, training."""
+names, the parameter count against the documented formulas, config validation and its JSON
+form, channel patterns, scan/remat equivalence, training."""
 import dataclasses
 import json
 
@@ -10,14 +11,23 @@ import numpy as np
 import pytest
 
 from layers.common import AXIS_NAMES
-from mem_lm import (MIXERS, LanguageModel, ModelConfig, decode_step, generate, param_count,
-                    prefill, sample_logits)
+from mem_lm import (LanguageModel, ModelConfig, decode_step, generate, param_count, prefill,
+                    sample_logits, token_mixers)
 
-TINY = dict(vocab_size=37, d_model=16, num_heads=2, window=3, chunk_size=4)
+MIXERS = token_mixers()
+TINY = dict(vocab_size=37, d_model=16, num_heads=2, chunk_size=4)
 
 
-def tiny(pattern, num_layers=None, **kw):
-    return ModelConfig(num_layers=num_layers or len(pattern), pattern=pattern, **{**TINY, **kw})
+def tiny(pattern, num_layers=None, mixers=None, **kw):
+    mixers = {"swa": {"window": 3}, **(mixers or {})}
+    return ModelConfig(num_layers=num_layers or len(pattern), pattern=pattern, mixers=mixers,
+                       **{**TINY, **kw})
+
+
+def every_mixer(**settings):
+    """The same settings for every token mixer that has them."""
+    from configs.base import every_token_mixer
+    return every_token_mixer(**settings)
 
 
 def _init(cfg, B=2, T=8):
@@ -35,7 +45,7 @@ CASES = [((m,), None) for m in MIXERS] + [(("gdn", "swa", "attn"), None),
                          ids=["-".join(p) + {None: "", True: "+conv", False: "-noconv"}[c]
                               for p, c in CASES])
 def test_cached_decoding_and_packing_match_full_forward(pattern, short_conv, rng):
-    cfg = tiny(pattern, short_conv=short_conv)
+    cfg = tiny(pattern, mixers=None if short_conv is None else every_mixer(short_conv=short_conv))
     model, params = _init(cfg)
     fwd = jax.jit(model.apply)
     B, T0, T = 2, 6, 15
@@ -99,13 +109,59 @@ def test_sample_logits_truncation():
 ALL = tuple(MIXERS)
 
 
+def documented_param_count(cfg: ModelConfig) -> int:
+    """The parameter formulas of the README (per mechanism, from its settings)."""
+    d, H, D = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
+    HD = H * D
+
+    def token(mixer):
+        s = cfg.settings(mixer)
+        conv = s["conv_size"] if s["short_conv"] else 0     # per q/k/v channel
+        if mixer in ("attn", "swa"):
+            kv = (s["num_kv_heads"] or H) * D
+            return d * HD + 2 * d * kv + HD * d + (H if s["sinks"] else 0) + conv * (HD + 2 * kv)
+        if mixer in ("gdn", "deltanet"):
+            V = H * int(round(D * s["expand_v"]))
+            n = 2 * d * HD + d * V + conv * (2 * HD + V) + d * H      # q, k, v, convs, β
+            if mixer == "gdn":
+                n += d * H + 2 * H                                     # a_proj, A_log, dt_bias
+            return n + d * V + V // H + V * d                          # gate, o_norm, o_proj
+        if mixer == "la" and s["feature_map"] == "taylor":
+            f = s["feature_dim"]
+            n = 2 * d * H * f + d * HD + conv * (2 * H * f + HD)
+        else:
+            n = 3 * d * HD + conv * 3 * HD
+        n += D + HD * d                                                # o_norm, o_proj
+        if mixer != "la":
+            n += d * HD                                                # output gate
+        if mixer == "ssd":
+            n += d * H + 3 * H                                         # dt_proj, dt_bias, A_log, D
+        if mixer == "gla":
+            n += d * s["gate_rank"] + s["gate_rank"] * HD + HD
+        return n
+
+    def channel(name):
+        if name == "none":
+            return 0
+        s = cfg.settings(name)
+        d_ff = s["d_ff"] or -(-int(np.ceil(s["mlp_ratio"] * d)) // 8) * 8
+        return d + 3 * d * d_ff                                        # mlp_norm + SwiGLU
+
+    n = cfg.vocab_size * d + d + (0 if cfg.tie_embeddings else d * cfg.vocab_size)
+    for i in range(cfg.num_layers):
+        t, c = cfg.layer_kinds(i)
+        n += d + token(t) + channel(c)
+    return n
+
+
 @pytest.mark.parametrize("kw", [
     dict(),
-    dict(scan_layers=True, tie_embeddings=False, use_mlp=False),
-    dict(num_kv_heads=1, attn_sinks=True, expand_v=2.0, feature_map="taylor", d_ff=24,
-         head_dim=4, short_conv=True),
-    dict(short_conv=False),
-], ids=["plain", "scan-untied-nomlp", "gqa-sinks-expandv-taylor-conv", "noconv"])
+    dict(scan_layers=True, tie_embeddings=False, channel_pattern=("none",)),
+    dict(mixers={**every_mixer(short_conv=True), "attn": dict(num_kv_heads=1, sinks=True),
+                 "gdn": dict(expand_v=2.0), "la": dict(feature_map="taylor"),
+                 "swiglu": dict(d_ff=24)}, head_dim=4),
+    dict(mixers=every_mixer(short_conv=False), channel_pattern=("swiglu", "none", "swiglu")),
+], ids=["plain", "scan-untied-nomlp", "gqa-sinks-expandv-taylor-conv", "noconv-channels"])
 def test_logical_axes_and_param_count(kw):
     cfg = ModelConfig(num_layers=len(ALL), pattern=ALL, **{**TINY, **kw})
     model = LanguageModel(cfg)
@@ -118,21 +174,29 @@ def test_logical_axes_and_param_count(kw):
         assert set(leaf.names) <= set(AXIS_NAMES) | {None}, leaf.names
         assert any(n is not None for n in leaf.names), leaf.names
     n = sum(int(np.prod(x.value.shape)) for x in leaves)
-    assert n == param_count(cfg)
+    assert n == param_count(cfg) == documented_param_count(cfg)
 
 
 @pytest.mark.parametrize("field, kw", [
     ("num_heads", dict(d_model=10, num_heads=3)),
     ("pattern", dict(pattern=("gdn", "mamba7"))),
     ("pattern", dict(pattern=())),
-    ("window", dict(window=0)),
+    ("pattern", dict(pattern=("swiglu",))),
+    ("channel_pattern", dict(channel_pattern=("gdn",))),
+    ("mixers.swa.window", dict(pattern=("swa",), mixers={"swa": {"window": 0}})),
     ("num_layers", dict(num_layers=3, pattern=("gdn", "swa"))),
-    ("num_kv_heads", dict(num_kv_heads=3)),
+    ("num_layers", dict(num_layers=4, channel_pattern=("swiglu", "none", "none"))),
+    ("mixers.attn.num_kv_heads", dict(pattern=("attn",), mixers={"attn": {"num_kv_heads": 3}})),
     ("dtype", dict(dtype="float16")),
     ("remat", dict(remat="some")),
-    ("feature_map", dict(feature_map="relu")),
+    ("mixers.la.feature_map", dict(pattern=("la",), mixers={"la": {"feature_map": "relu"}})),
     ("chunk_size", dict(chunk_size=6)),
-    ("short_conv", dict(short_conv="yes")),
+    ("mixers.gdn.short_conv", dict(mixers={"gdn": {"short_conv": "yes"}})),
+    ("mixers.gdn.expand_v", dict(mixers={"gdn": {"expand_v": 0.3}})),
+    ("mixers.gdn.expnd_v", dict(mixers={"gdn": {"expnd_v": 2.0}})),
+    ("mixers", dict(mixers={"mamba7": {}})),
+    ("mixers", dict(mixers=[1, 2])),
+    ("head_dim", dict(pattern=("attn",), head_dim=3)),
 ])
 def test_bad_config_names_the_field(field, kw):
     base = dict(vocab_size=11, d_model=16, num_layers=2, num_heads=2, pattern=("gdn",))
@@ -140,11 +204,54 @@ def test_bad_config_names_the_field(field, kw):
         ModelConfig(**{**base, **kw})
 
 
-def test_config_json_round_trip():
-    cfg = tiny(("gdn", "swa"), num_layers=4, num_kv_heads=1)
-    d = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    assert isinstance(d["pattern"], list)
-    assert ModelConfig(**d) == cfg
+def test_unknown_setting_error_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"known: \['allow_neg_eigval', 'conv_size', 'expand_v'"):
+        tiny(("gdn",), mixers={"gdn": {"expnd_v": 2.0}})
+    with pytest.raises(ValueError, match="known: .*'gdn'"):
+        tiny(("gdn",), mixers={"gdnn": {}})
+
+
+def test_config_json_round_trip_and_equality():
+    cfg = tiny(("gdn", "swa"), num_layers=4, mixers={"attn": {"num_kv_heads": 1}})
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert isinstance(d["pattern"], list) and d["mixers"]["swa"]["window"] == 3
+    assert "attn" not in d["mixers"]          # settings of mechanisms the model does not use
+    assert ModelConfig.from_dict(d) == cfg
+    assert hash(ModelConfig.from_dict(d)) == hash(cfg)
+    # Spelling out a default builds the same model, so the configs are equal.
+    assert tiny(("gdn", "swa"), num_layers=4, mixers={"gdn": {"expand_v": 1.0}}) == cfg
+
+
+def test_flat_fields_of_old_checkpoints_move_to_mixers():
+    old = dict(vocab_size=37, d_model=16, num_layers=2, num_heads=2, pattern=["gdn", "swa"],
+               window=5, expand_v=2.0, use_mlp=False, short_conv=True, d_ff=None,
+               num_kv_heads=None, attn_sinks=False)
+    with pytest.warns(DeprecationWarning, match="window"):
+        cfg = ModelConfig.from_dict(old)
+    assert cfg.settings("swa") == dict(window=5, num_kv_heads=None, sinks=False,
+                                       short_conv=True, conv_size=4)
+    assert cfg.settings("gdn")["expand_v"] == 2.0
+    assert cfg.channel_pattern == ("none",)
+
+
+def test_channel_pattern_places_mlps_by_layer(rng):
+    """channel_pattern repeats on its own period: with scan_layers the group is the lcm of the
+    two patterns, and the scanned model computes what the plain one does."""
+    cfg = tiny(("gdn", "swa"), num_layers=6, channel_pattern=("none", "swiglu", "none"))
+    assert [cfg.layer_kinds(i) for i in range(6)] == [
+        ("gdn", "none"), ("swa", "swiglu"), ("gdn", "none"),
+        ("swa", "none"), ("gdn", "swiglu"), ("swa", "none")]
+    model, params = _init(cfg)
+    p = params["params"]
+    assert [i for i in range(6) if "mlp" in p[f"layer_{i}"]] == [1, 4]
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    ref = jax.jit(model.apply)(params, tokens)
+    scfg = dataclasses.replace(cfg, scan_layers=True)
+    assert scfg.group_size == 6 and scfg.num_groups == 1
+    sp = {"params": {"embed": p["embed"], "final_norm": p["final_norm"],
+                     "groups": {f"block_{j}": jax.tree.map(lambda a: a[None], p[f"layer_{j}"])
+                                for j in range(6)}}}
+    np.testing.assert_allclose(jax.jit(LanguageModel(scfg).apply)(sp, tokens), ref, atol=1e-5)
 
 
 def test_scan_remat_bf16_match_plain(rng):

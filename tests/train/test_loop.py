@@ -15,7 +15,8 @@ from train.loop import NonFiniteError, Trainer, run
 def _config():
     c = get_config()
     # The mechanism does not depend on the mixer: the cheapest model to compile.
-    c.model = base.model_config(d_model=16, num_layers=1, num_heads=1, pattern=("attn",), use_mlp=False)
+    c.model = base.model_config(d_model=16, num_layers=1, num_heads=1, pattern=("attn",),
+                                  channel_pattern=("none",))
     c.train.update(steps=12, eval_every=0, eval_batches=0, checkpoint_every=4, max_consecutive_nonfinite=3)
     c.logging.tensorboard = False
     c.checkpoint.async_save = False

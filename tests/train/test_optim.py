@@ -6,10 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.base import get_config
-from mem_lm.config import MIXERS, ModelConfig
+from configs.base import every_token_mixer, get_config
+from mem_lm.config import ModelConfig, token_mixers
 from mem_lm.model import LanguageModel
 from train.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
+
+MIXERS = token_mixers()
 
 
 def test_no_weight_decay_on_norms_biases_gates_and_vectors():
@@ -63,9 +65,13 @@ def every_mixer_params():
     an untied head, two pattern groups; for scan_layers False and True."""
     out = {}
     for scan in (False, True):
+        mixers = every_token_mixer(short_conv=True)
+        mixers["attn"].update(sinks=True)
+        mixers["gla"].update(gate_rank=4)
+        mixers["la"].update(feature_dim=4)
         cfg = ModelConfig(vocab_size=16, d_model=16, num_layers=2 * len(MIXERS), num_heads=2,
-                          pattern=MIXERS, short_conv=True, attn_sinks=True, tie_embeddings=False,
-                          d_ff=16, gate_rank=4, feature_dim=4, chunk_size=8, scan_layers=scan)
+                          pattern=MIXERS, mixers={**mixers, "swiglu": {"d_ff": 16}},
+                          tie_embeddings=False, chunk_size=8, scan_layers=scan)
         out[scan] = jax.eval_shape(lambda: LanguageModel(cfg).init(
             jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     return out
