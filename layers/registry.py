@@ -121,6 +121,11 @@ def register(mechanism: Mechanism) -> Mechanism:
     return mechanism
 
 
+def unregister(name: str) -> None:
+    """Remove a mechanism (tests register throwaway ones)."""
+    _REGISTRY.pop(name)
+
+
 def names(slot: str) -> tuple:
     """Registered names of a slot, in registration order."""
     _load()

@@ -5,10 +5,10 @@
 """
 from mem_lm.config import (ModelConfig, channel_mixers, recurrent_mixers,
                            token_mixers)
-from mem_lm.model import LanguageModel, init_cache, param_count
+from mem_lm.model import LanguageModel, apply_with_aux, init_cache, param_count
 from mem_lm.generate import decode_step, generate, prefill, sample_logits
 from mem_lm.pretrained import load_pretrained
 
-__all__ = ["ModelConfig", "LanguageModel", "generate", "init_cache", "param_count",
+__all__ = ["ModelConfig", "LanguageModel", "apply_with_aux", "generate", "init_cache", "param_count",
            "token_mixers", "channel_mixers", "recurrent_mixers",
            "prefill", "decode_step", "sample_logits", "load_pretrained"]

@@ -32,6 +32,9 @@ from layers.common import constrain, init, segment_positions
 from layers.norm import RMSNorm
 from mem_lm.config import ModelConfig
 
+# Collections the mechanisms `sow` auxiliary outputs into (layers/registry.py).
+AUX_COLLECTIONS = (registry.AUX_LOSS, registry.AUX_METRICS)
+
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -132,7 +135,8 @@ class LanguageModel(nn.Module):
 
         layers_cache = None if cache is None else cache["layers"]
         if cfg.scan_layers:
-            Scanned = nn.scan(_maybe_remat(Group, cfg), variable_axes={"params": 0},
+            Scanned = nn.scan(_maybe_remat(Group, cfg),
+                              variable_axes={"params": 0, **{c: 0 for c in AUX_COLLECTIONS}},
                               split_rngs={"params": True},
                               in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
                               length=cfg.num_groups,
@@ -169,3 +173,25 @@ def param_count(cfg: ModelConfig) -> int:
     model = LanguageModel(cfg)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
+
+
+def apply_with_aux(model: "LanguageModel", variables, tokens, segment_ids=None):
+    """Logits and the auxiliary outputs the mechanisms sowed in this forward:
+    {"losses": {name: scalar}, "metrics": {name: scalar}}. A loss is summed over the layers
+    that sowed it (each layer's term counts, as each router's does in Switch Transformers); a
+    metric is averaged over them. Both are empty for a model whose mechanisms sow nothing."""
+    logits, state = model.apply(variables, tokens, segment_ids=segment_ids,
+                                mutable=list(AUX_COLLECTIONS))
+    return logits, {"losses": _by_name(state.get(registry.AUX_LOSS, {}), jnp.sum),
+                    "metrics": _by_name(state.get(registry.AUX_METRICS, {}), jnp.mean)}
+
+
+def _by_name(tree, reduce) -> dict:
+    """Reduce every value sowed under the same name (across layers, and across the stacked
+    groups of scan_layers) to one float32 scalar."""
+    groups: dict = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        # sow stores name -> (value, ...): the name is the last dict key on the path.
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        groups.setdefault(name, []).append(jnp.ravel(leaf).astype(jnp.float32))
+    return {n: reduce(jnp.concatenate(v)) for n, v in sorted(groups.items())}

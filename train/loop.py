@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
+from mem_lm import apply_with_aux
 from train import data as data_lib
 from train.checkpoint import Checkpointer
 from train.config import logical_axis_rules, model_config_from, resolve, to_json
@@ -143,31 +144,40 @@ class Trainer:
             params = jax.tree_util.tree_map(
                 lambda p: p.astype(self.compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
         seg = batch["segment_ids"] if self.packed else None
-        logits = self.model.apply({"params": params}, batch["inputs"], segment_ids=seg)
+        logits, aux = apply_with_aux(self.model, {"params": params}, batch["inputs"], seg)
         logits = logits.astype(jnp.float32)
         xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         w = batch["weights"]
         correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-        return (xent * w).sum(), (w.sum(), (correct * w).sum())
+        # The objective is a sum over target tokens that _step divides by their count; adding
+        # each auxiliary loss times that count makes the mean objective xent + Σ aux losses.
+        wsum, xent_sum = w.sum(), (xent * w).sum()
+        objective = xent_sum + wsum * sum(aux["losses"].values(), jnp.zeros(()))
+        logged = {f"aux/{k}": v for group in aux.values() for k, v in group.items()}
+        return objective, (wsum, (correct * w).sum(), xent_sum, logged)
 
     def _step(self, state, batch):
         accum = self.config.train.grad_accum_steps
         grad_fn = jax.value_and_grad(self._forward, has_aux=True)
         if accum == 1:
-            (loss_sum, (wsum, _)), grads = grad_fn(state["params"], batch)
+            (_, (wsum, _, xent_sum, aux)), grads = grad_fn(state["params"], batch)
         else:
             # Micro-batch m takes rows m, m+accum, ...: every device holds part of every micro-batch.
             micro = jax.tree_util.tree_map(
                 lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def body(carry, mb):
-                (l, (w, _)), g = grad_fn(state["params"], mb)
-                return jax.tree_util.tree_map(jnp.add, carry, (l, w, g)), None
+                (_, (w, _, x, a)), g = grad_fn(state["params"], mb)
+                a = jax.tree_util.tree_map(lambda v: v / accum, a)   # the mean over micro-batches
+                return jax.tree_util.tree_map(jnp.add, carry, (x, w, g, a)), None
 
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state["params"]))
-            (loss_sum, wsum, grads), _ = jax.lax.scan(body, zeros, micro)
+            first = jax.tree_util.tree_map(lambda x: x[0], micro)
+            aux_shapes = jax.eval_shape(self._forward, state["params"], first)[1][3]
+            zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                           (jnp.zeros(()), jnp.zeros(()), state["params"], aux_shapes))
+            (xent_sum, wsum, grads, aux), _ = jax.lax.scan(body, zeros, micro)
         denom = jnp.maximum(wsum, 1.0)
-        loss = loss_sum / denom
+        loss = xent_sum / denom     # the language-model loss; the gradient also has the aux losses
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -182,11 +192,11 @@ class Trainer:
                          nonfinite_streak=(state["nonfinite_streak"] + bad) * bad)
         metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=self.schedule(state["step"]),
                        target_tokens=wsum, nonfinite=bad, nonfinite_streak=new_state["nonfinite_streak"],
-                       nonfinite_total=new_state["nonfinite_total"])
+                       nonfinite_total=new_state["nonfinite_total"], **aux)
         return new_state, metrics
 
     def _eval(self, params, batch):
-        loss_sum, (wsum, correct) = self._forward(params, batch)
+        _, (wsum, correct, loss_sum, _) = self._forward(params, batch)
         return dict(loss_sum=loss_sum, weight=wsum, correct=correct)
 
     # -- host side ---------------------------------------------------------------------------
@@ -289,7 +299,8 @@ def run(config: ConfigDict, workdir: str, *, progress: bool | None = None,
             m = jax.device_get(m)
             loss = float(m["loss"])
             last.update(step=s, loss=loss, grad_norm=float(m["grad_norm"]),
-                        learning_rate=float(m["learning_rate"]), nonfinite_total=int(m["nonfinite_total"]))
+                        learning_rate=float(m["learning_rate"]), nonfinite_total=int(m["nonfinite_total"]),
+                        aux={k: float(v) for k, v in m.items() if k.startswith("aux/")})
             if math.isfinite(loss):
                 window["loss"] += loss
                 window["n"] += 1
@@ -301,12 +312,13 @@ def run(config: ConfigDict, workdir: str, *, progress: bool | None = None,
                 tps = tokens_per_step * window["steps"] / dt if dt > 0 else None
                 out = dict(loss=window["loss"] / window["n"] if window["n"] else loss,
                            learning_rate=last["learning_rate"], grad_norm=last["grad_norm"],
-                           tokens_per_second=tps, nonfinite_total=last["nonfinite_total"])
+                           tokens_per_second=tps, nonfinite_total=last["nonfinite_total"], **last["aux"])
                 if tps:
                     out["mfu"] = tps * trainer.flops_per_token / peak if peak == peak else None
                     last["tokens_per_second"], last["mfu"] = tps, out["mfu"]
                 writer.write(s, out)
-                bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{tps:,.0f}" if tps else "-", refresh=False)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{tps:,.0f}" if tps else "-",
+                                **{k[4:]: f"{v:.4g}" for k, v in last["aux"].items()}, refresh=False)
                 window.update(t0=now, steps=0, loss=0.0, n=0)
             last["streak"] = int(m["nonfinite_streak"])
             if last["streak"] >= t.max_consecutive_nonfinite:
