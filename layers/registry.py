@@ -16,6 +16,7 @@ named here with `Module.sow`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Optional
 
 SLOTS = ("token", "channel")
@@ -49,10 +50,15 @@ class Setting:
                 return None
             raise SettingError(field, f"must be a {self.type.__name__}, got None")
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise SettingError(field, f"must be finite, got {value!r}") from None
         if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
             raise SettingError(field, f"must be a {self.type.__name__}"
                                       f"{' or None' if self.optional else ''}, got {value!r}")
+        if self.type is float and not math.isfinite(value):
+            raise SettingError(field, f"must be finite, got {value!r}")
         return value
 
 
@@ -100,7 +106,7 @@ class Mechanism:
     def resolve(self, overrides: Mapping[str, Any]) -> dict:
         """The defaults with `overrides` applied; unknown fields and wrong types raise
         SettingError naming the field."""
-        unknown = sorted(set(overrides) - set(self.settings))
+        unknown = sorted(set(overrides) - set(self.settings), key=str)
         if unknown:
             raise SettingError(unknown[0], f"unknown field of mechanism {self.name!r}; "
                                            f"known: {sorted(self.settings)}")
@@ -154,3 +160,13 @@ def positive_int(settings, *fields):
         v = settings[f]
         if v is not None and v < 1:
             raise SettingError(f, f"must be >= 1, got {v!r}")
+
+
+def describe() -> str:
+    """A markdown table of every registered mechanism and its settings (defaults)."""
+    _load()
+    rows = ["| mechanism | slot | settings (default) | what it is |", "|---|---|---|---|"]
+    for name, m in _REGISTRY.items():
+        fields = ", ".join(f"`{k}` ({s.default!r})" for k, s in m.settings.items()) or "-"
+        rows.append(f"| `{name}` | {m.slot} | {fields} | {m.summary} |")
+    return "\n".join(rows)
