@@ -123,7 +123,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+",
                     default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=list(MODELS),
+                    choices=list(MODELS) + [m for m in common.mixer_names() if m not in MODELS],
+                    help="presets, or any registered token mixer (a model of that mixer alone)")
     ap.add_argument("--d_model", type=int, default=512)
     ap.add_argument("--num_layers", type=int, default=4)
     ap.add_argument("--num_heads", type=int, default=4)
@@ -154,7 +156,7 @@ def main(argv=None):
     for name in args.models:
         cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model,
                           num_layers=args.num_layers, num_heads=args.num_heads,
-                          pattern=MODELS[name], mixers={"swa": {"window": args.window}},
+                          pattern=MODELS.get(name, (name,)), mixers={"swa": {"window": args.window}},
                           dtype=args.dtype)
         model = LanguageModel(cfg)
         params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0),

@@ -69,7 +69,7 @@ def model_configs(names: Sequence[str], d_model: int, num_layers: int, num_heads
     def make(name, d):
         return ModelConfig(vocab_size=vocab_size, d_model=d, num_layers=num_layers,
                            num_heads=num_heads, mixers={"swa": {"window": window}},
-                           **MODELS[name], **extra)
+                           **MODELS.get(name, dict(pattern=(name,))), **extra)
 
     target = param_count(make("transformer", d_model))
     step = 2 * num_heads                      # even head_dim (RoPE)
@@ -164,7 +164,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m eval.bench_model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=tuple(PRESETS), default="cpu")
-    ap.add_argument("--models", nargs="+", choices=list(MODELS), help="default: per backend")
+    ap.add_argument("--models", nargs="+",
+                    choices=list(MODELS) + [m for m in common.mixer_names() if m not in MODELS],
+                    help="presets, or any registered token mixer (a model of that mixer "
+                         "alone); default: per backend")
     ap.add_argument("--lengths", type=int, nargs="+",
                     help="sequence lengths (default: per backend; --quick: 128 256)")
     ap.add_argument("--batch", type=int, help="sequences per step")
