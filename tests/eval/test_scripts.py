@@ -6,7 +6,10 @@ logic is under test here, not the mixers (tests/mem_lm covers those).
 """
 import json
 import math
+import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -50,6 +53,69 @@ def _json(path):
     return json.loads(path.with_suffix(".json").read_text())
 
 
+class InductionHead:
+    """A causal stand-in for a model that solves recall: at each position it predicts the token
+    that followed the first earlier occurrence of the last `context` tokens (only matches at most
+    `window` back, when given). Solves MQAR and the synthetic needle with context 1, the
+    passkey with 16 ("The pass key is "). `answer(first, pred)` can spoil chosen predictions;
+    `first` is where the match was found. `apply` returns one-hot logits, as a model would."""
+
+    def __init__(self, vocab_size, context=1, window=None, answer=None):
+        self.config = types.SimpleNamespace(vocab_size=vocab_size)
+        self.context, self.window, self.answer = context, window, answer
+
+    def apply(self, variables, x):
+        T = x.shape[1]
+        t = jnp.arange(T)
+        match = t[None, :] < t[:, None]                                  # [query t, earlier s]
+        if self.window:
+            match &= t[None, :] >= t[:, None] - self.window
+        match = jnp.broadcast_to(match, (x.shape[0], T, T))
+        # x[t - j] == x[s - j] for j < context; the two fills keep positions before the start
+        # from matching.
+        back = lambda j, fill: jnp.pad(x, ((0, 0), (j, 0)), constant_values=fill)[:, :T]
+        for j in range(self.context):
+            match &= back(j, -1)[:, :, None] == back(j, -2)[:, None, :]
+        first = jnp.argmax(match, -1)
+        pred = jnp.where(match.any(-1), jnp.take_along_axis(x, first + 1, axis=1), 0)
+        if self.answer:
+            pred = self.answer(first, pred)
+        return jax.nn.one_hot(pred, self.config.vocab_size)
+
+
+def test_evaluate_mqar_scores_an_oracle():
+    from eval.mqar import evaluate_mqar
+    from train.tasks.mqar import make_mqar
+    n, p = 10, 4
+    x, y = make_mqar(n, 64, 32, p, seed=0)
+    # 10 examples in batches of 4: the last batch is padded.
+    r = evaluate_mqar(InductionHead(64), {}, x, y, batch_size=4)
+    assert r == {"accuracy": 1.0, "correct": n * p, "total": n * p, "num_examples": n}
+    # The 4 keys sit at 0, 2, 4, 6 and each is asked once: answering 0 (never a value) for the
+    # keys at 2 and 6 gets exactly half of every row.
+    half = InductionHead(64, answer=lambda first, pred: jnp.where((first // 2) % 2 == 0, pred, 0))
+    r = evaluate_mqar(half, {}, x, y, batch_size=4)
+    assert r["accuracy"] == 0.5 and r["correct"] == n * p // 2 and r["total"] == n * p
+
+
+def test_niah_grid_scores_an_oracle():
+    from eval.niah import evaluate_grid
+    depths, lengths = [0.0, 0.5, 1.0], [32, 64]
+    grid = lambda model, task="synthetic", L=lengths: evaluate_grid(
+        model, {}, task, L, depths, num_examples=3, vocab_size=64, batch_size=2, progress=False)
+    np.testing.assert_array_equal(grid(InductionHead(64)), np.ones((3, 2)))
+    # The key sits about depth x (length - 5) tokens in and is asked at the last position: seen
+    # from there 30 / 16 / 3 tokens back at length 32, 62 / 32 / 3 at 64. A 24-token window
+    # finds only the near ones.
+    np.testing.assert_array_equal(grid(InductionHead(64, window=24)),
+                                  [[0, 0], [1, 0], [1, 1]])
+    np.testing.assert_array_equal(grid(InductionHead(256, context=16), "passkey", [128]),
+                                  np.ones((3, 1)))
+    # A needle counts only when all 5 digits are right: the last one wrong finds none.
+    last_wrong = InductionHead(256, context=16, answer=lambda first, pred: pred.at[:, -1].set(0))
+    np.testing.assert_array_equal(grid(last_wrong, "passkey", [128]), np.zeros((3, 1)))
+
+
 def test_perplexity(checkpoint, tmp_path, capsys):
     from eval import perplexity
     perplexity.main(["--checkpoint", str(checkpoint), str(checkpoint), "--names", "a", "b",
@@ -83,10 +149,11 @@ def test_generate_greedy_is_deterministic(checkpoint, tmp_path):
     assert np.asarray(sampled["tokens"]).shape == (1, 5)
 
 
-def test_niah_passkey(checkpoint, tmp_path):
+def test_niah_passkey(checkpoint, tmp_path, monkeypatch):
     from eval import niah
-    niah.main(["--checkpoint", str(checkpoint), "--names", "tiny", "--lengths", "128",
-               "--depths", "0", "1", "--num_examples", "2", "--out", str(tmp_path)])
+    args = ["--checkpoint", str(checkpoint), "--names", "tiny", "--lengths", "128",
+            "--depths", "0", "1", "--num_examples", "2", "--out", str(tmp_path)]
+    niah.main(args)
     r = _json(tmp_path / "niah")
     m = r["models"]["tiny"]
     assert m["task"] == "passkey"                    # trained on text, not data.source=niah
@@ -94,17 +161,28 @@ def test_niah_passkey(checkpoint, tmp_path):
     acc = np.asarray(m["accuracy"])
     assert acc.shape == (2, 1) and ((acc >= 0) & (acc <= 1)).all()
     assert (tmp_path / "niah.png").stat().st_size > 0
+    # The same command with a model that solves the passkey in the checkpoint's place.
+    monkeypatch.setattr(common, "load_checkpoint",
+                        lambda path: (InductionHead(256, context=16), {}))
+    niah.main(args)
+    assert _json(tmp_path / "niah")["models"]["tiny"]["accuracy"] == [[1.0], [1.0]]
 
 
-def test_mqar_eval(checkpoint, tmp_path):
+def test_mqar_eval(checkpoint, tmp_path, monkeypatch):
     from eval import mqar
-    mqar.main(["--checkpoint", str(checkpoint), "--seq_len", "16", "--num_kv_pairs", "2", "4",
-               "--num_examples", "5", "--batch_size", "4", "--out", str(tmp_path)])
+    args = ["--checkpoint", str(checkpoint), "--seq_len", "16", "--num_kv_pairs", "2", "4",
+            "--num_examples", "5", "--batch_size", "4", "--out", str(tmp_path)]
+    mqar.main(args)
     r = _json(tmp_path / "mqar")
     assert r["vocab_size"] == 256
     assert [row["num_kv_pairs"] for row in r["results"]] == [2, 4]
     assert [row["total"] for row in r["results"]] == [10, 20]     # examples x pairs
     assert all(0 <= row["accuracy"] <= 1 for row in r["results"])
+    # The same command with a model that solves MQAR in the checkpoint's place.
+    monkeypatch.setattr(common, "load_checkpoint", lambda path: (InductionHead(256), {}))
+    mqar.main(args)
+    assert [(row["accuracy"], row["correct"]) for row in _json(tmp_path / "mqar")["results"]] \
+        == [(1.0, 10), (1.0, 20)]
 
 
 def test_mqar_sweep_quick_and_reuse(tmp_path, capsys):
