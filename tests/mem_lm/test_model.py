@@ -3,6 +3,7 @@ names, the parameter count against the documented formulas, config validation an
 form, channel patterns, scan/remat equivalence, training."""
 import dataclasses
 import json
+import math
 
 import flax.linen as nn
 import jax
@@ -120,6 +121,12 @@ def documented_param_count(cfg: ModelConfig) -> int:
         if mixer in ("attn", "swa"):
             kv = (s["num_kv_heads"] or H) * D
             return d * HD + 2 * d * kv + HD * d + (H if s["sinks"] else 0) + conv * (HD + 2 * kv)
+        if mixer == "mom":
+            M, V = s["num_memories"], H * int(round(D * s["expand_v"]))
+            memory = d * (HD + V + 2 * H)         # k, v, β, decay projections of one memory
+            n = d * M + d * HD + conv * (2 * HD + V) + 2 * H   # router, q, convs, A_log, dt_bias
+            n += (M + s["shared_memory"]) * memory
+            return n + d * V + V // H + V * d                          # gate, o_norm, o_proj
         if mixer in ("gdn", "deltanet"):
             V = H * int(round(D * s["expand_v"]))
             n = 2 * d * HD + d * V + conv * (2 * HD + V) + d * H      # q, k, v, convs, β
@@ -163,7 +170,8 @@ def documented_param_count(cfg: ModelConfig) -> int:
     dict(mixers=every_mixer(short_conv=False), channel_pattern=("swiglu", "none", "swiglu")),
 ], ids=["plain", "scan-untied-nomlp", "gqa-sinks-expandv-taylor-conv", "noconv-channels"])
 def test_logical_axes_and_param_count(kw):
-    cfg = ModelConfig(num_layers=len(ALL), pattern=ALL, **{**TINY, **kw})
+    layers = math.lcm(len(ALL), len(kw.get("channel_pattern", ())) or 1)
+    cfg = ModelConfig(num_layers=layers, pattern=ALL, **{**TINY, **kw})
     model = LanguageModel(cfg)
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
     leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))

@@ -33,9 +33,10 @@ def test_no_weight_decay_on_norms_biases_gates_and_vectors():
 # biases, per-head gate parameters, the decay/step gate projections) or decayed (the matrices).
 NO_DECAY = re.compile(r"(^|/)(final_norm|mixer_norm|mlp_norm|o_norm)/scale$|/bias$|"
                       r"/mixer/(A_log|D|dt_bias|sinks)$|"
-                      r"/mixer/(a_proj|b_proj|dt_proj|gk_proj_a|gk_proj_b)/kernel$")
+                      r"/mixer/(shared_)?(a_proj|b_proj|dt_proj|gk_proj_a|gk_proj_b)/kernel$")
 DECAY = re.compile(r"^embed/embedding$|^lm_head/kernel$|/mlp/(w_gate|w_up|w_out)/kernel$|"
-                   r"/mixer/(q_proj|k_proj|v_proj|o_proj|g_proj|q_conv|k_conv|v_conv)/kernel$")
+                   r"/mixer/(shared_)?(q_proj|k_proj|v_proj|o_proj|g_proj|q_conv|k_conv|v_conv|"
+                   r"router)/kernel$")
 
 
 def _names(params, scan: bool, groups: int, pattern_len: int):

@@ -1,0 +1,466 @@
+"""Mixture-of-Memories (`mom`, Du et al., "Linear Sequence Modeling with Mixture-of-Memories"):
+M gated-delta-rule memories per layer, each token routed to top_k of them.
+
+  router     p_t = softmax(W_r x_t) over the M memories (float32); the top_k are kept and
+             renormalised to weights w_t summing to 1.
+  memory m   its own k, v, β, decay projections (W_k^m, W_v^m, W_β^m, W_a^m; q and the decay's
+             A_log, dt_bias are shared) and its own state, which advances only on the tokens
+             routed to it, in order: S^m ← exp(g)(I − β k kᵀ) S^m + β k vᵀ, as in `gdn`.
+  shared     with `shared_memory`, one more memory (its own k, v, β, decay projections) that
+             every token updates.
+  output     o_t = o_t^shared + Σ_m w_t^m · S^mᵀ(scale · q_t) over the routed memories, then
+             gdn's output path: o_proj(RMSNorm(o) ⊙ SiLU(W_g x)) per head.
+
+Short convs (with `short_conv`): q is a property of the token, so its conv runs over the row as
+in `gdn` and every memory reads with the same q_t; a memory's k and v convs run over that
+memory's own subsequence (its previous routed tokens), with conv kernels shared by all
+memories, as in the reference code.
+
+The packed form. Every (token, routed memory) pair is a slot; the B·T·top_k slots are sorted
+by (memory, batch row, position) with counting sorts (no argsort), and laid out after the
+shared memory's B·T slots (by row, position) in ONE packed row of L = B·T·(1 + top_k) slots:
+
+    [ shared: row 0 | row 1 | ... ][ memory 0: row 0 | row 1 | ... ][ memory 1: ... ] [dropped]
+
+A sequence of the packed `gated_delta_rule` call is one (memory, row) group, or with
+segment_ids one (memory, row, document) group; its offsets `cu_seqlens` are traced, so new
+routing needs no recompilation. The per-memory projections of the routed slots are one
+`jax.lax.ragged_dot` over the memory-sorted rows (a grouped matmul on TPU/GPU; on CPU, XLA
+computes it as M masked dense products). Outputs are gathered back per slot and weighted.
+
+Capacity (`capacity_factor` c, None for no dropping): per batch row and memory, only the first
+ceil(c · T · top_k / M) tokens routed to the memory (in sequence order) enter it; later ones
+are dropped from it: they do not touch its state or conv inputs, and their weight for it is 0
+(the other routed memories and the shared memory still serve the token). With a cache, T is the
+cache's max_len and the room left per (row, memory) is part of the cache, so prefill + decode
+drops exactly what the full forward over max_len tokens drops.
+
+Auxiliary outputs (`registry.AUX_LOSS`, `registry.AUX_METRICS`): the Switch-style load-balance
+loss M · Σ_m f_m P_m (f_m: the share of routed slots, before dropping, that go to memory m,
+so Σ f_m = 1 and the loss is 1 when balanced; P_m: the mean router probability) times
+`aux_loss_weight`, as `mom_load_balance`; metrics `mom_memory_{m}_fraction` (f_m),
+`mom_dropped_fraction` (dropped / routed slots) and `mom_router_entropy` (nats, mean per token).
+
+Decode cache: the routed states [B, M, H, K, V] and the shared one [B, H, K, V] (float32), the
+last conv_size − 1 conv inputs of q per row, of k and v per row and memory (and for the shared
+memory), and with a capacity the room left [B, M]. One token (T == 1) runs the one-token step
+on every memory at once, with β = 0 and g = 0 (an exact no-op) for the memories it is not
+routed to; a longer chunk (prefill) takes the packed path from the cached states.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from layers.common import (a_log_init, constrain, dense, docs_per_row, dt_bias_init, head_param,
+                           init, restarting_scan, segment_starts)
+from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
+from layers.norm import GatedRMSNorm
+from layers.registry import (AUX_LOSS, AUX_METRICS, Mechanism, Setting, SettingError, Shared,
+                             positive_int, register)
+from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
+
+
+class MemoryKernel(nn.Module):
+    """The kernel [embed, memory, *features] of a per-memory projection; the caller applies it
+    to the routed slots with ragged_dot."""
+    shape: tuple
+    axes: tuple
+    std: float
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", init(self.std, self.axes), self.shape, jnp.float32)
+
+
+class ConvKernel(nn.Module):
+    """The depthwise kernel [W, heads, kv] of a short conv over packed groups (initialised as
+    layers.conv.ShortConv's: PyTorch's Conv1d default for fan_in W)."""
+    shape: tuple
+
+    @nn.compact
+    def __call__(self):
+        bound = 1.0 / self.shape[0] ** 0.5
+
+        def uniform(key, shape, dtype=jnp.float32):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        return self.param("kernel", nn.with_logical_partitioning(uniform, (None, "heads", "kv")),
+                          self.shape, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """The routing of a [B, T] batch and where its slots go.
+
+    weights [B, T, k]: the renormalised top-k weights, 0 where the slot was dropped.
+    dest [B, T, k]: each slot's position in the routed part of the packed row (kept slots
+        sorted by (memory, row, position) first, then the dropped ones).
+    token, memory [S]: the flat token (b·T + t) and memory of each routed position.
+    counts [B, M]: slots kept per (row, memory); n_kept: their total.
+    routed [B, T, M]: the token is routed to the memory (before dropping).
+    room: what is left of each (row, memory)'s capacity afterwards (None: no capacity).
+    """
+    probs: jax.Array
+    weights: jax.Array
+    dest: jax.Array
+    token: jax.Array
+    memory: jax.Array
+    counts: jax.Array
+    n_kept: jax.Array
+    routed: jax.Array
+    room: Optional[jax.Array]
+
+
+def route(probs: jax.Array, top_k: int, room: Optional[jax.Array]) -> Routing:
+    """Top-k routing of router probabilities [B, T, M]; `room` [B, M]: how many more tokens
+    each (row, memory) may take (None: unlimited)."""
+    B, T, M = probs.shape
+    top, idx = jax.lax.top_k(probs, top_k)
+    weights = top / jnp.sum(top, axis=-1, keepdims=True)
+    routed = jnp.any(idx[..., None] == jnp.arange(M), axis=2)                 # [B, T, M]
+    rank = jnp.cumsum(routed, axis=1, dtype=jnp.int32) - routed               # earlier ones
+    kept_tm = routed if room is None else routed & (rank < room[:, None, :])
+    kept = jnp.take_along_axis(kept_tm, idx, axis=2)
+    counts = jnp.sum(kept_tm, axis=1, dtype=jnp.int32)
+    by_memory = counts.T.reshape(-1)                                          # (memory, row)
+    offsets = (jnp.cumsum(by_memory) - by_memory).reshape(M, B)
+    n_kept = jnp.sum(by_memory)
+    dest = offsets[idx, jnp.arange(B)[:, None, None]] + jnp.take_along_axis(rank, idx, axis=2)
+    dropped = (~kept).reshape(-1)
+    drop_rank = (jnp.cumsum(dropped, dtype=jnp.int32) - dropped).reshape(kept.shape)
+    dest = jnp.where(kept, dest, n_kept + drop_rank).astype(jnp.int32)
+    S = B * T * top_k
+    slot = jnp.zeros(S, jnp.int32).at[dest.reshape(-1)].set(jnp.arange(S, dtype=jnp.int32))
+    new_room = None
+    if room is not None:
+        new_room = jnp.maximum(room - jnp.sum(routed, axis=1, dtype=jnp.int32), 0)
+    return Routing(probs, jnp.where(kept, weights, 0), dest, slot // top_k,
+                   idx.reshape(-1)[slot], counts, n_kept, routed, new_room)
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """The packed row of L = B·T·shared + B·T·k slots.
+
+    token [L]: the flat token of each slot; group [L]: its (memory, row) group, numbered
+    shared rows first (b), then B·shared + m·B + b, and N for dropped slots; valid [L]: not
+    dropped; starts [L]: the slot begins a sequence (a group, or with documents a group's
+    document); cu_full [N + 1]: the offsets of the N groups (whatever the documents)."""
+    token: jax.Array
+    group: jax.Array
+    valid: jax.Array
+    starts: jax.Array
+    cu_full: jax.Array
+    num_groups: int
+    length_kept: jax.Array
+
+
+def pack(r: Routing, B: int, T: int, shared: bool, docs: Optional[jax.Array]) -> Packed:
+    M = r.counts.shape[1]
+    Bs = B if shared else 0
+    S = r.token.shape[0]
+    routed_valid = jnp.arange(S) < r.n_kept
+    routed_group = jnp.where(routed_valid, Bs + r.memory * B + r.token // T, Bs + M * B)
+    flat = jnp.arange(B * T, dtype=jnp.int32)
+    token = jnp.concatenate([flat[:Bs * T], r.token])
+    group = jnp.concatenate([flat[:Bs * T] // T, routed_group])
+    valid = jnp.concatenate([jnp.ones(Bs * T, bool), routed_valid])
+    new = jnp.concatenate([jnp.ones(1, bool), group[1:] != group[:-1]])
+    if docs is not None:
+        doc = docs.reshape(-1)[token]
+        new = new | jnp.concatenate([jnp.ones(1, bool), doc[1:] != doc[:-1]])
+    lengths = jnp.concatenate([jnp.full(Bs, T, jnp.int32), r.counts.T.reshape(-1)])
+    cu_full = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(lengths, dtype=jnp.int32)])
+    return Packed(token, group, valid, new & valid, cu_full, Bs + M * B, Bs * T + r.n_kept)
+
+
+def packed_conv(x, kernel, p: Packed, hist=None):
+    """SiLU of the causal depthwise conv of packed slots x [L, H, D] within each sequence (a
+    slot sees only earlier slots of its own sequence), in float32 or wider; with `hist`
+    [N, W−1, H, D] (a cache: no documents) each group continues from its last W−1 inputs.
+    Returns (y in x's dtype, the groups' new last W−1 inputs or None)."""
+    L, W = x.shape[0], kernel.shape[0]
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    pos = jnp.arange(L)
+    since = pos - jax.lax.cummax(jnp.where(p.starts, pos, 0))      # slots before, same sequence
+    xp = jnp.pad(x, [(W - 1, 0)] + [(0, 0)] * (x.ndim - 1))
+    y = jnp.zeros(x.shape, acc)
+    mask = (slice(None),) + (None,) * (x.ndim - 1)
+    for lag in range(W):
+        term = xp[W - 1 - lag: W - 1 - lag + L]
+        if lag:
+            inside = (lag <= since)[mask]
+            if hist is None:
+                term = jnp.where(inside, term, 0)
+            else:
+                at = jnp.clip(W - 1 - lag + since, 0, W - 2)
+                term = jnp.where(inside, term, hist[jnp.minimum(p.group, p.num_groups - 1), at])
+        y = y + term.astype(acc) * kernel[W - 1 - lag].astype(acc)
+    y = jax.nn.silu(y).astype(x.dtype)
+    if hist is None:
+        return y, None
+    start, length = p.cu_full[:-1], p.cu_full[1:] - p.cu_full[:-1]
+    back = length[:, None] + jnp.arange(W - 1) - (W - 1)        # [N, W−1], < 0: from hist
+    from_x = x[jnp.clip(start[:, None] + back, 0, L - 1)]
+    from_hist = jnp.take_along_axis(
+        hist, jnp.clip(back + W - 1, 0, W - 2).reshape(back.shape + (1,) * (x.ndim - 1)), axis=1)
+    return y, jnp.where((back >= 0).reshape(back.shape + (1,) * (x.ndim - 1)), from_x, from_hist)
+
+
+class MixtureOfMemories(nn.Module):
+    d_model: int
+    num_heads: int
+    head_dim: int
+    num_memories: int = 4
+    top_k: int = 2
+    shared_memory: bool = True
+    capacity_factor: Optional[float] = None
+    aux_loss_weight: float = 0.01
+    expand_v: float = 1.0
+    conv_size: int = 4
+    use_short_conv: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"
+    chunk_size: int = 64
+
+    @property
+    def value_dim(self) -> int:
+        return int(round(self.head_dim * self.expand_v))
+
+    def capacity(self, length: int) -> Optional[int]:
+        """Tokens a memory takes per row of `length` tokens (None: no capacity)."""
+        if self.capacity_factor is None:
+            return None
+        c = self.capacity_factor * length * self.top_k / self.num_memories
+        return length if c >= length else math.ceil(c)
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        H, K, V, M, W = (self.num_heads, self.head_dim, self.value_dim, self.num_memories,
+                         self.conv_size)
+        cache = {"state": jnp.zeros((batch, M, H, K, V), jnp.float32)}
+        if self.shared_memory:
+            cache["shared_state"] = jnp.zeros((batch, H, K, V), jnp.float32)
+        if self.use_short_conv:
+            cache.update(qkv_conv_cache(batch, {"q": (H, K)}, W, self.dtype))
+            for n, D in (("k", K), ("v", V)):
+                cache[f"conv_{n}"] = jnp.zeros((batch, M, W - 1, H, D), self.dtype)
+                if self.shared_memory:
+                    cache[f"shared_conv_{n}"] = jnp.zeros((batch, W - 1, H, D), self.dtype)
+        if self.capacity_factor is not None:
+            cache["room"] = jnp.full((batch, M), self.capacity(max_len), jnp.int32)
+        return cache
+
+    @nn.compact
+    def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
+                 layer_idx=None):
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for training on packed rows, not with a cache")
+        B, T, d = x.shape
+        H, K, V, M = self.num_heads, self.head_dim, self.value_dim, self.num_memories
+        kw = dict(std=self.init_std, dtype=self.dtype)
+
+        acc = jnp.promote_types(self.dtype, jnp.float32)
+        logits = dense(M, ("embed", "memory"), std=self.init_std, dtype=acc, name="router")(x)
+        probs = jax.nn.softmax(logits, axis=-1)
+        room = None
+        if self.capacity_factor is not None:
+            room = (jnp.full((B, M), self.capacity(T), jnp.int32) if cache is None
+                    else cache["room"])
+        r = route(probs, self.top_k, room)
+        self._sow_aux(r)
+        docs = None if segment_ids is None else jnp.cumsum(segment_starts(segment_ids), axis=1)
+        p = pack(r, B, T, self.shared_memory, docs)
+
+        q = dense((H, K), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
+        new_cache = {}
+        if self.use_short_conv:
+            q, new_cache = short_conv_qkv({"q": q}, self.conv_size, segment_ids, cache,
+                                          self.dtype)
+            q = q["q"]
+        else:
+            q = jax.nn.silu(q)
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        k, v, b, a = self._project(x, r, p)
+        if self.use_short_conv:
+            hist = None if cache is None else self._groups(cache, "conv_k", "conv_v")
+            k, k_hist = packed_conv(k, ConvKernel((self.conv_size, H, K), name="k_conv")(), p,
+                                    None if hist is None else hist[0])
+            v, v_hist = packed_conv(v, ConvKernel((self.conv_size, H, V), name="v_conv")(), p,
+                                    None if hist is None else hist[1])
+        else:
+            k, v = jax.nn.silu(k), jax.nn.silu(v)
+        q = q.reshape(B * T, H, K)[p.token]
+        q, k, v = (constrain(t, ("length", "heads", "kv")) for t in (q, k, v))
+        beta = jax.nn.sigmoid(b.astype(acc))
+        dt = jax.nn.softplus(a.astype(acc) + head_param(self, "dt_bias", dt_bias_init, H))
+        g = -jnp.exp(head_param(self, "A_log", a_log_init, H)) * dt
+
+        state = None if cache is None else self._groups(cache, "state")[0]
+        o, state = self._recurrence(q, k, v, beta, g, p, state, step=cache is not None and T == 1,
+                                    has_docs=docs is not None)
+
+        o = o.astype(acc)
+        Bs = B if self.shared_memory else 0
+        slots = o[Bs * T + r.dest.reshape(-1)].reshape(B, T, self.top_k, H, V)
+        out = jnp.einsum("btj,btjhv->bthv", r.weights, slots)
+        if self.shared_memory:
+            out = out + o[:B * T].reshape(B, T, H, V)
+        gate = dense((H, V), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
+        out = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(out, gate)
+        out = constrain(out, ("batch", "length", "heads", "kv"))
+        y = dense(d, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(out)
+        if cache is None:
+            return y, None
+        new_cache.update(self._ungroup(state, B, "state"))
+        if self.use_short_conv:
+            new_cache.update(self._ungroup(k_hist, B, "conv_k"))
+            new_cache.update(self._ungroup(v_hist, B, "conv_v"))
+        if r.room is not None:
+            new_cache["room"] = r.room
+        return y, new_cache
+
+    def _project(self, x, r: Routing, p: Packed):
+        """k, v [L, H, K|V], b, a [L, H] of the packed slots: the shared memory's by dense
+        projections of every token, the routed slots' by one ragged_dot over the
+        memory-sorted rows with the concatenated per-memory kernels."""
+        B, T, d = x.shape
+        H, K, V, M = self.num_heads, self.head_dim, self.value_dim, self.num_memories
+        widths = (("k_proj", (K,)), ("v_proj", (V,)), ("b_proj", ()), ("a_proj", ()))
+        kernels = [MemoryKernel((d, M, H) + f, ("embed", "memory", "heads") + ("kv",) * len(f),
+                                self.init_std, name=n)() for n, f in widths]
+        w = jnp.concatenate([kr.reshape(d, M, -1).transpose(1, 0, 2) for kr in kernels], -1)
+        xs = x.reshape(B * T, d)[r.token].astype(self.dtype)
+        y = jax.lax.ragged_dot(xs, w.astype(self.dtype), jnp.sum(r.counts, axis=0))
+        # Rows past the last group (the dropped slots) are not defined on every backend.
+        y = jnp.where((jnp.arange(y.shape[0]) < r.n_kept)[:, None], y, 0)
+        cuts = [H * K, H * (K + V), H * (K + V + 1)]
+        routed = [t.reshape((-1, H) + f) for t, (_, f) in zip(jnp.split(y, cuts, -1), widths)]
+        if not self.shared_memory:
+            return routed
+        kw = dict(std=self.init_std, dtype=self.dtype)
+        shared = [dense((H,) + f, ("embed", "heads") + ("kv",) * len(f), name=f"shared_{n}",
+                        **kw)(x).reshape((B * T, H) + f) for n, f in widths]
+        return [jnp.concatenate([s, t]) for s, t in zip(shared, routed)]
+
+    def _groups(self, cache, *names):
+        """Cache entries [B, M, ...] (and shared_* [B, ...]) as per-group arrays [N, ...] in
+        the packed order."""
+        out = []
+        for n in names:
+            routed = jnp.swapaxes(cache[n], 0, 1)
+            routed = routed.reshape((-1,) + routed.shape[2:])
+            out.append(jnp.concatenate([cache[f"shared_{n}"], routed]) if self.shared_memory
+                       else routed)
+        return out
+
+    def _ungroup(self, x, B: int, name: str) -> dict:
+        Bs = B if self.shared_memory else 0
+        routed = x[Bs:].reshape((self.num_memories, B) + x.shape[1:])
+        out = {name: jnp.swapaxes(routed, 0, 1)}
+        if self.shared_memory:
+            out[f"shared_{name}"] = x[:B]
+        return out
+
+    def _recurrence(self, q, k, v, beta, g, p: Packed, state, *, step: bool, has_docs: bool):
+        """o [L, H, V] of the packed slots and the groups' final states (with a cache).
+        step: one token per row with a cache."""
+        N = p.num_groups
+        op_kw = dict(use_qk_l2norm=True)
+        chunk_kw = dict(impl=self.impl, chunk_size=self.chunk_size)
+        one = lambda t: t[None]
+        if step:
+            # Each group holds at most one slot: run the step on every group, with β = g = 0
+            # (no change) where a group got none.
+            def per_group(t):
+                return jnp.zeros((N,) + t.shape[1:], t.dtype).at[p.group].set(t, mode="drop")
+            o, state = gated_delta_rule_step(*map(per_group, (q, k, v, beta, g)), state=state,
+                                             **op_kw)
+            return jnp.where(p.valid[:, None, None], o[jnp.minimum(p.group, N - 1)], 0), state
+        if not has_docs:
+            o, state = gated_delta_rule(*map(one, (q, k, v, beta, g)), cu_seqlens=p.cu_full,
+                                        initial_state=state, output_final_state=state is not None,
+                                        **op_kw, **chunk_kw)
+            return o[0], state
+        L = q.shape[0]
+        # Room for every (memory, row) group, plus as many document starts as keep the
+        # chunked ops' padding (a chunk per sequence at most) under half the row.
+        cap = min(N + docs_per_row(L, self.chunk_size) - 1, L)
+        cu = jnp.nonzero(p.starts, size=cap, fill_value=p.length_kept)[0].astype(jnp.int32)
+        cu = jnp.concatenate([cu, p.length_kept[None].astype(jnp.int32)])
+        fits = jnp.sum(p.starts) <= cap
+
+        def packed(a):
+            return gated_delta_rule(*map(one, a), cu_seqlens=cu, **op_kw, **chunk_kw)[0][0]
+
+        def scan(a):
+            return restarting_scan(gated_delta_rule_step, tuple(map(one, a)), p.starts[None],
+                                   **op_kw)[0]
+
+        return jax.lax.cond(fits, jax.checkpoint(packed), jax.checkpoint(scan),
+                            (q, k, v, beta, g)), None
+
+    def _sow_aux(self, r: Routing):
+        M = self.num_memories
+        routed = jnp.sum(r.routed, axis=(0, 1)).astype(jnp.float32)
+        frac = routed / jnp.sum(routed)
+        loss = M * jnp.sum(frac * jnp.mean(r.probs, axis=(0, 1)))
+        self.sow(AUX_LOSS, "mom_load_balance", self.aux_loss_weight * loss)
+        for m in range(M):
+            self.sow(AUX_METRICS, f"mom_memory_{m}_fraction", frac[m])
+        self.sow(AUX_METRICS, "mom_dropped_fraction", 1.0 - r.n_kept / jnp.sum(routed))
+        entropy = -jnp.sum(r.probs * jnp.log(jnp.maximum(r.probs, 1e-30)), axis=-1)
+        self.sow(AUX_METRICS, "mom_router_entropy", jnp.mean(entropy))
+
+
+_SETTINGS = {
+    "num_memories": Setting(4, int, "M: routed memories (gated-delta-rule states) per layer"),
+    "top_k": Setting(2, int, "memories each token is routed to"),
+    "shared_memory": Setting(True, bool, "one more memory that every token updates"),
+    "capacity_factor": Setting(None, float, "per row and memory at most "
+                               "ceil(capacity_factor · T · top_k / M) tokens, later ones "
+                               "dropped from it; None: no dropping", optional=True),
+    "aux_loss_weight": Setting(0.01, float, "weight of the load-balance loss M · Σ f_m P_m"),
+    "expand_v": Setting(1.0, float, "value head width = expand_v · head_dim"),
+    **conv_settings(True),
+}
+
+
+def _check(shared: Shared, s) -> None:
+    positive_int(s, "num_memories", "top_k", "conv_size")
+    if s["top_k"] > s["num_memories"]:
+        raise SettingError("top_k", f"must be <= num_memories ({s['num_memories']}), "
+                                    f"got {s['top_k']}")
+    if s["capacity_factor"] is not None and not s["capacity_factor"] > 0:
+        raise SettingError("capacity_factor", f"must be > 0 (None: no capacity), "
+                                              f"got {s['capacity_factor']}")
+    if not s["aux_loss_weight"] >= 0:
+        raise SettingError("aux_loss_weight", f"must be >= 0, got {s['aux_loss_weight']}")
+    width = shared.head_dim * s["expand_v"]
+    if not (s["expand_v"] > 0 and float(width).is_integer()
+            and width <= jnp.iinfo(jnp.int32).max):
+        raise SettingError("expand_v", f"must be > 0 with expand_v · head_dim "
+                                       f"({shared.head_dim}) an integer <= 2**31 - 1, "
+                                       f"got {s['expand_v']}")
+
+
+def _build(shared: Shared, s, name):
+    return MixtureOfMemories(
+        d_model=shared.d_model, num_heads=shared.num_heads, head_dim=shared.head_dim,
+        num_memories=s["num_memories"], top_k=s["top_k"], shared_memory=s["shared_memory"],
+        capacity_factor=s["capacity_factor"], aux_loss_weight=s["aux_loss_weight"],
+        expand_v=s["expand_v"], conv_size=s["conv_size"], use_short_conv=s["short_conv"],
+        norm_eps=shared.norm_eps, init_std=shared.init_std, dtype=shared.dtype,
+        impl=shared.impl, chunk_size=shared.chunk_size, name=name)
+
+
+register(Mechanism("mom", "token", _build, _SETTINGS, _check,
+                   "Mixture-of-Memories: top-k routed gated-delta-rule memories (+ a shared one)",
+                   recurrent=True))
