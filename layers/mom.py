@@ -1,8 +1,9 @@
 """Mixture-of-Memories (`mom`, Du et al., "Linear Sequence Modeling with Mixture-of-Memories"):
 M gated-delta-rule memories per layer, each token routed to top_k of them.
 
-  router     p_t = softmax(W_r x_t) over the M memories (float32); the top_k are kept and
-             renormalised to weights w_t summing to 1.
+  router     p_t = softmax(W_r x_t) over the M memories (float32 or wider); the top_k are kept and
+             renormalised to weights w_t summing to 1 (so with top_k = 1 the weight is 1 and
+             the router learns from the load-balance loss only).
   memory m   its own k, v, β, decay projections (W_k^m, W_v^m, W_β^m, W_a^m; q and the decay's
              A_log, dt_bias are shared) and its own state, which advances only on the tokens
              routed to it, in order: S^m ← exp(g)(I − β k kᵀ) S^m + β k vᵀ, as in `gdn`.
@@ -24,9 +25,14 @@ shared memory's B·T slots (by row, position) in ONE packed row of L = B·T·(1 
 
 A sequence of the packed `gated_delta_rule` call is one (memory, row) group, or with
 segment_ids one (memory, row, document) group; its offsets `cu_seqlens` are traced, so new
-routing needs no recompilation. The per-memory projections of the routed slots are one
-`jax.lax.ragged_dot` over the memory-sorted rows (a grouped matmul on TPU/GPU; on CPU, XLA
-computes it as M masked dense products). Outputs are gathered back per slot and weighted.
+routing needs no recompilation. With documents the call has room for every (memory, row)
+group plus ceil(L / (2 · chunk_size)) more sequences (the chunked ops pad each sequence to a
+chunk, so this keeps the padding under half the row, as `layers.common.docs_per_row` does for
+the other mixers); a batch with more sequences takes the exact token scan
+(`layers.common.restarting_scan`) over the same packed row instead. The per-memory
+projections of the routed slots are one `jax.lax.ragged_dot` over the memory-sorted rows
+(XLA's ragged dot on TPU and GPU; on CPU, JAX computes it as M masked dense products: M times
+the work of the routed slots alone). Outputs are gathered back per slot and weighted.
 
 Capacity (`capacity_factor` c, None for no dropping): per batch row and memory, only the first
 ceil(c · T · top_k / M) tokens routed to the memory (in sequence order) enter it; later ones
@@ -288,7 +294,7 @@ class MixtureOfMemories(nn.Module):
         else:
             q = jax.nn.silu(q)
         q = constrain(q, ("batch", "length", "heads", "kv"))
-        k, v, b, a = self._project(x, r, p)
+        k, v, b, a = self._project(x, r)
         if self.use_short_conv:
             hist = None if cache is None else self._groups(cache, "conv_k", "conv_v")
             k, k_hist = packed_conv(k, ConvKernel((self.conv_size, H, K), name="k_conv")(), p,
@@ -327,7 +333,7 @@ class MixtureOfMemories(nn.Module):
             new_cache["room"] = r.room
         return y, new_cache
 
-    def _project(self, x, r: Routing, p: Packed):
+    def _project(self, x, r: Routing):
         """k, v [L, H, K|V], b, a [L, H] of the packed slots: the shared memory's by dense
         projections of every token, the routed slots' by one ragged_dot over the
         memory-sorted rows with the concatenated per-memory kernels."""
@@ -404,10 +410,16 @@ class MixtureOfMemories(nn.Module):
             return restarting_scan(gated_delta_rule_step, tuple(map(one, a)), p.starts[None],
                                    **op_kw)[0]
 
+        # Checkpointed as in layers.common: differentiating lax.cond keeps the residuals of
+        # both branches, so each keeps only its inputs.
         return jax.lax.cond(fits, jax.checkpoint(packed), jax.checkpoint(scan),
                             (q, k, v, beta, g)), None
 
     def _sow_aux(self, r: Routing):
+        if self.is_initializing():
+            # Not into init's variables: passed back to apply_with_aux they would count twice,
+            # and lazy_init cannot compute values that depend on the input.
+            return
         M = self.num_memories
         routed = jnp.sum(r.routed, axis=(0, 1)).astype(jnp.float32)
         frac = routed / jnp.sum(routed)

@@ -13,8 +13,7 @@ import pytest
 from layers.common import docs_per_row
 from layers.mom import MixtureOfMemories
 from layers.registry import AUX_LOSS, AUX_METRICS
-from mem_lm import (LanguageModel, ModelConfig, apply_with_aux, decode_step, init_cache,
-                    prefill)
+from mem_lm import LanguageModel, ModelConfig, apply_with_aux, decode_step, init_cache
 
 
 def make(**kw):
@@ -101,8 +100,9 @@ def reference(m, p, x, routed, kept, segment_ids=None):
         k, v = l2(conv(hk, k_in, "k_conv")), conv(hv, v_in, "v_conv")
         beta = jax.nn.sigmoid(jnp.einsum("d,edh->eh", xt, Wb))
         g = -jnp.exp(p["A_log"]) * jax.nn.softplus(jnp.einsum("d,edh->eh", xt, Wa) + p["dt_bias"])
-        s = S * jnp.exp(g)[..., None, None]
-        s = s + k[..., None] * (beta[..., None] * (v - jnp.einsum("ehk,ehkv->ehv", k, s)))[:, :, None]
+        s = S * jnp.exp(g)[..., None, None]                   # the delta rule, every memory
+        delta = beta[..., None] * (v - jnp.einsum("ehk,ehkv->ehv", k, s))
+        s = s + k[..., None] * delta[:, :, None]
         probs = jax.nn.softmax(xt @ kern("router"))
         w = jnp.where(routed_t, probs, 0) / jnp.sum(jnp.where(routed_t, probs, 0))
         w, take = jnp.where(kept_t, w, 0), kept_t
@@ -232,12 +232,18 @@ def test_bfloat16_close_to_float32(rng):
     m = make()
     x = jnp.asarray(rng.standard_normal((2, 24, 16)), jnp.float32)
     p = random_params(m, rng)
-    run = lambda m: jax.jit(lambda p, x: m.apply({"params": p}, x, positions=None)[0])(p, x)
-    y32, y16 = run(m), run(make(dtype=jnp.bfloat16))
+    f32 = jax.jit(lambda p, x: m.apply({"params": p}, x, positions=None)[0])
+    y32 = f32(p, x)
+    y16 = jax.jit(lambda p, x: make(dtype=jnp.bfloat16).apply({"params": p}, x,
+                                                              positions=None)[0])(p, x)
     assert y16.dtype == jnp.bfloat16
-    err = rel_err(y16, y32)
-    # Measured <= 0.012 over 20 seeds; above 1e-3, bfloat16 really ran.
-    assert 1e-3 < err < 0.025, err
+    nrel = lambda y: float(jnp.linalg.norm(y.astype(jnp.float32) - y32) / jnp.linalg.norm(y32))
+    # Norm-relative error over 20 seeds: at most 0.0169 (gdn's layer: 0.0163); the bound is
+    # twice that; above 1e-3, bfloat16 really ran.
+    assert 1e-3 < nrel(y16) < 0.035, nrel(y16)
+    # The bound is tight enough to matter: an output 5% off lands outside it.
+    p["o_proj"]["kernel"] = p["o_proj"]["kernel"] * 1.05
+    assert nrel(f32(p, x)) > 0.035
 
 
 def tiny_model(pattern, **mom):
@@ -252,21 +258,23 @@ def tiny_model(pattern, **mom):
 
 def test_prefill_and_decode_match_full_forward(rng):
     """mom + swa with a capacity (the room left travels in the cache): a prefill, a second
-    chunk from the cached states and conv inputs, then one token at a time."""
+    chunk from the cached states and conv inputs (the same program), then one token at a
+    time. (tests/mem_lm/test_model.py runs mem_lm.prefill on the default settings.)"""
     cfg, model, shapes = tiny_model(("mom", "swa"), capacity_factor=0.5)
     params = {"params": random_like(shapes, rng, cfg.init_std)}
     B, T = 2, 15
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
     full, aux = jax.jit(lambda p, t: model.apply(p, t, mutable=[AUX_METRICS]))(params, tokens)
-    last, cache = prefill(model, params, tokens[:, :6], T)
-    chunk, cache = jax.jit(lambda p, t, c: model.apply(p, t, cache=c))(params, tokens[:, 6:10],
-                                                                         cache)
-    logits = [last[:, None], chunk]
+    assert float(aux[AUX_METRICS]["layer_0"]["mixer"]["mom_dropped_fraction"][0]) > 0.1
+    chunk = jax.jit(lambda p, t, c: model.apply(p, t, cache=c))
+    first, cache = chunk(params, tokens[:, :5], init_cache(cfg, B, T))
+    second, cache = chunk(params, tokens[:, 5:10], cache)
+    logits = [first, second]
     for t in range(10, T):
         step, cache = decode_step(model, params, tokens[:, t], cache)
         logits.append(step[:, None])
-    np.testing.assert_allclose(jnp.concatenate(logits, 1), full[:, 5:], atol=2e-5, rtol=2e-5)
-    assert float(aux[AUX_METRICS]["layer_0"]["mixer"]["mom_dropped_fraction"][0]) > 0.1
+    np.testing.assert_allclose(jnp.concatenate(logits, 1), full, atol=2e-5, rtol=2e-5)
+    assert int(cache["pos"]) == T
 
 
 def test_aux_loss_reaches_the_gradient(rng):
