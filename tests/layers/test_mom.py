@@ -182,16 +182,18 @@ def test_matches_per_token_reference_float64(x64, rng):
 
 def test_other_settings_match_reference_float64(x64, rng):
     """No shared memory, no convs, top-3 of 5 memories, a capacity that drops tokens, wider
-    values; packed documents."""
+    values; packed documents on both paths."""
     m = make(dtype=jnp.float64, shared_memory=False, use_short_conv=False, top_k=3,
              num_memories=5, capacity_factor=0.6, expand_v=2.0)
     x = jnp.asarray(rng.standard_normal((2, 13, 16)))
     p = random_params(m, rng, jnp.float64)
     routed, kept = decide(m, p, x)
     assert (routed & ~kept).any()
-    y = jax.jit(lambda p, x: m.apply({"params": p}, x, positions=None,
-                                     segment_ids=FEW_DOCS)[0])(p, x)
-    assert rel_err(y, reference(m, p, x, routed, kept, FEW_DOCS)[0]) < TOL
+    layer = jax.jit(lambda p, x, seg: m.apply({"params": p}, x, positions=None,
+                                              segment_ids=seg)[0])
+    ref = jax.jit(lambda p, x, seg: reference(m, p, x, routed, kept, seg)[0])
+    for seg in (FEW_DOCS, MANY_DOCS):
+        assert rel_err(layer(p, x, seg), ref(p, x, seg)) < TOL
 
 
 def test_capacity_drops_tokens_from_their_memory(x64, rng):
