@@ -1,9 +1,9 @@
 """Mixture-of-Memories (`mom`, Du et al., "Linear Sequence Modeling with Mixture-of-Memories"):
 M gated-delta-rule memories per layer, each token routed to top_k of them.
 
-  router     p_t = softmax(W_r x_t) over the M memories (float32 or wider); the top_k are kept and
-             renormalised to weights w_t summing to 1 (so with top_k = 1 the weight is 1 and
-             the router learns from the load-balance loss only).
+  router     p_t = softmax(W_r x_t) over the M memories (float32 or wider); the top_k are
+             kept and renormalised to weights w_t summing to 1 (so with top_k = 1 the weight
+             is 1 and the router learns from the load-balance loss only).
   memory m   its own k, v, β, decay projections (W_k^m, W_v^m, W_β^m, W_a^m; q and the decay's
              A_log, dt_bias are shared) and its own state, which advances only on the tokens
              routed to it, in order: S^m ← exp(g)(I − β k kᵀ) S^m + β k vᵀ, as in `gdn`.
@@ -17,22 +17,26 @@ in `gdn` and every memory reads with the same q_t; a memory's k and v convs run 
 memory's own subsequence (its previous routed tokens), with conv kernels shared by all
 memories, as in the reference code.
 
-The packed form. Every (token, routed memory) pair is a slot; the B·T·top_k slots are sorted
-by (memory, batch row, position) with counting sorts (no argsort), and laid out after the
-shared memory's B·T slots (by row, position) in ONE packed row of L = B·T·(1 + top_k) slots:
+The packed form. Every (token, routed memory) pair is a slot. Each batch row becomes one
+packed row of L = T·(1 + top_k) slots (T·top_k without the shared memory): the shared
+memory's T slots, then the row's routed slots sorted by (memory, position) with counting
+sorts (no argsort), then its dropped ones:
 
-    [ shared: row 0 | row 1 | ... ][ memory 0: row 0 | row 1 | ... ][ memory 1: ... ] [dropped]
+    [ shared: t = 0 .. T−1 ][ memory 0: its tokens ][ memory 1: ... ] ... [ dropped ]
 
-A sequence of the packed `gated_delta_rule` call is one (memory, row) group, or with
-segment_ids one (memory, row, document) group; its offsets `cu_seqlens` are traced, so new
-routing needs no recompilation. With documents the call has room for every (memory, row)
-group plus ceil(L / (2 · chunk_size)) more sequences (the chunked ops pad each sequence to a
-chunk, so this keeps the padding under half the row, as `layers.common.docs_per_row` does for
-the other mixers); a batch with more sequences takes the exact token scan
-(`layers.common.restarting_scan`) over the same packed row instead. The per-memory
-projections of the routed slots are one `jax.lax.ragged_dot` over the memory-sorted rows
-(XLA's ragged dot on TPU and GPU; on CPU, JAX computes it as M masked dense products: M times
-the work of the routed slots alone). Outputs are gathered back per slot and weighted.
+and ONE `gated_delta_rule` call, vmapped over the rows (so the batch stays a batch axis, for
+data sharding and for the chunked kernels' parallelism), runs every memory of every row: a
+sequence of the call is one (memory, row) group, or with segment_ids one (memory, row,
+document) group, at traced offsets `cu_seqlens` [B, N + 1] (new routing needs no
+recompilation; empty groups are empty sequences, dropped slots lie past the last offset).
+With documents each row has room for every memory plus ceil(L / (2 · chunk_size)) more
+sequences (the chunked ops pad each sequence to a chunk, so this keeps the padding under half
+the row, as `layers.common.docs_per_row` does for the other mixers); a batch with a row that
+needs more takes the exact token scan (`layers.common.restarting_scan`) over the same packed
+rows instead. The per-memory projections of the routed slots are one `jax.lax.ragged_dot`
+over the batch's slots sorted by (memory, row, position) (XLA's ragged dot on TPU and GPU; on
+CPU, JAX computes it as M masked dense products: M times the work of the routed slots
+alone), gathered into the packed rows. Outputs are gathered back per slot and weighted.
 
 Capacity (`capacity_factor` c, None for no dropping): per batch row and memory, only the first
 ceil(c · T · top_k / M) tokens routed to the memory (in sequence order) enter it; later ones
@@ -104,11 +108,14 @@ class ConvKernel(nn.Module):
 class Routing:
     """The routing of a [B, T] batch and where its slots go.
 
+    In its row's routed part, the kept slots sorted by (memory, position), then the dropped
+    ones: `dest` [B, T, k] is each slot's place there, `token`, `memory` [B, T·k] the token
+    (position in the row) and memory at each place. For the projections, all kept slots of
+    the batch sorted by (memory, row, position), then the dropped ones: `source` [B·T·k] is
+    the flat token (b·T + t) at each place of that order and `gather` [B, T·k] the place of
+    each row's routed part in it.
     weights [B, T, k]: the renormalised top-k weights, 0 where the slot was dropped.
-    dest [B, T, k]: each slot's position in the routed part of the packed row (kept slots
-        sorted by (memory, row, position) first, then the dropped ones).
-    token, memory [S]: the flat token (b·T + t) and memory of each routed position.
-    counts [B, M]: slots kept per (row, memory); n_kept: their total.
+    counts [B, M]: slots kept per (row, memory).
     routed [B, T, M]: the token is routed to the memory (before dropping).
     room: what is left of each (row, memory)'s capacity afterwards (None: no capacity).
     """
@@ -117,47 +124,70 @@ class Routing:
     dest: jax.Array
     token: jax.Array
     memory: jax.Array
+    source: jax.Array
+    gather: jax.Array
     counts: jax.Array
-    n_kept: jax.Array
     routed: jax.Array
     room: Optional[jax.Array]
 
 
+def _exclusive_cumsum(x, axis):
+    return jnp.cumsum(x, axis=axis, dtype=jnp.int32) - x
+
+
 def route(probs: jax.Array, top_k: int, room: Optional[jax.Array]) -> Routing:
     """Top-k routing of router probabilities [B, T, M]; `room` [B, M]: how many more tokens
-    each (row, memory) may take (None: unlimited)."""
+    each (row, memory) may take (None: unlimited). Counting sorts, no argsort."""
     B, T, M = probs.shape
+    Tk = T * top_k
     top, idx = jax.lax.top_k(probs, top_k)
     weights = top / jnp.sum(top, axis=-1, keepdims=True)
     routed = jnp.any(idx[..., None] == jnp.arange(M), axis=2)                 # [B, T, M]
-    rank = jnp.cumsum(routed, axis=1, dtype=jnp.int32) - routed               # earlier ones
+    rank = _exclusive_cumsum(routed.astype(jnp.int32), 1)                    # earlier ones
     kept_tm = routed if room is None else routed & (rank < room[:, None, :])
     kept = jnp.take_along_axis(kept_tm, idx, axis=2)
+    rank = jnp.take_along_axis(rank, idx, axis=2)
     counts = jnp.sum(kept_tm, axis=1, dtype=jnp.int32)
-    by_memory = counts.T.reshape(-1)                                          # (memory, row)
-    offsets = (jnp.cumsum(by_memory) - by_memory).reshape(M, B)
-    n_kept = jnp.sum(by_memory)
-    dest = offsets[idx, jnp.arange(B)[:, None, None]] + jnp.take_along_axis(rank, idx, axis=2)
-    dropped = (~kept).reshape(-1)
-    drop_rank = (jnp.cumsum(dropped, dtype=jnp.int32) - dropped).reshape(kept.shape)
-    dest = jnp.where(kept, dest, n_kept + drop_rank).astype(jnp.int32)
-    S = B * T * top_k
-    slot = jnp.zeros(S, jnp.int32).at[dest.reshape(-1)].set(jnp.arange(S, dtype=jnp.int32))
+    dropped = (~kept).astype(jnp.int32)
+    rows = jnp.arange(B)[:, None, None]
+
+    # In the row: memory m's slots start after the row's earlier memories'.
+    start = jnp.take_along_axis(_exclusive_cumsum(counts, 1), idx.reshape(B, Tk), axis=1)
+    drop_rank = _exclusive_cumsum(dropped.reshape(B, Tk), 1)
+    dest = jnp.where(kept, start.reshape(kept.shape) + rank,
+                     (jnp.sum(counts, 1)[:, None] + drop_rank).reshape(kept.shape))
+    place = jnp.arange(Tk, dtype=jnp.int32)
+    slot = jnp.zeros((B, Tk), jnp.int32).at[rows[..., 0], dest.reshape(B, Tk)].set(place)
+
+    # In the batch: memory m's slots of row b start after all earlier memories' and memory
+    # m's slots of earlier rows.
+    by_memory = counts.T.reshape(-1)
+    start = _exclusive_cumsum(by_memory, 0).reshape(M, B)[idx, rows]
+    drop_rank = _exclusive_cumsum(dropped.reshape(-1), 0).reshape(kept.shape)
+    batch_dest = jnp.where(kept, start + rank, jnp.sum(by_memory) + drop_rank)
+    S = B * Tk
+    source = jnp.zeros(S, jnp.int32).at[batch_dest.reshape(-1)].set(
+        jnp.arange(S, dtype=jnp.int32)) // top_k
+
     new_room = None
     if room is not None:
         new_room = jnp.maximum(room - jnp.sum(routed, axis=1, dtype=jnp.int32), 0)
     return Routing(probs, jnp.where(kept, weights, 0), dest, slot // top_k,
-                   idx.reshape(-1)[slot], counts, n_kept, routed, new_room)
+                   jnp.take_along_axis(idx.reshape(B, Tk), slot, axis=1), source,
+                   jnp.take_along_axis(batch_dest.reshape(B, Tk), slot, axis=1), counts,
+                   routed, new_room)
 
 
 @dataclasses.dataclass(frozen=True)
 class Packed:
-    """The packed row of L = B·T·shared + B·T·k slots.
+    """The packed rows [B, L], L = T·shared + T·k: the shared memory's T slots, then the
+    routed part (`Routing.dest`).
 
-    token [L]: the flat token of each slot; group [L]: its (memory, row) group, numbered
-    shared rows first (b), then B·shared + m·B + b, and N for dropped slots; valid [L]: not
-    dropped; starts [L]: the slot begins a sequence (a group, or with documents a group's
-    document); cu_full [N + 1]: the offsets of the N groups (whatever the documents)."""
+    token [B, L]: the position in the row of each slot's token; group [B, L]: its memory (0
+    the shared one, then shared + m; num_groups for dropped slots); valid [B, L]: not
+    dropped; starts [B, L]: the slot begins a sequence (a group, or with documents a group's
+    document); cu_full [B, num_groups + 1]: the offsets of the groups (whatever the
+    documents); length_kept [B]: slots before the dropped ones."""
     token: jax.Array
     group: jax.Array
     valid: jax.Array
@@ -167,56 +197,57 @@ class Packed:
     length_kept: jax.Array
 
 
-def pack(r: Routing, B: int, T: int, shared: bool, docs: Optional[jax.Array]) -> Packed:
-    M = r.counts.shape[1]
-    Bs = B if shared else 0
-    S = r.token.shape[0]
-    routed_valid = jnp.arange(S) < r.n_kept
-    routed_group = jnp.where(routed_valid, Bs + r.memory * B + r.token // T, Bs + M * B)
-    flat = jnp.arange(B * T, dtype=jnp.int32)
-    token = jnp.concatenate([flat[:Bs * T], r.token])
-    group = jnp.concatenate([flat[:Bs * T] // T, routed_group])
-    valid = jnp.concatenate([jnp.ones(Bs * T, bool), routed_valid])
-    new = jnp.concatenate([jnp.ones(1, bool), group[1:] != group[:-1]])
+def pack(r: Routing, T: int, shared: bool, docs: Optional[jax.Array]) -> Packed:
+    B, M = r.counts.shape
+    Ts, s = (T, 1) if shared else (0, 0)
+    n_kept = jnp.sum(r.counts, axis=1)
+    routed_valid = jnp.arange(r.token.shape[1]) < n_kept[:, None]
+    token = jnp.concatenate([jnp.broadcast_to(jnp.arange(Ts, dtype=jnp.int32), (B, Ts)),
+                             r.token], axis=1)
+    group = jnp.concatenate([jnp.zeros((B, Ts), jnp.int32),
+                             jnp.where(routed_valid, s + r.memory, s + M)], axis=1)
+    valid = jnp.concatenate([jnp.ones((B, Ts), bool), routed_valid], axis=1)
+    changed = lambda a: jnp.pad(a[:, 1:] != a[:, :-1], ((0, 0), (1, 0)), constant_values=True)
+    new = changed(group)
     if docs is not None:
-        doc = docs.reshape(-1)[token]
-        new = new | jnp.concatenate([jnp.ones(1, bool), doc[1:] != doc[:-1]])
-    lengths = jnp.concatenate([jnp.full(Bs, T, jnp.int32), r.counts.T.reshape(-1)])
-    cu_full = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(lengths, dtype=jnp.int32)])
-    return Packed(token, group, valid, new & valid, cu_full, Bs + M * B, Bs * T + r.n_kept)
+        new = new | changed(jnp.take_along_axis(docs, token, axis=1))
+    lengths = jnp.concatenate([jnp.full((B, s), T, jnp.int32), r.counts], axis=1)
+    cu_full = jnp.pad(jnp.cumsum(lengths, axis=1, dtype=jnp.int32), ((0, 0), (1, 0)))
+    return Packed(token, group, valid, new & valid, cu_full, s + M, Ts + n_kept)
 
 
 def packed_conv(x, kernel, p: Packed, hist=None):
-    """SiLU of the causal depthwise conv of packed slots x [L, H, D] within each sequence (a
-    slot sees only earlier slots of its own sequence), in float32 or wider; with `hist`
-    [N, W−1, H, D] (a cache: no documents) each group continues from its last W−1 inputs.
+    """SiLU of the causal depthwise conv of packed slots x [B, L, H, D] within each sequence
+    (a slot sees only earlier slots of its own sequence), in float32 or wider; with `hist`
+    [B, N, W−1, H, D] (a cache: no documents) each group continues from its last W−1 inputs.
     Returns (y in x's dtype, the groups' new last W−1 inputs or None)."""
-    L, W = x.shape[0], kernel.shape[0]
+    B, L, W = x.shape[0], x.shape[1], kernel.shape[0]
     acc = jnp.promote_types(x.dtype, jnp.float32)
     pos = jnp.arange(L)
-    since = pos - jax.lax.cummax(jnp.where(p.starts, pos, 0))      # slots before, same sequence
-    xp = jnp.pad(x, [(W - 1, 0)] + [(0, 0)] * (x.ndim - 1))
+    since = pos - jax.lax.cummax(jnp.where(p.starts, pos, 0), axis=1)  # earlier, same sequence
+    xp = jnp.pad(x, [(0, 0), (W - 1, 0)] + [(0, 0)] * (x.ndim - 2))
     y = jnp.zeros(x.shape, acc)
-    mask = (slice(None),) + (None,) * (x.ndim - 1)
+    rows = jnp.arange(B)[:, None]
+    bcast = lambda m: m.reshape(m.shape + (1,) * (x.ndim - 2))
     for lag in range(W):
-        term = xp[W - 1 - lag: W - 1 - lag + L]
+        term = xp[:, W - 1 - lag: W - 1 - lag + L]
         if lag:
-            inside = (lag <= since)[mask]
+            inside = bcast(lag <= since)
             if hist is None:
                 term = jnp.where(inside, term, 0)
             else:
                 at = jnp.clip(W - 1 - lag + since, 0, W - 2)
-                term = jnp.where(inside, term, hist[jnp.minimum(p.group, p.num_groups - 1), at])
+                earlier = hist[rows, jnp.minimum(p.group, p.num_groups - 1), at]
+                term = jnp.where(inside, term, earlier)
         y = y + term.astype(acc) * kernel[W - 1 - lag].astype(acc)
     y = jax.nn.silu(y).astype(x.dtype)
     if hist is None:
         return y, None
-    start, length = p.cu_full[:-1], p.cu_full[1:] - p.cu_full[:-1]
-    back = length[:, None] + jnp.arange(W - 1) - (W - 1)        # [N, W−1], < 0: from hist
-    from_x = x[jnp.clip(start[:, None] + back, 0, L - 1)]
-    from_hist = jnp.take_along_axis(
-        hist, jnp.clip(back + W - 1, 0, W - 2).reshape(back.shape + (1,) * (x.ndim - 1)), axis=1)
-    return y, jnp.where((back >= 0).reshape(back.shape + (1,) * (x.ndim - 1)), from_x, from_hist)
+    start, length = p.cu_full[:, :-1], p.cu_full[:, 1:] - p.cu_full[:, :-1]
+    back = length[..., None] + jnp.arange(W - 1) - (W - 1)     # [B, N, W−1], < 0: from hist
+    from_x = x[rows[..., None], jnp.clip(start[..., None] + back, 0, L - 1)]
+    from_hist = jnp.take_along_axis(hist, bcast(jnp.clip(back + W - 1, 0, W - 2)), axis=2)
+    return y, jnp.where(bcast(back >= 0), from_x, from_hist)
 
 
 class MixtureOfMemories(nn.Module):
@@ -283,7 +314,7 @@ class MixtureOfMemories(nn.Module):
         r = route(probs, self.top_k, room)
         self._sow_aux(r)
         docs = None if segment_ids is None else jnp.cumsum(segment_starts(segment_ids), axis=1)
-        p = pack(r, B, T, self.shared_memory, docs)
+        p = pack(r, T, self.shared_memory, docs)
 
         q = dense((H, K), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
         new_cache = {}
@@ -303,8 +334,8 @@ class MixtureOfMemories(nn.Module):
                                     None if hist is None else hist[1])
         else:
             k, v = jax.nn.silu(k), jax.nn.silu(v)
-        q = q.reshape(B * T, H, K)[p.token]
-        q, k, v = (constrain(t, ("length", "heads", "kv")) for t in (q, k, v))
+        q = jnp.take_along_axis(q, p.token[..., None, None], axis=1)
+        q, k, v = (constrain(t, ("batch", "length", "heads", "kv")) for t in (q, k, v))
         beta = jax.nn.sigmoid(b.astype(acc))
         dt = jax.nn.softplus(a.astype(acc) + head_param(self, "dt_bias", dt_bias_init, H))
         g = -jnp.exp(head_param(self, "A_log", a_log_init, H)) * dt
@@ -314,106 +345,106 @@ class MixtureOfMemories(nn.Module):
                                     has_docs=docs is not None)
 
         o = o.astype(acc)
-        Bs = B if self.shared_memory else 0
-        slots = o[Bs * T + r.dest.reshape(-1)].reshape(B, T, self.top_k, H, V)
-        out = jnp.einsum("btj,btjhv->bthv", r.weights, slots)
+        Ts = T if self.shared_memory else 0
+        slots = jnp.take_along_axis(o[:, Ts:], r.dest.reshape(B, -1)[..., None, None], axis=1)
+        out = jnp.einsum("btj,btjhv->bthv", r.weights, slots.reshape(B, T, self.top_k, H, V))
         if self.shared_memory:
-            out = out + o[:B * T].reshape(B, T, H, V)
+            out = out + o[:, :T]
         gate = dense((H, V), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
         out = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(out, gate)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         y = dense(d, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(out)
         if cache is None:
             return y, None
-        new_cache.update(self._ungroup(state, B, "state"))
+        new_cache.update(self._ungroup(state, "state"))
         if self.use_short_conv:
-            new_cache.update(self._ungroup(k_hist, B, "conv_k"))
-            new_cache.update(self._ungroup(v_hist, B, "conv_v"))
+            new_cache.update(self._ungroup(k_hist, "conv_k"))
+            new_cache.update(self._ungroup(v_hist, "conv_v"))
         if r.room is not None:
             new_cache["room"] = r.room
         return y, new_cache
 
     def _project(self, x, r: Routing):
-        """k, v [L, H, K|V], b, a [L, H] of the packed slots: the shared memory's by dense
-        projections of every token, the routed slots' by one ragged_dot over the
-        memory-sorted rows with the concatenated per-memory kernels."""
+        """k, v [B, L, H, K|V], b, a [B, L, H] of the packed rows: the shared memory's by dense
+        projections of every token, the routed slots' by one ragged_dot over the batch's
+        memory-sorted slots with the concatenated per-memory kernels."""
         B, T, d = x.shape
         H, K, V, M = self.num_heads, self.head_dim, self.value_dim, self.num_memories
         widths = (("k_proj", (K,)), ("v_proj", (V,)), ("b_proj", ()), ("a_proj", ()))
         kernels = [MemoryKernel((d, M, H) + f, ("embed", "memory", "heads") + ("kv",) * len(f),
                                 self.init_std, name=n)() for n, f in widths]
         w = jnp.concatenate([kr.reshape(d, M, -1).transpose(1, 0, 2) for kr in kernels], -1)
-        xs = x.reshape(B * T, d)[r.token].astype(self.dtype)
-        y = jax.lax.ragged_dot(xs, w.astype(self.dtype), jnp.sum(r.counts, axis=0))
+        xs = x.reshape(B * T, d)[r.source].astype(self.dtype)
+        sizes = jnp.sum(r.counts, axis=0)
+        y = jax.lax.ragged_dot(xs, w.astype(self.dtype), sizes)
         # Rows past the last group (the dropped slots) are not defined on every backend.
-        y = jnp.where((jnp.arange(y.shape[0]) < r.n_kept)[:, None], y, 0)
+        y = jnp.where((jnp.arange(y.shape[0]) < jnp.sum(sizes))[:, None], y, 0)[r.gather]
         cuts = [H * K, H * (K + V), H * (K + V + 1)]
-        routed = [t.reshape((-1, H) + f) for t, (_, f) in zip(jnp.split(y, cuts, -1), widths)]
+        routed = [t.reshape((B, -1, H) + f) for t, (_, f) in zip(jnp.split(y, cuts, -1), widths)]
         if not self.shared_memory:
             return routed
         kw = dict(std=self.init_std, dtype=self.dtype)
         shared = [dense((H,) + f, ("embed", "heads") + ("kv",) * len(f), name=f"shared_{n}",
-                        **kw)(x).reshape((B * T, H) + f) for n, f in widths]
-        return [jnp.concatenate([s, t]) for s, t in zip(shared, routed)]
+                        **kw)(x) for n, f in widths]
+        return [jnp.concatenate([s, t], axis=1) for s, t in zip(shared, routed)]
 
     def _groups(self, cache, *names):
-        """Cache entries [B, M, ...] (and shared_* [B, ...]) as per-group arrays [N, ...] in
-        the packed order."""
-        out = []
-        for n in names:
-            routed = jnp.swapaxes(cache[n], 0, 1)
-            routed = routed.reshape((-1,) + routed.shape[2:])
-            out.append(jnp.concatenate([cache[f"shared_{n}"], routed]) if self.shared_memory
-                       else routed)
-        return out
+        """Cache entries [B, M, ...] (and shared_* [B, ...] first) as the packed rows' groups
+        [B, N, ...]."""
+        if not self.shared_memory:
+            return [cache[n] for n in names]
+        return [jnp.concatenate([cache[f"shared_{n}"][:, None], cache[n]], axis=1)
+                for n in names]
 
-    def _ungroup(self, x, B: int, name: str) -> dict:
-        Bs = B if self.shared_memory else 0
-        routed = x[Bs:].reshape((self.num_memories, B) + x.shape[1:])
-        out = {name: jnp.swapaxes(routed, 0, 1)}
-        if self.shared_memory:
-            out[f"shared_{name}"] = x[:B]
-        return out
+    def _ungroup(self, x, name: str) -> dict:
+        if not self.shared_memory:
+            return {name: x}
+        return {name: x[:, 1:], f"shared_{name}": x[:, 0]}
 
     def _recurrence(self, q, k, v, beta, g, p: Packed, state, *, step: bool, has_docs: bool):
-        """o [L, H, V] of the packed slots and the groups' final states (with a cache).
+        """o [B, L, H, V] of the packed rows and the groups' final states [B, N, H, K, V] (with
+        a cache). Each row is a packed row of the op (vmapped: the batch stays parallel).
         step: one token per row with a cache."""
+        B, L = p.token.shape
         N = p.num_groups
         op_kw = dict(use_qk_l2norm=True)
         chunk_kw = dict(impl=self.impl, chunk_size=self.chunk_size)
-        one = lambda t: t[None]
+        args = (q, k, v, beta, g)
         if step:
-            # Each group holds at most one slot: run the step on every group, with β = g = 0
+            # A group holds at most one slot: run the step on every group, with β = g = 0
             # (no change) where a group got none.
+            rows = jnp.arange(B)[:, None]
+
             def per_group(t):
-                return jnp.zeros((N,) + t.shape[1:], t.dtype).at[p.group].set(t, mode="drop")
-            o, state = gated_delta_rule_step(*map(per_group, (q, k, v, beta, g)), state=state,
+                full = jnp.zeros((B, N) + t.shape[2:], t.dtype)
+                return full.at[rows, p.group].set(t, mode="drop").reshape((B * N,) + t.shape[2:])
+
+            o, state = gated_delta_rule_step(*map(per_group, args),
+                                             state=state.reshape((B * N,) + state.shape[2:]),
                                              **op_kw)
-            return jnp.where(p.valid[:, None, None], o[jnp.minimum(p.group, N - 1)], 0), state
+            o = o.reshape((B, N) + o.shape[1:])[rows, jnp.minimum(p.group, N - 1)]
+            return (jnp.where(p.valid[..., None, None], o, 0),
+                    state.reshape((B, N) + state.shape[1:]))
+
+        def row(cu, h0, *a):
+            o, h = gated_delta_rule(*(t[None] for t in a), cu_seqlens=cu, initial_state=h0,
+                                    output_final_state=h0 is not None, **op_kw, **chunk_kw)
+            return o[0], h
+
         if not has_docs:
-            o, state = gated_delta_rule(*map(one, (q, k, v, beta, g)), cu_seqlens=p.cu_full,
-                                        initial_state=state, output_final_state=state is not None,
-                                        **op_kw, **chunk_kw)
-            return o[0], state
-        L = q.shape[0]
-        # Room for every (memory, row) group, plus as many document starts as keep the
-        # chunked ops' padding (a chunk per sequence at most) under half the row.
+            return jax.vmap(row)(p.cu_full, state, *args)
+        # Room for every group, plus as many document starts as keep the chunked ops' padding
+        # (a chunk per sequence at most) under half the row.
         cap = min(N + docs_per_row(L, self.chunk_size) - 1, L)
-        cu = jnp.nonzero(p.starts, size=cap, fill_value=p.length_kept)[0].astype(jnp.int32)
-        cu = jnp.concatenate([cu, p.length_kept[None].astype(jnp.int32)])
-        fits = jnp.sum(p.starts) <= cap
-
-        def packed(a):
-            return gated_delta_rule(*map(one, a), cu_seqlens=cu, **op_kw, **chunk_kw)[0][0]
-
-        def scan(a):
-            return restarting_scan(gated_delta_rule_step, tuple(map(one, a)), p.starts[None],
-                                   **op_kw)[0]
-
+        cu = jax.vmap(lambda st, n: jnp.nonzero(st, size=cap, fill_value=n)[0])(
+            p.starts, p.length_kept)
+        cu = jnp.concatenate([cu, p.length_kept[:, None]], axis=1).astype(jnp.int32)
+        fits = jnp.all(jnp.sum(p.starts, axis=1) <= cap)
+        packed = lambda a: jax.vmap(row)(cu, None, *a)[0]
+        scan = lambda a: restarting_scan(gated_delta_rule_step, a, p.starts, **op_kw)
         # Checkpointed as in layers.common: differentiating lax.cond keeps the residuals of
         # both branches, so each keeps only its inputs.
-        return jax.lax.cond(fits, jax.checkpoint(packed), jax.checkpoint(scan),
-                            (q, k, v, beta, g)), None
+        return jax.lax.cond(fits, jax.checkpoint(packed), jax.checkpoint(scan), args), None
 
     def _sow_aux(self, r: Routing):
         if self.is_initializing():
@@ -427,7 +458,7 @@ class MixtureOfMemories(nn.Module):
         self.sow(AUX_LOSS, "mom_load_balance", self.aux_loss_weight * loss)
         for m in range(M):
             self.sow(AUX_METRICS, f"mom_memory_{m}_fraction", frac[m])
-        self.sow(AUX_METRICS, "mom_dropped_fraction", 1.0 - r.n_kept / jnp.sum(routed))
+        self.sow(AUX_METRICS, "mom_dropped_fraction", 1.0 - jnp.sum(r.counts) / jnp.sum(routed))
         entropy = -jnp.sum(r.probs * jnp.log(jnp.maximum(r.probs, 1e-30)), axis=-1)
         self.sow(AUX_METRICS, "mom_router_entropy", jnp.mean(entropy))
 

@@ -132,13 +132,13 @@ def rel_err(a, b):
     return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
-def num_sequences(m, kept, segment_ids):
-    """Sequences of the packed call: the shared memory's (row, document)s and the non-empty
-    (memory, row, document)s."""
+def most_sequences(m, kept, segment_ids):
+    """The most sequences a row gives the packed call: the shared memory's documents and the
+    non-empty (memory, document)s."""
     B, T, _ = kept.shape
     docs = np.cumsum(np.asarray(doc_starts(segment_ids, B, T)), axis=1)
-    routed = {(mem, b, docs[b, t]) for b, t, mem in zip(*np.nonzero(kept))}
-    return len(routed) + (int(docs[:, -1].sum()) if m.shared_memory else 0)
+    return max(len({(mem, docs[b, t]) for t, mem in zip(*np.nonzero(kept[b]))})
+               + (int(docs[b, -1]) if m.shared_memory else 0) for b in range(B))
 
 
 def vjp_fn(f):
@@ -149,8 +149,8 @@ def vjp_fn(f):
     return jax.jit(run)
 
 
-# T = 13 (odd; chunks of 8). Rows of two and one documents fit the packed call's room for
-# sequences; six documents in a row overflow it (the exact token scan runs instead).
+# T = 13 (odd). Rows of two and one documents fit the packed call's room for sequences at
+# chunk_size 4; six documents in a row overflow it (the exact token scan runs instead).
 FEW_DOCS = jnp.asarray([[1] * 5 + [2] * 8, [3] * 13], jnp.int32)
 MANY_DOCS = jnp.asarray([[1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 6], [7] * 6 + [8] * 7], jnp.int32)
 # The q conv (layers.conv) and the output norm (layers.norm) compute in float32.
@@ -160,7 +160,7 @@ TOL = 1e-5
 def test_matches_per_token_reference_float64(x64, rng):
     """Outputs and gradients (every parameter, and x) with packed documents, on both paths:
     the packed call and the token scan it falls back to."""
-    m = make(dtype=jnp.float64)
+    m = make(dtype=jnp.float64, chunk_size=4)
     B, T = 2, 13
     x = jnp.asarray(rng.standard_normal((B, T, 16)))
     p = random_params(m, rng, jnp.float64)
@@ -175,20 +175,22 @@ def test_matches_per_token_reference_float64(x64, rng):
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
             assert np.abs(np.asarray(b)).max() > 0, jax.tree_util.keystr(path)
             assert rel_err(a, b) < TOL, jax.tree_util.keystr(path)
-    # mom's room for sequences: every (memory, row) group and the docs_per_row allowance.
-    room = B * (m.num_memories + 1) + docs_per_row(B * T * (m.top_k + 1), m.chunk_size) - 1
-    assert num_sequences(m, kept, FEW_DOCS) <= room < num_sequences(m, kept, MANY_DOCS)
+    # mom's room for sequences in a row: every memory and the docs_per_row allowance.
+    room = m.num_memories + 1 + docs_per_row(T * (m.top_k + 1), m.chunk_size) - 1
+    assert most_sequences(m, kept, FEW_DOCS) <= room < most_sequences(m, kept, MANY_DOCS)
 
 
 def test_other_settings_match_reference_float64(x64, rng):
     """No shared memory, no convs, top-3 of 5 memories, a capacity that drops tokens, wider
     values; packed documents on both paths."""
     m = make(dtype=jnp.float64, shared_memory=False, use_short_conv=False, top_k=3,
-             num_memories=5, capacity_factor=0.6, expand_v=2.0)
+             num_memories=5, capacity_factor=0.6, expand_v=2.0, chunk_size=4)
     x = jnp.asarray(rng.standard_normal((2, 13, 16)))
     p = random_params(m, rng, jnp.float64)
     routed, kept = decide(m, p, x)
     assert (routed & ~kept).any()
+    room = m.num_memories + docs_per_row(13 * m.top_k, m.chunk_size) - 1
+    assert most_sequences(m, kept, FEW_DOCS) <= room < most_sequences(m, kept, MANY_DOCS)
     layer = jax.jit(lambda p, x, seg: m.apply({"params": p}, x, positions=None,
                                               segment_ids=seg)[0])
     ref = jax.jit(lambda p, x, seg: reference(m, p, x, routed, kept, seg)[0])
