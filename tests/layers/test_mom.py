@@ -332,3 +332,22 @@ def test_impls_agree(rng):
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(outs[impl]),
                                 jax.tree.leaves(outs["reference"])):
             assert rel_err(a, b) < 1e-5, (impl, jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("field, value", [("top_k", 5), ("capacity_factor", 0.0),
+                                          ("aux_loss_weight", -0.1), ("expand_v", 0.3),
+                                          ("num_memories", 0)])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"ModelConfig.mixers.mom.{field}: "):
+        ModelConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=2, pattern=("mom",),
+                    mixers={"mom": {field: value}})
+
+
+def test_capacity_convention():
+    """ceil(c · T · top_k / M) tokens per row and memory, at least one for any c > 0, never
+    more than T (a huge c does not overflow); None: no capacity."""
+    assert make(capacity_factor=1.0).capacity(10) == 5
+    assert make(capacity_factor=0.3).capacity(10) == 2
+    assert make(capacity_factor=5e-324).capacity(10) == 1
+    assert make(capacity_factor=1e308).capacity(10) == 10
+    assert make().capacity(10) is None and "room" not in make().init_cache(1, 10)
