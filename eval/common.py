@@ -311,33 +311,39 @@ def param_count(variables) -> int:
 
 
 def batched_apply(model, variables, inputs: np.ndarray, batch_size: int, progress: bool = False,
-                  desc: str = "eval"):
-    """Yield `(start, logits)` for `inputs` [N, T] in batches, as numpy float32.
+                  desc: str = "eval", segment_ids: Optional[np.ndarray] = None):
+    """Yield `(start, logits)` for `inputs` [N, T] in batches, as numpy float32; with
+    `segment_ids` [N, T] the rows are packed documents (the model's `segment_ids`).
 
     One jitted function and one compiled shape per T: the last batch is padded with zeros and
     its padding rows dropped.
     """
     import jax
 
-    apply = _jitted_apply(model)
+    apply = _jitted_apply(model, packed=segment_ids is not None)
     n = len(inputs)
     for s in progress_bar(range(0, n, batch_size), disable=not progress, desc=desc):
-        x = inputs[s:s + batch_size]
-        m = len(x)
+        rows = [inputs[s:s + batch_size]]
+        if segment_ids is not None:
+            rows.append(segment_ids[s:s + batch_size])
+        m = len(rows[0])
         if m < batch_size and n > batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], x.dtype)])
-        logits = apply(variables, jax.numpy.asarray(x))
+            rows = [np.concatenate([r, np.zeros((batch_size - m,) + r.shape[1:], r.dtype)])
+                    for r in rows]
+        logits = apply(variables, *map(jax.numpy.asarray, rows))
         yield s, np.asarray(logits[:m], dtype=np.float32)
 
 
 _APPLY_CACHE: dict = {}
 
 
-def _jitted_apply(model):
+def _jitted_apply(model, packed: bool = False):
     import jax
-    key = id(model)
+    key = (id(model), packed)
     if key not in _APPLY_CACHE or _APPLY_CACHE[key][0] is not model:
-        _APPLY_CACHE[key] = (model, jax.jit(lambda v, x: model.apply(v, x)))
+        fn = ((lambda v, x, seg: model.apply(v, x, segment_ids=seg)) if packed
+              else (lambda v, x: model.apply(v, x)))
+        _APPLY_CACHE[key] = (model, jax.jit(fn))
     return _APPLY_CACHE[key][1]
 
 

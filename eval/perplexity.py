@@ -5,11 +5,14 @@
 
 The validation text is, by default, the validation split of the data the checkpoint was trained
 on (the built-in corpus: Python's standard library), tokenized with its tokenizer; `--data`
-takes files, directories or globs instead (comma-separated). At each context length L the same
-number of tokens (`--tokens`) is scored: windows of L + 1 consecutive tokens spread evenly over
-the text, every position predicted with the window before it as context. Lengths default to
-1/2, 1, 2, 4 and 8 times the training length (of the first checkpoint). Several checkpoints
-are scored on the same windows and drawn as one curve each.
+takes files, directories or globs instead (comma-separated). At each context length L about
+the same number of tokens (`--tokens`) is scored: windows of L + 1 consecutive tokens spread
+evenly over the text, every position predicted with the window before it as context. A window
+that runs across documents holds them packed, as training does: segment ids restart the model
+at each document, and a target in the next document is not scored (its context would be
+another document), so `tokens` counts the targets scored. Lengths default to 1/2, 1, 2, 4 and
+8 times the training length (of the first checkpoint). Several checkpoints are scored on the
+same windows and drawn as one curve each.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ TEXT_SOURCES = ("stdlib", "text")
 
 
 def validation_tokens(tcfg: dict, data: Optional[str], tokenizer_spec: Optional[str]):
-    """(tokens int32 [N], tokenizer, description) of the validation text."""
+    """(tokens int32 [N], document starts int64 [D], tokenizer, description) of the validation
+    text."""
     from train import data as tdata
 
     dcfg = dict(tcfg.get("data", {}))
@@ -52,32 +56,42 @@ def validation_tokens(tcfg: dict, data: Optional[str], tokenizer_spec: Optional[
         common.fail(f"{what}: no files found")
     corpus = tdata.Corpus.build(tdata.read_documents(files, dcfg.get("text_field", "text")),
                                 tokenizer)
-    return corpus.tokens.astype(np.int32), tokenizer, f"{what} ({len(files)} files)"
+    return (corpus.tokens.astype(np.int32), corpus.starts, tokenizer,
+            f"{what} ({len(files)} files)")
 
 
-def windows(tokens: np.ndarray, length: int, count: int) -> np.ndarray:
-    """`count` windows of `length + 1` tokens, evenly spread over `tokens`."""
+def windows(tokens: np.ndarray, doc_starts: np.ndarray, length: int,
+            count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` windows of `length + 1` tokens, evenly spread over `tokens`, and the document
+    of each token (segment ids: the index of its document, from the offsets `doc_starts`)."""
     last = len(tokens) - (length + 1)
     if last < 0:
         raise ValueError(f"the validation text has {len(tokens)} tokens, fewer than one window of "
                          f"{length + 1}")
     starts = np.linspace(0, last, num=count).astype(np.int64)
-    return np.stack([tokens[s:s + length + 1] for s in starts])
+    pos = starts[:, None] + np.arange(length + 1)
+    docs = np.searchsorted(doc_starts, pos, side="right").astype(np.int32)
+    return tokens[pos], docs
 
 
-def perplexity_at(model, variables, tokens: np.ndarray, length: int, num_tokens: int,
-                  batch_tokens: int) -> dict:
+def perplexity_at(model, variables, tokens: np.ndarray, doc_starts: np.ndarray, length: int,
+                  num_tokens: int, batch_tokens: int) -> dict:
     count = max(1, num_tokens // length)
-    w = windows(tokens, length, count)
+    w, docs = windows(tokens, doc_starts, length, count)
     x, y = w[:, :-1], w[:, 1:]
+    scored = docs[:, 1:] == docs[:, :-1]
+    n = int(scored.sum())
+    if n == 0:
+        raise ValueError(f"no window of {length + 1} tokens has a target in the document of "
+                         f"its context: the documents are too short for this length")
     batch = max(1, batch_tokens // length)
     nll = 0.0
     for s, logits in common.batched_apply(model, variables, x, batch, progress=True,
-                                          desc=f"ppl L={length}"):
+                                          desc=f"ppl L={length}", segment_ids=docs[:, :-1]):
         logp = logits - _logsumexp(logits)
         tgt = y[s:s + len(logits)]
-        nll -= float(np.take_along_axis(logp, tgt[..., None], -1).sum())
-    n = y.size
+        picked = np.take_along_axis(logp, tgt[..., None], -1)[..., 0]
+        nll -= float(picked[scored[s:s + len(logits)]].sum())
     loss = nll / n
     return {"context_length": length, "windows": count, "tokens": int(n), "loss": loss,
             "perplexity": math.exp(min(loss, 700.0)), "bits_per_token": loss / math.log(2)}
@@ -100,7 +114,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--tokenizer", help="override the tokenizer ('byte' or a tokenizer.json)")
     ap.add_argument("--lengths", type=int, nargs="+",
                     help="context lengths (default: 0.5, 1, 2, 4, 8 x the training length)")
-    ap.add_argument("--tokens", type=int, default=16384, help="tokens scored per length")
+    ap.add_argument("--tokens", type=int, default=16384,
+                    help="tokens per length (targets in another document than their context "
+                         "are left out of the score)")
     ap.add_argument("--batch_tokens", type=int, default=8192, help="tokens per forward pass")
     ap.add_argument("--out", default="out/perplexity")
     args = ap.parse_args(argv)
@@ -116,7 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for name, ckpt in zip(names, sources):
         model, variables, source, tcfg = common.load_model(ckpt, args.config, args.override)
         if tokens is None:   # the first model's validation text serves them all
-            tokens, tokenizer, what = validation_tokens(tcfg, args.data, args.tokenizer)
+            tokens, doc_starts, tokenizer, what = validation_tokens(tcfg, args.data,
+                                                                   args.tokenizer)
             print(f"validation text: {what}, {len(tokens):,} tokens", flush=True)
         vocab = common.model_vocab_size(model)
         if tokenizer.vocab_size > vocab:
@@ -131,7 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         results = []
         for L in lengths:
             try:
-                r = perplexity_at(model, variables, tokens, L, args.tokens, args.batch_tokens)
+                r = perplexity_at(model, variables, tokens, doc_starts, L, args.tokens,
+                                  args.batch_tokens)
             except ValueError as e:
                 common.fail(str(e))
             if train_len:

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import constrain, dense
+from layers.common import constrain, dense, document_ids
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
 from layers.rope import apply_rope
@@ -83,7 +83,8 @@ class Attention(nn.Module):
                                               impl=impl, **a)
         new_cache = None
         if cache is None:
-            o = attn(q, k, v, segment_ids=segment_ids)
+            o = attn(q, k, v,
+                     segment_ids=None if segment_ids is None else document_ids(segment_ids))
         elif "slot_pos" in cache:
             o, new_cache = self._ring(attn, q, k, v, cache, cache_pos)
         else:

@@ -60,6 +60,13 @@ def segment_starts(segment_ids: jax.Array) -> jax.Array:
     return jnp.pad(change, ((0, 0), (1, 0)), constant_values=True)
 
 
+def document_ids(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] int32: the document of each token, counted from 1 along its row. Masks compare
+    these, not the segment ids, since an id may come back after another (1, 1, 2, 1 is three
+    documents)."""
+    return jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+
+
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
     """[B, T] int32: position of each token inside its document."""
     T = segment_ids.shape[1]
@@ -75,7 +82,8 @@ def docs_per_row(length: int, chunk_size: int) -> int:
     The chunked ops start every packed sequence on a chunk boundary, and with a static shape
     they must reserve room (up to chunk_size - 1 padding tokens, and a state) for every entry
     of cu_seqlens, used or not: room for all `length` possible documents would multiply their
-    time and memory by about chunk_size. This bound keeps the padding under half the row."""
+    time and memory by about chunk_size. This bound keeps the reserved padding under half a
+    row (plus one chunk)."""
     return 1 + -(-length // (2 * chunk_size))
 
 
@@ -169,7 +177,9 @@ def _documents(op, step_op, args, segment_ids, kw, chunk_kw):
     documents' cu_seqlens (vmapped over rows, so the batch axis stays a batch axis for
     sharding and for the ops' parallelism), or, when some row holds more documents than
     `docs_per_row` allows, `restarting_scan`. The predicate is one scalar for the whole
-    batch, so lax.cond runs one branch (a per-row one would turn into a select of both)."""
+    batch, so lax.cond runs one branch (a per-row one would turn into a select of both).
+    Both branches are checkpointed: differentiating lax.cond keeps the residuals of both
+    branches (zeros for the one not taken), so each keeps only its inputs instead."""
     rows = pack_rows(segment_ids, docs_per_row(segment_ids.shape[1], chunk_kw["chunk_size"]))
 
     def row(cu, *xs):
@@ -178,6 +188,6 @@ def _documents(op, step_op, args, segment_ids, kw, chunk_kw):
         return o[0]
 
     return jax.lax.cond(rows.fits,
-                        lambda a: jax.vmap(row)(rows.cu_seqlens, *a),
-                        lambda a: restarting_scan(step_op, a, rows.starts, **kw),
+                        jax.checkpoint(lambda a: jax.vmap(row)(rows.cu_seqlens, *a)),
+                        jax.checkpoint(lambda a: restarting_scan(step_op, a, rows.starts, **kw)),
                         args)

@@ -1,8 +1,9 @@
 """Causal depthwise short convolution (width 4 by default) with its own decode cache.
 
-y_t = act(Σ_{i<W} w_i · x_{t-W+1+i}) over each channel. Inputs of an earlier document (other
-segment id) count as zeros, so nothing leaks across packed documents. The cache is the last
-W−1 inputs [B, W−1, *channels]; `init_cache` makes an empty one.
+y_t = act(Σ_{i<W} w_i · x_{t-W+1+i}) over each channel. Inputs of an earlier document (one that
+ended where the segment id last changed) count as zeros, so nothing leaks across packed
+documents. The cache is the last W−1 inputs [B, W−1, *channels]; `init_cache` makes an empty
+one.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from layers.common import document_ids
 from layers.registry import Setting
 
 
@@ -43,6 +45,7 @@ class ShortConv(nn.Module):
         else:
             xp = jnp.concatenate([cache.astype(self.dtype), x], axis=1)
         if segment_ids is not None:
+            segment_ids = document_ids(segment_ids)
             sp = jnp.pad(segment_ids, ((0, 0), (W - 1, 0)), constant_values=-1)
         y = jnp.zeros(x.shape, jnp.float32)
         for i in range(W):
