@@ -10,8 +10,10 @@ mixer, mlp_norm, mlp}, or with scan_layers groups/block_{j}/... stacked over gro
 
 segment_ids [B, T] int32: tokens with the same id in a row form one (contiguous) document;
 a document starts wherever the id changes. Attention masks across documents; recurrent
-mixers restart their state at each start (an exp(−30) log-gate there) and the short convs see
-zeros before it; RoPE positions restart at 0. Padding is just another id (0 by convention):
+mixers restart exactly: each row's documents become the ops' cu_seqlens (traced, vmapped over
+rows), or, for a batch with a row of more documents than `layers.common.docs_per_row` allows,
+a token-by-token scan that resets the state at each start; the short convs see zeros before
+a start; RoPE positions restart at 0. Padding is just another id (0 by convention):
 it is isolated like a document, and its logits are meaningless (mask them out of the loss).
 
 The cache (see `init_cache`) is {"pos": int32 scalar (tokens seen), "layers": [...]}:
