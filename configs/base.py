@@ -81,6 +81,8 @@ def model_config(**fields) -> ConfigDict:
     vocab = fields.pop("vocab_size", -1)
     mixers = fields.pop("mixers", {})
     d = ModelConfig(**{**required, **fields, "mixers": mixers}).to_dict()
+    # Tuples: ml_collections overrides a tuple field from the command line, never a list.
+    d["pattern"], d["channel_pattern"] = tuple(d["pattern"]), tuple(d["channel_pattern"])
     d["vocab_size"] = vocab
     d["mixers"] = mixers_config(mixers)
     types = {f.name: _OPTIONAL_TYPES.get(str(f.type)) for f in dataclasses.fields(ModelConfig)}

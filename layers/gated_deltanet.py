@@ -22,7 +22,8 @@ from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_para
                            step_or_chunk)
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm
-from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
+from layers.registry import (MAX_INT, Mechanism, Setting, SettingError, Shared, positive_int,
+                             register)
 from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 
 
@@ -98,9 +99,10 @@ _SETTINGS = {
 def _check(shared: Shared, s) -> None:
     positive_int(s, "conv_size")
     width = shared.head_dim * s["expand_v"]
-    if not (s["expand_v"] > 0 and float(width).is_integer()):
+    if not (s["expand_v"] > 0 and float(width).is_integer() and width <= MAX_INT):
         raise SettingError("expand_v", f"must be > 0 with expand_v · head_dim "
-                                       f"({shared.head_dim}) an integer, got {s['expand_v']}")
+                                       f"({shared.head_dim}) an integer <= 2**31 - 1, "
+                                       f"got {s['expand_v']}")
 
 
 def _builder(use_decay: bool):

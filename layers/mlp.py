@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from layers.common import constrain, dense
-from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
+from layers.registry import (MAX_INT, Mechanism, Setting, SettingError, Shared, positive_int,
+                             register)
 
 
 class SwiGLU(nn.Module):
@@ -36,6 +37,10 @@ def _check(shared: Shared, s) -> None:
     positive_int(s, "d_ff")
     if not s["mlp_ratio"] > 0:
         raise SettingError("mlp_ratio", f"must be > 0, got {s['mlp_ratio']}")
+    if s["d_ff"] is None and not s["mlp_ratio"] * shared.d_model <= MAX_INT - 8:
+        raise SettingError("mlp_ratio", f"the d_ff it gives, mlp_ratio · d_model "
+                                        f"({shared.d_model}) rounded up to 8, must be "
+                                        f"<= 2**31 - 1, got {s['mlp_ratio']}")
 
 
 register(Mechanism(

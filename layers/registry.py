@@ -154,12 +154,19 @@ def _load():
     import layers  # noqa: F401
 
 
+# Sizes and windows meet int32 positions and indices inside JAX (its default integer width).
+MAX_INT = 2**31 - 1
+
+
 def positive_int(settings, *fields):
-    """SettingError unless each field is an int >= 1 (None passes for optional fields)."""
+    """SettingError unless each field is an int in [1, MAX_INT] (None passes for optional
+    fields)."""
     for f in fields:
         v = settings[f]
         if v is not None and v < 1:
             raise SettingError(f, f"must be >= 1, got {v!r}")
+        if v is not None and v > MAX_INT:
+            raise SettingError(f, f"must be <= 2**31 - 1, got {v!r}")
 
 
 def describe() -> str:

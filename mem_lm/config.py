@@ -69,7 +69,11 @@ class ModelConfig:
     def __post_init__(self):
         for f in ("pattern", "channel_pattern"):
             v = getattr(self, f)
-            object.__setattr__(self, f, (v,) if isinstance(v, str) else tuple(v))
+            try:
+                object.__setattr__(self, f, (v,) if isinstance(v, str) else tuple(v))
+            except TypeError:
+                raise ValueError(f"ModelConfig.{f}: must be a mechanism name or a sequence of "
+                                 f"them (got {v!r})") from None
 
         def need(ok, field, msg):
             if not ok:
@@ -77,8 +81,8 @@ class ModelConfig:
 
         def pos_int(field):
             v = getattr(self, field)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, field,
-                 "must be a positive int")
+            need(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= registry.MAX_INT,
+                 field, "must be an int in [1, 2**31 - 1]")
 
         for f in ("vocab_size", "d_model", "num_layers", "num_heads", "chunk_size"):
             pos_int(f)
@@ -100,8 +104,9 @@ class ModelConfig:
         need(self.impl in IMPLS, "impl", f"must be one of {IMPLS}")
         need(self.attn_impl in ATTN_IMPLS, "attn_impl", f"must be one of {ATTN_IMPLS}")
         for f in ("norm_eps", "init_std", "rope_theta"):
-            need(isinstance(self.__dict__[f], (int, float)) and self.__dict__[f] > 0, f,
-                 "must be > 0")
+            v = self.__dict__[f]
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
+                 and v > 0, f, "must be a finite number > 0")
         for f in ("tie_embeddings", "scan_layers"):
             need(isinstance(getattr(self, f), bool), f, "must be True or False")
         object.__setattr__(self, "mixers", self._resolve_mixers())
@@ -119,15 +124,23 @@ class ModelConfig:
                                  f"settings, got {self.mixers!r}") from None
         used = set(self.pattern) | set(self.channel_pattern)
         shared = self.shared()
-        out = []
-        for name in sorted(set(given) | used):
+        for name in given:
             try:
-                mech = registry.get(name)
+                registry.get(name)
             except ValueError as e:
                 raise ValueError(f"ModelConfig.mixers: {e}") from None
-            overrides = given.get(name) or {}
-            if not isinstance(overrides, Mapping):
-                overrides = dict(overrides)
+        out = []
+        for name in sorted(set(given) | used):
+            mech = registry.get(name)
+            overrides = given.get(name)
+            if overrides is None:
+                overrides = {}
+            elif not isinstance(overrides, Mapping):
+                try:
+                    overrides = dict(overrides)
+                except (TypeError, ValueError):
+                    raise ValueError(f"ModelConfig.mixers.{name}: must map field names to "
+                                     f"values, got {given[name]!r}") from None
             try:
                 settings = mech.resolve(overrides)
                 if mech.check is not None and name in used:
@@ -200,7 +213,22 @@ class ModelConfig:
                           "settings under `mixers`; moved there", DeprecationWarning,
                           stacklevel=2)
             d = _migrate(d, legacy)
+        fields = dataclasses.fields(cls)
+        known = [f.name for f in fields]
+        unknown = sorted(set(d) - set(known), key=str)
+        if unknown:
+            raise ValueError(f"ModelConfig.{unknown[0]}: unknown field; known: {known}")
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise ValueError(f"ModelConfig.{missing[0]}: missing (a required field)")
         return cls(**d)
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:   # an int beyond float range
+        return False
 
 
 _SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(Shared))

@@ -7,6 +7,7 @@ on a platform JAX auto-detects, e.g. TPU pods, SLURM).
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -21,6 +22,30 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "jax.distributed number of 
 _PID = flags.DEFINE_integer("process_id", None, "jax.distributed id of this process")
 _VALIDATE_ONLY = flags.DEFINE_bool("validate_only", False, "check the config, print it, and exit")
 flags.mark_flags_as_required(["config"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with each --config.PATH override checked against the schema first:
+    an unknown field or a value that does not parse is `error: config.PATH: ...` and exit code
+    2, like every ConfigError, where ml_collections would end in a traceback."""
+    from train.config import ConfigError, check_override
+
+    try:
+        for arg in argv[1:]:
+            m = re.match(r"-{1,2}(?:no)?config\.([^=]+)", arg)
+            if m:
+                check_override(m[1])
+        return flags.FLAGS(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except flags.Error as e:
+        m = re.match(r"flag --config\.([^=]+)=(.*?): (.*)", str(e), re.S)
+        if m is None:  # not an override: absl's own report
+            print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help "
+                  f"on flags.", file=sys.stderr)
+            sys.exit(1)
+        print(f"error: config.{m[1]}: cannot set it to {m[2]!r}: {m[3]}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
@@ -93,4 +118,4 @@ def print_summary(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

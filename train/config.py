@@ -8,13 +8,16 @@ WORKDIR/config.json and in every checkpoint.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import re
 from typing import Any
 
 from ml_collections import ConfigDict
 
 from configs import base as base_config
+from train.tasks.mqar import check_mqar_args
 from train.tasks.niah import niah_vocab
 
 
@@ -26,21 +29,78 @@ def _fail(field: str, msg: str):
     raise ConfigError(f"config.{field}: {msg}")
 
 
+def unknown_field(name: str, group: ConfigDict) -> str:
+    """The message for `config.<name>`, which `group` (its parent in the schema) lacks."""
+    key = name.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, list(group.keys()), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    parent = name.rpartition(".")[0]
+    return (f"unknown field{hint}; known fields of config{'.' * bool(parent)}{parent}: "
+            f"{sorted(group.keys())}")
+
+
+def check_override(path: str, schema: ConfigDict | None = None) -> None:
+    """ConfigError unless `config.<path>` (a command-line override) is a field of the schema."""
+    node = base_config.get_config() if schema is None else schema
+    done = ""
+    for key in path.split("."):
+        name = f"{done}.{key}" if done else key
+        if not isinstance(node, ConfigDict):
+            _fail(name, f"unknown field: config.{done} is a value, not a group of fields")
+        if key not in node:
+            _fail(name, unknown_field(name, node))
+        node, done = node[key], name
+
+
 def _check_known_fields(config: ConfigDict, schema: ConfigDict, prefix: str = ""):
+    """Unknown, missing and non-group fields where the schema has a group, and leaves of the
+    wrong type (a JSON config or a Python file can hold anything)."""
     for key in config.keys():
         name = f"{prefix}{key}"
         if key not in schema:
-            close = [k for k in schema.keys() if k[:3] == key[:3]]
-            hint = f" (did you mean {close}?)" if close else ""
-            _fail(name, f"unknown field{hint}; known fields of config.{prefix.rstrip('.') or '<top>'}: "
-                        f"{sorted(schema.keys())}")
-        if isinstance(schema[key], ConfigDict) and key != "model":
+            _fail(name, unknown_field(name, schema))
+        if isinstance(schema[key], ConfigDict):
             if not isinstance(config[key], ConfigDict):
                 _fail(name, f"must be a group of fields, got {config[key]!r}")
-            _check_known_fields(config[key], schema[key], name + ".")
+            if name != "model":  # ModelConfig checks its own fields (and moves legacy ones)
+                _check_known_fields(config[key], schema[key], name + ".")
+        elif prefix != "rules.":  # a rule may also be a list of axes or None (parse_rule)
+            _check_type(name, config[key], schema[key])
     for key in schema.keys():
         if key not in config:
             _fail(f"{prefix}{key}", "missing (start experiment files from configs/base.py get_config())")
+
+
+def _check_type(name: str, value, default) -> None:
+    """`value` must have the type of the schema's `default` (an int is a float too); numbers
+    must fit float32 and int32, in which JAX computes."""
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind in (int, float):
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        shown = value.to_dict() if isinstance(value, ConfigDict) else value
+        _fail(name, f"must be {_TYPE_NAMES.get(kind, kind.__name__)}, got {shown!r}")
+    if kind is float and not (_finite(value) and abs(value) <= _FLOAT32_MAX):
+        _fail(name, f"must be finite in float32 (|x| <= 3.4e38), got {value!r}")
+    if kind is int and abs(value) > _INT32_MAX:
+        _fail(name, f"must be between -(2**31 - 1) and 2**31 - 1, got {value!r}")
+
+
+_TYPE_NAMES = {bool: "True or False", int: "an int", float: "a number", str: "a string"}
+# JAX computes in 32 bits: steps, seeds and sizes in int32, schedules and the model in float32.
+_INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:   # an int beyond float range
+        return False
 
 
 def parse_rule(value: str) -> str | tuple[str, ...] | None:
@@ -119,7 +179,7 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
               "max_consecutive_nonfinite"):
         if not isinstance(t[f], int) or t[f] < 1:
             _fail(f"train.{f}", f"must be a positive integer, got {t[f]!r}")
-    for f in ("eval_every", "checkpoint_every", "eval_batches"):
+    for f in ("eval_every", "checkpoint_every", "eval_batches", "seed"):
         if not isinstance(t[f], int) or t[f] < 0:
             _fail(f"train.{f}", f"must be an integer >= 0, got {t[f]!r}")
     if t.compute_dtype not in ("float32", "bfloat16"):
@@ -146,6 +206,11 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
     for f in ("b1", "b2"):
         if not 0 <= o[f] < 1:
             _fail(f"optim.{f}", f"must be in [0, 1), got {o[f]}")
+    for p in o.no_decay_patterns.split(","):
+        try:
+            re.compile(p.strip())
+        except re.error as e:
+            _fail("optim.no_decay_patterns", f"{p.strip()!r} is not a regex ({e})")
 
     d = c.data
     if d.source not in base_config.DATA_SOURCES:
@@ -164,12 +229,28 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
                 _fail(f"data.{field}", str(e))
     if not 0 <= d.val_fraction < 1:
         _fail("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    if d.num_workers < 0:
+        _fail("data.num_workers", f"must be >= 0, got {d.num_workers}")
+    if d.source in ("mqar", "assoc_recall", "niah") and d.num_kv_pairs < 1:
+        _fail("data.num_kv_pairs", f"must be >= 1, got {d.num_kv_pairs}")
+    if d.source == "copy":
+        if d.copy_length < 1:
+            _fail("data.copy_length", f"must be >= 1, got {d.copy_length}")
+        if d.vocab_size < 3:
+            _fail("data.vocab_size", f"copy needs a separator and tokens from 2 up, so >= 3, "
+                                     f"got {d.vocab_size}")
     if d.source in ("mqar", "assoc_recall"):
         need = 2 * d.num_kv_pairs + (d.num_kv_pairs if d.source == "assoc_recall" else 2)
         if need > t.seq_len:
             _fail("data.num_kv_pairs", f"{d.num_kv_pairs} pairs do not fit train.seq_len={t.seq_len}")
         if d.vocab_size < 4 * d.num_kv_pairs:
             _fail("data.vocab_size", f"{d.vocab_size} is too small for {d.num_kv_pairs} distinct keys and values")
+    if d.source == "mqar":
+        try:
+            check_mqar_args(d.vocab_size, t.seq_len, d.num_kv_pairs, d.power_a)
+        except ValueError as e:
+            arg = re.search(r"`(\w+)`", str(e))[1]
+            _fail(f"{'train' if arg == 'seq_len' else 'data'}.{arg}", str(e))
     if d.source == "niah":
         try:
             keys = niah_vocab(d.vocab_size)["keys"]
@@ -187,8 +268,13 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
         vocab = data_vocab_size(c)
     except (OSError, ValueError, ImportError) as e:
         _fail("data.tokenizer", str(e))
+    if "vocab_size" not in c.model:
+        _fail("model.vocab_size", "missing (-1: the data's vocabulary)")
     if c.model.vocab_size == -1:
         c.model.vocab_size = vocab
+    elif not isinstance(c.model.vocab_size, int) or isinstance(c.model.vocab_size, bool):
+        _fail("model.vocab_size", f"must be an int (-1: the data's vocabulary), "
+                                  f"got {c.model.vocab_size!r}")
     elif c.model.vocab_size < vocab:
         _fail("model.vocab_size", f"{c.model.vocab_size} is smaller than the data's vocabulary ({vocab})")
 
@@ -215,11 +301,31 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
 
     try:
         model_config_from(c)
-    except (TypeError, ValueError) as e:
+    except ValueError as e:
+        # ModelConfig names the field as "ModelConfig.<path>: ..."; here it is config.model.<path>.
+        field, _, msg = str(e).partition(": ")
+        if field.startswith("ModelConfig."):
+            _fail("model." + field[len("ModelConfig."):], msg)
         _fail("model", str(e))
 
     if c.checkpoint.keep < 1:
         _fail("checkpoint.keep", f"must be >= 1, got {c.checkpoint.keep}")
+    if c.logging.peak_tflops < 0:
+        _fail("logging.peak_tflops", f"must be >= 0 (0: a table by device kind), got {c.logging.peak_tflops}")
+    if c.distributed.num_processes == 0 or c.distributed.num_processes < -1:
+        _fail("distributed.num_processes", f"must be >= 1 or -1 (auto), got {c.distributed.num_processes}")
+    if c.distributed.process_id < -1:
+        _fail("distributed.process_id", f"must be >= 0 or -1 (auto), got {c.distributed.process_id}")
+    s = c.sample
+    if s.enabled:
+        if not s.prompt:
+            _fail("sample.prompt", "must not be empty")
+        if s.max_new_tokens < 0:
+            _fail("sample.max_new_tokens", f"must be >= 0, got {s.max_new_tokens}")
+        if s.temperature < 0:
+            _fail("sample.temperature", f"must be >= 0, got {s.temperature}")
+        if not 1 <= s.top_k <= c.model.vocab_size:
+            _fail("sample.top_k", f"must be in [1, model.vocab_size = {c.model.vocab_size}], got {s.top_k}")
     return c
 
 

@@ -33,7 +33,16 @@ def _err(mutate, num_devices=8, process_count=1):
     (lambda c: c.data.update(source="text"), "config.data.paths: data.source='text' needs paths"),
     (lambda c: c.data.update(source="text", paths="/nonexistent/*.txt"), "config.data.paths: '/nonexistent/*.txt' is not a file, a directory or a glob"),
     (lambda c: c.model.update(vocab_size=100), "config.model.vocab_size: 100 is smaller than the data's vocabulary (256)"),
-    (lambda c: c.model.update(num_heads=5), "config.model: ModelConfig.num_heads"),
+    (lambda c: c.model.update(num_heads=5), "config.model.num_heads: must divide d_model = 32"),
+    (lambda c: c.model.mixers.swa.update(window=0), "config.model.mixers.swa.window: must be >= 1, got 0"),
+    (lambda c: c.model.__setattr__("windw", 3), "config.model.windw: unknown field"),
+    (lambda c: c.train.update(seed=-1), "config.train.seed: must be an integer >= 0"),
+    (lambda c: c.optim.update(no_decay_patterns="norm,(bias"), "config.optim.no_decay_patterns: '(bias' is not a regex"),
+    (lambda c: c.data.update(num_workers=-1), "config.data.num_workers: must be >= 0"),
+    (lambda c: c.data.update(source="mqar", num_kv_pairs=10), "config.train.seq_len: `seq_len`=32 is too short for `num_kv_pairs`=10"),
+    (lambda c: c.data.update(source="mqar", num_kv_pairs=4, power_a=0.0), "config.data.power_a: `power_a` must be a positive number"),
+    (lambda c: c.data.update(source="copy", copy_length=0), "config.data.copy_length: must be >= 1"),
+    (lambda c: c.sample.update(enabled=True, top_k=300), "config.sample.top_k: must be in [1, model.vocab_size = 256]"),
     (lambda c: c.rules.update(embed="model"), "config.rules.embed: 'model' is not a mesh axis"),
     (lambda c: c.optim.update(learning_rate=0.0), "config.optim.learning_rate: must be > 0"),
     (lambda c: c.optim.update(b2=1.0), "config.optim.b2"),
@@ -60,17 +69,25 @@ def test_resolve_fills_derived_fields():
     assert c.mesh.fsdp == -1  # the input is not modified
 
 
-def test_cli_rejects_unknown_override_and_bad_mesh(tmp_path):
+def test_cli_bad_overrides_are_named_errors(tmp_path):
     env = subprocess_env(devices=8)
     procs = [subprocess.Popen([sys.executable, "-m", "train", "--config", TINY, "--workdir", str(tmp_path),
                                *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for args in (["--config.train.stepz=3"],
+                          ["--config.model.mixers.swa.windw=3"],
+                          ["--config.train.steps=abc"],
                           ["--config.mesh.data=8", "--config.train.batch_size=12"],
-                          ["--config.mesh.data=2", "--config.mesh.tensor=4", "--validate_only"])]
+                          ["--config.mesh.data=2", "--config.mesh.tensor=4",
+                           "--config.model.pattern=('attn',)", "--validate_only"])]
     outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert procs[0].returncode != 0 and "stepz" in outs[0], outs[0][-2000:]
-    assert procs[1].returncode == 2, outs[1][-2000:]
-    assert "error: config.train.batch_size: train.batch_size is not divisible by the batch axes mesh.data*mesh.fsdp = 8" in outs[1]
+    for p, out, first_line in zip(procs, outs, [
+            "error: config.train.stepz: unknown field (did you mean 'steps'?); known fields of config.train: [",
+            "error: config.model.mixers.swa.windw: unknown field (did you mean 'window'?); known fields of config.model.mixers.swa: [",
+            "error: config.train.steps: cannot set it to 'abc': invalid literal for int()",
+            "error: config.train.batch_size: train.batch_size is not divisible by the batch axes mesh.data*mesh.fsdp = 8"]):
+        assert p.returncode == 2, out[-2000:]
+        assert first_line in out and "Traceback" not in out, out[-2000:]
     assert not (tmp_path / "config.json").exists()
-    assert procs[2].returncode == 0 and '"tensor": 4' in outs[2], outs[2][-2000:]
+    assert procs[4].returncode == 0 and '"tensor": 4' in outs[4], outs[4][-2000:]
+    assert '"pattern": [\n      "attn"\n    ]' in outs[4], outs[4][-2000:]
