@@ -478,6 +478,10 @@ _SETTINGS = {
 
 def _check(shared: Shared, s) -> None:
     positive_int(s, "num_memories", "top_k", "conv_size")
+    # Slot counts (B·T·(1 + top_k)) and memory indices (num_memories + 1 with the shared one)
+    # are int32 inside the layer: keep the counts far from its range.
+    if s["num_memories"] > 2**16:
+        raise SettingError("num_memories", f"must be <= 65536, got {s['num_memories']}")
     if s["top_k"] > s["num_memories"]:
         raise SettingError("top_k", f"must be <= num_memories ({s['num_memories']}), "
                                     f"got {s['top_k']}")
