@@ -115,13 +115,8 @@ class ModelConfig:
         """The settings of every mechanism in the patterns, as a sorted, hashable tuple of
         (name, ((field, value), ...)); overrides of other registered mechanisms are checked
         and dropped."""
-        given = self.mixers
-        if not isinstance(given, Mapping):
-            try:
-                given = dict(given)
-            except (TypeError, ValueError):
-                raise ValueError(f"ModelConfig.mixers: must map mechanism names to their "
-                                 f"settings, got {self.mixers!r}") from None
+        given = _as_mapping(self.mixers, "ModelConfig.mixers",
+                            "must map mechanism names to their settings")
         used = set(self.pattern) | set(self.channel_pattern)
         shared = self.shared()
         for name in given:
@@ -133,14 +128,8 @@ class ModelConfig:
         for name in sorted(set(given) | used):
             mech = registry.get(name)
             overrides = given.get(name)
-            if overrides is None:
-                overrides = {}
-            elif not isinstance(overrides, Mapping):
-                try:
-                    overrides = dict(overrides)
-                except (TypeError, ValueError):
-                    raise ValueError(f"ModelConfig.mixers.{name}: must map field names to "
-                                     f"values, got {given[name]!r}") from None
+            overrides = _as_mapping({} if overrides is None else overrides,
+                                    f"ModelConfig.mixers.{name}", "must map field names to values")
             try:
                 settings = mech.resolve(overrides)
                 if mech.check is not None and name in used:
@@ -229,6 +218,16 @@ def _finite(v) -> bool:
         return math.isfinite(v)
     except OverflowError:   # an int beyond float range
         return False
+
+
+def _as_mapping(value, where: str, what: str) -> Mapping:
+    """`value` as a mapping (a dict, or pairs as `dataclasses.asdict` leaves them)."""
+    if isinstance(value, Mapping):
+        return value
+    try:
+        return dict(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {what}, got {value!r}") from None
 
 
 _SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(Shared))
