@@ -362,6 +362,11 @@ class MixtureOfMemories(nn.Module):
             new_cache.update(self._ungroup(v_hist, "conv_v"))
         if r.room is not None:
             new_cache["room"] = r.room
+        # The routed memories' cache entries [B, M, ...] carry the memory axis (rules may shard it).
+        for n in ("state", "conv_k", "conv_v"):
+            if n in new_cache:
+                c = new_cache[n]
+                new_cache[n] = constrain(c, ("batch", "memory") + (None,) * (c.ndim - 2))
         return y, new_cache
 
     def _project(self, x, r: Routing):
