@@ -117,8 +117,14 @@ def parse_rule(value: str) -> str | tuple[str, ...] | None:
 
 
 def logical_axis_rules(config: ConfigDict) -> tuple[tuple[str, Any], ...]:
-    """The config's `rules` group as flax logical axis rules."""
-    return tuple((name, parse_rule(config.rules[name])) for name in config.rules.keys())
+    """The config's `rules` group as flax logical axis rules, `memory` first.
+
+    When two logical axes of one array map to the same mesh axis, flax gives it to the
+    earlier rule, and a ConfigDict lists its keys sorted (heads before memory). A per-memory
+    kernel [embed, memory, heads, kv] should be split by memory (each device holds whole
+    memories), so `memory` takes precedence; arrays without a memory axis are unaffected."""
+    names = sorted(config.rules.keys(), key=lambda n: n != "memory")
+    return tuple((name, parse_rule(config.rules[name])) for name in names)
 
 
 def resolve_mesh_shape(mesh_cfg, num_devices: int, process_count: int = 1) -> tuple[int, int, int]:

@@ -1,12 +1,8 @@
-"""`mom` on 8 simulated CPU devices (mesh data=2, fsdp=1, tensor=4; configs/base.py's logical
-rules, `memory` -> tensor, with `heads` replicated) equals one device: the forward, a gradient
-of cross-entropy + load-balance loss, and a prefill + two one-token decode steps; and the
-per-memory kernels, the router and the decode cache's per-memory entries really are split
+"""`mom` on 8 simulated CPU devices (mesh data=2, fsdp=1, tensor=4; configs/base.py's default
+logical rules: heads and memory both -> tensor, memory first) equals one device: the forward, a
+gradient of cross-entropy + load-balance loss, and a prefill + two one-token decode steps; and
+the per-memory kernels, the router and the decode cache's per-memory entries really are split
 over `tensor` (each device holds M / 4 memories).
-
-Note: with the base rules unchanged (heads and memory both -> tensor), flax gives `tensor` to
-heads (the earlier rule) in the per-memory kernels [embed, memory, heads, kv], so they are split
-by heads, not memories; only the router [embed, memory] is split by memory then.
 
 The 8 devices need XLA_FLAGS before JAX starts, so the test runs this file as a subprocess
 (as tests/train/test_training.py runs tests/train/sharding_worker.py)."""
@@ -37,11 +33,10 @@ def worker(out):
     config = get_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = MESH
     # The base rules map both heads and memory to tensor; a mesh axis serves one logical axis
-    # of an array, and flax gives it to the earlier rule (heads), so the per-memory kernels
-    # [embed, memory, heads, kv] would be split by heads. With heads replicated, memory gets it.
-    config.rules.heads = ""
+    # of an array, and logical_axis_rules puts memory first, so the per-memory kernels
+    # [embed, memory, heads, kv] are split by memory (heads stay whole there).
     rules = logical_axis_rules(config)
-    assert dict(rules)["memory"] == "tensor" and dict(rules)["heads"] is None, rules
+    assert rules[0] == ("memory", "tensor") and dict(rules)["heads"] == "tensor", rules
     mesh = make_mesh(MESH)
 
     cfg = ModelConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=4, pattern=("mom",),
