@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from layers.common import constrain, dense, document_ids
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
-from layers.rope import apply_rope
+from layers.rope import apply_rope, check_rope_head_dim
 from pallas_kernels.attention import attention
 
 
@@ -161,8 +161,7 @@ def _check_attention(shared: Shared, s) -> None:
     if s["num_kv_heads"] is not None and shared.num_heads % s["num_kv_heads"]:
         raise SettingError("num_kv_heads", f"must divide num_heads = {shared.num_heads}, "
                                            f"got {s['num_kv_heads']}")
-    if shared.head_dim % 2:
-        raise SettingError("head_dim", f"must be even for RoPE, got {shared.head_dim}")
+    check_rope_head_dim(shared)
 
 
 def _build_attention(shared: Shared, s, name):

@@ -29,7 +29,7 @@ from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_para
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm
 from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
-from layers.rope import apply_rope
+from layers.rope import apply_rope, check_rope_head_dim
 from pallas_kernels.linear_attention import linear_attention, linear_attention_step
 
 KINDS = ("la", "retnet", "lightning", "ssd", "gla")
@@ -182,8 +182,7 @@ def _check(shared: Shared, s) -> None:
 
 def _check_rope(shared: Shared, s) -> None:
     _check(shared, s)
-    if shared.head_dim % 2:
-        raise SettingError("head_dim", f"must be even for RoPE, got {shared.head_dim}")
+    check_rope_head_dim(shared)
 
 
 _KIND_FIELDS = ("feature_map", "feature_dim", "gate_rank", "gate_normalizer")

@@ -4,6 +4,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from layers.registry import SettingError, Shared
+
+
+def check_rope_head_dim(shared: Shared) -> None:
+    """The registry check of every mechanism that rotates q and k."""
+    if shared.head_dim % 2:
+        raise SettingError("head_dim", f"must be even for RoPE, got {shared.head_dim}")
+
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
     """Rotate x [B, T, H, D] (D even) by positions [B|1, T]; computed in float32."""

@@ -261,17 +261,25 @@ def extreme_valid_kwargs(draw):
 def test_extreme_valid_configs_trace(kw):
     """What validation lets through builds: init and a forward trace (abstractly: no memory)
     to logits of the right shape, with nothing overflowing inside JAX."""
-    try:
-        cfg = ModelConfig(**kw)
-    except ValueError as e:
-        assert_names_a_changed_field(str(e), kw, set(kw))
+    cfg = valid_or_named_error(kw)
+    if cfg is None:
         return
-    event("valid")
     model = LanguageModel(cfg)
     tokens = jnp.zeros((1, 5), jnp.int32)
     out = jax.eval_shape(lambda rng: model.apply(model.init(rng, tokens), tokens),
                          jax.random.PRNGKey(0))
     assert out.shape == (1, 5, cfg.vocab_size) and out.dtype == jnp.float32
+
+
+def valid_or_named_error(kw):
+    """The config, or None after checking its ValueError names one of the fields set."""
+    try:
+        cfg = ModelConfig(**kw)
+    except ValueError as e:
+        assert_names_a_changed_field(str(e), kw, set(kw))
+        return None
+    event("valid")
+    return cfg
 
 
 @st.composite
@@ -318,12 +326,9 @@ def tiny_valid_kwargs(draw):
 @settings(FUZZ, max_examples=RUN_EXAMPLES)
 @given(kw=tiny_valid_kwargs())
 def test_valid_configs_run(kw):
-    try:
-        cfg = ModelConfig(**kw)
-    except ValueError as e:
-        assert_names_a_changed_field(str(e), kw, set(kw))
+    cfg = valid_or_named_error(kw)
+    if cfg is None:
         return
-    event("valid")
     model = LanguageModel(cfg)
     tokens = jnp.arange(5, dtype=jnp.int32)[None] % cfg.vocab_size
     variables = model.init(jax.random.PRNGKey(0), tokens)
