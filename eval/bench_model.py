@@ -9,6 +9,12 @@ Models (same number of layers and heads; with --width_match, the CPU default, `g
     transformer   softmax attention + SwiGLU MLP in every layer
     gdn           Gated DeltaNet + MLP in every layer
     hybrid        Gated DeltaNet and sliding-window attention alternating (+ MLP)
+    MIXER         any registered token mixer, alone (+ MLP)
+    MIXER:F=V,..  the same with its settings changed (Python literals, as in --config
+                  overrides), e.g. `mom:top_k=1,shared_memory=False`
+
+Ratios are to `--baseline` (the transformer when it runs, else the first model), e.g. `--baseline gdn` for mom's cost
+per token against gdn's.
 
 Defaults per backend (each flag overrides):
 
@@ -60,16 +66,39 @@ PRESETS = {
 PRESETS["tpu"] = PRESETS["gpu"]
 
 
+def parse_model(name: str) -> tuple:
+    """`base` or `base:field=value,...` -> (base, {field: value}); values are Python literals
+    (a bare word stays a string). ValueError when a part is not field=value."""
+    import ast
+
+    base, _, rest = name.partition(":")
+    settings = {}
+    for part in filter(None, rest.split(",")):
+        field, eq, raw = part.partition("=")
+        if not eq or not field:
+            raise ValueError(f"--models {name!r}: {part!r} is not FIELD=VALUE")
+        try:
+            settings[field.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            settings[field.strip()] = raw.strip()
+    return base, settings
+
+
 def model_configs(names: Sequence[str], d_model: int, num_layers: int, num_heads: int,
                   vocab_size: int, window: int, width_match: bool = True, **extra) -> dict:
-    """ModelConfigs for `names`; with `width_match`, all but the transformer width-matched to
-    its parameter count, else all at `d_model`."""
+    """ModelConfigs for `names` (presets, mixers, or `mixer:field=value,...` variants); with
+    `width_match`, all but the transformer width-matched to its parameter count, else all at
+    `d_model`."""
     from mem_lm import ModelConfig, param_count
 
     def make(name, d):
+        base, settings = parse_model(name)
+        mixers = {"swa": {"window": window}}
+        if settings:
+            mixers[base] = {**mixers.get(base, {}), **settings}
         return ModelConfig(vocab_size=vocab_size, d_model=d, num_layers=num_layers,
-                           num_heads=num_heads, mixers={"swa": {"window": window}},
-                           **MODELS.get(name, dict(pattern=(name,))), **extra)
+                           num_heads=num_heads, mixers=mixers,
+                           **MODELS.get(base, dict(pattern=(base,))), **extra)
 
     target = param_count(make("transformer", d_model))
     step = 2 * num_heads                      # even head_dim (RoPE)
@@ -165,9 +194,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=tuple(PRESETS), default="cpu")
     ap.add_argument("--models", nargs="+",
-                    choices=list(MODELS) + [m for m in common.mixer_names() if m not in MODELS],
-                    help="presets, or any registered token mixer (a model of that mixer "
-                         "alone); default: per backend")
+                    help="presets (" + ", ".join(MODELS) + "), any registered token mixer (a "
+                         "model of that mixer alone), or MIXER:FIELD=VALUE,... (that mixer "
+                         "with changed settings); default: per backend")
+    ap.add_argument("--baseline",
+                    help="the model the throughput ratios are taken against (default: the "
+                         "transformer when it is benchmarked, else the first of --models)")
     ap.add_argument("--lengths", type=int, nargs="+",
                     help="sequence lengths (default: per backend; --quick: 128 256)")
     ap.add_argument("--batch", type=int, help="sequences per step")
@@ -198,6 +230,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             setattr(args, name, value)
     if min(args.lengths) < 2 or args.batch < 1 or args.reps < 1:
         common.fail("--lengths must be >= 2, --batch and --reps >= 1")
+    known = list(MODELS) + [m for m in common.mixer_names() if m not in MODELS]
+    unknown = [n for n in args.models if n.partition(":")[0] not in known]
+    if unknown:
+        common.fail(f"--models: unknown {unknown}; known: {known}")
+    if args.baseline is None:
+        args.baseline = "transformer" if "transformer" in args.models else args.models[0]
+    if args.baseline not in args.models:
+        common.fail(f"--baseline {args.baseline!r} is not one of --models {args.models}")
 
     os.environ["JAX_PLATFORMS"] = common.jax_platforms(args.backend)
     import jax
@@ -292,20 +332,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             row[f"{n} MFU %"] = None if mfu is None else 100 * mfu
         for n in cfgs:
             row[f"{n} MB"] = cell(n, L, "memory_mb")
-        base = cell("transformer", L, "tokens_per_second")
+        base = cell(args.baseline, L, "tokens_per_second")
         for n in cfgs:
-            if n != "transformer":
+            if n != args.baseline:
                 v = cell(n, L, "tokens_per_second")
-                row[f"{n}/transformer"] = v / base if v and base else None
+                row[f"{n}/{args.baseline}"] = v / base if v and base else None
         rows.append(row)
     common.print_table(rows, floatfmt=",.4g",
                        title="training tokens/s, MFU and step memory (MB) by sequence length")
     summary = {}
     for n in cfgs:
-        for L in (L for L in lengths if L >= 8192 and n != "transformer"):
-            ratio = next(r[f"{n}/transformer"] for r in rows if r["seq_len"] == L)
+        for L in (L for L in lengths if L >= 8192 and n != args.baseline):
+            ratio = next(r[f"{n}/{args.baseline}"] for r in rows if r["seq_len"] == L)
             if ratio is not None:
-                summary[f"{n}/transformer throughput at {L}"] = ratio
+                summary[f"{n}/{args.baseline} throughput at {L}"] = ratio
         mem = [(r["seq_len"], r["memory_mb"]) for r in results[n] if r.get("memory_mb")]
         if len(mem) >= 2:
             (l0, m0), (l1, m1) = mem[-2], mem[-1]

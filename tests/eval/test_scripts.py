@@ -248,7 +248,22 @@ def test_bench_model_width_matching():
         assert cfgs[name].resolved_head_dim % 2 == 0
 
 
+def test_bench_model_variants():
+    """`mixer:field=value,...` is that mixer with those settings; the plain name keeps its
+    defaults."""
+    from eval.bench_model import model_configs
+    cfgs = model_configs(["mom", "mom:top_k=1,shared_memory=False"], 32, 2, 2, 64, 16,
+                         width_match=False)
+    plain, variant = (c.settings("mom") for c in cfgs.values())
+    assert (plain["top_k"], plain["shared_memory"]) == (2, True)
+    assert (variant["top_k"], variant["shared_memory"]) == (1, False)
+    with pytest.raises(ValueError, match="not FIELD=VALUE"):
+        model_configs(["mom:top_k"], 32, 2, 2, 64, 16, width_match=False)
+
+
 @pytest.mark.parametrize("module, argv, message", [
+    ("bench_model", ["--models", "lstm"], "unknown"),
+    ("bench_model", ["--models", "gdn", "--baseline", "attn"], "--baseline"),
     ("perplexity", ["--checkpoint", "/nonexistent/run"], "no such file"),
     ("generate", ["--checkpoint", "/nonexistent/run", "--prompt", "x"], "no such file"),
     ("generate", ["--checkpoint", "x", "--prompt", "x", "--top_p", "1.5"], "top_p"),
