@@ -8,10 +8,13 @@ memory on:
     python -m train --config configs/mom_small.py --config.model.d_model=1024 \\
         --config.model.num_layers=24 --config.model.num_heads=4
 
-Here that counts 531M parameters (byte vocabulary; `mem_lm.param_count`), 22M per layer: the
-four memories' and the shared memory's own k, v, β and decay projections (2.1M each) and the
-SwiGLU MLP (8.4M); a token uses the projections of 3 of the 5 memories. The paper calls this
-configuration 340M; how it counts is not reproduced here.
+The reference code's model config (OpenSparseLLMs/MoM, training/configs/mom.json) adds
+hidden_ratio 3 (a SwiGLU MLP 2048 wide), vocabulary 32,000 and tied embeddings
+(`--config.model.mixers.swiglu.d_ff=2048 --config.model.vocab_size=32000`); with those,
+`mem_lm.param_count` gives 512M parameters for mom and 310M for the same model with gdn mixers.
+The "340M" is the size class of the dense Gated DeltaNet it is compared with: MoM adds its four
+routed memories' own k, v, β and decay projections (2.1M each, 8.4M per layer, 202M in all;
+the shared memory's take the place of gdn's), of which a token uses two.
 """
 from configs.gdn_small import small
 

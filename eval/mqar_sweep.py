@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 from eval import common
 
-MIXERS = ("attn", "swa", "la", "retnet", "gla", "deltanet", "gdn")
+MIXERS = ("attn", "swa", "la", "retnet", "gla", "deltanet", "gdn", "mom")
 SHORT_CONV = {"all": True, "none": False, "default": None}
 
 
