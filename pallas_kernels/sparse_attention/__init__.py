@@ -1,0 +1,123 @@
+"""Block-sparse attention: each query block attends to the key blocks listed for it, plus an
+optional sliding window, with online softmax (flash-attention style).
+
+```python
+o = block_sparse_attention(q, k, v, block_indices, *, block_size, window=None, causal=True,
+                           scale=None, segment_ids=None, cu_seqlens=None, impl="auto")
+```
+q [B, T, H, D]; k [B, T, Hkv, D]; v [B, T, Hkv, Dv]; H % Hkv == 0 (GQA). Tokens form blocks
+of `block_size` (a power of two; T need not be a multiple: the op pads inside), NQ =
+ceil(T / block_size) of them. `block_indices` int [B, Hkv, NQ, S]: the key blocks query block
+i attends to, shared by the G = H / Hkv query heads of a kv head (as NSA shares them, so a key
+block is loaded once per group); −1 pads, entries outside [0, NQ) are ignored, and listing a
+block twice is the same as once.
+
+Query token t sees key token s when s's block is listed for t's block or t − s < `window`
+(the window needs causal), and in any case s ≤ t (causal), s is in t's document
+(`segment_ids` [B, T], or `cu_seqlens` [N+1] for B == 1: tokens past cu[N] get o = 0), s is a
+real token. Dense sliding-window attention is the case with no listed blocks (S = 0 or all
+−1). A query that sees no key gets o = 0. `scale` default D**-0.5. Accumulation is float32
+(float64 for float64 input); o has q's dtype. Bad input is a ValueError naming the argument
+and the shapes; values (the listed indices, traced offsets) are not checked.
+
+impl: "reference" (dense [T, T] mask), "xla" (blocked jnp, flash-style custom_vjp, any
+backend), "pallas" (the kernels of `pallas.py`: TPU layout with the block table as scalar
+prefetch, GPU layout with loaded index vectors; interpret mode off-device), "auto" (pallas on
+GPU and TPU, xla elsewhere). Each is differentiable in q, k, v.
+"""
+from __future__ import annotations
+
+import operator
+
+import jax.numpy as jnp
+import numpy as np
+
+from .. import common
+from .blocks import blocked
+from .reference import block_sparse_attention_reference
+
+__all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
+
+
+def _positive_int(name, x, power_of_two=False):
+    value = None
+    if not isinstance(x, (bool, np.bool_)):
+        try:
+            value = operator.index(x)
+        except TypeError:
+            pass
+    if value is None or value < 1 or (power_of_two and value & (value - 1)):
+        kind = "a positive power of two" if power_of_two else "a positive int"
+        raise ValueError(f"`{name}` must be {kind}, got {x!r}")
+    return value
+
+
+def segments_from_cu_seqlens(cu_seqlens, T: int):
+    """int32 [1, T]: the packed sequence of each token (N for tokens past cu[N])."""
+    cu = cu_seqlens.astype(jnp.int32)
+    return jnp.searchsorted(cu[1:], jnp.arange(T, dtype=jnp.int32), side="right")[None]
+
+
+def block_sparse_attention(q, k, v, block_indices, *, block_size, window=None, causal=True,
+                           scale=None, segment_ids=None, cu_seqlens=None, impl="auto"):
+    """o [B, T, H, Dv] in q's dtype. See the module docstring."""
+    q, k, v, block_indices, segment_ids, cu_seqlens = common.as_inputs(
+        ("segment_ids", "cu_seqlens"), q=q, k=k, v=v, block_indices=block_indices,
+        segment_ids=segment_ids, cu_seqlens=cu_seqlens)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        common.check_rank(name, x, 4)
+        common.check_float(name, x)
+    B, T, H, D = q.shape
+    Hkv, Dv = k.shape[2], v.shape[-1]
+    if tuple(k.shape) != (B, T, Hkv, D):
+        raise ValueError(f"`k` must have shape [B, T, Hkv, D] with B, T, D of q {q.shape}, "
+                         f"got {k.shape}")
+    if tuple(v.shape[:3]) != (B, T, Hkv):
+        raise ValueError(f"`v` must have shape [B, T, Hkv, Dv] to match k {k.shape}, "
+                         f"got {v.shape}")
+    if min(H, D, Hkv, Dv) < 1 or H % Hkv:
+        raise ValueError(f"q heads must be a positive multiple of k/v heads and D, Dv >= 1: "
+                         f"q {q.shape}, k {k.shape}, v {v.shape}")
+    block_size = _positive_int("block_size", block_size, power_of_two=True)
+    NQ = -(-T // block_size)
+    common.check_rank("block_indices", block_indices, 4)
+    if tuple(block_indices.shape[:3]) != (B, Hkv, NQ):
+        raise ValueError(f"`block_indices` must have shape [B, Hkv, NQ, S] = ({B}, {Hkv}, "
+                         f"{NQ}, S) (NQ = ceil(T / block_size) = ceil({T} / {block_size})), "
+                         f"got {tuple(block_indices.shape)}")
+    if not jnp.issubdtype(block_indices.dtype, jnp.integer):
+        raise ValueError(f"`block_indices` must be an integer array, got dtype "
+                         f"{block_indices.dtype}")
+    causal = common.check_flag("causal", causal)
+    if window is not None:
+        window = _positive_int("window", window)
+        if not causal:
+            raise ValueError("`window` needs causal=True (a window reaches back from the query)")
+    scale = common.check_scale(scale, D)
+    if segment_ids is not None:
+        if cu_seqlens is not None:
+            raise ValueError("give `segment_ids` or `cu_seqlens`, not both")
+        common.check_shape("segment_ids", segment_ids, (B, T), "[B, T]")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"`segment_ids` must be an integer array, got dtype "
+                             f"{segment_ids.dtype}")
+    common.check_cu_seqlens(cu_seqlens, B, T)
+    impl = common.resolve_impl(impl)
+    q, k, v, block_indices, segment_ids, cu_seqlens = common.to_jax(
+        q, k, v, block_indices, segment_ids, cu_seqlens)
+    if B * T == 0:
+        return jnp.zeros((B, T, H, Dv), q.dtype)
+    if cu_seqlens is not None:
+        segment_ids = segments_from_cu_seqlens(cu_seqlens, T)
+    kw = dict(block_size=block_size, window=window, causal=causal, scale=scale,
+              segment_ids=segment_ids)
+    if impl == "reference":
+        o = block_sparse_attention_reference(q, k, v, block_indices, **kw)
+    elif impl == "pallas":
+        from .pallas import block_sparse_attention_pallas
+        o = block_sparse_attention_pallas(q, k, v, block_indices, **kw)
+    else:
+        o = blocked(q, k, v, block_indices, impl="xla", **kw)
+    if cu_seqlens is not None:
+        o = jnp.where((segment_ids < cu_seqlens.shape[0] - 1)[..., None, None], o, 0)
+    return o
