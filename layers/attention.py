@@ -1,6 +1,8 @@
 """Softmax attention mixers: full causal (`attn`) and sliding window (`swa`), GQA, RoPE,
 optional attention sinks, optional SiLU short convs on q, k, v (before RoPE; the token shift
 that lets a single layer bind a key to the token after it), packed documents through segment ids.
+Heads, head width and RoPE base default to the model's; a hybrid's attention layers may set their
+own (as fla's `attn` layers of a linear-attention model do), and q/k/v biases (`qkv_bias`).
 
 Decode cache (`init_cache`):
   * full attention: a preallocated buffer of `max_len` keys/values, filled at `pos`;
@@ -9,6 +11,7 @@ Decode cache (`init_cache`):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -42,6 +45,7 @@ class Attention(nn.Module):
     use_sinks: bool = False
     use_short_conv: bool = False
     conv_size: int = 4
+    qkv_bias: bool = False
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
@@ -60,9 +64,9 @@ class Attention(nn.Module):
                  layer_idx=None):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         kw = dict(std=self.init_std, dtype=self.dtype)
-        q = dense((H, D), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
-        k = dense((Hkv, D), ("embed", "heads", "kv"), name="k_proj", **kw)(x)
-        v = dense((Hkv, D), ("embed", "heads", "kv"), name="v_proj", **kw)(x)
+        q, k, v = (dense((h, D), ("embed", "heads", "kv"), name=f"{n}_proj",
+                         use_bias=self.qkv_bias, **kw)(x)
+                   for n, h in (("q", H), ("k", Hkv), ("v", Hkv)))
         conv_cache = {}
         if self.use_short_conv:
             qkv, conv_cache = short_conv_qkv({"q": q, "k": k, "v": v}, self.conv_size,
@@ -149,15 +153,32 @@ class Attention(nn.Module):
 
 
 def _attention_settings(windowed: bool) -> dict:
-    s = {"num_kv_heads": Setting(None, int, "GQA key/value heads (None: num_heads)", optional=True),
+    s = {"num_heads": Setting(None, int, "query heads (None: the model's num_heads)",
+                              optional=True),
+         "head_dim": Setting(None, int, "head width (None: the model's head_dim)", optional=True),
+         "num_kv_heads": Setting(None, int, "GQA key/value heads (None: num_heads)", optional=True),
+         "rope_theta": Setting(None, float, "RoPE base (None: the model's rope_theta)",
+                               optional=True),
+         "qkv_bias": Setting(False, bool, "biases on the q, k, v projections"),
          "sinks": Setting(False, bool, "a learned sink logit per head")}
     if windowed:
         s["window"] = Setting(512, int, "keys each query sees, itself included")
     return {**s, **conv_settings(False)}
 
 
+def _own(shared: Shared, s) -> Shared:
+    """The model-wide values with this mechanism's own heads, head width and RoPE base."""
+    return dataclasses.replace(shared, num_heads=s["num_heads"] or shared.num_heads,
+                               head_dim=s["head_dim"] or shared.head_dim,
+                               rope_theta=s["rope_theta"] or shared.rope_theta)
+
+
 def _check_attention(shared: Shared, s) -> None:
-    positive_int(s, "num_kv_heads", "conv_size", *(("window",) if "window" in s else ()))
+    positive_int(s, "num_heads", "head_dim", "num_kv_heads", "conv_size",
+                 *(("window",) if "window" in s else ()))
+    if s["rope_theta"] is not None and not s["rope_theta"] > 0:
+        raise SettingError("rope_theta", f"must be > 0, got {s['rope_theta']}")
+    shared = _own(shared, s)
     if s["num_kv_heads"] is not None and shared.num_heads % s["num_kv_heads"]:
         raise SettingError("num_kv_heads", f"must divide num_heads = {shared.num_heads}, "
                                            f"got {s['num_kv_heads']}")
@@ -165,13 +186,14 @@ def _check_attention(shared: Shared, s) -> None:
 
 
 def _build_attention(shared: Shared, s, name):
+    shared = _own(shared, s)
     return Attention(d_model=shared.d_model, num_heads=shared.num_heads,
                      num_kv_heads=s["num_kv_heads"] or shared.num_heads,
                      head_dim=shared.head_dim, window=s.get("window"),
                      rope_theta=shared.rope_theta, use_sinks=s["sinks"],
                      use_short_conv=s["short_conv"], conv_size=s["conv_size"],
-                     init_std=shared.init_std, dtype=shared.dtype, impl=shared.attn_impl,
-                     name=name)
+                     qkv_bias=s["qkv_bias"], init_std=shared.init_std, dtype=shared.dtype,
+                     impl=shared.attn_impl, name=name)
 
 
 register(Mechanism("attn", "token", _build_attention, _attention_settings(False),

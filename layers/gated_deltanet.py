@@ -7,12 +7,17 @@ as in the Gated DeltaNet reference code (fla's GatedDeltaNet layer):
   allow_neg_eigval, eigenvalues of I − βkkᵀ in [−1, 1]);
   g = −exp(A_log) · softplus(W_a x + dt_bias), A ~ U(1, 16), dt log-uniform in [1e-3, 0.1]
   (Mamba2 init); DeltaNet has no decay (g = 0);
-  y = o_proj(RMSNorm(o) ⊙ SiLU(W_g x)) per head. Value heads are expand_v × head_dim wide.
+  y = o_proj(RMSNorm(o) ⊙ SiLU(W_g x)) per head (o_proj(RMSNorm(o)) without use_gate). Value
+  heads are expand_v × head_dim wide; with num_v_heads = Hv > H (grouped value heads, as fla's
+  GVA) value head j reads query/key head j // (Hv / H), and β, the decay, the gate and the
+  state are per value head.
 
-Decode cache: the [B, H, K, V] float32 state and the last conv_size − 1 inputs of each conv
+Decode cache: the [B, Hv, K, V] float32 state and the last conv_size − 1 inputs of each conv
 (when there are convs).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -22,8 +27,8 @@ from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_para
                            step_or_chunk)
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm
-from layers.registry import (MAX_INT, Mechanism, Setting, SettingError, Shared, positive_int,
-                             register)
+from layers.registry import (Mechanism, Setting, SettingError, Shared, positive_int, register,
+                             width_multiplier)
 from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 
 
@@ -34,6 +39,8 @@ class GatedDeltaNet(nn.Module):
     expand_v: float = 1.0
     use_decay: bool = True           # False: DeltaNet
     allow_neg_eigval: bool = False
+    num_v_heads: Optional[int] = None   # None: num_heads
+    use_gate: bool = True
     conv_size: int = 4
     use_short_conv: bool = True
     norm_eps: float = 1e-6
@@ -46,40 +53,47 @@ class GatedDeltaNet(nn.Module):
     def value_dim(self) -> int:
         return int(round(self.head_dim * self.expand_v))
 
+    @property
+    def value_heads(self) -> int:
+        return self.num_v_heads or self.num_heads
+
     def init_cache(self, batch: int, max_len: int) -> dict:
-        H, K, V = self.num_heads, self.head_dim, self.value_dim
-        cache = {"state": jnp.zeros((batch, H, K, V), jnp.float32)}
+        H, Hv, K, V = self.num_heads, self.value_heads, self.head_dim, self.value_dim
+        cache = {"state": jnp.zeros((batch, Hv, K, V), jnp.float32)}
         if self.use_short_conv:
-            cache.update(qkv_conv_cache(batch, {"q": (H, K), "k": (H, K), "v": (H, V)},
+            cache.update(qkv_conv_cache(batch, {"q": (H, K), "k": (H, K), "v": (Hv, V)},
                                         self.conv_size, self.dtype))
         return cache
 
     @nn.compact
     def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
                  layer_idx=None):
-        H, K, V = self.num_heads, self.head_dim, self.value_dim
+        H, Hv, K, V = self.num_heads, self.value_heads, self.head_dim, self.value_dim
         kw = dict(std=self.init_std, dtype=self.dtype)
-        qkv = {n: dense((H, d), ("embed", "heads", "kv"), name=f"{n}_proj", **kw)(x)
-               for n, d in (("q", K), ("k", K), ("v", V))}
+        qkv = {n: dense((h, d), ("embed", "heads", "kv"), name=f"{n}_proj", **kw)(x)
+               for n, h, d in (("q", H, K), ("k", H, K), ("v", Hv, V))}
         if self.use_short_conv:
             qkv, new_cache = short_conv_qkv(qkv, self.conv_size, segment_ids, cache, self.dtype)
         else:   # the activation the conv path ends with (as flash-linear-attention does)
             qkv, new_cache = {n: jax.nn.silu(t) for n, t in qkv.items()}, {}
+        if Hv != H:   # the op takes one head count: each q/k head serves Hv / H value heads
+            qkv["q"], qkv["k"] = (jnp.repeat(qkv[n], Hv // H, axis=2) for n in "qk")
         q, k, v = (constrain(qkv[n], ("batch", "length", "heads", "kv")) for n in "qkv")
-        beta = jax.nn.sigmoid(dense((H,), ("embed", "heads"), name="b_proj", **kw)(x)
+        beta = jax.nn.sigmoid(dense((Hv,), ("embed", "heads"), name="b_proj", **kw)(x)
                               .astype(jnp.float32))
         if self.allow_neg_eigval:
             beta = 2.0 * beta
         g = None
         if self.use_decay:
-            a = dense((H,), ("embed", "heads"), name="a_proj", **kw)(x).astype(jnp.float32)
-            dt = jax.nn.softplus(a + head_param(self, "dt_bias", dt_bias_init, H))
-            g = -jnp.exp(head_param(self, "A_log", a_log_init, H)) * dt
+            a = dense((Hv,), ("embed", "heads"), name="a_proj", **kw)(x).astype(jnp.float32)
+            dt = jax.nn.softplus(a + head_param(self, "dt_bias", dt_bias_init, Hv))
+            g = -jnp.exp(head_param(self, "A_log", a_log_init, Hv)) * dt
         o, state = step_or_chunk(gated_delta_rule, gated_delta_rule_step, q, k, v, beta, g,
                                  state=None if cache is None else cache["state"],
                                  segment_ids=segment_ids, use_qk_l2norm=True, impl=self.impl,
                                  chunk_size=self.chunk_size)
-        gate = dense((H, V), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
+        gate = (dense((Hv, V), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
+                if self.use_gate else None)
         o = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(o, gate)
         o = constrain(o, ("batch", "length", "heads", "kv"))
         y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
@@ -92,17 +106,21 @@ class GatedDeltaNet(nn.Module):
 _SETTINGS = {
     "expand_v": Setting(1.0, float, "value head width = expand_v · head_dim"),
     "allow_neg_eigval": Setting(False, bool, "β = 2·sigmoid: eigenvalues of I − βkkᵀ in [−1, 1]"),
+    "num_v_heads": Setting(None, int, "value heads, a multiple of num_heads (None: num_heads); "
+                                      "each q/k head serves num_v_heads / num_heads of them",
+                           optional=True),
+    "use_gate": Setting(True, bool, "output gate: o_proj(RMSNorm(o) ⊙ SiLU(W_g x)); "
+                                    "False: o_proj(RMSNorm(o))"),
     **conv_settings(True),
 }
 
 
 def _check(shared: Shared, s) -> None:
-    positive_int(s, "conv_size")
-    width = shared.head_dim * s["expand_v"]
-    if not (s["expand_v"] > 0 and float(width).is_integer() and width <= MAX_INT):
-        raise SettingError("expand_v", f"must be > 0 with expand_v · head_dim "
-                                       f"({shared.head_dim}) an integer <= 2**31 - 1, "
-                                       f"got {s['expand_v']}")
+    positive_int(s, "conv_size", "num_v_heads")
+    if s["num_v_heads"] is not None and s["num_v_heads"] % shared.num_heads:
+        raise SettingError("num_v_heads", f"must be a multiple of num_heads = {shared.num_heads}, "
+                                          f"got {s['num_v_heads']}")
+    width_multiplier(s, "expand_v", shared.head_dim)
 
 
 def _builder(use_decay: bool):
@@ -110,6 +128,7 @@ def _builder(use_decay: bool):
         return GatedDeltaNet(d_model=shared.d_model, num_heads=shared.num_heads,
                              head_dim=shared.head_dim, expand_v=s["expand_v"],
                              use_decay=use_decay, allow_neg_eigval=s["allow_neg_eigval"],
+                             num_v_heads=s["num_v_heads"], use_gate=s["use_gate"],
                              conv_size=s["conv_size"], use_short_conv=s["short_conv"],
                              norm_eps=shared.norm_eps, init_std=shared.init_std,
                              dtype=shared.dtype, impl=shared.impl,

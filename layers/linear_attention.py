@@ -8,7 +8,8 @@
   ssd        Mamba2-style scalar gates: q (C), k (B), v (x) through a causal short conv + SiLU;
              dt = softplus(W_dt x + dt_bias), log-gate −exp(A_log)·dt, v scaled by dt,
              skip D ⊙ x.
-  gla        Gated linear attention: per-key log-gates logsigmoid(W₂W₁x + b)/τ, rank 16, τ = 16.
+  gla        Gated linear attention: per-key log-gates logsigmoid(W₂W₁x + b)/τ, rank 16, τ = 16;
+             value heads expand_v × head_dim wide (fla's GLA: expand_k = 0.5, expand_v = 1).
 
 Any kind can put q, k, v through the same short convs first (`use_short_conv`; the model turns
 it on for ssd, and for all with `ModelConfig.short_conv=True`). All read out o = Sᵀ(scale·q)
@@ -28,7 +29,8 @@ from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_para
                            step_or_chunk)
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm
-from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
+from layers.registry import (Mechanism, Setting, SettingError, Shared, positive_int, register,
+                             width_multiplier)
 from layers.rope import apply_rope, check_rope_head_dim
 from pallas_kernels.linear_attention import linear_attention, linear_attention_step
 
@@ -65,6 +67,7 @@ class LinearAttention(nn.Module):
     use_short_conv: bool = False  # SiLU(short conv) on q, k, v (the model turns it on for ssd)
     gate_rank: int = 16          # gla
     gate_normalizer: float = 16.0  # gla
+    expand_v: float = 1.0        # gla: value head width = expand_v · head_dim
     rope_theta: float = 10000.0  # retnet
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -86,8 +89,12 @@ class LinearAttention(nn.Module):
         """Width per head of the keys the state is built from (after the feature map)."""
         return 1 + self.feature_dim + self.feature_dim ** 2 if self.taylor else self.head_dim
 
+    @property
+    def value_dim(self) -> int:
+        return int(round(self.head_dim * self.expand_v))
+
     def init_cache(self, batch: int, max_len: int) -> dict:
-        H, D = self.num_heads, self.head_dim
+        H, D = self.num_heads, self.value_dim
         cache = {"state": jnp.zeros((batch, H, self.key_dim, D), jnp.float32)}
         if self.use_short_conv:
             dq = self.proj_dim
@@ -101,7 +108,7 @@ class LinearAttention(nn.Module):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
+        H, D = self.num_heads, self.value_dim
         kw = dict(std=self.init_std, dtype=self.dtype)
         taylor, dq = self.taylor, self.proj_dim
         q = dense((H, dq), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
@@ -138,7 +145,7 @@ class LinearAttention(nn.Module):
             v = (v.astype(jnp.float32) * dt[..., None]).astype(self.dtype)
         elif self.kind == "gla":
             r = dense(self.gate_rank, ("embed", None), name="gk_proj_a", **kw)(x)
-            gk = dense((H, D), (None, "heads", "kv"), name="gk_proj_b", use_bias=True, **kw)(r)
+            gk = dense((H, dq), (None, "heads", "kv"), name="gk_proj_b", use_bias=True, **kw)(r)
             gk = jax.nn.log_sigmoid(gk.astype(jnp.float32)) / self.gate_normalizer
         if self.kind != "la":
             gate = dense((H, D), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
@@ -168,6 +175,7 @@ def _settings(kind: str) -> dict:
     if kind == "gla":
         s["gate_rank"] = Setting(16, int, "rank of the low-rank gate projection")
         s["gate_normalizer"] = Setting(16.0, float, "log-gate temperature")
+        s["expand_v"] = Setting(1.0, float, "value head width = expand_v · head_dim")
     return s
 
 
@@ -178,6 +186,8 @@ def _check(shared: Shared, s) -> None:
                                           f"got {s['feature_map']!r}")
     if s.get("gate_normalizer", 1.0) <= 0:
         raise SettingError("gate_normalizer", f"must be > 0, got {s['gate_normalizer']}")
+    if "expand_v" in s:
+        width_multiplier(s, "expand_v", shared.head_dim)
 
 
 def _check_rope(shared: Shared, s) -> None:
@@ -185,7 +195,7 @@ def _check_rope(shared: Shared, s) -> None:
     check_rope_head_dim(shared)
 
 
-_KIND_FIELDS = ("feature_map", "feature_dim", "gate_rank", "gate_normalizer")
+_KIND_FIELDS = ("feature_map", "feature_dim", "gate_rank", "gate_normalizer", "expand_v")
 
 
 def _builder(kind: str):

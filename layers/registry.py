@@ -169,6 +169,16 @@ def positive_int(settings, *fields):
             raise SettingError(f, f"must be <= 2**31 - 1, got {v!r}")
 
 
+def width_multiplier(settings, field: str, base: int) -> None:
+    """SettingError unless settings[field] > 0 makes field · base a whole width <= MAX_INT
+    (expand_v: value heads of expand_v · head_dim)."""
+    v = settings[field]
+    width = base * v
+    if not (v > 0 and float(width).is_integer() and width <= MAX_INT):
+        raise SettingError(field, f"must be > 0 with {field} · head_dim ({base}) an integer "
+                                  f"<= 2**31 - 1, got {v}")
+
+
 def describe() -> str:
     """A markdown table of every registered mechanism and its settings (defaults)."""
     _load()

@@ -1,0 +1,521 @@
+"""Checkpoints in and out of flash-linear-attention's (fla) Hugging Face format: a directory
+with `config.json` and `model.safetensors` (or shards listed in `model.safetensors.index.json`)
+as `fla.models.*ForCausalLM.save_pretrained` writes them.
+
+    cfg, params = import_fla("path/to/fla_model")      # ModelConfig, plain nested dict (float32)
+    export_fla(cfg, params, "path/to/out")              # config.json + model.safetensors
+
+    python -m mem_lm.convert --from fla PATH --out WORKDIR   # a workdir load_pretrained reads
+    python -m mem_lm.convert --to fla WORKDIR --out PATH
+
+Kinds (fla `model_type`): gated_deltanet -> `gdn`, delta_net -> `deltanet`, gla -> `gla`, each
+with fla's hybrid `attn` layers -> `attn` (full) or `swa` (window_size). Every field of
+config.json is either mapped, known to leave the forward unchanged (listed in _NO_EFFECT), or
+an error naming it; every tensor is mapped once or the import fails listing what is left
+over or missing. Safetensors are read and written with the `safetensors` package's NumPy API
+(no torch). PyTorch `Linear` weights are [out, in]; our kernels are [in..., out...].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+from mem_lm.config import ModelConfig
+
+# config.json fields of fla's models that do not change the function the model computes
+# (kernel choice, fused-op switches, loss and generation settings, HF bookkeeping). fla's
+# DeltaNet ignores use_output_norm and its GLA ignores use_gk / use_gv: the layers never read
+# them.
+_NO_EFFECT = {
+    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
+    "attn_mode", "use_cache", "initializer_range", "max_position_embeddings",
+    "bos_token_id", "eos_token_id", "pad_token_id", "fuse_norm", "fuse_swiglu",
+    "fuse_cross_entropy", "fuse_linear_cross_entropy", "use_l2warp", "output_attentions",
+    "output_hidden_states", "return_dict", "use_return_dict", "tie_encoder_decoder",
+    "is_encoder_decoder", "chunk_size_feed_forward", "problem_type", "tokenizer_class",
+    "id2label", "label2id", "_name_or_path", "name_or_path",
+}
+_NO_EFFECT_OF = {"delta_net": {"use_output_norm"}, "gla": {"use_gk", "use_gv"}}
+
+# fla's defaults (fla-core 0.6.0 configuration_*.py) for fields a config.json may omit.
+_COMMON_DEFAULTS = dict(hidden_ratio=4, intermediate_size=None, hidden_act="swish",
+                        norm_eps=1e-6, attn=None, tie_word_embeddings=False,
+                        attnres_block_size=None, vocab_size=32000)
+_DEFAULTS = {
+    "gated_deltanet": dict(_COMMON_DEFAULTS, hidden_size=2048, expand_v=2.0, use_gate=True,
+                           use_short_conv=True, allow_neg_eigval=False, conv_size=4,
+                           head_dim=256, num_heads=6, num_v_heads=None, num_hidden_layers=21,
+                           output_gate_activation="swish"),
+    "delta_net": dict(_COMMON_DEFAULTS, hidden_size=2048, expand_k=1.0, expand_v=1.0,
+                      use_gate=False, use_short_conv=True, allow_neg_eigval=False, conv_size=4,
+                      use_beta=True, num_heads=16, qk_norm="l2", qk_activation="silu",
+                      num_hidden_layers=24),
+    "gla": dict(_COMMON_DEFAULTS, hidden_size=2048, expand_k=0.5, expand_v=1.0,
+                num_hidden_layers=24, num_heads=4, num_kv_heads=None, feature_map=None,
+                use_short_conv=False, conv_size=4, use_output_gate=True, clamp_min=None,
+                elementwise_affine=True),
+}
+_ARCHITECTURES = {"gated_deltanet": "GatedDeltaNetForCausalLM",
+                  "delta_net": "DeltaNetForCausalLM", "gla": "GLAForCausalLM"}
+_MIXER_OF = {"gated_deltanet": "gdn", "delta_net": "deltanet", "gla": "gla"}
+_TYPE_OF = {m: t for t, m in _MIXER_OF.items()}
+_ATTENTION = ("attn", "swa")
+# fla's GLA layer takes these from its own defaults, not from the config.
+_GLA_GATE_RANK, _GLA_GATE_NORMALIZER = 16, 16.0
+
+
+class ConversionError(ValueError):
+    """A checkpoint or config that cannot be converted; the message lists what and why."""
+
+
+def fla_mlp_width(hidden_size: int, hidden_ratio: Optional[float],
+                  intermediate_size: Optional[int]) -> int:
+    """The hidden width of fla's GatedMLP: intermediate_size, else 2/3 · hidden_ratio (4) ·
+    hidden_size rounded up to a multiple of 256."""
+    if intermediate_size is not None:
+        return int(intermediate_size)
+    width = int(hidden_size * (4 if hidden_ratio is None else hidden_ratio) * 2 / 3)
+    return 256 * ((width + 255) // 256)
+
+
+# ------------------------------------------------------------------------------ config
+def _whole(value: float, what: str) -> int:
+    if not math.isclose(value, round(value)):
+        raise ConversionError(f"fla config: {what} = {value} is not a whole number")
+    return int(round(value))
+
+
+def _attention_specs(attn, num_layers: int) -> dict:
+    """{layer: our attention mechanism name and settings} of fla's `attn` field."""
+    if attn is None:
+        return {}
+    specs = [attn] if isinstance(attn, Mapping) else list(attn)
+    known = {"layers", "num_heads", "num_kv_heads", "qkv_bias", "window_size", "rope_theta"}
+    out, used = {}, {}
+    for spec in specs:
+        extra = sorted(set(spec) - known)
+        if extra:
+            raise ConversionError(f"fla config: attn field(s) {extra} are not supported "
+                                  f"(supported: {sorted(known)})")
+        window = spec.get("window_size")
+        name = "attn" if window is None else "swa"
+        settings = {"num_heads": spec["num_heads"],
+                    "num_kv_heads": spec.get("num_kv_heads") or spec["num_heads"],
+                    "qkv_bias": bool(spec.get("qkv_bias", False)),
+                    "rope_theta": float(spec.get("rope_theta", 10000.0))}
+        if window is not None:
+            settings["window"] = window
+        if used.setdefault(name, settings) != settings:
+            raise ConversionError(f"fla config: attn specs with different settings for the "
+                                  f"same kind ({name}) are not supported: {used[name]} and "
+                                  f"{settings}")
+        for layer in spec["layers"]:
+            if not 0 <= layer < num_layers:
+                raise ConversionError(f"fla config: attn layer {layer} is outside "
+                                      f"[0, {num_layers})")
+            out[layer] = (name, settings)
+    return out
+
+
+def _shortest_period(seq: tuple) -> tuple:
+    n = len(seq)
+    for p in range(1, n + 1):
+        if n % p == 0 and seq == seq[:p] * (n // p):
+            return seq[:p]
+    return seq
+
+
+def config_from_fla(fla: Mapping[str, Any]) -> ModelConfig:
+    """The ModelConfig of an fla config.json (a dict)."""
+    model_type = fla.get("model_type")
+    if model_type not in _DEFAULTS:
+        raise ConversionError(f"fla config: model_type {model_type!r} is not supported; "
+                              f"supported: {sorted(_DEFAULTS)}")
+    c = dict(_DEFAULTS[model_type])
+    c.update({k: v for k, v in fla.items()})
+    unknown = sorted(set(fla) - set(_DEFAULTS[model_type]) - _NO_EFFECT
+                     - _NO_EFFECT_OF.get(model_type, set()))
+    if unknown:
+        raise ConversionError(f"fla config ({model_type}): unsupported field(s) {unknown}; "
+                              f"nothing is dropped silently, so remove them only if they do "
+                              f"not change the model")
+
+    def require(field, allowed):
+        if c[field] not in allowed:
+            raise ConversionError(f"fla config ({model_type}): {field} = {c[field]!r} is not "
+                                  f"supported (supported: {list(allowed)})")
+
+    require("hidden_act", ("swish",))
+    require("attnres_block_size", (None,))
+    d, L, H = c["hidden_size"], c["num_hidden_layers"], c["num_heads"]
+    mixer = _MIXER_OF[model_type]
+    conv = {"short_conv": bool(c["use_short_conv"]), "conv_size": c["conv_size"]}
+    if model_type == "gated_deltanet":
+        require("output_gate_activation", ("swish", "silu"))
+        head_dim = c["head_dim"]
+        hv = c["num_v_heads"]
+        settings = dict(conv, expand_v=float(c["expand_v"]), use_gate=bool(c["use_gate"]),
+                        allow_neg_eigval=bool(c["allow_neg_eigval"]),
+                        num_v_heads=None if hv in (None, H) else hv)
+    else:
+        head_dim = _whole(d * c["expand_k"], "hidden_size · expand_k") // H
+        value_dim = _whole(d * c["expand_v"], "hidden_size · expand_v") // H
+        if model_type == "delta_net":
+            require("use_beta", (True,))
+            require("qk_norm", ("l2",))
+            require("qk_activation", ("silu",))
+            settings = dict(conv, expand_v=value_dim / head_dim, use_gate=bool(c["use_gate"]),
+                            allow_neg_eigval=bool(c["allow_neg_eigval"]))
+        else:
+            require("feature_map", (None,))
+            require("clamp_min", (None,))
+            require("use_output_gate", (True,))
+            require("elementwise_affine", (True,))
+            if c["num_kv_heads"] not in (None, H):
+                raise ConversionError(f"fla config (gla): num_kv_heads = {c['num_kv_heads']} "
+                                      f"(grouped keys) is not supported")
+            settings = dict(conv, expand_v=value_dim / head_dim, gate_rank=_GLA_GATE_RANK,
+                            gate_normalizer=_GLA_GATE_NORMALIZER)
+    attn = _attention_specs(c["attn"], L)
+    layers = tuple(attn[i][0] if i in attn else mixer for i in range(L))
+    mixers = {mixer: settings,
+              "swiglu": {"d_ff": fla_mlp_width(d, c["hidden_ratio"], c["intermediate_size"])}}
+    for name, s in attn.values():
+        if d % s["num_heads"]:
+            raise ConversionError(f"fla config: attn num_heads = {s['num_heads']} must divide "
+                                  f"hidden_size = {d}")
+        mixers[name] = dict(s, head_dim=d // s["num_heads"])
+    return ModelConfig(vocab_size=c["vocab_size"], d_model=d, num_layers=L, num_heads=H,
+                       head_dim=head_dim, pattern=_shortest_period(layers),
+                       channel_pattern=("swiglu",), mixers=mixers,
+                       tie_embeddings=bool(c["tie_word_embeddings"]),
+                       norm_eps=float(c["norm_eps"]))
+
+
+def config_to_fla(cfg: ModelConfig) -> dict:
+    """The fla config.json (a dict) of a ModelConfig that fla's models can express."""
+    problems = []
+    linear = sorted({m for m in cfg.layer_mixers if m not in _ATTENTION})
+    if len(linear) != 1 or linear[0] not in _TYPE_OF:
+        raise ConversionError(f"export to fla: the model's token mixers {sorted(set(cfg.layer_mixers))} "
+                              f"need exactly one of {sorted(_TYPE_OF)} (plus attn/swa layers)")
+    mixer = linear[0]
+    model_type = _TYPE_OF[mixer]
+    if set(cfg.channel_pattern) != {"swiglu"}:
+        problems.append(f"channel_pattern {cfg.channel_pattern}: fla has a SwiGLU MLP in every "
+                        f"layer")
+    d, H, K = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
+    s = cfg.settings(mixer)
+    out = dict(model_type=model_type, architectures=[_ARCHITECTURES[model_type]],
+               hidden_size=d, num_hidden_layers=cfg.num_layers, num_heads=H,
+               vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps,
+               tie_word_embeddings=cfg.tie_embeddings, hidden_act="swish", hidden_ratio=4,
+               use_short_conv=s["short_conv"], conv_size=s["conv_size"])
+    if "swiglu" in cfg.channel_pattern:
+        out["intermediate_size"] = _swiglu_width(cfg)
+    value_dim = int(round(K * s["expand_v"]))
+    if mixer == "gdn":
+        out.update(head_dim=K, expand_v=s["expand_v"], use_gate=s["use_gate"],
+                   allow_neg_eigval=s["allow_neg_eigval"], num_v_heads=s["num_v_heads"])
+    else:
+        out.update(expand_k=H * K / d, expand_v=H * value_dim / d)
+        if mixer == "deltanet":
+            out.update(use_gate=s["use_gate"], allow_neg_eigval=s["allow_neg_eigval"])
+            if s["num_v_heads"] is not None:
+                problems.append("deltanet num_v_heads: fla's DeltaNet has no grouped value heads")
+        else:
+            if (s["gate_rank"], s["gate_normalizer"]) != (_GLA_GATE_RANK, _GLA_GATE_NORMALIZER):
+                problems.append(f"gla gate_rank / gate_normalizer = {s['gate_rank']} / "
+                                f"{s['gate_normalizer']}: fla's GLA model fixes them at "
+                                f"{_GLA_GATE_RANK} / {_GLA_GATE_NORMALIZER}")
+    specs = []
+    for name in _ATTENTION:
+        layers = [i for i, m in enumerate(cfg.layer_mixers) if m == name]
+        if not layers:
+            continue
+        a = cfg.settings(name)
+        heads = a["num_heads"] or H
+        if (a["head_dim"] or K) * heads != d:
+            problems.append(f"{name}: fla's attention has head_dim = hidden_size / num_heads "
+                            f"= {d / heads}, this model {a['head_dim'] or K}")
+        if a["sinks"] or a["short_conv"]:
+            problems.append(f"{name}: sinks and short convs have no fla counterpart")
+        spec = dict(layers=layers, num_heads=heads, num_kv_heads=a["num_kv_heads"] or heads,
+                    qkv_bias=a["qkv_bias"], window_size=a.get("window"),
+                    rope_theta=a["rope_theta"] or cfg.rope_theta)
+        specs.append(spec)
+    out["attn"] = None if not specs else specs[0] if len(specs) == 1 else specs
+    if problems:
+        raise ConversionError("export to fla: not expressible in fla's format:\n  "
+                              + "\n  ".join(problems))
+    return out
+
+
+def _swiglu_width(cfg: ModelConfig) -> int:
+    from mem_lm.model import make_mixer
+    return make_mixer(cfg, "swiglu").d_ff
+
+
+# ------------------------------------------------------------------------------ tensors
+# How a tensor changes between fla (torch) and here: ("dense", n) for a Linear weight
+# [out, in] <-> a kernel [in (n axes)..., out...]; "conv" for a depthwise Conv1d weight
+# [C, 1, W] <-> [W, heads, width]; "flat" for a vector <-> any shape of as many values;
+# "same" for an identical array.
+def _to_ours(how, w: np.ndarray, shape: tuple) -> np.ndarray:
+    if how == "conv":
+        return w[:, 0, :].T.reshape(shape)
+    if how in ("flat", "same"):
+        return w.reshape(shape)
+    return w.T.reshape(shape)
+
+
+def _to_fla(how, a: np.ndarray) -> np.ndarray:
+    if how == "conv":
+        return a.reshape(a.shape[0], -1).T[:, None, :]
+    if how == "flat":
+        return a.reshape(-1)
+    if how == "same":
+        return a
+    n_in = how[1]
+    return a.reshape(math.prod(a.shape[:n_in]), -1).T
+
+
+def _mixer_entries(cfg: ModelConfig, name: str) -> list:
+    """(fla name under `attn.`, our path under `mixer`, how) of one token mixer."""
+    D1, D2 = ("dense", 1), ("dense", 2)
+    if name in _ATTENTION:
+        s = cfg.settings(name)
+        out = [(f"{n}_proj.weight", (f"{n}_proj", "kernel"), D1) for n in "qkv"]
+        if s["qkv_bias"]:
+            out += [(f"{n}_proj.bias", (f"{n}_proj", "bias"), "flat") for n in "qkv"]
+        return out + [("o_proj.weight", ("o_proj", "kernel"), D2)]
+    s = cfg.settings(name)
+    out = [(f"{n}_proj.weight", (f"{n}_proj", "kernel"), D1) for n in "qkv"]
+    if s["short_conv"]:
+        out += [(f"{n}_conv1d.weight", (f"{n}_conv", "kernel"), "conv") for n in "qkv"]
+    if name == "gla":
+        out += [("gk_proj.0.weight", ("gk_proj_a", "kernel"), D1),
+                ("gk_proj.1.weight", ("gk_proj_b", "kernel"), D1),
+                ("gk_proj.1.bias", ("gk_proj_b", "bias"), "flat"),
+                ("g_proj.weight", ("g_proj", "kernel"), D1),
+                ("g_norm_swish_gate.weight", ("o_norm", "scale"), "flat")]
+    else:
+        out.append(("b_proj.weight", ("b_proj", "kernel"), D1))
+        if name == "gdn":
+            out += [("a_proj.weight", ("a_proj", "kernel"), D1),
+                    ("A_log", ("A_log",), "flat"), ("dt_bias", ("dt_bias",), "flat")]
+        if s["use_gate"]:
+            out.append(("g_proj.weight", ("g_proj", "kernel"), D1))
+        out.append(("o_norm.weight", ("o_norm", "scale"), "flat"))
+    return out + [("o_proj.weight", ("o_proj", "kernel"), D2)]
+
+
+def tensor_map(cfg: ModelConfig) -> list:
+    """[(fla tensor name, our param path (a tuple of keys, without scan_layers), how)] for
+    every parameter of the model."""
+    D1 = ("dense", 1)
+    out = [("model.embeddings.weight", ("embed", "embedding"), "same"),
+           ("model.norm.weight", ("final_norm", "scale"), "flat")]
+    if not cfg.tie_embeddings:
+        out.append(("lm_head.weight", ("lm_head", "kernel"), D1))
+    for i in range(cfg.num_layers):
+        token, channel = cfg.layer_kinds(i)
+        pre, ours = f"model.layers.{i}.", f"layer_{i}"
+        out.append((pre + "attn_norm.weight", (ours, "mixer_norm", "scale"), "flat"))
+        out += [(pre + "attn." + f, (ours, "mixer") + p, how)
+                for f, p, how in _mixer_entries(cfg, token)]
+        if channel == "swiglu":
+            out += [(pre + "mlp_norm.weight", (ours, "mlp_norm", "scale"), "flat"),
+                    (pre + "mlp.gate_proj.weight", (ours, "mlp", "w_gate", "kernel"), D1),
+                    (pre + "mlp.up_proj.weight", (ours, "mlp", "w_up", "kernel"), D1),
+                    (pre + "mlp.down_proj.weight", (ours, "mlp", "w_out", "kernel"), D1)]
+    return out
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """{path: shape} of the model's parameters (per layer, as without scan_layers)."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from mem_lm.model import LanguageModel
+    flat_cfg = dataclasses.replace(cfg, scan_layers=False)
+    shapes = jax.eval_shape(LanguageModel(flat_cfg).init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, 1), jnp.int32))
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(shapes["params"]))
+    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _layer_params(cfg: ModelConfig, params: Mapping) -> Callable[[tuple], np.ndarray]:
+    """A getter of our per-layer paths (layer_{i}/...) for params with or without scan_layers."""
+    def get(path):
+        if cfg.scan_layers and path[0].startswith("layer_"):
+            i = int(path[0][len("layer_"):])
+            g, j = divmod(i, cfg.group_size)
+            node = params["groups"][f"block_{j}"]
+            for k in path[1:]:
+                node = node[k]
+            return np.asarray(node)[g]
+        node = params
+        for k in path:
+            node = node[k]
+        return np.asarray(node)
+    return get
+
+
+# ------------------------------------------------------------------------------ files
+def read_fla(path: str) -> tuple[dict, dict]:
+    """(config.json as a dict, {tensor name: NumPy array}) of an fla checkpoint directory."""
+    from safetensors.numpy import load_file
+
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path}: no config.json (an fla checkpoint directory holds "
+                                f"config.json and model.safetensors)")
+    with open(cfg_file) as f:
+        config = json.load(f)
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                f"(only safetensors checkpoints are read; save with "
+                                f"save_pretrained(..., safe_serialization=True))")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return config, tensors
+
+
+def import_fla(path: str) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) of an fla checkpoint directory; params a plain nested dict of
+    float32 NumPy arrays, as `LanguageModel(cfg).apply({"params": params}, tokens)` takes."""
+    config, tensors = read_fla(path)
+    cfg = config_from_fla(config)
+    return cfg, params_from_fla(cfg, tensors)
+
+
+def params_from_fla(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict:
+    shapes = param_shapes(cfg)
+    entries = tensor_map(cfg)
+    missing = [n for n, _, _ in entries if n not in tensors]
+    leftover = sorted(set(tensors) - {n for n, _, _ in entries})
+    if missing or leftover:
+        raise ConversionError(
+            "fla checkpoint does not match its config:"
+            + (f"\n  missing tensors: {missing}" if missing else "")
+            + (f"\n  tensors left over (not mapped to any parameter): {leftover}"
+               if leftover else ""))
+    params, wrong = {}, []
+    for name, path, how in entries:
+        w = np.asarray(tensors[name])
+        if not np.issubdtype(w.dtype, np.floating) and w.dtype.name != "bfloat16":
+            wrong.append(f"{name}: dtype {w.dtype}")
+            continue
+        shape = shapes[path]
+        if math.prod(w.shape) != math.prod(shape) or (how == "conv" and w.ndim != 3):
+            wrong.append(f"{name}: shape {tuple(w.shape)}, expected {shape} here "
+                         f"({'/'.join(path)})")
+            continue
+        _set(params, path, _to_ours(how, w.astype(np.float32), shape))
+    unmapped = sorted(set(shapes) - {p for _, p, _ in entries})
+    if wrong or unmapped:
+        raise ConversionError("fla checkpoint: " + "; ".join(wrong)
+                              + (f"; parameters with no fla tensor: {unmapped}" if unmapped else ""))
+    return params
+
+
+def export_fla(cfg: ModelConfig, params: Mapping, path: str) -> None:
+    """Write `cfg` and `params` (with or without scan_layers) as an fla checkpoint directory
+    (config.json + model.safetensors, float32) that `fla.models.AutoModelForCausalLM`
+    and `import_fla` load."""
+    from safetensors.numpy import save_file
+
+    fla_cfg = config_to_fla(cfg)
+    get = _layer_params(cfg, params)
+    shapes = param_shapes(cfg)
+    entries = tensor_map(cfg)
+    unmapped = sorted(set(shapes) - {p for _, p, _ in entries})
+    if unmapped:
+        raise ConversionError(f"export to fla: parameters with no fla name: {unmapped}")
+    tensors = {n: np.ascontiguousarray(_to_fla(how, get(p).astype(np.float32)))
+               for n, p, how in entries}
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(fla_cfg, f, indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------ workdirs
+def save_workdir(cfg: ModelConfig, params: Mapping, workdir: str, source: dict) -> str:
+    """A checkpoint step directory <workdir>/checkpoints/0 with the items `load_pretrained`
+    reads (params, meta); returns its path."""
+    import orbax.checkpoint as ocp
+
+    from mem_lm.pretrained import META_ITEM, PARAMS_ITEM
+    step = os.path.join(os.path.abspath(workdir), "checkpoints", "0")
+    if os.path.exists(step):
+        raise FileExistsError(f"{step} exists; choose a new --out")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(step, PARAMS_ITEM), params)
+    os.makedirs(os.path.join(step, META_ITEM))
+    with open(os.path.join(step, META_ITEM, "meta.json"), "w") as f:
+        json.dump({"model_config": cfg.to_dict(), "source": source}, f, indent=2)
+    return step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m mem_lm.convert",
+        description="Convert between fla's Hugging Face checkpoints and mem_lm workdirs.")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from", dest="src", metavar="FORMAT PATH", nargs=2,
+                     help="import: --from fla DIR (config.json + model.safetensors)")
+    way.add_argument("--to", dest="dst", metavar="FORMAT PATH", nargs=2,
+                     help="export: --to fla WORKDIR (a training workdir or checkpoint)")
+    p.add_argument("--out", required=True, help="the workdir (import) or fla directory (export)")
+    a = p.parse_args(argv)
+    fmt, path = a.src or a.dst
+    if fmt != "fla":
+        p.error(f"format {fmt!r}: only 'fla' is supported")
+    try:
+        if a.src:
+            cfg, params = import_fla(path)
+            step = save_workdir(cfg, params, a.out, {"format": "fla",
+                                                     "path": os.path.abspath(path)})
+            print(f"imported {path} -> {step}\n  pattern {cfg.pattern}, {cfg.num_layers} "
+                  f"layers, d_model {cfg.d_model}; load with "
+                  f"mem_lm.load_pretrained({a.out!r})")
+        else:
+            import jax
+
+            from mem_lm.pretrained import load_pretrained
+            model, variables = load_pretrained(path)
+            export_fla(model.config, jax.device_get(variables["params"]), a.out)
+            print(f"exported {path} -> {a.out} (config.json, model.safetensors)")
+    except (ConversionError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
