@@ -5,3 +5,4 @@ from layers import linear_attention  # noqa: F401
 from layers import gated_deltanet  # noqa: F401
 from layers import mlp  # noqa: F401
 from layers import mom  # noqa: F401
+from layers import memory  # noqa: F401

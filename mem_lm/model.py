@@ -54,6 +54,22 @@ def make_mixer(cfg: ModelConfig, name: str, module_name: Optional[str] = None):
     return registry.get(name).build(cfg.shared(), cfg.settings(name), module_name)
 
 
+def shared_params(cfg: ModelConfig) -> dict:
+    """{name: (initialiser, shape)} of the parameters a channel mixer shares across its layers
+    (memory_plus's value pool): its module's `shared_params()`. The model creates each once,
+    outside the blocks (so scan_layers does not stack it), and passes it to every layer whose
+    module declares it."""
+    out: dict = {}
+    for name in dict.fromkeys(cfg.channel_pattern):
+        declared = getattr(make_mixer(cfg, name), "shared_params", dict)()
+        for n, (fn, shape) in declared.items():
+            if n in out and out[n][1] != shape:
+                raise ValueError(f"channel mixers share parameter {n!r} with different shapes "
+                                 f"{out[n][1]} and {shape}")
+            out[n] = (fn, shape)
+    return out
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
     """An empty decode cache for `batch` rows and at most `max_len` tokens in total."""
     per_pos = [make_mixer(cfg, cfg.layer_kinds(j)[0]).init_cache(batch, max_len)
@@ -71,7 +87,7 @@ class Block(nn.Module):
     layer: int          # position in the group: chooses the token and channel mixer
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache_pos, cache, layer_idx):
+    def __call__(self, x, positions, segment_ids, cache_pos, cache, layer_idx, shared):
         cfg = self.cfg
         dt = compute_dtype(cfg)
         token, channel = cfg.layer_kinds(self.layer)
@@ -82,7 +98,8 @@ class Block(nn.Module):
         x = x + y.astype(x.dtype)
         mlp = make_mixer(cfg, channel, "mlp")
         if mlp is not None:
-            x = x + mlp(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x)).astype(x.dtype)
+            kw = {n: shared[n] for n in getattr(mlp, "shared_params", dict)()}
+            x = x + mlp(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x), **kw).astype(x.dtype)
         return constrain(x, ("batch", "length", "embed")), new_cache
 
 
@@ -91,14 +108,14 @@ class Group(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache_pos, cache, group_idx):
+    def __call__(self, x, positions, segment_ids, cache_pos, cache, group_idx, shared):
         P = self.cfg.group_size
         block = _maybe_remat(Block, self.cfg)
         new = []
         for j in range(P):
             x, c = block(self.cfg, j, name=f"block_{j}")(
                 x, positions, segment_ids, cache_pos, None if cache is None else cache[j],
-                group_idx * P + j)
+                group_idx * P + j, shared)
             new.append(c)
         return x, (None if cache is None else new)
 
@@ -135,24 +152,27 @@ class LanguageModel(nn.Module):
         else:
             positions = jnp.arange(T, dtype=jnp.int32)[None]
 
+        shared = {n: self.param(n, fn, shape, jnp.float32)
+                  for n, (fn, shape) in shared_params(cfg).items()}
         layers_cache = None if cache is None else cache["layers"]
         if cfg.scan_layers:
             Scanned = nn.scan(_maybe_remat(Group, cfg),
                               variable_axes={"params": 0, **{c: 0 for c in AUX_COLLECTIONS}},
                               split_rngs={"params": True},
-                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0,
+                                       nn.broadcast),
                               length=cfg.num_groups,
                               metadata_params={nn.PARTITION_NAME: None})
             x, new_layers = Scanned(cfg, name="groups")(
                 x, positions, segment_ids, cache_pos, layers_cache,
-                jnp.arange(cfg.num_groups, dtype=jnp.int32))
+                jnp.arange(cfg.num_groups, dtype=jnp.int32), shared)
         else:
             block = _maybe_remat(Block, cfg)
             new_layers = []
             for i in range(cfg.num_layers):
                 x, c = block(cfg, i, name=f"layer_{i}")(
                     x, positions, segment_ids, cache_pos,
-                    None if cache is None else layers_cache[i], jnp.int32(i))
+                    None if cache is None else layers_cache[i], jnp.int32(i), shared)
                 new_layers.append(c)
 
         x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
