@@ -153,12 +153,14 @@ class Attention(nn.Module):
 
 
 def _attention_settings(windowed: bool) -> dict:
-    s = {"num_heads": Setting(None, int, "query heads (None: the model's num_heads)",
+    # Named apart from the model-wide num_heads / head_dim / rope_theta, which config errors
+    # name as ModelConfig fields.
+    s = {"heads": Setting(None, int, "query heads (None: the model's num_heads)", optional=True),
+         "head_size": Setting(None, int, "head width (None: the model's head_dim)",
                               optional=True),
-         "head_dim": Setting(None, int, "head width (None: the model's head_dim)", optional=True),
-         "num_kv_heads": Setting(None, int, "GQA key/value heads (None: num_heads)", optional=True),
-         "rope_theta": Setting(None, float, "RoPE base (None: the model's rope_theta)",
-                               optional=True),
+         "num_kv_heads": Setting(None, int, "GQA key/value heads (None: heads)", optional=True),
+         "rope_base": Setting(None, float, "RoPE base (None: the model's rope_theta)",
+                              optional=True),
          "qkv_bias": Setting(False, bool, "biases on the q, k, v projections"),
          "sinks": Setting(False, bool, "a learned sink logit per head")}
     if windowed:
@@ -168,20 +170,22 @@ def _attention_settings(windowed: bool) -> dict:
 
 def _own(shared: Shared, s) -> Shared:
     """The model-wide values with this mechanism's own heads, head width and RoPE base."""
-    return dataclasses.replace(shared, num_heads=s["num_heads"] or shared.num_heads,
-                               head_dim=s["head_dim"] or shared.head_dim,
-                               rope_theta=s["rope_theta"] or shared.rope_theta)
+    return dataclasses.replace(shared, num_heads=s["heads"] or shared.num_heads,
+                               head_dim=s["head_size"] or shared.head_dim,
+                               rope_theta=s["rope_base"] or shared.rope_theta)
 
 
 def _check_attention(shared: Shared, s) -> None:
-    positive_int(s, "num_heads", "head_dim", "num_kv_heads", "conv_size",
+    positive_int(s, "heads", "head_size", "num_kv_heads", "conv_size",
                  *(("window",) if "window" in s else ()))
-    if s["rope_theta"] is not None and not s["rope_theta"] > 0:
-        raise SettingError("rope_theta", f"must be > 0, got {s['rope_theta']}")
+    if s["rope_base"] is not None and not s["rope_base"] > 0:
+        raise SettingError("rope_base", f"must be > 0, got {s['rope_base']}")
+    if s["head_size"] is not None and s["head_size"] % 2:
+        raise SettingError("head_size", f"must be even for RoPE, got {s['head_size']}")
     shared = _own(shared, s)
     if s["num_kv_heads"] is not None and shared.num_heads % s["num_kv_heads"]:
-        raise SettingError("num_kv_heads", f"must divide num_heads = {shared.num_heads}, "
-                                           f"got {s['num_kv_heads']}")
+        raise SettingError("num_kv_heads", f"must divide {'heads' if s['heads'] else 'num_heads'}"
+                                           f" = {shared.num_heads}, got {s['num_kv_heads']}")
     check_rope_head_dim(shared)
 
 

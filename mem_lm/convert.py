@@ -105,10 +105,10 @@ def _attention_specs(attn, num_layers: int) -> dict:
                                   f"(supported: {sorted(known)})")
         window = spec.get("window_size")
         name = "attn" if window is None else "swa"
-        settings = {"num_heads": spec["num_heads"],
+        settings = {"heads": spec["num_heads"],
                     "num_kv_heads": spec.get("num_kv_heads") or spec["num_heads"],
                     "qkv_bias": bool(spec.get("qkv_bias", False)),
-                    "rope_theta": float(spec.get("rope_theta", 10000.0))}
+                    "rope_base": float(spec.get("rope_theta", 10000.0))}
         if window is not None:
             settings["window"] = window
         if used.setdefault(name, settings) != settings:
@@ -187,10 +187,10 @@ def config_from_fla(fla: Mapping[str, Any]) -> ModelConfig:
     mixers = {mixer: settings,
               "swiglu": {"d_ff": fla_mlp_width(d, c["hidden_ratio"], c["intermediate_size"])}}
     for name, s in attn.values():
-        if d % s["num_heads"]:
-            raise ConversionError(f"fla config: attn num_heads = {s['num_heads']} must divide "
+        if d % s["heads"]:
+            raise ConversionError(f"fla config: attn num_heads = {s['heads']} must divide "
                                   f"hidden_size = {d}")
-        mixers[name] = dict(s, head_dim=d // s["num_heads"])
+        mixers[name] = dict(s, head_size=d // s["heads"])
     return ModelConfig(vocab_size=c["vocab_size"], d_model=d, num_layers=L, num_heads=H,
                        head_dim=head_dim, pattern=_shortest_period(layers),
                        channel_pattern=("swiglu",), mixers=mixers,
@@ -240,15 +240,15 @@ def config_to_fla(cfg: ModelConfig) -> dict:
         if not layers:
             continue
         a = cfg.settings(name)
-        heads = a["num_heads"] or H
-        if (a["head_dim"] or K) * heads != d:
+        heads = a["heads"] or H
+        if (a["head_size"] or K) * heads != d:
             problems.append(f"{name}: fla's attention has head_dim = hidden_size / num_heads "
-                            f"= {d / heads}, this model {a['head_dim'] or K}")
+                            f"= {d / heads}, this model {a['head_size'] or K}")
         if a["sinks"] or a["short_conv"]:
             problems.append(f"{name}: sinks and short convs have no fla counterpart")
         spec = dict(layers=layers, num_heads=heads, num_kv_heads=a["num_kv_heads"] or heads,
                     qkv_bias=a["qkv_bias"], window_size=a.get("window"),
-                    rope_theta=a["rope_theta"] or cfg.rope_theta)
+                    rope_theta=a["rope_base"] or cfg.rope_theta)
         specs.append(spec)
     out["attn"] = None if not specs else specs[0] if len(specs) == 1 else specs
     if problems:

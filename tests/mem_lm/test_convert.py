@@ -63,9 +63,9 @@ def test_expected_fla_config_fields():
     assert (cfg.num_heads, cfg.resolved_head_dim, cfg.settings("gdn")["num_v_heads"]) == (2, 8, 4)
     cfg = config_from_fla(fla_config("gdn_attn"))
     assert cfg.pattern == ("gdn", "swa", "gdn")
-    assert {k: cfg.settings("swa")[k] for k in ("num_heads", "num_kv_heads", "head_dim",
-                                                  "window", "qkv_bias", "rope_theta")} == \
-        dict(num_heads=4, num_kv_heads=2, head_dim=8, window=6, qkv_bias=True, rope_theta=5000.0)
+    assert {k: cfg.settings("swa")[k] for k in ("heads", "num_kv_heads", "head_size",
+                                                  "window", "qkv_bias", "rope_base")} == \
+        dict(heads=4, num_kv_heads=2, head_size=8, window=6, qkv_bias=True, rope_base=5000.0)
     assert config_from_fla(fla_config("gdn_nogate")).tie_embeddings
     gla = config_from_fla(fla_config("gla"))
     assert (gla.resolved_head_dim, gla.settings("gla")["expand_v"]) == (8, 2.0)
