@@ -117,7 +117,7 @@ def block_table(block_indices, cfg):
     codes = jnp.sort(codes, axis=-1)
     # Of equal blocks the last is kept: it carries the selected flag when any does.
     dup = (codes[..., :-1] // 2) == (codes[..., 1:] // 2)
-    dup = jnp.concatenate([dup, jnp.zeros_like(dup[..., :1])], axis=-1)
+    dup = jnp.concatenate([dup, jnp.zeros(codes.shape[:-1] + (1,), bool)], axis=-1)
     codes = jnp.sort(jnp.where(dup, big, codes), axis=-1)
     count = jnp.sum(codes < big, axis=-1, dtype=jnp.int32)
     # A query block with no live entry keeps an in-range (and masked) one.
