@@ -76,7 +76,9 @@ def test_shared_value_pool_is_one_table_with_and_without_scan(rng):
     cfg = model_cfg()
     scfg = dataclasses.replace(cfg, scan_layers=True)
     tokens = jnp.asarray(rng.integers(0, 32, (2, 6)), jnp.int32)
-    p = nn.meta.unbox(LanguageModel(cfg).init(jax.random.PRNGKey(0), tokens)["params"])
+    shapes = jax.eval_shape(LanguageModel(cfg).init, jax.random.PRNGKey(0), tokens)
+    p = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), jnp.float32),
+                     nn.meta.unbox(shapes["params"]))
     assert p[SHARED_VALUES].shape == (N_KEYS ** 2, D)
     paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p)]
     assert [n for n in paths if "values" in n] == [f"['{SHARED_VALUES}']"], paths
