@@ -16,6 +16,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
 from pallas_kernels.linear_attention.pallas import linear_attention_pallas
+from pallas_kernels.sparse_attention.pallas import block_sparse_attention_pallas
 
 # platform -> (kernel layout, the custom call a lowered kernel becomes)
 PLATFORMS = {"tpu": ("tpu", "tpu_custom_call"), "cuda": ("gpu", "__gpu$xla.gpu.triton")}
@@ -118,3 +119,28 @@ def test_lowers_packed_sequences(platform, variant):
     fwd, grad = forward_and_grad(op, layout, cu_seqlens=cu)
     assert lower(fwd, (args, h0), platform).count(target) == n_fwd
     assert lower(grad, (args, h0), platform).count(target) == n_both
+
+
+@pytest.mark.parametrize("platform", sorted(PLATFORMS))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_block_sparse_attention_lowers(platform, dtype):
+    """Forward (1 kernel) and forward + backward (3: forward, dq, dk/dv) with GQA 3, an odd
+    length, a window and segment ids."""
+    reason = platform_unavailable(platform)
+    if reason:
+        pytest.skip(reason)
+    layout, target = PLATFORMS[platform]
+    B, T, H, Hkv, D, bs = 1, 200, 6, 2, 64, 64
+    q = jnp.zeros((B, T, H, D), dtype)
+    k, v = (jnp.zeros((B, T, Hkv, D), dtype) for _ in range(2))
+    idx = jnp.zeros((B, Hkv, 4, 2), jnp.int32)
+    seg = jnp.zeros((B, T), jnp.int32)
+
+    def fwd(q, k, v):
+        return block_sparse_attention_pallas(q, k, v, idx, block_size=bs, window=100,
+                                             causal=True, scale=0.125, segment_ids=seg,
+                                             backend=layout, interpret=False)
+
+    grad = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+    assert lower(fwd, (q, k, v), platform).count(target) == 1
+    assert lower(grad, (q, k, v), platform).count(target) == 3
