@@ -131,6 +131,14 @@ def get_config() -> ConfigDict:
         # dt_proj, gla gk_proj_a/gk_proj_b). Decayed: embeddings, lm_head, q/k/v/o/g projections,
         # MLPs, short-conv kernels. A new parameter that must not decay needs a pattern here.
         no_decay_patterns="norm,bias,A_log,(^|/)D$,sinks,a_proj/,b_proj/,dt_proj/,gk_proj",
+        # Memory layers' value tables (pkm's per-layer `mlp/values`, memory_plus's shared
+        # `memory_values`): their own AdamW with a fixed learning rate (no warmup or decay) and
+        # weight decay; the params whose path matches one of the comma-separated regexes.
+        memory_values=ConfigDict(dict(
+            patterns="(^|/)(memory_)?values$",
+            learning_rate=1e-3,
+            weight_decay=0.0,
+        )),
     ))
 
     c.train = ConfigDict(dict(

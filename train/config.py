@@ -212,11 +212,19 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
     for f in ("b1", "b2"):
         if not 0 <= o[f] < 1:
             _fail(f"optim.{f}", f"must be in [0, 1), got {o[f]}")
-    for p in o.no_decay_patterns.split(","):
-        try:
-            re.compile(p.strip())
-        except re.error as e:
-            _fail("optim.no_decay_patterns", f"{p.strip()!r} is not a regex ({e})")
+    for field, patterns in (("no_decay_patterns", o.no_decay_patterns),
+                            ("memory_values.patterns", o.memory_values.patterns)):
+        for p in patterns.split(","):
+            try:
+                re.compile(p.strip())
+            except re.error as e:
+                _fail(f"optim.{field}", f"{p.strip()!r} is not a regex ({e})")
+    if not o.memory_values.learning_rate > 0:
+        _fail("optim.memory_values.learning_rate",
+              f"must be > 0, got {o.memory_values.learning_rate}")
+    if o.memory_values.weight_decay < 0:
+        _fail("optim.memory_values.weight_decay",
+              f"must be >= 0, got {o.memory_values.weight_decay}")
 
     d = c.data
     if d.source not in base_config.DATA_SOURCES:

@@ -1,6 +1,12 @@
 """optax AdamW with linear warmup + cosine decay, global-norm clipping, and no weight decay on
 the parameters whose names `optim.no_decay_patterns` matches (norm scales, biases, gate
-parameters and gate projections)."""
+parameters and gate projections).
+
+Parameter groups by name (`optax.multi_transform`): the parameters whose path matches
+`optim.memory_values.patterns` (the memory layers' value tables) get their own AdamW with the
+fixed learning rate `optim.memory_values.learning_rate` (no warmup, no decay: Memory+ trains
+its values at a constant 1e-3) and weight decay `optim.memory_values.weight_decay`; every
+other parameter gets the main one. Clipping is by the global norm over all of them."""
 from __future__ import annotations
 
 import re
@@ -35,25 +41,46 @@ def _is_box(x) -> bool:
     return isinstance(x, meta.AxisMetadata)
 
 
-def weight_decay_mask(params, patterns: str):
-    """True for the params that get weight decay: those whose path ("layer_0/mixer/A_log";
-    "groups/block_0/mixer/A_log" under scan_layers) no regex of the comma-separated `patterns`
-    matches (re.search). The rule looks at names only, never at ranks, so a parameter is decayed
-    or not whether or not `scan_layers` stacks the layers along a leading axis. `params` may be
-    Flax boxed (logically partitioned) or plain; the mask has the same tree structure."""
+def _regexes(patterns: str, field: str) -> list:
     regexes = []
     for p in patterns.split(","):
         if p.strip():
             try:
                 regexes.append(re.compile(p.strip()))
             except re.error as e:
-                raise ValueError(f"optim.no_decay_patterns: {p.strip()!r} is not a regex ({e})") from e
+                raise ValueError(f"optim.{field}: {p.strip()!r} is not a regex ({e})") from e
+    return regexes
 
-    def decays(path, leaf):
-        decayed = not any(r.search(_path_str(path)) for r in regexes)
-        return leaf.replace_boxed(decayed) if _is_box(leaf) else decayed
 
-    return jax.tree_util.tree_map_with_path(decays, params, is_leaf=_is_box)
+def _by_name(params, fn):
+    """fn(path string) at every leaf, boxed like the leaf when `params` is Flax boxed."""
+    def leaf_fn(path, leaf):
+        v = fn(_path_str(path))
+        return leaf.replace_boxed(v) if _is_box(leaf) else v
+
+    return jax.tree_util.tree_map_with_path(leaf_fn, params, is_leaf=_is_box)
+
+
+def weight_decay_mask(params, patterns: str):
+    """True for the params that get weight decay: those whose path ("layer_0/mixer/A_log";
+    "groups/block_0/mixer/A_log" under scan_layers) no regex of the comma-separated `patterns`
+    matches (re.search). The rule looks at names only, never at ranks, so a parameter is decayed
+    or not whether or not `scan_layers` stacks the layers along a leading axis. `params` may be
+    Flax boxed (logically partitioned) or plain; the mask has the same tree structure."""
+    regexes = _regexes(patterns, "no_decay_patterns")
+    return _by_name(params, lambda name: not any(r.search(name) for r in regexes))
+
+
+MEMORY_VALUES = "memory_values"
+
+
+def param_groups(params, patterns: str):
+    """The optimizer group of each parameter: "memory_values" where its path matches a regex of
+    the comma-separated `patterns` (optim.memory_values.patterns), else "default"; same tree
+    structure as `params` (boxed or plain)."""
+    regexes = _regexes(patterns, "memory_values.patterns")
+    return _by_name(params, lambda name: MEMORY_VALUES if any(r.search(name) for r in regexes)
+                    else "default")
 
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:
@@ -61,7 +88,12 @@ def make_optimizer(optim_cfg) -> optax.GradientTransformation:
     chain = []
     if o.grad_clip_norm > 0:
         chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
-    chain.append(optax.adamw(learning_rate=learning_rate_schedule(o), b1=o.b1, b2=o.b2, eps=o.eps,
-                             weight_decay=o.weight_decay,
-                             mask=lambda p: weight_decay_mask(p, o.no_decay_patterns)))
+    main = optax.adamw(learning_rate=learning_rate_schedule(o), b1=o.b1, b2=o.b2, eps=o.eps,
+                       weight_decay=o.weight_decay,
+                       mask=lambda p: weight_decay_mask(p, o.no_decay_patterns))
+    g = o.memory_values
+    values = optax.adamw(learning_rate=g.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
+                         weight_decay=g.weight_decay)
+    chain.append(optax.multi_transform({"default": main, MEMORY_VALUES: values},
+                                       lambda p: param_groups(p, g.patterns)))
     return optax.chain(*chain)
