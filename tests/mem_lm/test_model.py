@@ -237,7 +237,8 @@ def test_flat_fields_of_old_checkpoints_move_to_mixers():
     with pytest.warns(DeprecationWarning, match="window"):
         cfg = ModelConfig.from_dict(old)
     assert cfg.settings("swa") == dict(window=5, num_kv_heads=None, sinks=False,
-                                       short_conv=True, conv_size=4)
+                                       short_conv=True, conv_size=4, heads=None,
+                                       head_size=None, rope_base=None, qkv_bias=False)
     assert cfg.settings("gdn")["expand_v"] == 2.0
     assert cfg.channel_pattern == ("none",)
 
