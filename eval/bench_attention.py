@@ -17,7 +17,7 @@ same q, k, v under full causal attention (`pallas_kernels.attention`). Impls per
     gpu   sparse: pallas, xla; dense: cudnn (cuDNN flash attention, bf16 / fp16 only), xla
     tpu   sparse: pallas, xla; dense: splash, xla
 
-Per (impl, T): the median of --reps calls of the jitted forward and of the jitted gradient of
+Per (impl, T): the best of --reps calls of the jitted forward and of the jitted gradient of
 <o, random cotangent> w.r.t. q, k, v, after a warm-up call (compile time excluded). A cell
 whose time, extrapolated from the impl's previous length (linearly for sparse, quadratically
 for dense), would exceed --max_seconds per call is skipped and says so. --long adds 32k and
@@ -69,7 +69,8 @@ def random_block_indices(rng, B, Hkv, NQ, S):
 
 
 def timed(fn, args, reps: int) -> float:
-    """Median seconds of `reps` calls after a warm-up call."""
+    """Best seconds of `reps` calls after a warm-up call (the least disturbed by other load
+    on a shared machine)."""
     import jax
     jax.block_until_ready(fn(*args))
     times = []
@@ -77,7 +78,7 @@ def timed(fn, args, reps: int) -> float:
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(min(times))
 
 
 def programs(kind, impl, idx, args, ct):
@@ -177,7 +178,7 @@ def main(argv=None) -> list:
 
     title = (f"block-sparse (bs {args.block_size}, {args.selected} selected, window "
              f"{args.window}) vs dense causal attention: B={B}, H={H}, Hkv={Hkv}, D={D}, "
-             f"{dtype.name}, median of {args.reps}; {where}")
+             f"{dtype.name}, best of {args.reps}; {where}")
     columns = ["kind", "impl", "T", "fwd_ms", "fwd_bwd_ms", "dense_fwd/sparse",
                "dense_fb/sparse", "fb_per_token_vs_first", "note"]
     table = common.print_table(rows, columns, floatfmt=".3g", title=title)

@@ -137,6 +137,32 @@ def test_pallas_cases(x64, rng, layout, case):
     assert_all_close(vjp_all(pal, q, k, v, ct), vjp_all(ref, q, k, v, ct), 1e-12)
 
 
+@pytest.mark.slow
+def test_vmap_checkpoint_scan(rng):
+    """grad of checkpoint, vmapped over a leading axis and scanned over another, equals the
+    reference's gradient call by call."""
+    q, k, v, idx = (jnp.asarray(a) for a in make_inputs(rng, B=1, T=40, H=2, Hkv=1, S=2,
+                                                         dtype=np.float32))
+    stack = lambda x: jnp.stack([x, 0.5 * x])
+
+    def grad(impl):
+        op = lambda q, k, v: block_sparse_attention(q, k, v, idx, block_size=BS, window=9,
+                                                    impl=impl)
+        return jax.grad(lambda *a: jnp.sum(jnp.sin(jax.checkpoint(op)(*a))), argnums=(0, 1, 2))
+
+    def scanned(q, k, v):
+        return jax.lax.scan(lambda c, x: (c, jax.vmap(grad("xla"))(*x)), 0,
+                            (stack(stack(q)), stack(stack(k)), stack(stack(v))))[1]
+
+    got = jax.jit(scanned)(q, k, v)
+    ref = jax.jit(grad("reference"))
+    for a in range(2):
+        for b in range(2):
+            want = ref(*(0.5 ** (a + b) * x for x in (q, k, v)))
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(np.asarray(g[a, b]), np.asarray(w), atol=1e-5)
+
+
 def test_sliding_window_is_dense_window_attention(x64, rng):
     """No listed blocks: exactly the dense attention op with that window (and documents)."""
     q, k, v, _ = make_inputs(rng, B=2, T=45, H=4, Hkv=2, D=8, Dv=8)
