@@ -94,6 +94,17 @@ def make_optimizer(optim_cfg) -> optax.GradientTransformation:
     g = o.memory_values
     values = optax.adamw(learning_rate=g.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
                          weight_decay=g.weight_decay)
-    chain.append(optax.multi_transform({"default": main, MEMORY_VALUES: values},
-                                       lambda p: param_groups(p, g.patterns)))
+    groups = optax.multi_transform({"default": main, MEMORY_VALUES: values},
+                                   lambda p: param_groups(p, g.patterns))
+    chain.append(optax.GradientTransformation(lambda p: _unbox_masked(groups.init(p)),
+                                              groups.update))
     return optax.chain(*chain)
+
+
+def _unbox_masked(state):
+    """The state with Flax boxes around optax.MaskedNode (the empty stand-in for a parameter
+    outside a group) unboxed: initialised from boxed params, a group's state holds such boxes,
+    which would each get a sharding where the unboxed state holds no array."""
+    return jax.tree_util.tree_map(
+        lambda x: x.unbox() if _is_box(x) and isinstance(x.unbox(), optax.MaskedNode) else x,
+        state, is_leaf=_is_box)

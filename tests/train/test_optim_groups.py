@@ -12,6 +12,7 @@ from configs.base import get_config
 from mem_lm import LanguageModel, ModelConfig
 from train.config import ConfigError, resolve
 from train.optim import make_optimizer, param_groups
+from train.sharding import logical_to_shardings, make_mesh
 
 
 def test_value_tables_form_their_own_group_with_and_without_scan():
@@ -31,6 +32,13 @@ def test_value_tables_form_their_own_group_with_and_without_scan():
         pkm = "['groups']['block_0']" if scan else "['layer_0']"
         assert values == sorted([f"{pkm}['mlp']['values']", "['memory_values']"]), values
         assert sum(v == "default" for v in flat.values()) == len(flat) - 2
+        # The trainer initialises the state from boxed params and shards it by its logical
+        # axes: the two groups' states must line up with their shardings (a box around a
+        # group's placeholder for a parameter outside it would not).
+        state = jax.eval_shape(make_optimizer(get_config().optim).init, boxed)
+        mesh = make_mesh((1, 1, 1))
+        jax.tree.map(lambda a, s: None, nn.meta.unbox(state),
+                     logical_to_shardings(state, mesh, get_config()))
 
 
 def test_values_step_at_their_own_rate_and_decay():
