@@ -52,11 +52,12 @@ def _regexes(patterns: str, field: str) -> list:
     return regexes
 
 
-def _by_name(params, fn):
-    """fn(path string) at every leaf, boxed like the leaf when `params` is Flax boxed."""
+def _by_name(params, fn, boxed: bool = True):
+    """fn(path string) at every leaf; with `boxed`, in a box like the leaf's when `params` is
+    Flax boxed, else a plain value in place of the whole box."""
     def leaf_fn(path, leaf):
         v = fn(_path_str(path))
-        return leaf.replace_boxed(v) if _is_box(leaf) else v
+        return leaf.replace_boxed(v) if boxed and _is_box(leaf) else v
 
     return jax.tree_util.tree_map_with_path(leaf_fn, params, is_leaf=_is_box)
 
@@ -76,11 +77,15 @@ MEMORY_VALUES = "memory_values"
 
 def param_groups(params, patterns: str):
     """The optimizer group of each parameter: "memory_values" where its path matches a regex of
-    the comma-separated `patterns` (optim.memory_values.patterns), else "default"; same tree
-    structure as `params` (boxed or plain)."""
+    the comma-separated `patterns` (optim.memory_values.patterns), else "default".
+
+    The labels are plain strings, also where `params` is Flax boxed (a label stands for the
+    whole box): optax.multi_transform then puts its placeholder for a parameter outside a
+    group in place of the box, so a state initialised from boxed params has no boxes without
+    arrays (which would each get a sharding) and updates of boxed or plain params line up."""
     regexes = _regexes(patterns, "memory_values.patterns")
     return _by_name(params, lambda name: MEMORY_VALUES if any(r.search(name) for r in regexes)
-                    else "default")
+                    else "default", boxed=False)
 
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:
@@ -94,17 +99,6 @@ def make_optimizer(optim_cfg) -> optax.GradientTransformation:
     g = o.memory_values
     values = optax.adamw(learning_rate=g.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
                          weight_decay=g.weight_decay)
-    groups = optax.multi_transform({"default": main, MEMORY_VALUES: values},
-                                   lambda p: param_groups(p, g.patterns))
-    chain.append(optax.GradientTransformation(lambda p: _unbox_masked(groups.init(p)),
-                                              groups.update))
+    chain.append(optax.multi_transform({"default": main, MEMORY_VALUES: values},
+                                       lambda p: param_groups(p, g.patterns)))
     return optax.chain(*chain)
-
-
-def _unbox_masked(state):
-    """The state with Flax boxes around optax.MaskedNode (the empty stand-in for a parameter
-    outside a group) unboxed: initialised from boxed params, a group's state holds such boxes,
-    which would each get a sharding where the unboxed state holds no array."""
-    return jax.tree_util.tree_map(
-        lambda x: x.unbox() if _is_box(x) and isinstance(x.unbox(), optax.MaskedNode) else x,
-        state, is_leaf=_is_box)
