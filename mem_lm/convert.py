@@ -410,6 +410,10 @@ def import_fla(path: str) -> tuple[ModelConfig, dict]:
     float32 NumPy arrays, as `LanguageModel(cfg).apply({"params": params}, tokens)` takes."""
     config, tensors = read_fla(path)
     cfg = config_from_fla(config)
+    if config.get("model_type") == "gla" and not config.get("fuse_norm", True):
+        # Unfused, fla's GLA names its output norm g_norm and applies the same SiLU gate after it.
+        tensors = {n.replace(".attn.g_norm.", ".attn.g_norm_swish_gate."): w
+                   for n, w in tensors.items()}
     return cfg, params_from_fla(cfg, tensors)
 
 

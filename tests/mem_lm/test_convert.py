@@ -111,6 +111,32 @@ def _copy(kind, tmp_path):
     return d
 
 
+def test_bfloat16_sharded_and_unfused_checkpoints(tmp_path):
+    """What else save_pretrained writes: bfloat16 tensors, shards with an index, and GLA
+    saved with fuse_norm=False (its output norm is then named g_norm)."""
+    import ml_dtypes
+    src = os.path.join(FIXTURES, "gla")
+    cfg, params = import_fla(src)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    d = tmp_path / "gla"
+    d.mkdir()
+    c = dict(fla_config("gla"), fuse_norm=False)
+    (d / "config.json").write_text(json.dumps(c))
+    tensors = {n.replace("g_norm_swish_gate", "g_norm"): w.astype(ml_dtypes.bfloat16)
+               for n, w in tensors.items()}
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:10],
+              "model-00002-of-00002.safetensors": names[10:]}
+    for f, ns in shards.items():
+        save_file({n: tensors[n] for n in ns}, str(d / f))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: f for f, ns in shards.items() for n in ns}}))
+    cfg2, params2 = import_fla(str(d))
+    assert cfg2 == cfg
+    bf16 = lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, bf16(b)), params2, params)
+
+
 def test_unknown_config_field_is_named(tmp_path):
     d = _copy("gdn", tmp_path)
     c = fla_config("gdn")
