@@ -286,6 +286,17 @@ def _to_fla(how, a: np.ndarray) -> np.ndarray:
     return a.reshape(math.prod(a.shape[:n_in]), -1).T
 
 
+def _fla_shape(how, shape: tuple) -> tuple:
+    """The shape fla stores a parameter of our `shape` in."""
+    if how == "conv":
+        return (math.prod(shape[1:]), 1, shape[0])
+    if how == "flat":
+        return (math.prod(shape),)
+    if how == "same":
+        return tuple(shape)
+    return (math.prod(shape[how[1]:]), math.prod(shape[:how[1]]))
+
+
 def _mixer_entries(cfg: ModelConfig, name: str) -> list:
     """(fla name under `attn.`, our path under `mixer`, how) of one token mixer."""
     D1, D2 = ("dense", 1), ("dense", 2)
@@ -435,9 +446,9 @@ def params_from_fla(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict
             wrong.append(f"{name}: dtype {w.dtype}")
             continue
         shape = shapes[path]
-        if math.prod(w.shape) != math.prod(shape) or (how == "conv" and w.ndim != 3):
-            wrong.append(f"{name}: shape {tuple(w.shape)}, expected {shape} here "
-                         f"({'/'.join(path)})")
+        if tuple(w.shape) != _fla_shape(how, shape):
+            wrong.append(f"{name}: shape {tuple(w.shape)}, expected {_fla_shape(how, shape)} "
+                         f"for {'/'.join(path)} {shape}")
             continue
         _set(params, path, _to_ours(how, w.astype(np.float32), shape))
     unmapped = sorted(set(shapes) - {p for _, p, _ in entries})
