@@ -1,8 +1,8 @@
 """Packed documents are exact: a batch of rows holding several documents (segment ids) gives,
 at every position, what each document gives run alone, for every token mixer, plain and with
-scan_layers + remat, on both paths of the recurrent mixers (each row a packed row with
-cu_seqlens; token by token when a row holds more documents than that path has room for); and
-the packing helper's offsets.
+scan_layers + remat (two mixers in `make test`, all under -m slow), on both paths of the
+recurrent mixers (each row a packed row with cu_seqlens; token by token when a row holds more
+documents than that path has room for); and the packing helper's offsets.
 
 "Alone" is the model (or op) without segment ids on a batch with one document per row,
 zero-padded at the end: causal, so a document's outputs do not depend on the padding after
@@ -183,9 +183,23 @@ def scanned_variables(variables, cfg, scanned_cfg):
 OTHER_IMPLS = {"gdn": ("reference",), "la": ("reference",)}
 
 
-@pytest.mark.parametrize("mixer", token_mixers())
-def test_packed_rows_equal_documents_alone(mixer, rng):
-    """Packed rows (both layouts) of the plain model, of the same weights under
+# scan_layers + remat is checked for these in `make test`, for the others under -m slow (the
+# scanned compile is most of each case's time; the scan wraps every mixer the same way).
+SCANNED_IN_MAKE_TEST = ("gdn", "swa")
+
+
+def _model_cases():
+    for m in token_mixers():
+        if m in SCANNED_IN_MAKE_TEST:
+            yield pytest.param(m, True, id=f"{m}-scan")
+        else:
+            yield pytest.param(m, False, id=m)
+            yield pytest.param(m, True, id=f"{m}-scan", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("mixer, scan", list(_model_cases()))
+def test_packed_rows_equal_documents_alone(mixer, scan, rng):
+    """Packed rows (both layouts) of the plain model, with `scan` of the same weights under
     scan_layers + remat="dots", and with other impls, against the plain model on each
     document alone (one init and one reference compile serve them all)."""
     cfg = _config(mixer)
@@ -194,8 +208,9 @@ def test_packed_rows_equal_documents_alone(mixer, rng):
     tokens = rng.integers(0, VOCAB, (len(ALL_ROWS), T)).astype(np.int32)
     alone = jax.jit(model.apply)(variables, jnp.asarray(alone_batch(tokens, ALL_ROWS)))
     variants = {"plain": (cfg, variables)}
-    scanned = _config(mixer, scan_layers=True, remat="dots")
-    variants["scan_remat"] = (scanned, scanned_variables(variables, cfg, scanned))
+    if scan:
+        scanned = _config(mixer, scan_layers=True, remat="dots")
+        variants["scan_remat"] = (scanned, scanned_variables(variables, cfg, scanned))
     for impl in OTHER_IMPLS.get(mixer, ()):
         variants[impl] = (_config(mixer, impl=impl), variables)
     for name, (c, v) in variants.items():
