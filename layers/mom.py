@@ -33,10 +33,12 @@ With documents each row has room for every memory plus ceil(L / (2 · chunk_size
 sequences (the chunked ops pad each sequence to a chunk, so this keeps the padding under half
 the row, as `layers.common.docs_per_row` does for the other mixers); a batch with a row that
 needs more takes the exact token scan (`layers.common.restarting_scan`) over the same packed
-rows instead. The per-memory projections of the routed slots are one `jax.lax.ragged_dot`
-over the batch's slots sorted by (memory, row, position) (XLA's ragged dot on TPU and GPU; on
-CPU, JAX computes it as M masked dense products: M times the work of the routed slots
-alone), gathered into the packed rows. Outputs are gathered back per slot and weighted.
+rows instead. The per-memory projections of the routed slots are, on TPU, one
+`jax.lax.ragged_dot` over the batch's slots sorted by (memory, row, position), gathered into
+the packed rows; elsewhere XLA would compute that ragged dot as M masked dense products over
+all T·top_k slots, so every token goes through every memory's kernel instead (T·M rows, not
+T·top_k·M) and the routed ones are gathered (`routed_projection`). Outputs are gathered back
+per slot and weighted.
 
 Capacity (`capacity_factor` c, None for no dropping): per batch row and memory, only the first
 ceil(c · T · top_k / M) tokens routed to the memory (in sequence order) enter it; later ones
@@ -78,7 +80,7 @@ from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_s
 
 class MemoryKernel(nn.Module):
     """The kernel [embed, memory, *features] of a per-memory projection; the caller applies it
-    to the routed slots with ragged_dot."""
+    to the routed slots (`routed_projection`)."""
     shape: tuple
     axes: tuple
     std: float
@@ -250,6 +252,28 @@ def packed_conv(x, kernel, p: Packed, hist=None):
     return y, jnp.where(bcast(back >= 0), from_x, from_hist)
 
 
+def ragged_dot_is_native() -> bool:
+    """Whether XLA runs ragged_dot as a grouped matmul here (TPU). Elsewhere it computes it as
+    one masked dense product per group (CPU; GPU unless a cuDNN grouped-GEMM rewrite applies),
+    i.e. num_memories × the routed slots' rows."""
+    return jax.default_backend() == "tpu"
+
+
+def routed_projection(x, w, r: Routing):
+    """The routed slots' per-memory projections [B, T·k, F], in each row's routed-part order,
+    of x [B, T, d] with the kernels w [M, d, F]. With a native ragged_dot: one over the batch's
+    memory-sorted slots (T·k rows); otherwise every token through every memory's kernel
+    (T·M rows, fewer than the T·k·M of a ragged_dot made dense) and the routed ones gathered."""
+    B, T, d = x.shape
+    if not ragged_dot_is_native():
+        y = jnp.einsum("btd,mdf->btmf", x, w)
+        return y[jnp.arange(B)[:, None], r.token, r.memory]
+    sizes = jnp.sum(r.counts, axis=0)
+    y = jax.lax.ragged_dot(x.reshape(B * T, d)[r.source], w, sizes)
+    # Rows past the last group (the dropped slots) are not defined on every backend.
+    return jnp.where((jnp.arange(y.shape[0]) < jnp.sum(sizes))[:, None], y, 0)[r.gather]
+
+
 class MixtureOfMemories(nn.Module):
     d_model: int
     num_heads: int
@@ -371,19 +395,15 @@ class MixtureOfMemories(nn.Module):
 
     def _project(self, x, r: Routing):
         """k, v [B, L, H, K|V], b, a [B, L, H] of the packed rows: the shared memory's by dense
-        projections of every token, the routed slots' by one ragged_dot over the batch's
-        memory-sorted slots with the concatenated per-memory kernels."""
+        projections of every token, the routed slots' with the concatenated per-memory kernels
+        (`routed_projection`)."""
         B, T, d = x.shape
         H, K, V, M = self.num_heads, self.head_dim, self.value_dim, self.num_memories
         widths = (("k_proj", (K,)), ("v_proj", (V,)), ("b_proj", ()), ("a_proj", ()))
         kernels = [MemoryKernel((d, M, H) + f, ("embed", "memory", "heads") + ("kv",) * len(f),
                                 self.init_std, name=n)() for n, f in widths]
         w = jnp.concatenate([kr.reshape(d, M, -1).transpose(1, 0, 2) for kr in kernels], -1)
-        xs = x.reshape(B * T, d)[r.source].astype(self.dtype)
-        sizes = jnp.sum(r.counts, axis=0)
-        y = jax.lax.ragged_dot(xs, w.astype(self.dtype), sizes)
-        # Rows past the last group (the dropped slots) are not defined on every backend.
-        y = jnp.where((jnp.arange(y.shape[0]) < jnp.sum(sizes))[:, None], y, 0)[r.gather]
+        y = routed_projection(x.astype(self.dtype), w.astype(self.dtype), r)
         cuts = [H * K, H * (K + V), H * (K + V + 1)]
         routed = [t.reshape((B, -1, H) + f) for t, (_, f) in zip(jnp.split(y, cuts, -1), widths)]
         if not self.shared_memory:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from layers import mom
 from layers.common import docs_per_row
 from layers.mom import MixtureOfMemories
 from layers.registry import AUX_LOSS, AUX_METRICS
@@ -351,3 +352,24 @@ def test_capacity_convention():
     assert make(capacity_factor=5e-324).capacity(10) == 1
     assert make(capacity_factor=1e308).capacity(10) == 10
     assert make().capacity(10) is None and "room" not in make().init_cache(1, 10)
+
+
+def test_routed_projection_ragged_equals_dense(monkeypatch, rng):
+    """The TPU form (one ragged_dot over the batch's memory-sorted slots) and the one used
+    elsewhere (every token through every kernel, the routed ones gathered) give the same
+    projections of the kept slots, with a capacity that drops some."""
+    B, T, d, M, F, k = 2, 11, 8, 5, 6, 2
+    probs = jax.nn.softmax(jnp.asarray(rng.standard_normal((B, T, M)), jnp.float32), -1)
+    r = mom.route(probs, k, jnp.full((B, M), 3, jnp.int32))
+    x = jnp.asarray(rng.standard_normal((B, T, d)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((M, d, F)), jnp.float32)
+    monkeypatch.setattr(mom, "ragged_dot_is_native", lambda: False)
+    dense = mom.routed_projection(x, w, r)
+    monkeypatch.setattr(mom, "ragged_dot_is_native", lambda: True)
+    ragged = mom.routed_projection(x, w, r)
+    kept = np.arange(T * k) < np.asarray(jnp.sum(r.counts, 1))[:, None]
+    assert (~kept).any() and kept.any()
+    want = np.einsum("btd,btdf->btf", np.asarray(x)[np.arange(B)[:, None], np.asarray(r.token)],
+                     np.asarray(w)[np.asarray(r.memory)])
+    np.testing.assert_allclose(np.asarray(dense)[kept], want[kept], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ragged)[kept], want[kept], rtol=1e-5, atol=1e-5)
