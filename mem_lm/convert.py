@@ -502,9 +502,9 @@ def main(argv=None) -> int:
         prog="python -m mem_lm.convert",
         description="Convert between fla's Hugging Face checkpoints and mem_lm workdirs.")
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from", dest="src", metavar="FORMAT PATH", nargs=2,
+    way.add_argument("--from", dest="src", metavar=("FORMAT", "PATH"), nargs=2,
                      help="import: --from fla DIR (config.json + model.safetensors)")
-    way.add_argument("--to", dest="dst", metavar="FORMAT PATH", nargs=2,
+    way.add_argument("--to", dest="dst", metavar=("FORMAT", "PATH"), nargs=2,
                      help="export: --to fla WORKDIR (a training workdir or checkpoint)")
     p.add_argument("--out", required=True, help="the workdir (import) or fla directory (export)")
     a = p.parse_args(argv)
