@@ -43,21 +43,27 @@ def layer(plus, impl="xla"):
 def test_layer_matches_brute_force_float64(plus, impl, x64, rng):
     m = layer(plus, impl)
     x = jnp.asarray(rng.standard_normal((2, 5, D)))
-    p = nn.meta.unbox(m.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), x)["params"])
-    p = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), p)  # fresh, not init
+    shapes = nn.meta.unbox(jax.eval_shape(m.init, jax.random.PRNGKey(0), x)["params"])
+    p = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), shapes)
     assert p["values"].shape == (N_KEYS ** 2, D) and p["keys"].shape == (HEADS, 2, N_KEYS, 2)
-    ref, slot, w = brute_force(p, x, plus)
+    ct = jnp.asarray(rng.standard_normal((2, 5, D)))
+
+    def layer_loss(p, x):
+        y, aux = m.apply({"params": p}, x, mutable=["aux_metrics"])
+        return jnp.sum(y * ct), (y, aux["aux_metrics"])
+
+    def ref_loss(p, x):
+        y, slot, w = brute_force(p, x, plus)
+        return jnp.sum(y * ct), (y, slot, w)
+
+    (_, (y, metrics)), g = jax.jit(jax.value_and_grad(layer_loss, (0, 1), has_aux=True))(p, x)
+    (_, (ref, slot, w)), gr = jax.jit(jax.value_and_grad(ref_loss, (0, 1), has_aux=True))(p, x)
     assert len(np.unique(np.asarray(slot))) > 2 * TOPK    # the tokens read different slots
-    np.testing.assert_allclose(jax.jit(m.apply)({"params": p}, x), ref, rtol=1e-10, atol=1e-10)
-    ct = jnp.asarray(rng.standard_normal(ref.shape))
-    g = jax.jit(jax.grad(lambda p, x: jnp.sum(m.apply({"params": p}, x) * ct), (0, 1)))(p, x)
-    gr = jax.grad(lambda p, x: jnp.sum(brute_force(p, x, plus)[0] * ct), (0, 1))(p, x)
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(gr)):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10, err_msg=str(path))
     # Metrics: the fraction of slots read by this batch, and the weights' entropy.
-    _, aux = m.apply({"params": p}, x, mutable=["aux_metrics"])
-    (usage,), (entropy,) = aux["aux_metrics"]["memory_key_usage"], \
-        aux["aux_metrics"]["memory_weight_entropy"]
+    (usage,), (entropy,) = metrics["memory_key_usage"], metrics["memory_weight_entropy"]
     np.testing.assert_allclose(usage, len(np.unique(np.asarray(slot))) / N_KEYS ** 2)
     np.testing.assert_allclose(entropy, -np.mean(np.sum(w * np.log(w), -1)), rtol=1e-6)
 

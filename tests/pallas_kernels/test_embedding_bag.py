@@ -36,7 +36,7 @@ def numpy_bag(i, w, t):
 
 
 def grads(fn, i, w, t, ct):
-    return jax.grad(lambda w, t: jnp.sum(fn(i, w, t) * ct), (0, 1))(w, t)
+    return jax.jit(jax.grad(lambda w, t: jnp.sum(fn(i, w, t) * ct), (0, 1)))(w, t)
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
@@ -50,7 +50,7 @@ def test_matches_reference_float64(impl, x64, rng):
     assert o.dtype == jnp.float64
     np.testing.assert_allclose(o, numpy_bag(i, w, t), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(reference(i, w, t), numpy_bag(i, w, t), rtol=1e-12, atol=1e-12)
-    dw, dt = jax.jit(lambda *a: grads(IMPLS[impl], *a))(i, w, t, ct)
+    dw, dt = grads(IMPLS[impl], i, w, t, ct)
     rdw, rdt = grads(reference, i, w, t, ct)
     np.testing.assert_allclose(dw, rdw, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dt, rdt, rtol=1e-12, atol=1e-12)
@@ -68,7 +68,7 @@ def test_bf16_table_gradient_sums_duplicates_in_float32(rng):
     ct = jnp.full((512, 8), 1.0 + 2.0**-9, jnp.float32)   # below bf16's resolution near 1
     exact = np.float32(512 * (1.0 + 2.0**-9))
     for impl in ("xla", "pallas_gpu"):
-        o = IMPLS[impl](i, w, t)
+        o = jax.jit(IMPLS[impl])(i, w, t)
         assert o.dtype == jnp.float32
         np.testing.assert_array_equal(o, np.broadcast_to(np.asarray(t[0], np.float32), o.shape))
         _, dt = grads(IMPLS[impl], i, w, t, ct)
@@ -83,8 +83,8 @@ def test_transforms_agree(rng):
     i, w, t = make(rng, lead=(3, 4), dtype=np.float32)
     fn = IMPLS["pallas_tpu"]
     direct = grads(fn, i, w, t, jnp.ones((3, 4, 12)))
-    mapped = jax.vmap(lambda ii, ww: fn(ii, ww, t))(i, w)
-    np.testing.assert_allclose(mapped, fn(i, w, t), rtol=1e-6, atol=1e-6)
+    mapped = jax.jit(jax.vmap(lambda ii, ww: fn(ii, ww, t)))(i, w)
+    np.testing.assert_allclose(mapped, jax.jit(fn)(i, w, t), rtol=1e-6, atol=1e-6)
     remat = grads(jax.checkpoint(fn), i, w, t, jnp.ones((3, 4, 12)))
     for a, b in zip(direct, remat):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
