@@ -127,3 +127,18 @@ def test_bad_settings_name_the_field(mixers, field):
     with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
         ModelConfig(vocab_size=32, d_model=D, num_layers=1, num_heads=2,
                     channel_pattern=("memory_plus",), mixers={"memory_plus": mixers})
+
+
+@pytest.mark.parametrize("channel", ["pkm", "memory_plus"])
+def test_param_count_formula(channel):
+    """The README's formula: W_q d·H·k_dim, sub-keys H·n_keys·k_dim, values n_keys²·d (once
+    per model when shared), memory_plus's W_1 and W_o 2·d², and each block's mlp_norm d."""
+    d, H, n, kd = 16, 2, 5, 6
+    settings = dict(n_keys=n, heads=H, topk=3, k_dim=kd)
+    cfg = ModelConfig(vocab_size=32, d_model=d, num_layers=2, num_heads=2, pattern=("attn",),
+                      channel_pattern=(channel,), mixers={channel: settings})
+    base = ModelConfig(vocab_size=32, d_model=d, num_layers=2, num_heads=2, pattern=("attn",),
+                       channel_pattern=("none",))
+    per_layer = d + d * H * kd + H * n * kd + (2 * d * d if channel == "memory_plus" else 0)
+    values = n * n * d * (1 if channel == "memory_plus" else 2)
+    assert param_count(cfg) - param_count(base) == 2 * per_layer + values
