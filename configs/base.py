@@ -153,6 +153,8 @@ def get_config() -> ConfigDict:
         seed=0,
         compute_dtype="float32",  # float32 | bfloat16 (params stay float32)
         max_consecutive_nonfinite=5,
+        init_from="",             # "" = random init; else a workdir or checkpoint whose params
+                                  # start a new run (e.g. from `python -m mem_lm.convert`)
     ))
 
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))

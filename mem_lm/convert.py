@@ -480,13 +480,35 @@ def export_fla(cfg: ModelConfig, params: Mapping, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------ workdirs
+_TRAIN_CONFIG = '''"""Continued training of {source} (written by python -m mem_lm.convert):
+
+    python -m train --config {path} --workdir NEW_WORKDIR [--config.data.tokenizer=...]
+
+The model is the imported one; its parameters start the run (train.init_from). The data,
+optimizer and schedule are configs/base.py's: set them for the run.
+"""
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model = base.model_config(**{model})
+    c.train.init_from = {workdir!r}
+    return c
+'''
+
+
 def save_workdir(cfg: ModelConfig, params: Mapping, workdir: str, source: dict) -> str:
     """A checkpoint step directory <workdir>/checkpoints/0 with the items `load_pretrained`
-    reads (params, meta); returns its path."""
+    reads (params, meta), and <workdir>/train_config.py, an experiment config that continues
+    training from it; returns the step directory."""
+    import pprint
+
     import orbax.checkpoint as ocp
 
     from mem_lm.pretrained import META_ITEM, PARAMS_ITEM
-    step = os.path.join(os.path.abspath(workdir), "checkpoints", "0")
+    workdir = os.path.abspath(workdir)
+    step = os.path.join(workdir, "checkpoints", "0")
     if os.path.exists(step):
         raise FileExistsError(f"{step} exists; choose a new --out")
     with ocp.StandardCheckpointer() as ckptr:
@@ -494,6 +516,11 @@ def save_workdir(cfg: ModelConfig, params: Mapping, workdir: str, source: dict) 
     os.makedirs(os.path.join(step, META_ITEM))
     with open(os.path.join(step, META_ITEM, "meta.json"), "w") as f:
         json.dump({"model_config": cfg.to_dict(), "source": source}, f, indent=2)
+    path = os.path.join(workdir, "train_config.py")
+    with open(path, "w") as f:
+        f.write(_TRAIN_CONFIG.format(source=source.get("path", "a checkpoint"), path=path,
+                                     model=pprint.pformat(cfg.to_dict(), indent=4),
+                                     workdir=workdir))
     return step
 
 
@@ -518,7 +545,9 @@ def main(argv=None) -> int:
                                                      "path": os.path.abspath(path)})
             print(f"imported {path} -> {step}\n  pattern {cfg.pattern}, {cfg.num_layers} "
                   f"layers, d_model {cfg.d_model}; load with "
-                  f"mem_lm.load_pretrained({a.out!r})")
+                  f"mem_lm.load_pretrained({a.out!r}); continue training with\n  "
+                  f"python -m train --config {os.path.join(a.out, 'train_config.py')} "
+                  f"--workdir NEW_WORKDIR")
         else:
             import jax
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 from typing import Any
 
@@ -159,6 +160,30 @@ def _model_config_cls():
 def model_config_from(config: ConfigDict):
     """`mem_lm.ModelConfig` from the config's model group (after resolve)."""
     return _model_config_cls().from_dict(config.model.to_dict())
+
+
+# ModelConfig fields that choose how the model runs, not what its parameters are.
+_RUNTIME_FIELDS = ("dtype", "remat", "impl", "attn_impl", "chunk_size", "init_std")
+
+
+def _check_init_from(path: str, model_cfg) -> None:
+    """train.init_from must hold a checkpoint whose parameters fit config.model."""
+    from mem_lm.pretrained import PARAMS_ITEM, checkpoint_steps, read_meta
+    steps = [path] if os.path.isdir(os.path.join(path, PARAMS_ITEM)) else checkpoint_steps(path)
+    if not steps:
+        _fail("train.init_from", f"{path!r} holds no checkpoint (a workdir, its checkpoints "
+                                 f"directory or one step directory)")
+    try:
+        theirs = read_meta(steps[0])["model_config"]
+    except (OSError, ValueError, KeyError) as e:
+        _fail("train.init_from", f"{steps[0]}: no model config in its metadata ({e})")
+    ours = model_cfg.to_dict()
+    theirs = type(model_cfg).from_dict(theirs).to_dict()
+    diff = [f"model.{k}: {ours[k]!r} here, {theirs[k]!r} there" for k in sorted(ours)
+            if k not in _RUNTIME_FIELDS and ours[k] != theirs[k]]
+    if diff:
+        _fail("train.init_from", f"{steps[0]} holds another model than config.model:\n  "
+                                 + "\n  ".join(diff))
 
 
 def data_vocab_size(config: ConfigDict) -> int:
@@ -321,6 +346,8 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
         if field.startswith("ModelConfig."):
             _fail("model." + field[len("ModelConfig."):], msg)
         _fail("model", str(e))
+    if t.init_from:
+        _check_init_from(t.init_from, model_config_from(c))
 
     if c.checkpoint.keep < 1:
         _fail("checkpoint.keep", f"must be >= 1, got {c.checkpoint.keep}")

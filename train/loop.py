@@ -204,6 +204,13 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                 for k, v in local.items()}
 
+    def load_params(self, path: str):
+        """The parameters of the checkpoint at `path` (resolve checked that they fit the
+        model), placed as the train state's are."""
+        from mem_lm.pretrained import load_pretrained
+        _, variables = load_pretrained(path)
+        return jax.device_put(variables["params"], self.state_shardings["params"])
+
     def init_state(self, seed: int):
         with self.context():
             return self._init(jax.random.PRNGKey(seed))
@@ -262,6 +269,9 @@ def run(config: ConfigDict, workdir: str, *, progress: bool | None = None,
         _log(f"resumed from {ckpt_dir} at step {start}")
     else:
         state, data_state, start = trainer.init_state(t.seed), None, 0
+        if t.init_from:
+            state["params"] = trainer.load_params(t.init_from)
+            _log(f"parameters from {t.init_from}")
     train_source = data_lib.make_source(config, "train")
     it = data_lib.make_train_iterator(config, pi, pc, state=data_state, source=train_source)
     eval_data = data_lib.eval_batches(config, pi, pc) if t.eval_batches else []

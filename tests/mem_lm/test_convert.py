@@ -210,6 +210,37 @@ def test_cli_round_trip_through_a_workdir(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
+
+def test_training_continues_from_an_import(tmp_path):
+    """The experiment config the import writes trains from the imported parameters (at a
+    learning rate too small to move them), and train.init_from refuses another model."""
+    import importlib.util
+
+    from train.config import ConfigError, resolve
+    from train.loop import run
+    src = os.path.join(FIXTURES, "gdn_nogate")
+    assert main(["--from", "fla", src, "--out", str(tmp_path / "imported")]) == 0
+    spec = importlib.util.spec_from_file_location("imported_config",
+                                                  tmp_path / "imported" / "train_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.data.update(source="mqar", vocab_size=64, num_kv_pairs=2)    # the fixture's vocabulary
+    c.model.impl = "reference"    # how the model runs, not what it is: compiles faster
+    c.train.update(steps=1, batch_size=2, seq_len=16, eval_every=0, eval_batches=0)
+    c.optim.update(learning_rate=1e-30, warmup_steps=0)
+    c.logging.update(tensorboard=False, progress_bar=False)
+    c.checkpoint.async_save = False
+    run(c, str(tmp_path / "continued"))
+    _, variables = load_pretrained(str(tmp_path / "continued"))
+    _, params = import_fla(src)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6),
+                 variables["params"], params)
+    c.model.num_layers = 1
+    with pytest.raises(ConfigError, match=r"train.init_from: .* holds another model than "
+                                          r"config.model:\n  model.num_layers: 1 here, 2 there"):
+        resolve(c)
+
 # fla's GatedDeltaNet at d_model 1024 (its 0.75 · d_model rule for q/k: 3 heads of 256).
 BIG = dict(model_type="gated_deltanet", hidden_size=1024, num_hidden_layers=12, head_dim=256,
            num_heads=3, expand_v=2.0, vocab_size=32000, hidden_ratio=4, intermediate_size=None)
