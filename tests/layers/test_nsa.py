@@ -2,6 +2,7 @@
 own masks) equal the full forward in float64 at lengths where every branch and the block
 selection matter; packed documents starting on block boundaries equal each document alone;
 gradients reach every parameter; bad settings name their field."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,12 +20,21 @@ def make(dtype=jnp.float64, **kw):
                impl="xla", **{**SMALL, **kw})
 
 
+def init(layer, x, rng):
+    """Random parameters of the layer's shapes (no compile of `init`'s forward)."""
+    pos = jnp.arange(x.shape[1])[None]
+    shapes = nn.meta.unbox(jax.eval_shape(
+        lambda x: layer.init(jax.random.PRNGKey(0), x, positions=pos), x))
+    return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
+                        shapes)
+
+
 def test_decode_equals_full_forward(x64, rng):
     B, T, T0 = 2, 37, 13
     layer = make()
     x = jnp.asarray(rng.standard_normal((B, T, 16)))
     pos = jnp.arange(T)[None]
-    params = layer.init(jax.random.PRNGKey(0), x, positions=pos)
+    params = init(layer, x, rng)
     full, _ = jax.jit(lambda p, x: layer.apply(p, x, positions=pos))(params, x)
     # One compile for the prefill, one for every step (a traced position).
     call = jax.jit(lambda x, cache, t: layer.apply(
@@ -43,7 +53,7 @@ def test_packed_documents_on_block_boundaries(x64, rng):
     layer = make()
     x = jnp.asarray(rng.standard_normal((1, T, 16)))
     seg = jnp.asarray([[1] * 8 + [2] * 16 + [3] * 8], jnp.int32)
-    params = layer.init(jax.random.PRNGKey(0), x, positions=jnp.arange(T)[None])
+    params = init(layer, x, rng)
     doc_pos = jnp.asarray([list(range(8)) + list(range(16)) + list(range(8))])
     apply = jax.jit(lambda x, pos, seg: layer.apply(params, x, positions=pos,
                                                     segment_ids=seg)[0])
@@ -56,11 +66,12 @@ def test_packed_documents_on_block_boundaries(x64, rng):
                                    atol=1e-10)
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_parameter(rng):
     layer = make(jnp.float32)
     x = jnp.asarray(rng.standard_normal((1, 24, 16)), jnp.float32)
     pos = jnp.arange(24)[None]
-    params = layer.init(jax.random.PRNGKey(0), x, positions=pos)
+    params = init(layer, x, rng)
     grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x, positions=pos)[0] ** 2)))(
         params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -72,11 +83,12 @@ def test_selection_rules():
     over = overlap_matrix(M=3, NS=2, l=4, d=2, bs=4)   # blocks at tokens 0-3, 2-5, 4-7
     np.testing.assert_allclose(over, [[1, 0], [0.5, 0.5], [0, 1]])
     imp = jnp.asarray([0.0, 0.3, 0.9, 0.2, 0.5, 0.1])
+    sel = jax.jit(select_blocks, static_argnums=3)
     # Query block 4: blocks 0, 3, 4 always, then the most important of the rest (2); never 5.
-    np.testing.assert_array_equal(np.sort(select_blocks(imp, 4, 0, 4)), [0, 2, 3, 4])
-    np.testing.assert_array_equal(select_blocks(imp, 0, 0, 3), [0, -1, -1])
+    np.testing.assert_array_equal(np.sort(sel(imp, 4, 0, 4)), [0, 2, 3, 4])
+    np.testing.assert_array_equal(sel(imp, 0, 0, 3), [0, -1, -1])
     # A document beginning in block 2: only blocks 2..4, the local ones first.
-    np.testing.assert_array_equal(select_blocks(imp, 4, 2, 2), [4, 3])
+    np.testing.assert_array_equal(sel(imp, 4, 2, 2), [4, 3])
 
 
 @pytest.mark.parametrize("field, value", [("sel_block", 48), ("cmp_stride", 3),
