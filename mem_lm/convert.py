@@ -138,7 +138,7 @@ def config_from_fla(fla: Mapping[str, Any]) -> ModelConfig:
         raise ConversionError(f"fla config: model_type {model_type!r} is not supported; "
                               f"supported: {sorted(_DEFAULTS)}")
     c = dict(_DEFAULTS[model_type])
-    c.update({k: v for k, v in fla.items()})
+    c.update(fla)
     unknown = sorted(set(fla) - set(_DEFAULTS[model_type]) - _NO_EFFECT
                      - _NO_EFFECT_OF.get(model_type, set()))
     if unknown:

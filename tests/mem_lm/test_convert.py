@@ -218,7 +218,7 @@ def test_training_continues_from_an_import(tmp_path):
 
     from train.config import ConfigError, resolve
     from train.loop import run
-    src = os.path.join(FIXTURES, "gdn_nogate")
+    src = os.path.join(FIXTURES, "gla")
     assert main(["--from", "fla", src, "--out", str(tmp_path / "imported")]) == 0
     spec = importlib.util.spec_from_file_location("imported_config",
                                                   tmp_path / "imported" / "train_config.py")
@@ -230,12 +230,11 @@ def test_training_continues_from_an_import(tmp_path):
     c.train.update(steps=1, batch_size=2, seq_len=16, eval_every=0, eval_batches=0)
     c.optim.update(learning_rate=1e-30, warmup_steps=0)
     c.logging.update(tensorboard=False, progress_bar=False)
-    c.checkpoint.async_save = False
-    run(c, str(tmp_path / "continued"))
-    _, variables = load_pretrained(str(tmp_path / "continued"))
+    c.checkpoint.enabled = False
+    state = run(c, str(tmp_path / "continued"), return_state=True)["state"]
     _, params = import_fla(src)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6),
-                 variables["params"], params)
+                 state["params"], params)
     c.model.num_layers = 1
     with pytest.raises(ConfigError, match=r"train.init_from: .* holds another model than "
                                           r"config.model:\n  model.num_layers: 1 here, 2 there"):
