@@ -193,6 +193,24 @@ def test_export_refuses_what_fla_cannot_express(tmp_path):
         export_fla(dataclasses.replace(cfg, pattern=("gdn", "swa", "gla")), params, str(tmp_path))
 
 
+def test_export_of_scan_layers_params(tmp_path):
+    """A model trained with scan_layers (params stacked over groups) exports the same file."""
+    import flax.linen as nn
+    path = os.path.join(FIXTURES, "gdn")
+    cfg, params = import_fla(path)
+    scfg = dataclasses.replace(cfg, scan_layers=True)
+    assert scfg.num_groups == 2
+    layers = [params.pop(f"layer_{i}") for i in range(cfg.num_layers)]
+    params["groups"] = {"block_0": jax.tree.map(lambda *a: np.stack(a), *layers)}
+    shapes = jax.eval_shape(LanguageModel(scfg).init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, 1), jnp.int32))["params"]
+    assert jax.tree.structure(nn.meta.unbox(shapes)) == jax.tree.structure(params)
+    export_fla(scfg, params, str(tmp_path))
+    a, b = load_file(os.path.join(path, "model.safetensors")), \
+        load_file(str(tmp_path / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(a[n].tobytes() == b[n].tobytes() for n in a)
+
+
 def test_cli_round_trip_through_a_workdir(tmp_path, capsys):
     """--from fla writes a workdir load_pretrained reads; --to fla gives back the same file."""
     src = os.path.join(FIXTURES, "gdn_nogate")
