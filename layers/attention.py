@@ -4,10 +4,15 @@ that lets a single layer bind a key to the token after it), packed documents thr
 Heads, head width and RoPE base default to the model's; a hybrid's attention layers may set their
 own (as fla's `attn` layers of a linear-attention model do), and q/k/v biases (`qkv_bias`).
 
-Decode cache (`init_cache`):
-  * full attention: a preallocated buffer of `max_len` keys/values, filled at `pos`;
-  * sliding window (window < max_len): a ring buffer of `window` entries plus the position
-    stored in each slot (−1 = empty), so memory and step cost stay O(window).
+Decode cache (`init_cache`), by the `cache` setting:
+  * "window" (default), full attention: a preallocated buffer of `max_len` keys/values,
+    filled at `pos`;
+  * "window", sliding window (window < max_len): a ring buffer of `window` entries plus the
+    position stored in each slot (−1 = empty), so memory and step cost stay O(window);
+  * "cascade": a fixed `cache_size` of slots whatever the length, for streaming: attention
+    sinks and cascading FIFOs that keep the more attended-to of the older tokens
+    (`layers/kv_cache.py`; `cascades=1` is sliding window + sinks). Every token with this
+    cache, prompt tokens included, attends to what the cache holds at its turn.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ import jax.numpy as jnp
 
 from layers.common import constrain, dense, document_ids
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
-from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
+from layers.kv_cache import CASCADE_KEYS, cascade_attention, cascade_layout, init_cascade_cache
+from layers.registry import (MAX_INT, Mechanism, Setting, SettingError, Shared, positive_int,
+                             register)
 from layers.rope import apply_rope, check_rope_head_dim
 from pallas_kernels.attention import attention
 
@@ -46,13 +53,23 @@ class Attention(nn.Module):
     use_short_conv: bool = False
     conv_size: int = 4
     qkv_bias: bool = False
+    cache_policy: str = "window"
+    cache_size: Optional[int] = None
+    cache_sinks: int = 4
+    cascades: int = 4
+    score_decay: float = 0.9
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
 
     def init_cache(self, batch: int, max_len: int) -> dict:
-        cache = init_cache(batch, max_len, self.num_kv_heads, self.head_dim, self.window,
-                           self.dtype)
+        if self.cache_policy == "cascade":
+            cache = init_cascade_cache(batch, self.cache_size, self.num_kv_heads,
+                                       self.head_dim, sinks=self.cache_sinks,
+                                       cascades=self.cascades, dtype=self.dtype)
+        else:
+            cache = init_cache(batch, max_len, self.num_kv_heads, self.head_dim, self.window,
+                               self.dtype)
         if self.use_short_conv:
             H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
             cache.update(qkv_conv_cache(batch, {"q": (H, D), "k": (Hkv, D), "v": (Hkv, D)},
@@ -89,6 +106,10 @@ class Attention(nn.Module):
         if cache is None:
             o = attn(q, k, v,
                      segment_ids=None if segment_ids is None else document_ids(segment_ids))
+        elif self.cache_policy == "cascade":
+            kv = {n: cache[n] for n in CASCADE_KEYS}     # without the conv entries
+            o, new_cache = cascade_attention(q, k, v, kv, cache_pos, sinks=self.cache_sinks,
+                                             score_decay=self.score_decay, sink_logits=sinks)
         elif "slot_pos" in cache:
             o, new_cache = self._ring(attn, q, k, v, cache, cache_pos)
         else:
@@ -162,10 +183,22 @@ def _attention_settings(windowed: bool) -> dict:
          "rope_base": Setting(None, float, "RoPE base (None: the model's rope_theta)",
                               optional=True),
          "qkv_bias": Setting(False, bool, "biases on the q, k, v projections"),
-         "sinks": Setting(False, bool, "a learned sink logit per head")}
+         "sinks": Setting(False, bool, "a learned sink logit per head"),
+         "cache": Setting("window", str, "decode cache, one of ('window', 'cascade'): every "
+                          "key (a ring of `window` for swa), or a fixed-size cascading cache"),
+         "cache_size": Setting(None, int, "cascade: slots in all (None: swa's window)",
+                               optional=True),
+         "cache_sinks": Setting(4, int, "cascade: first tokens, never evicted"),
+         "cascades": Setting(4, int, "cascade: FIFO sub-buffers (1: sliding window + sinks)"),
+         "score_decay": Setting(0.9, float, "cascade: EMA decay of a slot's received "
+                                            "attention, its importance")}
     if windowed:
         s["window"] = Setting(512, int, "keys each query sees, itself included")
     return {**s, **conv_settings(False)}
+
+
+def _cache_size(s) -> Optional[int]:
+    return s["cache_size"] if s["cache_size"] is not None else s.get("window")
 
 
 def _own(shared: Shared, s) -> Shared:
@@ -187,6 +220,20 @@ def _check_attention(shared: Shared, s) -> None:
         raise SettingError("num_kv_heads", f"must divide {'heads' if s['heads'] else 'num_heads'}"
                                            f" = {shared.num_heads}, got {s['num_kv_heads']}")
     check_rope_head_dim(shared)
+    if s["cache"] not in ("window", "cascade"):
+        raise SettingError("cache", f"must be one of ('window', 'cascade'), got {s['cache']!r}")
+    positive_int(s, "cascades", "cache_size")
+    if not 0 <= s["cache_sinks"] <= MAX_INT:
+        raise SettingError("cache_sinks", f"must be in [0, 2**31 - 1], got {s['cache_sinks']!r}")
+    if not 0 <= s["score_decay"] <= 1:
+        raise SettingError("score_decay", f"must be in [0, 1], got {s['score_decay']}")
+    if s["cache"] == "cascade":
+        if _cache_size(s) is None:
+            raise SettingError("cache_size", "attn with cache='cascade' needs a cache_size")
+        try:
+            cascade_layout(_cache_size(s), s["cache_sinks"], s["cascades"])
+        except ValueError as e:
+            raise SettingError("cache_size", str(e)) from None
 
 
 def _build_attention(shared: Shared, s, name):
@@ -196,8 +243,11 @@ def _build_attention(shared: Shared, s, name):
                      head_dim=shared.head_dim, window=s.get("window"),
                      rope_theta=shared.rope_theta, use_sinks=s["sinks"],
                      use_short_conv=s["short_conv"], conv_size=s["conv_size"],
-                     qkv_bias=s["qkv_bias"], init_std=shared.init_std, dtype=shared.dtype,
-                     impl=shared.attn_impl, name=name)
+                     qkv_bias=s["qkv_bias"], cache_policy=s["cache"],
+                     cache_size=_cache_size(s), cache_sinks=s["cache_sinks"],
+                     cascades=s["cascades"], score_decay=s["score_decay"],
+                     init_std=shared.init_std, dtype=shared.dtype, impl=shared.attn_impl,
+                     name=name)
 
 
 register(Mechanism("attn", "token", _build_attention, _attention_settings(False),

@@ -34,7 +34,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-ENTRY = ("k", "v", "pos", "score")
+ENTRY = ("k", "v", "pos", "score")                   # per slot
+CASCADE_KEYS = ENTRY + ("count", "head", "pending")   # the whole cache
 
 
 def cascade_layout(size: int, sinks: int, cascades: int) -> int:

@@ -120,3 +120,61 @@ def test_layout_errors_and_sizes():
     assert cascade_layout(14, 2, 3) == 3            # 2 sinks + 3·3 + 2 pending = 13 of 14
     with pytest.raises(ValueError, match="cannot hold"):
         cascade_layout(5, 4, 2)
+
+
+def _model(pattern, **settings):
+    from mem_lm import LanguageModel, ModelConfig
+    cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, pattern=pattern,
+                      mixers={"attn": settings, "swa": {"window": 6}})
+    model = LanguageModel(cfg)
+    return cfg, model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+
+
+def _streamed(cfg, model, variables, tokens, cut):
+    """Logits of a prefill of tokens[:, :cut], then one decode step per token."""
+    from mem_lm import decode_step, init_cache
+    first, cache = jax.jit(lambda v, t, c: model.apply(v, t, cache=c))(
+        variables, tokens[:, :cut], init_cache(cfg, tokens.shape[0], tokens.shape[1]))
+    logits = [first]
+    for t in range(cut, tokens.shape[1]):
+        step, cache = decode_step(model, variables, tokens[:, t], cache)
+        logits.append(step[:, None])
+    return jnp.concatenate(logits, 1)
+
+
+def test_attention_layer_with_a_cascading_cache(rng):
+    """In the model, through prefill + decode: a cache that evicts nothing is full attention
+    (the forward without a cache); one cascade without sinks keeps the last N tokens, i.e. a
+    sliding window of N + 1 (the `swa` forward, same weights); with eviction and cascades
+    the logits differ from both."""
+    B, T = 2, 14
+    tokens = jnp.asarray(rng.integers(0, 32, (B, T)), jnp.int32)
+    # 2 sinks + cascade 0 of (30 − 2 − 1) // 2 = 13 slots: the 14 tokens never evict one.
+    cfg, model, variables = _model(("attn",), cache="cascade", cache_size=30, cache_sinks=2,
+                                   cascades=2, sinks=True, short_conv=True)
+    full = model.apply(variables, tokens)
+    np.testing.assert_allclose(_streamed(cfg, model, variables, tokens, 5), full,
+                               rtol=2e-5, atol=2e-5)
+
+    cfg, model, variables = _model(("attn",), cache="cascade", cache_size=5, cache_sinks=0,
+                                   cascades=1)
+    swa_cfg, swa, _ = _model(("swa",))
+    window = swa.apply(variables, tokens)
+    np.testing.assert_allclose(_streamed(cfg, model, variables, tokens, 5), window,
+                               rtol=2e-5, atol=2e-5)
+
+    cfg, model, variables = _model(("attn",), cache="cascade", cache_size=7, cache_sinks=1,
+                                   cascades=2)
+    streamed = _streamed(cfg, model, variables, tokens, 5)
+    assert np.abs(np.asarray(streamed - model.apply(variables, tokens))).max() > 1e-3
+
+
+@pytest.mark.parametrize("settings, field", [
+    (dict(cache="ring"), "cache"), (dict(cache="cascade"), "cache_size"),
+    (dict(cache="cascade", cache_size=4, cache_sinks=4), "cache_size"),
+    (dict(score_decay=1.5), "score_decay"), (dict(cascades=0), "cascades")])
+def test_cache_settings_name_the_field(settings, field):
+    from mem_lm import ModelConfig
+    with pytest.raises(ValueError, match=f"attn.{field}"):
+        ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, pattern=("attn",),
+                    mixers={"attn": settings})
