@@ -62,7 +62,9 @@ def test_expected_fla_config_fields():
     cfg = config_from_fla(fla_config("gdn_gva"))
     assert (cfg.num_heads, cfg.resolved_head_dim, cfg.settings("gdn")["num_v_heads"]) == (2, 8, 4)
     cfg = config_from_fla(fla_config("gdn_attn"))
-    assert cfg.pattern == ("gdn", "swa", "gdn")
+    assert cfg.pattern == ("gdn", "swa", "attn")
+    assert {k: cfg.settings("attn")[k] for k in ("heads", "num_kv_heads", "head_size")} == \
+        dict(heads=2, num_kv_heads=2, head_size=16)
     assert {k: cfg.settings("swa")[k] for k in ("heads", "num_kv_heads", "head_size",
                                                   "window", "qkv_bias", "rope_base")} == \
         dict(heads=4, num_kv_heads=2, head_size=8, window=6, qkv_bias=True, rope_base=5000.0)
@@ -81,7 +83,8 @@ def test_mlp_width_rule_matches_fla():
 
 def test_decoding_continues_like_fla():
     """Prefill 8 tokens, then decode the rest one at a time: every step's logits are fla's
-    (the hybrid: grouped value heads, and attention with its own heads, biases and window)."""
+    (the hybrid: GDN with grouped value heads; sliding-window attention with its own heads,
+    biases and RoPE base; full attention with its own head width)."""
     path, tokens, expected = fixture("gdn_attn")
     cfg, params = import_fla(path)
     model, variables = LanguageModel(dataclasses.replace(cfg, impl="reference")), \
