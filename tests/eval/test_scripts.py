@@ -168,6 +168,20 @@ def test_niah_passkey(checkpoint, tmp_path, monkeypatch):
     assert _json(tmp_path / "niah")["models"]["tiny"]["accuracy"] == [[1.0], [1.0]]
 
 
+def test_streaming(checkpoint, tmp_path):
+    """A cache with room for the whole window (one cascade: 2 sinks + 38 slots >= 32 tokens)
+    streams exactly what the model without a cache computes; two cascades of 18 evict."""
+    from eval import streaming
+    r = streaming.main(["--checkpoint", str(checkpoint), "--length", "32", "--tokens", "64",
+                        "--cache_size", "40", "--cache_sinks", "2", "--cascades", "1", "2",
+                        "--out", str(tmp_path)])
+    loss = {row["variant"]: row["loss"] for row in r["results"]}
+    assert set(loss) == {"full (no cache)", "window + sinks", "cascade x2"}
+    assert loss["window + sinks"] == pytest.approx(loss["full (no cache)"], rel=1e-5)
+    assert loss["cascade x2"] != pytest.approx(loss["full (no cache)"], rel=1e-5)
+    assert (tmp_path / "streaming.png").stat().st_size > 0
+
+
 def test_mqar_eval(checkpoint, tmp_path, monkeypatch):
     from eval import mqar
     args = ["--checkpoint", str(checkpoint), "--seq_len", "16", "--num_kv_pairs", "2", "4",
