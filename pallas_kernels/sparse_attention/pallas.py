@@ -18,6 +18,9 @@ output block) carried across it; grid (B, Hkv, E = NQ·L) for dk / dv, walking t
 key-block order so each key block's outputs stay resident over its run and are zeroed at its
 first pair. Entries past the live count repeat the last live block (no new DMA) and compute
 nothing. Blocks are full in their last two dims, so any D and bs are legal layouts.
+The prefetched tables are whole in SMEM: B·Hkv·NQ·L int32 for forward and dq, 2·B·Hkv·NQ·L
+for dk / dv (at T = 64k, bs = 64, L = 25, B·Hkv = 8: 800 KiB), which may not fit a TPU's SMEM
+at long lengths; not yet run on a TPU.
 
 GPU (Pallas' Triton backend): one program per query block (forward, dq) or key block (dk,
 dv) over the whole sequence's k / v (or q / do) of its (batch, kv head); it loads its index

@@ -217,6 +217,19 @@ def test_bfloat16(rng):
     np.testing.assert_allclose(np.asarray(o, np.float32), want, atol=3e-2)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tpu", "gpu"])
+def test_pallas_bfloat16(rng, layout):
+    q, k, v, idx = make_inputs(rng, B=1, T=45, H=4, Hkv=2, S=2, dtype=np.float32)
+    bf = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+    o = block_sparse_attention_pallas(*bf, idx, block_size=BS, window=9, causal=True,
+                                      scale=8 ** -0.5, segment_ids=None, backend=layout,
+                                      interpret=True)
+    assert o.dtype == jnp.bfloat16
+    want = loop_reference(*(np.asarray(a, np.float32) for a in bf), idx, bs=BS, window=9)
+    np.testing.assert_allclose(np.asarray(o, np.float32), want, atol=3e-2)
+
+
 def test_no_entries_and_empty_inputs(rng):
     q, k, v, idx = make_inputs(rng, dtype=np.float32)
     o = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, np.full_like(idx, -1),
