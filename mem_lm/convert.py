@@ -429,6 +429,13 @@ def import_fla(path: str) -> tuple[ModelConfig, dict]:
 
 
 def params_from_fla(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict:
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        # Some writers keep the tied copy; it carries nothing only if it is the embedding.
+        head, emb = tensors["lm_head.weight"], tensors.get("model.embeddings.weight")
+        if emb is None or head.shape != emb.shape or head.tobytes() != emb.tobytes():
+            raise ConversionError("fla checkpoint: tie_word_embeddings is true but "
+                                  "lm_head.weight differs from model.embeddings.weight")
+        tensors = {n: w for n, w in tensors.items() if n != "lm_head.weight"}
     shapes = param_shapes(cfg)
     entries = tensor_map(cfg)
     missing = [n for n, _, _ in entries if n not in tensors]

@@ -177,6 +177,20 @@ def test_leftover_and_missing_tensors_are_listed(tmp_path):
         in str(e.value)
 
 
+def test_tied_head_copy(tmp_path):
+    """A tied model saved with its lm_head copy imports when the copy is the embedding."""
+    d = _copy("gdn_nogate", tmp_path)
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embeddings.weight"].copy()
+    save_file(tensors, str(d / "model.safetensors"))
+    _, params = import_fla(str(d))
+    assert "lm_head" not in params
+    tensors["lm_head.weight"][0, 0] += 1
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(ConversionError, match="lm_head.weight differs"):
+        import_fla(str(d))
+
+
 def test_wrong_shape_is_named(tmp_path):
     d = _copy("gdn", tmp_path)
     c = fla_config("gdn")
