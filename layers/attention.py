@@ -13,6 +13,12 @@ Decode cache (`init_cache`), by the `cache` setting:
     sinks and cascading FIFOs that keep the more attended-to of the older tokens
     (`layers/kv_cache.py`; `cascades=1` is sliding window + sinks). Every token with this
     cache, prompt tokens included, attends to what the cache holds at its turn.
+
+`topk_blocks` n > 0 (attn only) switches a trained layer to training-free top-k block
+attention (`layers/topk_attention.py`): each query block sees its own block, the last
+`topk_window` tokens and its n best-scoring earlier key blocks of `topk_block_size` tokens,
+through `block_sparse_attention` in the forward and prefill; a decode step keeps the full
+cache and masks the slots outside its selection.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from layers.kv_cache import CASCADE_KEYS, cascade_attention, cascade_layout, ini
 from layers.registry import (MAX_INT, Mechanism, Setting, SettingError, Shared, positive_int,
                              register)
 from layers.rope import apply_rope, check_rope_head_dim
+from layers.topk_attention import decode_kv_positions, topk_block_attention
 from pallas_kernels.attention import attention
 
 
@@ -58,6 +65,9 @@ class Attention(nn.Module):
     cache_sinks: int = 4
     cascades: int = 4
     score_decay: float = 0.9
+    topk_blocks: int = 0
+    topk_block_size: int = 64
+    topk_window: Optional[int] = 64
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
@@ -104,8 +114,9 @@ class Attention(nn.Module):
                                               impl=impl, **a)
         new_cache = None
         if cache is None:
-            o = attn(q, k, v,
-                     segment_ids=None if segment_ids is None else document_ids(segment_ids))
+            segment_ids = None if segment_ids is None else document_ids(segment_ids)
+            o = (self._topk(q, k, v, segment_ids) if self.topk_blocks
+                 else attn(q, k, v, segment_ids=segment_ids))
         elif self.cache_policy == "cascade":
             kv = {n: cache[n] for n in CASCADE_KEYS}     # without the conv entries
             o, new_cache = cascade_attention(q, k, v, kv, cache_pos, sinks=self.cache_sinks,
@@ -118,16 +129,46 @@ class Attention(nn.Module):
                                                      cache_pos, axis=1)
             cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
                                                      cache_pos, axis=1)
-            slots = jnp.arange(L, dtype=jnp.int32)
-            o = attn(q, ck.astype(q.dtype), cv.astype(q.dtype),
-                     q_positions=cache_pos + jnp.arange(T, dtype=jnp.int32),
-                     kv_positions=jnp.where(slots < cache_pos + T, slots, -1))
+            ck_, cv_ = ck.astype(q.dtype), cv.astype(q.dtype)
+            if self.topk_blocks:
+                o = self._topk_cached(attn, q, ck_, cv_, cache_pos)
+            else:
+                slots = jnp.arange(L, dtype=jnp.int32)
+                o = attn(q, ck_, cv_, q_positions=cache_pos + jnp.arange(T, dtype=jnp.int32),
+                         kv_positions=jnp.where(slots < cache_pos + T, slots, -1))
             new_cache = {"k": ck, "v": cv}
         o = constrain(o, ("batch", "length", "heads", "kv"))
         y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
         if new_cache is not None:
             new_cache.update(conv_cache)
         return y, new_cache
+
+    def _topk(self, q, k, v, segment_ids):
+        return topk_block_attention(q, k, v, self.topk_blocks, block_size=self.topk_block_size,
+                                    window=self.topk_window or None, segment_ids=segment_ids,
+                                    impl="reference" if self.impl == "reference" else "auto")
+
+    def _topk_cached(self, attn, q, ck, cv, cache_pos):
+        B, T, H, D = q.shape
+        L, Hkv = ck.shape[1], ck.shape[2]
+        if T > 1:
+            # Prefill / chunk: the queries in their slots of a cache-long sequence, so blocks
+            # and selection are those of the full forward (a chunk starting inside a block
+            # ranks that block's candidates by its own queries only).
+            qf = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((B, L, H, D), q.dtype), q,
+                                                     cache_pos, axis=1)
+            return jax.lax.dynamic_slice_in_dim(self._topk(qf, ck, cv, None), cache_pos, T,
+                                                axis=1)
+        # Decode: the selection differs per kv head, the dense op's slot positions per batch
+        # row, so each kv head becomes a batch row with its G query heads.
+        kv_pos = decode_kv_positions(q, ck, cache_pos, self.topk_blocks,
+                                     self.topk_block_size, self.topk_window or None)
+        G = H // Hkv
+        rows = lambda x: x.transpose(0, 2, 1, 3).reshape(B * Hkv, L, 1, x.shape[-1])
+        o = attn(q.reshape(B * Hkv, 1, G, D), rows(ck), rows(cv),
+                 q_positions=cache_pos + jnp.arange(1, dtype=jnp.int32),
+                 kv_positions=kv_pos.reshape(B * Hkv, L))
+        return o.reshape(B, 1, H, -1)
 
     def _ring(self, attn, q, k, v, cache, cache_pos):
         T = q.shape[1]
@@ -194,6 +235,15 @@ def _attention_settings(windowed: bool) -> dict:
                                             "attention, its importance")}
     if windowed:
         s["window"] = Setting(512, int, "keys each query sees, itself included")
+    else:
+        # Not on swa: its ring cache drops the blocks beyond the window a decode step would pick.
+        s.update(
+            topk_blocks=Setting(None, int, "training-free top-k block attention: earlier key "
+                                "blocks each query block attends to, besides its own block and "
+                                "the local window (None or 0: dense attention)", optional=True),
+            topk_block_size=Setting(64, int, "top-k: tokens per block (a power of two)"),
+            topk_window=Setting(64, int, "top-k: latest tokens always seen, the query "
+                                         "included (0: only the own block)"))
     return {**s, **conv_settings(False)}
 
 
@@ -234,6 +284,26 @@ def _check_attention(shared: Shared, s) -> None:
             cascade_layout(_cache_size(s), s["cache_sinks"], s["cascades"])
         except ValueError as e:
             raise SettingError("cache_size", str(e)) from None
+    if "topk_blocks" in s:
+        _check_topk(s)
+
+
+def _check_topk(s) -> None:
+    positive_int(s, "topk_block_size")
+    if s["topk_block_size"] & (s["topk_block_size"] - 1):
+        raise SettingError("topk_block_size", f"must be a power of two, got "
+                                              f"{s['topk_block_size']}")
+    if not 0 <= s["topk_window"] <= MAX_INT:
+        raise SettingError("topk_window", f"must be in [0, 2**31 - 1], got {s['topk_window']}")
+    if not s["topk_blocks"]:    # None or 0: dense attention
+        return
+    positive_int(s, "topk_blocks")
+    if s["sinks"]:
+        raise SettingError("topk_blocks", "top-k block attention has no attention sinks "
+                                          "(block_sparse_attention takes none)")
+    if s["cache"] != "window":
+        raise SettingError("topk_blocks", f"top-k block attention needs cache='window' (the "
+                                          f"full cache), got {s['cache']!r}")
 
 
 def _build_attention(shared: Shared, s, name):
@@ -246,6 +316,8 @@ def _build_attention(shared: Shared, s, name):
                      qkv_bias=s["qkv_bias"], cache_policy=s["cache"],
                      cache_size=_cache_size(s), cache_sinks=s["cache_sinks"],
                      cascades=s["cascades"], score_decay=s["score_decay"],
+                     topk_blocks=s.get("topk_blocks") or 0,
+                     **{f: s[f] for f in ("topk_block_size", "topk_window") if f in s},
                      init_std=shared.init_std, dtype=shared.dtype, impl=shared.attn_impl,
                      name=name)
 
