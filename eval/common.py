@@ -213,10 +213,22 @@ def load_checkpoint(path) -> tuple:
         fail(f"--checkpoint {path}: cannot load a model from it ({type(e).__name__}: {e})")
 
 
+def _override(item: str) -> tuple:
+    """(dotted key, value) of a `a.b=value` override, the value parsed as a Python literal
+    when it is one."""
+    import ast
+    key, sep, raw = item.partition("=")
+    if not sep:
+        fail(f"override {item!r} must look like field.path=value")
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
+
+
 def load_config_file(path, overrides: Sequence[str] = ()):
     """An ml_collections config from `configs/NAME.py` (its `get_config()`), with `a.b=value`
     overrides applied (values parsed as Python literals when they are)."""
-    import ast
     import importlib.util
 
     p = Path(path)
@@ -232,13 +244,7 @@ def load_config_file(path, overrides: Sequence[str] = ()):
         fail(f"--config {path}: has no get_config()")
     config = module.get_config()
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            fail(f"override {item!r} must look like field.path=value")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
+        key, value = _override(item)
         node = config
         *parents, leaf = key.split(".")
         try:
@@ -281,7 +287,10 @@ def load_model(checkpoint=None, config=None, overrides: Sequence[str] = ()) -> t
         fail("give either --checkpoint or --config, not both")
     if checkpoint is not None:
         model, variables = load_checkpoint(checkpoint)
-        return model, variables, {"checkpoint": str(checkpoint)}, training_config(checkpoint) or {}
+        model = with_model_overrides(model, variables, overrides)
+        source = {"checkpoint": str(checkpoint), **({"overrides": list(overrides)}
+                                                    if overrides else {})}
+        return model, variables, source, training_config(checkpoint) or {}
     if config is not None:
         cfg = resolve_config(load_config_file(config, overrides))
         from train.config import model_config_from as from_resolved
@@ -290,6 +299,48 @@ def load_model(checkpoint=None, config=None, overrides: Sequence[str] = ()) -> t
               file=sys.stderr)
         return model, variables, {"config": str(config), "trained": False}, cfg.to_dict()
     fail("give --checkpoint PATH (a training workdir) or --config configs/NAME.py")
+
+
+def with_model_overrides(model, variables, overrides: Sequence[str] = ()):
+    """The model rebuilt from its ModelConfig with `model.FIELD=VALUE` overrides (e.g.
+    `model.mixers.attn.topk_blocks=8`), for the same variables: a switch on a trained model.
+    Training is over, so any other override, or one that changes a parameter's shape, is an
+    error."""
+    if not overrides:
+        return model
+    import jax
+    import jax.numpy as jnp
+    from flax.core import meta
+    from mem_lm import LanguageModel, ModelConfig
+
+    d = model_config_of(model).to_dict()
+    for item in overrides:
+        key, value = _override(item)
+        head, *path = key.split(".")
+        if head != "model" or not path:
+            fail(f"override {item!r}: a checkpoint takes only model.FIELD=VALUE overrides "
+                 f"(its training is over)")
+        node = d
+        for name in path[:-1]:
+            node = node.setdefault(name, {}) if node is d["mixers"] else node.get(name)
+            if not isinstance(node, dict):
+                fail(f"override {item!r}: the model config has no field {key[6:]!r}")
+        node[path[-1]] = value
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except ValueError as e:
+        fail(f"override {' '.join(overrides)}: {e}")
+    rebuilt = LanguageModel(cfg)
+    shapes = meta.unbox(jax.eval_shape(
+        lambda: rebuilt.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))))["params"]
+    shape_of = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape) for p, x
+                             in jax.tree_util.tree_leaves_with_path(tree)}
+    old, new = shape_of(variables["params"]), shape_of(shapes)
+    if old != new:
+        diff = sorted(set(old.items()) ^ set(new.items()))[0][0]
+        fail(f"override {' '.join(overrides)} changes the model's parameters (first: {diff}); "
+             f"a checkpoint takes only overrides that keep every parameter's shape")
+    return rebuilt
 
 
 def model_config_of(model):

@@ -96,7 +96,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     help="with --config: the models to train (names or comma-separated patterns)")
     ap.add_argument("--steps", type=int, default=0, help="with --config: override train.steps")
     ap.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="with --config: config overrides, e.g. train.batch_size=16")
+                    help="with --config: config overrides, e.g. train.batch_size=16; with "
+                         "--checkpoint: model fields that keep parameter shapes, e.g. "
+                         "model.mixers.attn.topk_blocks=8")
     ap.add_argument("--task", choices=TASKS, default="auto")
     ap.add_argument("--lengths", type=int, nargs="+",
                     help="context lengths (default: 0.5, 1, 2, 4, 8 x the training length)")
@@ -123,8 +125,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     models, rows = {}, []
     for name, path in runs:
-        model, variables = common.load_checkpoint(path)
-        tcfg = common.training_config(path) or {}
+        # With --config the overrides were the training's; with --checkpoint they switch the
+        # trained model (model.* fields that keep parameter shapes).
+        model, variables, _, tcfg = common.load_model(
+            path, overrides=() if args.config else args.override)
         data = tcfg.get("data", {})
         train_len = int(tcfg.get("train", {}).get("seq_len", 0)) or None
         task = args.task

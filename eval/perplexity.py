@@ -109,7 +109,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     src.add_argument("--checkpoint", nargs="+", help="training workdir(s) or checkpoint dir(s)")
     src.add_argument("--config", help="an untrained model from this config (smoke runs)")
     ap.add_argument("--names", nargs="+", help="labels for the checkpoints (default: dir names)")
-    ap.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE")
+    ap.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="config overrides; on a checkpoint, model fields that keep parameter "
+                         "shapes, e.g. model.mixers.attn.topk_blocks=8")
     ap.add_argument("--data", help="validation text: files, directories or globs, comma-separated")
     ap.add_argument("--tokenizer", help="override the tokenizer ('byte' or a tokenizer.json)")
     ap.add_argument("--lengths", type=int, nargs="+",

@@ -5,8 +5,8 @@ it. No parameters: a switch on an existing checkpoint (`mixers.attn.topk_blocks`
 The selection is one-level, not HiP's hierarchical tree search: every key block is scored
 once. A key block's representative is the mean of its keys (after RoPE), per kv head; a query
 block's is the mean of its queries over the block and the GQA group of the kv head; the score
-is their dot product. Only blocks entirely before the query block are candidates (the own
-block is always seen, through the diagonal). Means enter as sums: per query the scale is the
+is their dot product. Only blocks entirely before the query block are candidates; the own
+block is always listed (causal inside it). Means enter as sums: per query the scale is the
 same for every candidate, so the ranking is the means' ranking.
 
 Decode (one query at position p, a full cache) scores the cache's blocks before p's block by
@@ -41,19 +41,21 @@ def _top(scores, candidate, n: int):
 
 
 def select_blocks(q, k, n: int, block_size: int):
-    """int32 [B, Hkv, NQ, min(n, NQ − 1)], NQ = ceil(T / block_size): for each query block
-    the n earlier key blocks of highest score, −1 where there are fewer (the
-    `block_indices` of `block_sparse_attention`). q [B, T, H, D], k [B, T, Hkv, D]."""
+    """int32 [B, Hkv, NQ, 1 + min(n, NQ − 1)], NQ = ceil(T / block_size): for each query
+    block its own block, then the n earlier key blocks of highest score, −1 where there are
+    fewer (the `block_indices` of `block_sparse_attention`). q [B, T, H, D], k [B, T, Hkv, D]."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     qs = _block_sums(q, block_size).reshape(B, -1, Hkv, H // Hkv, D).sum(3)
     ks = _block_sums(k, block_size)
     nq = qs.shape[1]
+    blocks = jnp.arange(nq, dtype=jnp.int32)
+    own = jnp.broadcast_to(blocks[:, None], (B, Hkv, nq, 1))
     if nq < 2:
-        return jnp.full((B, Hkv, nq, 0), -1, jnp.int32)
+        return own
     scores = jnp.einsum("bihd,bjhd->bhij", qs, ks)
-    blocks = jnp.arange(nq)
-    return _top(scores, blocks[None, :] < blocks[:, None], min(n, nq - 1))
+    return jnp.concatenate(
+        [own, _top(scores, blocks[None, :] < blocks[:, None], min(n, nq - 1))], axis=-1)
 
 
 def topk_block_attention(q, k, v, n: int, *, block_size: int, window: Optional[int],

@@ -1,0 +1,144 @@
+"""Training-free top-k block attention on `attn`: the sparse forward equals a float64 loop
+reference that selects blocks by their means and attends under the dense mask they give (odd
+length, GQA, packed documents); decode selects the cache's blocks by the same rule; with
+every earlier block selectable it is dense attention exactly, forward and prefill + decode;
+with one-token blocks (where a decode step's selection is the forward's) prefill + decode
+equals the sparse forward; bad settings name their field."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from layers.attention import Attention
+from layers.topk_attention import decode_kv_positions, topk_block_attention
+from mem_lm import ModelConfig
+
+
+def selected(qs, k_blocks, n):
+    """Indices of the n largest dot products of qs with the rows of k_blocks."""
+    return set(np.argsort([kb @ qs for kb in k_blocks])[::-1][:n].tolist())
+
+
+def reference(q, k, v, n, bs, window, seg=None):
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    o = np.zeros(q.shape[:3] + v.shape[-1:])
+    for b in range(B):
+        for h in range(Hkv):
+            heads = slice(h * G, (h + 1) * G)
+            for i in range(-(-T // bs)):
+                block = slice(i * bs, (i + 1) * bs)
+                sel = selected(q[b, block, heads].mean((0, 1)),
+                               [k[b, j * bs:(j + 1) * bs, h].mean(0) for j in range(i)], n)
+                for t in range(i * bs, min((i + 1) * bs, T)):
+                    seen = [s for s in range(t + 1)
+                            if (s // bs in sel or s // bs == i or t - s < window)
+                            and (seg is None or seg[b, s] == seg[b, t])]
+                    logits = q[b, t, heads] @ k[b, seen, h].T / np.sqrt(D)
+                    p = np.exp(logits - logits.max(-1, keepdims=True))
+                    o[b, t, heads] = (p / p.sum(-1, keepdims=True)) @ v[b, seen, h]
+    return o
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_matches_masked_reference_float64(x64, rng, packed):
+    B, T, H, Hkv, D, bs, n, window = 2, 37, 4, 2, 8, 4, 2, 3
+    q, k, v = (rng.standard_normal((B, T, h, D)) for h in (H, Hkv, Hkv))
+    seg = np.repeat(np.array([[0, 1], [0, 0]]), [13, 24], axis=1) if packed else None
+    o = topk_block_attention(q, k, v, n, block_size=bs, window=window,
+                             segment_ids=None if seg is None else jnp.asarray(seg), impl="xla")
+    np.testing.assert_allclose(np.asarray(o), reference(q, k, v, n, bs, window, seg), atol=1e-12)
+    dense = reference(q, k, v, T, bs, window, seg)
+    assert np.abs(np.asarray(o) - dense).max() > 1e-2     # the selection drops blocks that matter
+
+
+def test_decode_selects_blocks_of_the_cache(x64, rng):
+    B, L, H, Hkv, D, bs, n, window = 2, 29, 4, 2, 8, 4, 2, 3
+    q = rng.standard_normal((B, 1, H, D))
+    k = rng.standard_normal((B, L, Hkv, D))     # slots past the query too: never selected
+    G = H // Hkv
+    fn = jax.jit(lambda pos: decode_kv_positions(q, k, pos, n, bs, window))
+    for pos in (2, 13, 27):
+        got = np.asarray(fn(jnp.int32(pos)))
+        for b in range(B):
+            for h in range(Hkv):
+                sel = selected(q[b, 0, h * G:(h + 1) * G].mean(0),
+                               [k[b, j * bs:(j + 1) * bs, h].mean(0) for j in range(pos // bs)],
+                               n)
+                want = [s if s <= pos and (s // bs in sel or s // bs == pos // bs
+                                           or pos - s < window) else -1 for s in range(L)]
+                np.testing.assert_array_equal(got[b, h], want)
+
+
+def make(**kw):
+    return Attention(d_model=16, num_heads=4, num_kv_heads=2, head_dim=8, init_std=0.3,
+                     dtype=jnp.float64, impl="xla", **kw)
+
+
+def forward(layer, params, x):
+    # Jitted like the steps: RoPE runs in float32, and eager and compiled float32 differ.
+    return np.asarray(jax.jit(lambda x: layer.apply(
+        params, x, positions=jnp.arange(x.shape[1])[None])[0])(x))
+
+
+def run(layer, params, x, T0):
+    """(full forward, prefill of T0 tokens + one decode step per further token)."""
+    B, T, _ = x.shape
+    call = jax.jit(lambda x, cache, t: layer.apply(
+        params, x, positions=t + jnp.arange(x.shape[1])[None], cache=cache, cache_pos=t)[:2])
+    y, cache = call(x[:, :T0], layer.init_cache(B, T), jnp.int32(0))
+    ys = [y]
+    for t in range(T0, T):
+        y, cache = call(x[:, t:t + 1], cache, jnp.int32(t))
+        ys.append(y)
+    return forward(layer, params, x), np.asarray(jnp.concatenate(ys, axis=1))
+
+
+def params_for(layer, x, rng):
+    shapes = nn.meta.unbox(jax.eval_shape(
+        lambda x: layer.init(jax.random.PRNGKey(0), x, positions=jnp.arange(x.shape[1])[None]),
+        x))
+    return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape)), shapes)
+
+
+def test_every_block_selectable_is_dense(x64, rng):
+    x = jnp.asarray(rng.standard_normal((2, 19, 16)))
+    layer = make(topk_blocks=4, topk_block_size=4, topk_window=0)     # 5 blocks: all of them
+    params = params_for(layer, x, rng)
+    dense = forward(make(), params, x)
+    full, steps = run(layer, params, x, T0=6)
+    np.testing.assert_allclose(full, dense, atol=1e-12)
+    np.testing.assert_allclose(steps, dense, atol=1e-12)
+
+
+def test_prefill_and_decode_equal_sparse_forward(x64, rng):
+    x = jnp.asarray(rng.standard_normal((2, 15, 16)))
+    # One-token blocks: a decode query is its block, so it selects as the forward does.
+    layer = make(topk_blocks=3, topk_block_size=1, topk_window=2)
+    params = params_for(layer, x, rng)
+    full, steps = run(layer, params, x, T0=5)
+    np.testing.assert_allclose(steps, full, atol=1e-12)
+    dense = forward(make(), params, x)
+    assert np.abs(full - dense).max() > 1e-3
+
+
+@pytest.mark.parametrize("mixers, field", [
+    ({"topk_blocks": -1}, "topk_blocks"),
+    ({"topk_blocks": 2, "topk_block_size": 48}, "topk_block_size"),
+    ({"topk_blocks": 2, "topk_window": -1}, "topk_window"),
+    ({"topk_blocks": 2, "sinks": True}, "topk_blocks"),
+    ({"topk_blocks": 2, "cache": "cascade", "cache_size": 64}, "topk_blocks"),
+])
+def test_bad_settings_name_their_field(mixers, field):
+    with pytest.raises(ValueError, match=f"mixers.attn.{field}"):
+        ModelConfig(vocab_size=8, d_model=16, num_layers=1, num_heads=2, mixers={"attn": mixers})
+
+
+def test_only_attn_has_topk_and_dense_is_the_default():
+    cfg = ModelConfig(vocab_size=8, d_model=16, num_layers=1, num_heads=2)
+    assert cfg.settings("attn")["topk_blocks"] is None
+    with pytest.raises(ValueError, match="topk_blocks"):
+        ModelConfig(vocab_size=8, d_model=16, num_layers=1, num_heads=2, pattern=("swa",),
+                    mixers={"swa": {"topk_blocks": 2}})
