@@ -199,10 +199,12 @@ class NSA(nn.Module):
         idx = jax.vmap(lambda p, i, f: select_blocks(p, i, f[:, None], n), (1, 0, 1), 2)(
             prev, jnp.arange(NQ), first)                                  # [B, Hkv, NQ, n]
         idx = jax.lax.stop_gradient(idx)
+        seg = None if segment_ids is None else doc
         o_sel = block_sparse_attention(q, k[:, :, 1], v[:, :, 1], idx, block_size=bs,
-                                       causal=True, segment_ids=doc, impl=self.impl)
-        o_win = attention(q, k[:, :, 2], v[:, :, 2], window=self.window, segment_ids=doc,
-                          impl="xla")
+                                       causal=True, segment_ids=seg, impl=self.impl)
+        # "auto": a library kernel (cuDNN, splash) where it serves the window, else xla.
+        o_win = attention(q, k[:, :, 2], v[:, :, 2], window=self.window, segment_ids=seg,
+                          impl="auto")
         return jnp.stack([o_cmp, o_sel, o_win], axis=3)
 
     def _importance(self, q, kc, kc_pos, q_doc, kc_doc, scale):
