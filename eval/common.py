@@ -335,7 +335,7 @@ def with_model_overrides(model, variables, overrides: Sequence[str] = ()):
         lambda: rebuilt.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))))["params"]
     shape_of = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape) for p, x
                              in jax.tree_util.tree_leaves_with_path(tree)}
-    old, new = shape_of(variables["params"]), shape_of(shapes)
+    old, new = shape_of(meta.unbox(variables["params"])), shape_of(shapes)
     if old != new:
         diff = sorted(set(old.items()) ^ set(new.items()))[0][0]
         fail(f"override {' '.join(overrides)} changes the model's parameters (first: {diff}); "
