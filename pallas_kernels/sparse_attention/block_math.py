@@ -30,9 +30,10 @@ def mm(a, b, contract_a: int, contract_b: int, acc):
                            preferred_element_type=acc)
 
 
-def query_positions(i, R: int, bs: int):
-    """Token positions [.., R, 1] of the rows of query block i (i scalar or [.., 1, 1])."""
-    return i * bs + rem(lax.broadcasted_iota(jnp.int32, (R, 1), 0), bs)
+def query_positions(i, R: int, bs: int, row0=0):
+    """Token positions [.., R, 1] of rows row0 .. row0 + R − 1 of query block i (i scalar or
+    [.., 1, 1])."""
+    return i * bs + rem(row0 + lax.broadcasted_iota(jnp.int32, (R, 1), 0), bs)
 
 
 def key_positions(kb, bs: int):

@@ -25,9 +25,11 @@ at long lengths; not yet run on a TPU.
 GPU (Pallas' Triton backend): one program per query block (forward, dq) or key block (dk,
 dv) over the whole sequence's k / v (or q / do) of its (batch, kv head); it loads its index
 vector and loops over its live entries only, loading each listed block by dynamic index.
-Triton needs power-of-two tensor shapes of at least 16 for dots: D and Dv are zero-padded to
-powers of two >= 16, G to a power of two (padded rows are dropped), index vectors to powers of
-two; the block size must be at least 16.
+A program takes at most GPU_ROWS of a query block's G·bs rows (forward and dq: a grid axis
+of row tiles; dk / dv: an inner loop over them), so a large GQA group (NSA's 16 heads × 64)
+does not become one huge tile. Triton needs power-of-two tensor shapes of at least 16 for
+dots: D and Dv are zero-padded to powers of two >= 16, G to a power of two (padded rows are
+dropped), index vectors to powers of two; the block size must be at least 16.
 
 Off-device both run in interpret mode (the tests run both layouts on CPU and lower both for
 their hardware).
@@ -48,6 +50,7 @@ from ..chunk_math import div, rem
 from ..pallas_scan import default_backend, default_interpret
 
 GPU_WARPS = 4
+GPU_ROWS = 128  # query rows per GPU program (a tile of a query block's G·bs rows)
 
 
 def block_sparse_attention_pallas(q, k, v, block_indices, *, block_size, window, causal, scale,
@@ -75,9 +78,9 @@ def backward(cfg, q, k, v, do, lse, delta, codes, count, qseg, kseg):
         cfg, q, k, v, do, lse, delta, codes, count, qseg, kseg)
 
 
-def _mask(cfg, i, kb, selected, qs_ref, ks_ref, live=True):
-    return bm.visible(bm.query_positions(i, cfg.R, cfg.bs), bm.key_positions(kb, cfg.bs),
-                      selected, live, cfg,
+def _mask(cfg, i, kb, selected, qs_ref, ks_ref, rows=None, row0=0):
+    return bm.visible(bm.query_positions(i, rows or cfg.R, cfg.bs, row0),
+                      bm.key_positions(kb, cfg.bs), selected, True, cfg,
                       qs_ref[...] if cfg.segments else None,
                       ks_ref[...] if cfg.segments else None)
 
@@ -303,17 +306,23 @@ def _gpu_table(codes, count):
     return _pad_last(codes, Lp, 0), count[..., None]
 
 
+def _row_tile(cfg) -> int:
+    return min(cfg.R, GPU_ROWS)
+
+
 def _gpu_query_specs(cfg, NK, D, Dv):
-    """Specs of the grid (b, h, i): own query block, the whole sequence's k / v."""
-    R, bs = cfg.R, cfg.bs
-    row = lambda b, h, i: (b, h, i, 0, 0)
-    whole = lambda b, h, i: (b, h, 0, 0, 0)
+    """Specs of the grid (b, h, i, row tile r): own rows of the query block, the whole
+    sequence's k / v."""
+    RT, bs = _row_tile(cfg), cfg.bs
+    row = lambda b, h, i, r: (b, h, i, r, 0)
+    whole = lambda b, h, i, r: (b, h, 0, 0, 0)
     return dict(
-        rows=lambda w: pl.BlockSpec((None, None, None, R, w), row),
+        rows=lambda w: pl.BlockSpec((None, None, None, RT, w), row),
+        table=lambda w: pl.BlockSpec((None, None, None, w), lambda b, h, i, r: (b, h, i, 0)),
         k=pl.BlockSpec((None, None, NK, bs, D), whole),
         v=pl.BlockSpec((None, None, NK, bs, Dv), whole),
-        qseg=pl.BlockSpec((None, None, R, 1), lambda b, h, i: (b, i, 0, 0)),
-        kseg=pl.BlockSpec((None, NK, 1, bs), lambda b, h, i: (b, 0, 0, 0)))
+        qseg=pl.BlockSpec((None, None, RT, 1), lambda b, h, i, r: (b, i, r, 0)),
+        kseg=pl.BlockSpec((None, NK, 1, bs), lambda b, h, i, r: (b, 0, 0, 0)))
 
 
 def _gpu_entry(cfg, c_ref, j, k_ref, v_ref, ks_ref):
@@ -333,26 +342,29 @@ def _gpu_forward(cfg, q, k, v, codes, count, qseg, kseg):
     sp = _gpu_query_specs(kcfg, NK, Dp, Dvp)
     n_in = 5 + 2 * cfg.segments
 
+    RT = _row_tile(kcfg)
+
     def kernel(*refs):
         (c_ref, n_ref, q_ref, k_ref, v_ref), qs_ref, ks_ref, (o_ref, lse_ref) = _split(
             refs, n_in, kcfg)
-        i = pl.program_id(2)
+        i, row0 = pl.program_id(2), pl.program_id(3) * RT
         qb = q_ref[...]
 
         def body(j, carry):
             kb, sel, kt, vt, ks = _gpu_entry(kcfg, c_ref, j, k_ref, v_ref, ks_ref)
-            ok = _mask(kcfg, i, kb, sel, qs_ref, ks)
+            ok = _mask(kcfg, i, kb, sel, qs_ref, ks, RT, row0)
             return bm.softmax_step(carry, qb, kt, vt, ok, kcfg)
 
-        carry = lax.fori_loop(0, n_ref[0], body, bm.softmax_init(R, Dvp, acc))
+        carry = lax.fori_loop(0, n_ref[0], body, bm.softmax_init(RT, Dvp, acc))
         o, lse = bm.softmax_finish(carry)
         o_ref[...] = o.astype(o_ref.dtype)
         lse_ref[...] = lse
 
     segs, seg_specs = _seg_inputs(kcfg, qseg, kseg, sp["qseg"], sp["kseg"])
-    table = lambda w: pl.BlockSpec((None, None, None, w), lambda b, h, i: (b, h, i, 0))
+    table = sp["table"]
     o, lse = _gpu_call(
-        kernel, "block_sparse_fwd_gpu", kcfg, (B, Hkv, NQ), [codes, count, q, k, v] + segs,
+        kernel, "block_sparse_fwd_gpu", kcfg, (B, Hkv, NQ, R // RT),
+        [codes, count, q, k, v] + segs,
         [table(codes.shape[-1]), table(1), sp["rows"](Dp), sp["k"], sp["v"]] + seg_specs,
         [sp["rows"](Dvp), sp["rows"](1)],
         [jax.ShapeDtypeStruct((B, Hkv, NQ, R, Dvp), jnp.dtype(cfg.out)),
@@ -380,24 +392,26 @@ def _gpu_backward(cfg, q, k, v, do, lse, delta, codes, count, qseg, kseg):
     segs, seg_specs = _seg_inputs(kcfg, qseg, kseg, sp["qseg"], sp["kseg"])
     n_in = 8 + 2 * cfg.segments
 
+    RT = _row_tile(kcfg)
+
     def dq_kernel(*refs):
         (c_ref, n_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref), qs_ref, ks_ref, \
             (dq_ref,) = _split(refs, n_in, kcfg)
-        i = pl.program_id(2)
+        i, row0 = pl.program_id(2), pl.program_id(3) * RT
         qb, dob, lse_b, dl_b = q_ref[...], do_ref[...], lse_ref[...], dl_ref[...]
 
         def body(j, dq):
             kb, sel, kt, vt, ks = _gpu_entry(kcfg, c_ref, j, k_ref, v_ref, ks_ref)
-            ok = _mask(kcfg, i, kb, sel, qs_ref, ks)
+            ok = _mask(kcfg, i, kb, sel, qs_ref, ks, RT, row0)
             _, ds = bm.probs_and_dscores(qb, kt, vt, dob, lse_b, dl_b, ok, kcfg)
             return dq + bm.grad_q(ds, kt, kcfg)
 
-        dq_ref[...] = lax.fori_loop(0, n_ref[0], body, jnp.zeros((R, Dp), acc))
+        dq_ref[...] = lax.fori_loop(0, n_ref[0], body, jnp.zeros((RT, Dp), acc))
 
     c_pad, n_pad = _gpu_table(codes, count)
-    table = lambda w: pl.BlockSpec((None, None, None, w), lambda b, h, i: (b, h, i, 0))
+    table = sp["table"]
     dq = _gpu_call(
-        dq_kernel, "block_sparse_dq_gpu", kcfg, (B, Hkv, NQ),
+        dq_kernel, "block_sparse_dq_gpu", kcfg, (B, Hkv, NQ, R // RT),
         [c_pad, n_pad, q, k, v, do, lse, delta] + segs,
         [table(c_pad.shape[-1]), table(1), sp["rows"](Dp), sp["k"], sp["v"], sp["rows"](Dvp),
          sp["rows"](1), sp["rows"](1)] + seg_specs,
@@ -425,13 +439,19 @@ def _gpu_backward(cfg, q, k, v, do, lse, delta, codes, count, qseg, kseg):
 
         def body(e, carry):
             qc = qt_ref[start_e + e]
-            i = div(qc, 2)
-            qb, dob = q_ref[i], do_ref[i]
-            ok = _mask(kcfg, i, kb, rem(qc, 2) == 1, qs_ref.at[i] if cfg.segments else None,
-                       ks_ref)
-            p, ds = bm.probs_and_dscores(qb, kt, vt, dob, lse_ref[i], dl_ref[i], ok, kcfg)
-            dk, dv = bm.grad_kv(p, ds, qb, dob, kcfg)
-            return carry[0] + dk, carry[1] + dv
+            i, sel = div(qc, 2), rem(qc, 2) == 1
+
+            def tile(t, carry):
+                rows = pl.ds(pl.multiple_of(t * RT, RT), RT)
+                qb, dob = q_ref[i, rows], do_ref[i, rows]
+                ok = _mask(kcfg, i, kb, sel, qs_ref.at[i, rows] if cfg.segments else None,
+                           ks_ref, RT, t * RT)
+                p, ds = bm.probs_and_dscores(qb, kt, vt, dob, lse_ref[i, rows], dl_ref[i, rows],
+                                             ok, kcfg)
+                dk, dv = bm.grad_kv(p, ds, qb, dob, kcfg)
+                return carry[0] + dk, carry[1] + dv
+
+            return lax.fori_loop(0, R // RT, tile, carry)
 
         dk, dv = lax.fori_loop(0, m_ref[0], body, (jnp.zeros((kcfg.bs, Dp), acc),
                                                    jnp.zeros((kcfg.bs, Dvp), acc)))

@@ -11,6 +11,7 @@ import pytest
 from pallas_kernels.attention import attention
 from pallas_kernels.sparse_attention import block_sparse_attention
 from pallas_kernels.sparse_attention.blocks import Config, block_table, transposed_table
+from pallas_kernels.sparse_attention import pallas as sparse_pallas
 from pallas_kernels.sparse_attention.pallas import block_sparse_attention_pallas
 
 BS = 16
@@ -110,9 +111,11 @@ def test_xla_matches_reference(x64, rng, case):
 
 
 @pytest.mark.parametrize("layout", ["tpu", "gpu"])
-def test_pallas_matches_reference(x64, rng, layout):
+def test_pallas_matches_reference(x64, rng, layout, monkeypatch):
     """One call per layout covers GQA (G = 3, not a power of two), an odd length, a window,
-    packed documents, duplicates and out-of-range indices, in outputs and gradients."""
+    packed documents, duplicates and out-of-range indices, in outputs and gradients; the GPU
+    layout in two row tiles per query block."""
+    monkeypatch.setattr(sparse_pallas, "GPU_ROWS", 32)
     q, k, v, idx = (jnp.asarray(a) for a in make_inputs(rng, B=1, T=45, H=6, Hkv=2, S=2))
     seg = jnp.asarray(packed_segments(rng, 1, 45))
     kw = dict(block_size=BS, window=21, causal=True, segment_ids=seg)
