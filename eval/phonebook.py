@@ -1,6 +1,6 @@
 """Phonebook recall: a memory layer against a dense MLP at equal compute per token.
 
-    python -m eval.phonebook [--num_facts 32768] [--steps 2000] [--quick] --out out/phonebook
+    python -m eval.phonebook [--num_facts 8192] [--steps 1000] [--quick] --out out/phonebook
 
 A fixed dictionary of `--num_facts` facts (two name tokens -> one number token;
 `train.tasks.phonebook`) is learned during training: every row holds random facts of the book,
@@ -110,16 +110,16 @@ def train_and_score(cfg, book, args, log) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m eval.phonebook", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num_facts", type=int, default=32768)
-    ap.add_argument("--num_names", type=int, default=256, help="name tokens (keys: two each)")
-    ap.add_argument("--num_numbers", type=int, default=256, help="value tokens")
-    ap.add_argument("--d_model", type=int, default=64)
+    ap.add_argument("--num_facts", type=int, default=8192)
+    ap.add_argument("--num_names", type=int, default=128, help="name tokens (keys: two each)")
+    ap.add_argument("--num_numbers", type=int, default=128, help="value tokens")
+    ap.add_argument("--d_model", type=int, default=32)
     ap.add_argument("--num_layers", type=int, default=2)
     ap.add_argument("--num_heads", type=int, default=2)
-    ap.add_argument("--n_keys", type=int, default=256, help="memory: n_keys² slots")
+    ap.add_argument("--n_keys", type=int, default=128, help="memory: n_keys² slots")
     ap.add_argument("--heads", type=int, default=2, help="memory heads")
     ap.add_argument("--topk", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq_len", type=int, default=95, help="tokens a row (32 facts: 96 - 1)")
     ap.add_argument("--lr", type=float, default=3e-3)
