@@ -36,8 +36,6 @@ runs these steps in a scan, so it equals the full forward token by token.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

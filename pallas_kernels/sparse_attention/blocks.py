@@ -7,8 +7,9 @@ i−n_w+1 .. i that the window can reach. Each entry is coded `kb·2 + selected`
 sorted by key block, a block listed twice (or selected and also a window block) is kept once
 with the selected flag, and the live entries come first: `codes [B, Hkv, NQ, L]` (L = S + n_w)
 with `count [B, Hkv, NQ]` live ones. Entries past the count repeat the last live one (a TPU
-grid step on them then reuses the key block already in VMEM; with none, block NQ − 1). Blocks outside [0, NQ) and,
-when causal, after the query block, are dropped here, so the kernels never visit them.
+grid step on them then reuses the key block already in VMEM; with none, block NQ − 1).
+Blocks outside [0, NQ) and, when causal, after the query block, are dropped here, so the
+kernels never visit them.
 
 The transposed table serves dk / dv: every live (query block, entry) pair sorted by key
 block — per (b, kv head) `kbT [E]` (key block), `qcT [E]` (query block·2 + selected), E =

@@ -183,7 +183,7 @@ def _tpu_forward(cfg, q, k, v, codes, count, qseg, kseg):
 
 def _tpu_backward(cfg, q, k, v, do, lse, delta, codes, count, qseg, kseg):
     B, Hkv, NQ, R, D = q.shape
-    NK, Dv = k.shape[2], v.shape[-1]
+    Dv = v.shape[-1]
     acc = jnp.dtype(cfg.acc)
     sp = _tpu_query_specs(cfg, Hkv, D, Dv)
     segs, seg_specs = _seg_inputs(cfg, qseg, kseg, sp["qseg"], sp["kseg"])
@@ -333,7 +333,7 @@ def _gpu_entry(cfg, c_ref, j, k_ref, v_ref, ks_ref):
 
 
 def _gpu_forward(cfg, q, k, v, codes, count, qseg, kseg):
-    D, Dv = q.shape[-1], v.shape[-1]
+    Dv = v.shape[-1]
     kcfg, q, k, v, qseg = _gpu_layout(cfg, q, k, v, qseg)
     B, Hkv, NQ, R, Dp = q.shape
     NK, Dvp = k.shape[2], v.shape[-1]
