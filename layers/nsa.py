@@ -31,8 +31,9 @@ equals separate exactly only for documents starting at multiples of `sel_block` 
 Decode cache: every branch's keys and values for `max_len` tokens, the compressed keys and
 values so far, the current query block's selection and the importance its queries have given
 so far. A step writes the token's keys (and the compressed block it completes), re-selects when
-it opens a query block, and attends in O(max_len). A multi-token call with a cache (prefill)
-runs these steps in a scan, so it equals the full forward token by token.
+it opens a query block, and attends in O(max_len). A multi-token call into an empty cache
+(prefill) is the full forward, whose keys, compressed blocks, last selection and importance
+are then cached; a multi-token call at a later position runs the steps in a scan.
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ class NSA(nn.Module):
         k_conv = Compress(self.cmp_block, D, self.init_std, name="k_conv")()
         v_conv = Compress(self.cmp_block, D, self.init_std, name="v_conv")()
         if cache is None:
-            o = self._forward(q, k, v, k_conv, v_conv, segment_ids)
+            o, _ = self._forward(q, k, v, k_conv, v_conv, segment_ids)
             new_cache = None
         else:
             o, new_cache = self._cached(q, k, v, k_conv, v_conv, cache, cache_pos)
@@ -164,7 +165,8 @@ class NSA(nn.Module):
 
     # ------------------------------------------------------------------ full sequence
     def _forward(self, q, k, v, k_conv, v_conv, segment_ids):
-        """The three branches' outputs [B, T, H, 3, D]."""
+        """The three branches' outputs [B, T, H, 3, D], and what a prefill caches: compressed
+        keys / values, per query block the importance its queries gave and its selection."""
         B, T, H, D = q.shape
         l, d, bs = self.cmp_block, self.cmp_stride, self.sel_block
         scale = D ** -0.5
@@ -185,6 +187,7 @@ class NSA(nn.Module):
                               impl="xla")
             imp = self._importance(q, kc, kc_pos, doc, doc[:, tok[:, -1]], scale)
         else:
+            kc = vc = jnp.zeros((B, 0) + k.shape[3:], self.dtype)
             o_cmp = jnp.zeros_like(q)
             imp = jnp.zeros((B, NQ, self.num_kv_heads, NQ), jnp.float32)
         # Query block i ranks by what block i − 1's queries gave (see the module docstring).
@@ -203,7 +206,8 @@ class NSA(nn.Module):
         # "auto": a library kernel (cuDNN, splash) where it serves the window, else xla.
         o_win = attention(q, k[:, :, 2], v[:, :, 2], window=self.window, segment_ids=seg,
                           impl="auto")
-        return jnp.stack([o_cmp, o_sel, o_win], axis=3)
+        state = dict(kc=kc, vc=vc, imp=imp, idx=idx)
+        return jnp.stack([o_cmp, o_sel, o_win], axis=3), state
 
     def _importance(self, q, kc, kc_pos, q_doc, kc_doc, scale):
         """[B, NQ, Hkv, NS]: per query block, the compressed attention weights of its queries
@@ -229,6 +233,7 @@ class NSA(nn.Module):
             mx = jnp.max(s, axis=-1, keepdims=True)
             p = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(mx), mx, 0.0)), 0.0)
             p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+            p = jnp.where((ti < T)[None, :, None, None, None], p, 0.0)  # padding rows
             return jnp.einsum("bthgm,ms->bhs", p, over)
 
         imp = jax.lax.map(one, (jnp.moveaxis(qb, 1, 0), jnp.moveaxis(qd, 1, 0), t))
@@ -236,17 +241,37 @@ class NSA(nn.Module):
 
     # ------------------------------------------------------------------ decoding
     def _cached(self, q, k, v, k_conv, v_conv, cache, cache_pos):
-        """Tokens one at a time against the cache (see the module docstring)."""
+        """Several tokens into an empty cache: the full forward, then its state cached;
+        otherwise the tokens one at a time (see the module docstring)."""
         def step(c, xs):
             qt, kt, vt, t = xs
             o, c = self._step(qt, kt, vt, k_conv, v_conv, c, t)
             return c, o
 
-        T = q.shape[1]
-        ts = cache_pos + jnp.arange(T, dtype=jnp.int32)
-        cache, o = jax.lax.scan(step, cache, (jnp.moveaxis(q, 1, 0), jnp.moveaxis(k, 1, 0),
+        def steps():
+            ts = cache_pos + jnp.arange(T, dtype=jnp.int32)
+            c, o = jax.lax.scan(step, cache, (jnp.moveaxis(q, 1, 0), jnp.moveaxis(k, 1, 0),
                                               jnp.moveaxis(v, 1, 0), ts))
-        return jnp.moveaxis(o, 0, 1), cache
+            return jnp.moveaxis(o, 0, 1), c
+
+        T = q.shape[1]
+        if T == 1:
+            return steps()
+        return jax.lax.cond(cache_pos == 0,
+                            lambda: self._prefill(q, k, v, k_conv, v_conv, cache), steps)
+
+    def _prefill(self, q, k, v, k_conv, v_conv, cache):
+        o, st = self._forward(q, k, v, k_conv, v_conv, None)
+        NQ, M = st["imp"].shape[1], st["kc"].shape[1]
+        put = lambda buf, x: buf.at[:, :x.shape[1]].set(x.astype(buf.dtype))
+        # The block of the last token: the importance its queries gave so far, its selection.
+        imp = jnp.zeros_like(cache["imp"]).at[..., :NQ].set(st["imp"][:, NQ - 1])
+        sel = st["idx"][:, :, NQ - 1]
+        new = {"k": put(cache["k"], k), "v": put(cache["v"], v),
+               "kc": put(cache["kc"], st["kc"][:, :M]), "vc": put(cache["vc"], st["vc"][:, :M]),
+               "imp": imp,
+               "sel": jnp.full_like(cache["sel"], -1).at[..., :sel.shape[-1]].set(sel)}
+        return o.astype(q.dtype), new
 
     def _step(self, q, k, v, k_conv, v_conv, cache, t):
         """One token at position t: q [B, H, D], k, v [B, 3, Hkv, D] -> ([B, H, 3, D], cache)."""

@@ -1,5 +1,5 @@
-"""The nsa token mixer: prefill + decode steps (a separate per-token implementation with its
-own masks) equal the full forward in float64 at lengths where every branch and the block
+"""The nsa token mixer: prefill + a chunk + decode steps (a separate per-token implementation
+with its own masks) equal the full forward in float64 at lengths where every branch and the block
 selection matter; packed documents starting on block boundaries equal each document alone;
 gradients reach every parameter; bad settings name their field."""
 import flax.linen as nn
@@ -39,9 +39,10 @@ def test_decode_equals_full_forward(x64, rng):
     # One compile for the prefill, one for every step (a traced position).
     call = jax.jit(lambda x, cache, t: layer.apply(
         params, x, positions=t + jnp.arange(x.shape[1])[None], cache=cache, cache_pos=t))
-    y0, cache = call(x[:, :T0], layer.init_cache(B, T), jnp.int32(0))
-    ys = [y0]
-    for t in range(T0, T):
+    y0, cache = call(x[:, :T0], layer.init_cache(B, T), jnp.int32(0))   # parallel prefill
+    y1, cache = call(x[:, T0:T0 + 5], cache, jnp.int32(T0))              # a chunk: steps
+    ys = [y0, y1]
+    for t in range(T0 + 5, T):
         y, cache = call(x[:, t:t + 1], cache, jnp.int32(t))
         ys.append(y)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(ys, axis=1)), np.asarray(full),
