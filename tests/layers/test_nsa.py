@@ -39,10 +39,11 @@ def test_decode_equals_full_forward(x64, rng):
     # One compile for the prefill, one for every step (a traced position).
     call = jax.jit(lambda x, cache, t: layer.apply(
         params, x, positions=t + jnp.arange(x.shape[1])[None], cache=cache, cache_pos=t))
-    y0, cache = call(x[:, :T0], layer.init_cache(B, T), jnp.int32(0))   # parallel prefill
-    y1, cache = call(x[:, T0:T0 + 5], cache, jnp.int32(T0))              # a chunk: steps
+    # A prefill (the parallel path), a chunk of the same length (steps; the same compile).
+    y0, cache = call(x[:, :T0], layer.init_cache(B, T), jnp.int32(0))
+    y1, cache = call(x[:, T0:2 * T0], cache, jnp.int32(T0))
     ys = [y0, y1]
-    for t in range(T0 + 5, T):
+    for t in range(2 * T0, T):
         y, cache = call(x[:, t:t + 1], cache, jnp.int32(t))
         ys.append(y)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(ys, axis=1)), np.asarray(full),
