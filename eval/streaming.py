@@ -69,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     src.add_argument("--checkpoint", help="a training workdir or checkpoint dir")
     src.add_argument("--config", help="an untrained model from this config (smoke runs)")
     ap.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="with --config: config overrides")
+                    help="config overrides (with --checkpoint: model.* fields, same weights)")
     ap.add_argument("--cache_size", type=int, default=64, help="KV slots per attention layer")
     ap.add_argument("--cache_sinks", type=int, default=4, help="first tokens never evicted")
     ap.add_argument("--cascades", type=int, nargs="+", default=[1, 4],
