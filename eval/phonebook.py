@@ -1,6 +1,6 @@
 """Phonebook recall: a memory layer against a dense MLP at equal compute per token.
 
-    python -m eval.phonebook [--num_facts 8192] [--steps 1000] [--quick] --out out/phonebook
+    python -m eval.phonebook [--num_facts 8192] [--steps 2000] [--quick] --out out/phonebook
 
 A fixed dictionary of `--num_facts` facts (two name tokens -> one number token;
 `train.tasks.phonebook`) is learned during training: every row holds random facts of the book,
@@ -119,13 +119,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--n_keys", type=int, default=128, help="memory: n_keys² slots")
     ap.add_argument("--heads", type=int, default=2, help="memory heads")
     ap.add_argument("--topk", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq_len", type=int, default=95, help="tokens a row (32 facts: 96 - 1)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--values_lr", type=float, default=1e-3,
                     help="the memory values' fixed learning rate (optim.memory_values)")
-    ap.add_argument("--eval_every", type=int, default=250)
+    ap.add_argument("--eval_every", type=int, default=500)
     ap.add_argument("--models", nargs="+", choices=("dense", "memory"),
                     default=["dense", "memory"])
     ap.add_argument("--seed", type=int, default=0)
