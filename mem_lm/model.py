@@ -3,7 +3,9 @@
 Layer i's token mixer is pattern[i % len(pattern)], its channel mixer (the MLP slot)
 channel_pattern[i % len(channel_pattern)]; both are built through the registry
 (layers/registry.py) from the config's settings. Parameter names: layer_{i}/{mixer_norm,
-mixer, mlp_norm, mlp}, or with scan_layers groups/block_{j}/... stacked over groups.
+mixer, mlp_norm, mlp}, or with scan_layers groups/block_{j}/... stacked over groups;
+parameters a channel mixer shares across its layers (`memory_values`, see `shared_params`)
+sit at the top level, once.
 
     logits = model.apply(variables, tokens, segment_ids=None)            # training / eval
     logits, cache = model.apply(variables, tokens, cache=cache)         # prefill / decode
