@@ -18,6 +18,10 @@ anything compiles. Arrays may be JAX (traced or not) or NumPy.
 """
 from __future__ import annotations
 
+import math
+
+import jax.numpy as jnp
+
 from .. import common
 from .pallas import embedding_bag_pallas
 from .reference import embedding_bag_reference
@@ -33,6 +37,8 @@ def embedding_bag(indices, weights, table, *, impl="auto"):
                                                table=table)
     check_inputs(indices, weights, table)
     impl = common.resolve_impl(impl) if impl != "auto" else "xla"
+    if math.prod(indices.shape) == 0:   # no slots: zeros; a kernel grid cannot be empty
+        impl = "xla"
     return _IMPLS[impl](*common.to_jax(indices, weights, table))
 
 
@@ -41,7 +47,7 @@ def check_inputs(indices, weights, table) -> None:
     common.check_float("table", table)
     if len(indices.shape) < 1:
         raise ValueError(f"`indices` must have shape [..., k], got {tuple(indices.shape)}")
-    if not common._dtype_is(indices, common.jnp.integer):
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise ValueError(f"`indices` must be an integer array, got dtype {indices.dtype}")
     common.check_shape("weights", weights, indices.shape, "[..., k], as indices")
     common.check_float("weights", weights)

@@ -90,6 +90,14 @@ def test_transforms_agree(rng):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0)])
+def test_no_tokens_or_no_slots_give_zeros(shape):
+    for impl in ("reference", "xla", "pallas"):
+        o = embedding_bag(np.zeros(shape, np.int32), np.ones(shape, np.float32),
+                          np.ones((5, 3), np.float32), impl=impl)
+        assert o.shape == shape[:-1] + (3,) and not np.asarray(o).any(), impl
+
+
 @pytest.mark.parametrize("args, name", [
     (dict(indices=np.zeros((2, 3), np.float32)), "indices"),
     (dict(indices=np.zeros((), np.int32), weights=np.zeros((), np.float32)), "indices"),
