@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from layers import registry
 from layers.common import AXIS_NAMES
 from mem_lm import (LanguageModel, ModelConfig, decode_step, generate, param_count, prefill,
                     sample_logits, token_mixers)
@@ -239,9 +240,10 @@ def test_flat_fields_of_old_checkpoints_move_to_mixers():
                num_kv_heads=None, attn_sinks=False)
     with pytest.warns(DeprecationWarning, match="window"):
         cfg = ModelConfig.from_dict(old)
-    assert cfg.settings("swa") == dict(window=5, num_kv_heads=None, sinks=False,
-                                       short_conv=True, conv_size=4, heads=None,
-                                       head_size=None, rope_base=None, qkv_bias=False)
+    # The migrated values, every other setting at its registered default.
+    defaults = {f: s.default for f, s in registry.get("swa").settings.items()}
+    assert defaults["window"] != 5 and not defaults["short_conv"]
+    assert cfg.settings("swa") == {**defaults, "window": 5, "short_conv": True}
     assert cfg.settings("gdn")["expand_v"] == 2.0
     assert cfg.channel_pattern == ("none",)
 
