@@ -84,7 +84,10 @@ def kept_positions(cache):
     return [sorted(int(p) for p in row if p >= 0) for row in np.asarray(cache["pos"])]
 
 
-@pytest.mark.parametrize("cascades, use_sinks", [(3, True), (1, False)])
+# One cascade (sliding window + sinks) is also checked in make test against the swa forward
+# (test_attention_layer_with_a_cascading_cache); its simulation case runs under -m slow.
+@pytest.mark.parametrize("cascades, use_sinks",
+                         [(3, True), pytest.param(1, False, marks=pytest.mark.slow)])
 def test_matches_python_simulation_float64(x64, rng, cascades, use_sinks):
     """Two rows with different data (their choices differ), GQA, learned sink logits; the
     tokens fed in two calls (a prompt, then the rest) as prefill + decode would."""
