@@ -258,9 +258,10 @@ def _own(shared: Shared, s) -> Shared:
                                rope_theta=s["rope_base"] or shared.rope_theta)
 
 
-def _check_attention(shared: Shared, s) -> None:
-    positive_int(s, "heads", "head_size", "num_kv_heads", "conv_size",
-                 *(("window",) if "window" in s else ()))
+def check_own_heads(shared: Shared, s) -> None:
+    """The checks of an attention mechanism's own `heads`, `head_size`, `num_kv_heads` and
+    `rope_base` (shared with nsa, which has the same four)."""
+    positive_int(s, "heads", "head_size", "num_kv_heads")
     if s["rope_base"] is not None and not s["rope_base"] > 0:
         raise SettingError("rope_base", f"must be > 0, got {s['rope_base']}")
     if s["head_size"] is not None and s["head_size"] % 2:
@@ -270,6 +271,11 @@ def _check_attention(shared: Shared, s) -> None:
         raise SettingError("num_kv_heads", f"must divide {'heads' if s['heads'] else 'num_heads'}"
                                            f" = {shared.num_heads}, got {s['num_kv_heads']}")
     check_rope_head_dim(shared)
+
+
+def _check_attention(shared: Shared, s) -> None:
+    positive_int(s, "conv_size", *(("window",) if "window" in s else ()))
+    check_own_heads(shared, s)
     if s["cache"] not in ("window", "cascade"):
         raise SettingError("cache", f"must be one of ('window', 'cascade'), got {s['cache']!r}")
     positive_int(s, "cascades", "cache_size")

@@ -42,10 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layers.attention import _own
+from layers.attention import _own, check_own_heads
 from layers.common import constrain, dense, document_ids, init, segment_starts
 from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
-from layers.rope import apply_rope, check_rope_head_dim
+from layers.rope import apply_rope
 from pallas_kernels.attention import attention
 from pallas_kernels.sparse_attention import block_sparse_attention
 
@@ -354,22 +354,13 @@ def _settings() -> dict:
 
 
 def _check(shared: Shared, s) -> None:
-    positive_int(s, "heads", "head_size", "num_kv_heads", "cmp_block", "cmp_stride",
-                 "sel_block", "sel_blocks", "window")
-    if s["rope_base"] is not None and not s["rope_base"] > 0:
-        raise SettingError("rope_base", f"must be > 0, got {s['rope_base']}")
-    if s["head_size"] is not None and s["head_size"] % 2:
-        raise SettingError("head_size", f"must be even for RoPE, got {s['head_size']}")
+    positive_int(s, "cmp_block", "cmp_stride", "sel_block", "sel_blocks", "window")
+    check_own_heads(shared, s)
     if s["sel_block"] & (s["sel_block"] - 1):
         raise SettingError("sel_block", f"must be a power of two, got {s['sel_block']}")
     for f in ("cmp_block", "sel_block"):
         if s[f] % s["cmp_stride"]:
             raise SettingError("cmp_stride", f"must divide {f} = {s[f]}, got {s['cmp_stride']}")
-    own = _own(shared, s)
-    if s["num_kv_heads"] is not None and own.num_heads % s["num_kv_heads"]:
-        raise SettingError("num_kv_heads", f"must divide {'heads' if s['heads'] else 'num_heads'}"
-                                           f" = {own.num_heads}, got {s['num_kv_heads']}")
-    check_rope_head_dim(own)
 
 
 def _build(shared: Shared, s, name):

@@ -6,13 +6,12 @@ table's bytes (and of its gradient's).
 The 8 devices need XLA_FLAGS before JAX starts, so the test runs this file as a subprocess
 (as tests/layers/test_mom_sharding.py does)."""
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from simulated_devices import run_with_devices
+
 MESH = (2, 1, 4)           # data, fsdp, tensor
 
 
@@ -86,14 +85,8 @@ def worker(out):
 
 
 def test_value_table_split_over_tensor_equals_one_device(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(REPO)) if p)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=8"])
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_with_devices(__file__, out)
     r = json.loads(out.read_text())
     # The table's columns over tensor: a quarter of its bytes (and its gradient's) per device.
     assert r["table_spec"] == ["None", "tensor"], r["table_spec"]

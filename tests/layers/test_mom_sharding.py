@@ -7,12 +7,11 @@ over `tensor` (each device holds M / 4 memories).
 The 8 devices need XLA_FLAGS before JAX starts, so the test runs this file as a subprocess
 (as tests/train/test_training.py runs tests/train/sharding_worker.py)."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from simulated_devices import run_with_devices
+
 MESH = (2, 1, 4)           # data, fsdp, tensor
 M = 8                      # memories: 2 per tensor shard
 
@@ -113,14 +112,8 @@ def worker(out):
 
 
 def test_mom_memory_axis_sharded_equals_one_device(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(REPO)) if p)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=8"])
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_with_devices(__file__, out)
     r = json.loads(out.read_text())
     params = r["params"]
 
