@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from simulated_devices import run_with_devices
 
 MESH = (2, 1, 4)           # data, fsdp, tensor
@@ -111,6 +112,7 @@ def worker(out):
     Path(out).write_text(json.dumps(result, indent=1))
 
 
+@pytest.mark.slow   # ~50 s: an 8-device compile of mom's forward, gradient and decode
 def test_mom_memory_axis_sharded_equals_one_device(tmp_path):
     out = tmp_path / "out.json"
     run_with_devices(__file__, out)

@@ -41,11 +41,15 @@ def _init(cfg, B=2, T=8):
 CASES = [((m,), None) for m in MIXERS] + [(("gdn", "swa", "attn"), None),
                                          (("attn", "swa", "la", "gla"), True),
                                          (("gdn", "ssd"), False)]
+# Under -m slow only: mechanisms whose own test files check decoding and packed documents
+# against their own references (tests/layers/test_mom.py, test_nsa.py).
+OWN_DECODE_TESTS = ("mom", "nsa")
 
 
-@pytest.mark.parametrize("pattern, short_conv", CASES,
-                         ids=["-".join(p) + {None: "", True: "+conv", False: "-noconv"}[c]
-                              for p, c in CASES])
+@pytest.mark.parametrize("pattern, short_conv", [
+    pytest.param(p, c, id="-".join(p) + {None: "", True: "+conv", False: "-noconv"}[c],
+                 marks=[pytest.mark.slow] if p[0] in OWN_DECODE_TESTS and len(p) == 1 else [])
+    for p, c in CASES])
 def test_cached_decoding_and_packing_match_full_forward(pattern, short_conv, rng):
     cfg = tiny(pattern, mixers=None if short_conv is None else every_mixer(short_conv=short_conv))
     model, params = _init(cfg)

@@ -188,12 +188,18 @@ OTHER_IMPLS = {"gdn": ("reference",), "la": ("reference",)}
 SCANNED_IN_MAKE_TEST = ("gdn", "swa")
 
 
+# Under -m slow only: mechanisms whose own test files check packed documents against their own
+# references (tests/layers/test_mom.py, test_nsa.py).
+OWN_PACKING_TESTS = ("mom", "nsa")
+
+
 def _model_cases():
     for m in token_mixers():
         if m in SCANNED_IN_MAKE_TEST:
             yield pytest.param(m, True, id=f"{m}-scan")
         else:
-            yield pytest.param(m, False, id=m)
+            plain = [pytest.mark.slow] if m in OWN_PACKING_TESTS else []
+            yield pytest.param(m, False, id=m, marks=plain)
             yield pytest.param(m, True, id=f"{m}-scan", marks=pytest.mark.slow)
 
 
