@@ -169,17 +169,23 @@ def check_array(name: str, x, expected: Sequence[int], what: str,
     check_float(name, x)
 
 
-def check_chunk_size(chunk_size) -> int:
-    """A positive power of two (a Python or NumPy integer, not a bool); returned as an int."""
-    size = None
-    if not isinstance(chunk_size, (bool, np.bool_)):
+def check_positive_int(name: str, x, power_of_two: bool = False) -> int:
+    """A positive (power-of-two) Python or NumPy integer, not a bool; returned as an int."""
+    value = None
+    if not isinstance(x, (bool, np.bool_)):
         try:
-            size = operator.index(chunk_size)
+            value = operator.index(x)
         except TypeError:
             pass
-    if size is None or size < 1 or size & (size - 1):
-        raise ValueError(f"`chunk_size` must be a positive power of two, got {chunk_size!r}")
-    return size
+    if value is None or value < 1 or (power_of_two and value & (value - 1)):
+        kind = "a positive power of two" if power_of_two else "a positive int"
+        raise ValueError(f"`{name}` must be {kind}, got {x!r}")
+    return value
+
+
+def check_chunk_size(chunk_size) -> int:
+    """A positive power of two (a Python or NumPy integer, not a bool); returned as an int."""
+    return check_positive_int("chunk_size", chunk_size, power_of_two=True)
 
 
 def check_scale(scale, K: int) -> float:

@@ -27,29 +27,13 @@ GPU and TPU, xla elsewhere). Each is differentiable in q, k, v.
 """
 from __future__ import annotations
 
-import operator
-
 import jax.numpy as jnp
-import numpy as np
 
 from .. import common
 from .blocks import blocked
 from .reference import block_sparse_attention_reference
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
-
-
-def _positive_int(name, x, power_of_two=False):
-    value = None
-    if not isinstance(x, (bool, np.bool_)):
-        try:
-            value = operator.index(x)
-        except TypeError:
-            pass
-    if value is None or value < 1 or (power_of_two and value & (value - 1)):
-        kind = "a positive power of two" if power_of_two else "a positive int"
-        raise ValueError(f"`{name}` must be {kind}, got {x!r}")
-    return value
 
 
 def segments_from_cu_seqlens(cu_seqlens, T: int):
@@ -78,7 +62,7 @@ def block_sparse_attention(q, k, v, block_indices, *, block_size, window=None, c
     if min(H, D, Hkv, Dv) < 1 or H % Hkv:
         raise ValueError(f"q heads must be a positive multiple of k/v heads and D, Dv >= 1: "
                          f"q {q.shape}, k {k.shape}, v {v.shape}")
-    block_size = _positive_int("block_size", block_size, power_of_two=True)
+    block_size = common.check_positive_int("block_size", block_size, power_of_two=True)
     NQ = -(-T // block_size)
     common.check_rank("block_indices", block_indices, 4)
     if tuple(block_indices.shape[:3]) != (B, Hkv, NQ):
@@ -90,7 +74,7 @@ def block_sparse_attention(q, k, v, block_indices, *, block_size, window=None, c
                          f"{block_indices.dtype}")
     causal = common.check_flag("causal", causal)
     if window is not None:
-        window = _positive_int("window", window)
+        window = common.check_positive_int("window", window)
         if not causal:
             raise ValueError("`window` needs causal=True (a window reaches back from the query)")
     scale = common.check_scale(scale, D)
