@@ -98,6 +98,15 @@ def setting_value(s: registry.Setting):
     return st.one_of(st.sampled_from([*str_choices(s), "", "nope"]), JUNK)
 
 
+def draw_valid(draw, setting: registry.Setting, values: dict):
+    """A valid value of a setting: one of a str setting's choices, else None (when optional)
+    or a draw from values[its type]."""
+    if setting.type is str:
+        return draw(st.sampled_from(str_choices(setting)))
+    return draw(st.none() if setting.optional and draw(st.booleans())
+                else values[setting.type])
+
+
 def str_choices(s: registry.Setting) -> list:
     """The valid values of a str setting: its doc lists them ("one of ('elu', ...)")."""
     return sorted({s.default, *re.findall(r"'(\w+)'", s.doc)})
@@ -232,11 +241,8 @@ def extreme_valid_kwargs(draw):
         for f, setting in registry.get(name).settings.items():
             if f == "conv_size":
                 s[f] = draw(st.sampled_from([1, 4]))
-            elif setting.type is str:
-                s[f] = draw(st.sampled_from(str_choices(setting)))
             else:
-                s[f] = draw(st.none() if setting.optional and draw(st.booleans())
-                            else extremes[setting.type])
+                s[f] = draw_valid(draw, setting, extremes)
         mixers[name] = s
     d_model = draw(st.sampled_from([8, 2**20, top]))
     return dict(vocab_size=draw(st.sampled_from([1, 37, top])), d_model=d_model,
@@ -302,11 +308,8 @@ def tiny_valid_kwargs(draw):
                 continue
             if f == "num_kv_heads":
                 s[f] = draw(st.sampled_from([None, 1, num_heads]))
-            elif setting.type is str:
-                s[f] = draw(st.sampled_from(str_choices(setting)))
             else:
-                s[f] = draw(st.none() if setting.optional and draw(st.booleans())
-                            else small[setting.type])
+                s[f] = draw_valid(draw, setting, small)
         mixers[name] = s
     # One width and one or two layers: the compiled ops repeat across examples.
     return dict(vocab_size=draw(st.integers(2, 64)), d_model=8, num_layers=group,
