@@ -65,14 +65,17 @@ def qkv_conv_cache(batch: int, channels: dict, width: int, dtype) -> dict:
     return {f"conv_{n}": init_cache(batch, c, width, dtype) for n, c in channels.items()}
 
 
-def short_conv_qkv(tensors: dict, width: int, segment_ids, cache: Optional[dict], dtype):
+def short_conv_qkv(tensors: dict, width: int, segment_ids, cache: Optional[dict], dtype,
+                   axes: Optional[dict] = None):
     """SiLU(short conv) of each named tensor ({"q": q, "k": k, "v": v}), through submodules
-    `{name}_conv` of the calling (compact) module. Returns (the outputs by name, the updated
+    `{name}_conv` of the calling (compact) module; `axes` {name: logical axes of the channels}
+    where a tensor's channels are not ("heads", "kv"). Returns (the outputs by name, the updated
     cache entries `conv_{name}`: empty without a cache)."""
     outs, new_cache = {}, {}
     for n, t in tensors.items():
         c = None if cache is None else cache[f"conv_{n}"]
-        outs[n], c = ShortConv(width, dtype=dtype, name=f"{n}_conv")(t, segment_ids, c)
+        ax = (axes or {}).get(n, ("heads", "kv"))
+        outs[n], c = ShortConv(width, axes=ax, dtype=dtype, name=f"{n}_conv")(t, segment_ids, c)
         if cache is not None:
             new_cache[f"conv_{n}"] = c
     return outs, new_cache

@@ -22,6 +22,10 @@ independent branch keys), GQA, RoPE on q and on every branch's keys.
   initial blocks).
 * window: causal sliding window of `window` tokens.
 
+With `short_conv` (off by default; not in the paper, but attn and swa have it, so a comparison
+can give every model the same input path) q and each branch's k and v first go through
+SiLU(causal depthwise conv), and the decode cache also holds their last `conv_size` − 1 inputs.
+
 Packed documents: no branch attends across documents (compressed blocks that straddle a
 boundary are dropped). The blocks are aligned to the row, not to each document, so a document
 that starts inside a block is cut into blocks differently from the same document alone: packed
@@ -44,6 +48,7 @@ import numpy as np
 
 from layers.attention import _own, check_own_heads
 from layers.common import constrain, dense, document_ids, init, segment_starts
+from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
 from layers.rope import apply_rope
 from pallas_kernels.attention import attention
@@ -124,20 +129,27 @@ class NSA(nn.Module):
     sel_block: int = 64
     sel_blocks: int = 16
     window: int = 512
+    use_short_conv: bool = False
+    conv_size: int = 4
     rope_theta: float = 10000.0
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
 
     def init_cache(self, batch: int, max_len: int) -> dict:
-        Hkv, D = self.num_kv_heads, self.head_dim
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         M = num_compressed(max_len, self.cmp_block, self.cmp_stride)
         NS = -(-max_len // self.sel_block)
         zeros = lambda *s: jnp.zeros(s, self.dtype)
-        return {"k": zeros(batch, max_len, 3, Hkv, D), "v": zeros(batch, max_len, 3, Hkv, D),
-                "kc": zeros(batch, M, Hkv, D), "vc": zeros(batch, M, Hkv, D),
-                "imp": jnp.zeros((batch, Hkv, NS), jnp.float32),
-                "sel": jnp.full((batch, Hkv, min(self.sel_blocks, NS)), -1, jnp.int32)}
+        cache = {"k": zeros(batch, max_len, 3, Hkv, D), "v": zeros(batch, max_len, 3, Hkv, D),
+                 "kc": zeros(batch, M, Hkv, D), "vc": zeros(batch, M, Hkv, D),
+                 "imp": jnp.zeros((batch, Hkv, NS), jnp.float32),
+                 "sel": jnp.full((batch, Hkv, min(self.sel_blocks, NS)), -1, jnp.int32)}
+        if self.use_short_conv:
+            cache.update(qkv_conv_cache(batch, {"q": (H, D), "k_branches": (3, Hkv, D),
+                                                "v_branches": (3, Hkv, D)},
+                                        self.conv_size, self.dtype))
+        return cache
 
     @nn.compact
     def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
@@ -148,6 +160,14 @@ class NSA(nn.Module):
         k = dense((3, Hkv, D), ("embed", None, "heads", "kv"), name="k_proj", **kw)(x)
         v = dense((3, Hkv, D), ("embed", None, "heads", "kv"), name="v_proj", **kw)(x)
         g = jax.nn.sigmoid(dense((H, 3), ("embed", "heads", None), name="g_proj", **kw)(x))
+        conv_cache = {}
+        if self.use_short_conv:
+            # "k_branches": the three branches' keys ("k_conv" is the compression kernel).
+            ax = (None, "heads", "kv")
+            qkv, conv_cache = short_conv_qkv({"q": q, "k_branches": k, "v_branches": v},
+                                             self.conv_size, segment_ids, cache, self.dtype,
+                                             axes={"k_branches": ax, "v_branches": ax})
+            q, k, v = qkv["q"], qkv["k_branches"], qkv["v_branches"]
         q = constrain(apply_rope(q, positions, self.rope_theta), ("batch", "length", "heads", "kv"))
         rope_k = jax.vmap(lambda kb: apply_rope(kb, positions, self.rope_theta), 2, 2)
         k = rope_k(k)
@@ -157,7 +177,9 @@ class NSA(nn.Module):
             o, _ = self._forward(q, k, v, k_conv, v_conv, segment_ids)
             new_cache = None
         else:
-            o, new_cache = self._cached(q, k, v, k_conv, v_conv, cache, cache_pos)
+            kv = {n: c for n, c in cache.items() if not n.startswith("conv_")}
+            o, new_cache = self._cached(q, k, v, k_conv, v_conv, kv, cache_pos)
+            new_cache.update(conv_cache)
         o = jnp.einsum("bthc,bthcd->bthd", g.astype(o.dtype), o)
         o = constrain(o.astype(self.dtype), ("batch", "length", "heads", "kv"))
         y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
@@ -350,11 +372,15 @@ def _settings() -> dict:
         "sel_block": Setting(64, int, "selection block (a power of two)"),
         "sel_blocks": Setting(16, int, "blocks selected per query block"),
         "window": Setting(512, int, "sliding-window keys each query sees, itself included"),
+        # Not in the paper; the other attention mixers have them, so that a comparison can
+        # give every model the same input path.
+        **conv_settings(False),
     }
 
 
 def _check(shared: Shared, s) -> None:
-    positive_int(s, "cmp_block", "cmp_stride", "sel_block", "sel_blocks", "window")
+    positive_int(s, "cmp_block", "cmp_stride", "sel_block", "sel_blocks", "window",
+                 "conv_size")
     check_own_heads(shared, s)
     if s["sel_block"] & (s["sel_block"] - 1):
         raise SettingError("sel_block", f"must be a power of two, got {s['sel_block']}")
@@ -368,7 +394,8 @@ def _build(shared: Shared, s, name):
     return NSA(d_model=shared.d_model, num_heads=shared.num_heads,
                num_kv_heads=s["num_kv_heads"] or shared.num_heads, head_dim=shared.head_dim,
                cmp_block=s["cmp_block"], cmp_stride=s["cmp_stride"], sel_block=s["sel_block"],
-               sel_blocks=s["sel_blocks"], window=s["window"], rope_theta=shared.rope_theta,
+               sel_blocks=s["sel_blocks"], window=s["window"], use_short_conv=s["short_conv"],
+               conv_size=s["conv_size"], rope_theta=shared.rope_theta,
                init_std=shared.init_std, dtype=shared.dtype,
                impl=shared.impl if shared.impl in ("reference", "xla", "pallas") else "auto",
                name=name)

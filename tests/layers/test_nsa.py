@@ -1,6 +1,6 @@
 """The nsa token mixer: prefill + a chunk + decode steps (a separate per-token implementation
 with its own masks) equal the full forward in float64 at lengths where every branch and the block
-selection matter; packed documents starting on block boundaries equal each document alone;
+selection matter, with and without the q/k/v short convs; packed documents starting on block boundaries equal each document alone;
 gradients reach every parameter; bad settings name their field."""
 import flax.linen as nn
 import jax
@@ -29,9 +29,10 @@ def init(layer, x, rng):
                         shapes)
 
 
-def test_decode_equals_full_forward(x64, rng):
+@pytest.mark.parametrize("short_conv", [False, True])
+def test_decode_equals_full_forward(x64, rng, short_conv):
     B, T, T0 = 2, 37, 13
-    layer = make()
+    layer = make(use_short_conv=short_conv)
     x = jnp.asarray(rng.standard_normal((B, T, 16)))
     pos = jnp.arange(T)[None]
     params = init(layer, x, rng)
@@ -50,9 +51,10 @@ def test_decode_equals_full_forward(x64, rng):
                                atol=1e-10)
 
 
-def test_packed_documents_on_block_boundaries(x64, rng):
+@pytest.mark.parametrize("short_conv", [False, True])
+def test_packed_documents_on_block_boundaries(x64, rng, short_conv):
     T = 32
-    layer = make()
+    layer = make(use_short_conv=short_conv)
     x = jnp.asarray(rng.standard_normal((1, T, 16)))
     seg = jnp.asarray([[1] * 8 + [2] * 16 + [3] * 8], jnp.int32)
     params = init(layer, x, rng)
