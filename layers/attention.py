@@ -16,7 +16,8 @@ Decode cache (`init_cache`), by the `cache` setting:
 
 `topk_blocks` n > 0 (attn only) switches a trained layer to training-free top-k block
 attention (`layers/topk_attention.py`): each query block sees its own block, the last
-`topk_window` tokens and its n best-scoring earlier key blocks of `topk_block_size` tokens,
+`topk_window` tokens and its n best-scoring earlier key blocks of `topk_block_size` tokens
+(scored by `topk_score`),
 through `block_sparse_attention` in the forward and prefill; a decode step keeps the full
 cache and masks the slots outside its selection.
 """
@@ -35,7 +36,7 @@ from layers.kv_cache import CASCADE_KEYS, cascade_attention, cascade_layout, ini
 from layers.registry import (MAX_INT, Mechanism, Setting, SettingError, Shared, positive_int,
                              register)
 from layers.rope import apply_rope, check_rope_head_dim
-from layers.topk_attention import decode_kv_positions, topk_block_attention
+from layers.topk_attention import SCORES, decode_kv_positions, topk_block_attention
 from pallas_kernels.attention import attention
 
 
@@ -68,6 +69,7 @@ class Attention(nn.Module):
     topk_blocks: int = 0
     topk_block_size: int = 64
     topk_window: Optional[int] = 64
+    topk_score: str = "mean"
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
@@ -145,7 +147,8 @@ class Attention(nn.Module):
 
     def _topk(self, q, k, v, segment_ids):
         return topk_block_attention(q, k, v, self.topk_blocks, block_size=self.topk_block_size,
-                                    window=self.topk_window or None, segment_ids=segment_ids,
+                                    window=self.topk_window or None, score=self.topk_score,
+                                    segment_ids=segment_ids,
                                     impl="reference" if self.impl == "reference" else "auto")
 
     def _topk_cached(self, attn, q, ck, cv, cache_pos):
@@ -162,7 +165,8 @@ class Attention(nn.Module):
         # Decode: the selection differs per kv head, the dense op's slot positions per batch
         # row, so each kv head becomes a batch row with its G query heads.
         kv_pos = decode_kv_positions(q, ck, cache_pos, self.topk_blocks,
-                                     self.topk_block_size, self.topk_window or None)
+                                     self.topk_block_size, self.topk_window or None,
+                                     self.topk_score)
         G = H // Hkv
         rows = lambda x: x.transpose(0, 2, 1, 3).reshape(B * Hkv, L, 1, x.shape[-1])
         o = attn(q.reshape(B * Hkv, 1, G, D), rows(ck), rows(cv),
@@ -243,7 +247,10 @@ def _attention_settings(windowed: bool) -> dict:
                                 "the local window (None or 0: dense attention)", optional=True),
             topk_block_size=Setting(64, int, "top-k: tokens per block (a power of two)"),
             topk_window=Setting(64, int, "top-k: latest tokens always seen, the query "
-                                         "included (0: only the own block)"))
+                                         "included (0: only the own block)"),
+            topk_score=Setting("mean", str, f"top-k: how a key block is scored, one of "
+                                            f"{SCORES}: block means' dot product, or Quest's "
+                                            f"bound at the query block's best query"))
     return {**s, **conv_settings(False)}
 
 
@@ -301,6 +308,8 @@ def _check_topk(s) -> None:
                                               f"{s['topk_block_size']}")
     if not 0 <= s["topk_window"] <= MAX_INT:
         raise SettingError("topk_window", f"must be in [0, 2**31 - 1], got {s['topk_window']}")
+    if s["topk_score"] not in SCORES:
+        raise SettingError("topk_score", f"must be one of {SCORES}, got {s['topk_score']!r}")
     if not s["topk_blocks"]:    # None or 0: dense attention
         return
     positive_int(s, "topk_blocks")
@@ -323,7 +332,8 @@ def _build_attention(shared: Shared, s, name):
                      cache_size=_cache_size(s), cache_sinks=s["cache_sinks"],
                      cascades=s["cascades"], score_decay=s["score_decay"],
                      topk_blocks=s.get("topk_blocks") or 0,
-                     **{f: s[f] for f in ("topk_block_size", "topk_window") if f in s},
+                     **{f: s[f] for f in ("topk_block_size", "topk_window", "topk_score")
+                        if f in s},
                      init_std=shared.init_std, dtype=shared.dtype, impl=shared.attn_impl,
                      name=name)
 

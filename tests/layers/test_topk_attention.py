@@ -1,6 +1,6 @@
 """Training-free top-k block attention on `attn`: the sparse forward equals a float64 loop
-reference that selects blocks by their means and attends under the dense mask they give (odd
-length, GQA, packed documents); decode selects the cache's blocks by the same rule; with
+reference that selects blocks by their means (or by Quest's bound) and attends under the dense
+mask they give (odd length, GQA, packed documents); decode selects the cache's blocks by the same rule; with
 every earlier block selectable it is dense attention exactly, forward and prefill + decode;
 with one-token blocks (where a decode step's selection is the forward's) prefill + decode
 equals the sparse forward; bad settings name their field."""
@@ -15,12 +15,19 @@ from layers.topk_attention import decode_kv_positions, topk_block_attention
 from mem_lm import ModelConfig
 
 
-def selected(qs, k_blocks, n):
-    """Indices of the n largest dot products of qs with the rows of k_blocks."""
-    return set(np.argsort([kb @ qs for kb in k_blocks])[::-1][:n].tolist())
+def selected(queries, key_blocks, n, score):
+    """Indices of the n best-scoring key blocks for the queries [t, h, D] (a query block and
+    the kv head's group): "mean" ranks by the dot product of the means; "bound" by the largest
+    over the queries of Σ_d max(q_d · min_d k, q_d · max_d k) over the block's keys [s, D]."""
+    if score == "mean":
+        scores = [kb.mean(0) @ queries.mean((0, 1)) for kb in key_blocks]
+    else:
+        scores = [np.maximum(queries * kb.min(0), queries * kb.max(0)).sum(-1).max()
+                  for kb in key_blocks]
+    return set(np.argsort(scores)[::-1][:n].tolist())
 
 
-def reference(q, k, v, n, bs, window, seg=None):
+def reference(q, k, v, n, bs, window, seg=None, score="mean"):
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
@@ -30,8 +37,8 @@ def reference(q, k, v, n, bs, window, seg=None):
             heads = slice(h * G, (h + 1) * G)
             for i in range(-(-T // bs)):
                 block = slice(i * bs, (i + 1) * bs)
-                sel = selected(q[b, block, heads].mean((0, 1)),
-                               [k[b, j * bs:(j + 1) * bs, h].mean(0) for j in range(i)], n)
+                sel = selected(q[b, block, heads],
+                               [k[b, j * bs:(j + 1) * bs, h] for j in range(i)], n, score)
                 for t in range(i * bs, min((i + 1) * bs, T)):
                     seen = [s for s in range(t + 1)
                             if (s // bs in sel or s // bs == i or t - s < window)
@@ -42,31 +49,35 @@ def reference(q, k, v, n, bs, window, seg=None):
     return o
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_forward_matches_masked_reference_float64(x64, rng, packed):
+@pytest.mark.parametrize("score, packed", [("mean", False), ("mean", True), ("bound", True)])
+def test_forward_matches_masked_reference_float64(x64, rng, score, packed):
     B, T, H, Hkv, D, bs, n, window = 2, 37, 4, 2, 8, 4, 2, 3
     q, k, v = (rng.standard_normal((B, T, h, D)) for h in (H, Hkv, Hkv))
     seg = np.repeat(np.array([[0, 1], [0, 0]]), [13, 24], axis=1) if packed else None
-    o = topk_block_attention(q, k, v, n, block_size=bs, window=window,
+    o = topk_block_attention(q, k, v, n, block_size=bs, window=window, score=score,
                              segment_ids=None if seg is None else jnp.asarray(seg), impl="xla")
-    np.testing.assert_allclose(np.asarray(o), reference(q, k, v, n, bs, window, seg), atol=1e-12)
+    want = reference(q, k, v, n, bs, window, seg, score)
+    np.testing.assert_allclose(np.asarray(o), want, atol=1e-12)
     dense = reference(q, k, v, T, bs, window, seg)
     assert np.abs(np.asarray(o) - dense).max() > 1e-2     # the selection drops blocks that matter
+    if score == "bound":    # and it is not the means' selection
+        assert np.abs(want - reference(q, k, v, n, bs, window, seg, "mean")).max() > 1e-2
 
 
-def test_decode_selects_blocks_of_the_cache(x64, rng):
+@pytest.mark.parametrize("score", ["mean", "bound"])
+def test_decode_selects_blocks_of_the_cache(x64, rng, score):
     B, L, H, Hkv, D, bs, n, window = 2, 29, 4, 2, 8, 4, 2, 3
     q = rng.standard_normal((B, 1, H, D))
     k = rng.standard_normal((B, L, Hkv, D))     # slots past the query too: never selected
     G = H // Hkv
-    fn = jax.jit(lambda pos: decode_kv_positions(q, k, pos, n, bs, window))
+    fn = jax.jit(lambda pos: decode_kv_positions(q, k, pos, n, bs, window, score))
     for pos in (2, 13, 27):
         got = np.asarray(fn(jnp.int32(pos)))
         for b in range(B):
             for h in range(Hkv):
-                sel = selected(q[b, 0, h * G:(h + 1) * G].mean(0),
-                               [k[b, j * bs:(j + 1) * bs, h].mean(0) for j in range(pos // bs)],
-                               n)
+                sel = selected(q[b, :, h * G:(h + 1) * G],
+                               [k[b, j * bs:(j + 1) * bs, h] for j in range(pos // bs)],
+                               n, score)
                 want = [s if s <= pos and (s // bs in sel or s // bs == pos // bs
                                            or pos - s < window) else -1 for s in range(L)]
                 np.testing.assert_array_equal(got[b, h], want)
@@ -113,10 +124,11 @@ def test_every_block_selectable_is_dense(x64, rng):
     np.testing.assert_allclose(steps, dense, atol=1e-12)
 
 
-def test_prefill_and_decode_equal_sparse_forward(x64, rng):
+@pytest.mark.parametrize("score", ["mean", "bound"])
+def test_prefill_and_decode_equal_sparse_forward(x64, rng, score):
     x = jnp.asarray(rng.standard_normal((2, 15, 16)))
     # One-token blocks: a decode query is its block, so it selects as the forward does.
-    layer = make(topk_blocks=3, topk_block_size=1, topk_window=2)
+    layer = make(topk_blocks=3, topk_block_size=1, topk_window=2, topk_score=score)
     params = params_for(layer, x, rng)
     full, steps = run(layer, params, x, T0=5)
     np.testing.assert_allclose(steps, full, atol=1e-12)
@@ -128,6 +140,7 @@ def test_prefill_and_decode_equal_sparse_forward(x64, rng):
     ({"topk_blocks": -1}, "topk_blocks"),
     ({"topk_blocks": 2, "topk_block_size": 48}, "topk_block_size"),
     ({"topk_blocks": 2, "topk_window": -1}, "topk_window"),
+    ({"topk_blocks": 2, "topk_score": "max"}, "topk_score"),
     ({"topk_blocks": 2, "sinks": True}, "topk_blocks"),
     ({"topk_blocks": 2, "cache": "cascade", "cache_size": 64}, "topk_blocks"),
 ])
