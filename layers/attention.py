@@ -69,7 +69,7 @@ class Attention(nn.Module):
     topk_blocks: int = 0
     topk_block_size: int = 64
     topk_window: Optional[int] = 64
-    topk_score: str = "mean"
+    topk_score: str = "bound"
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
@@ -248,9 +248,9 @@ def _attention_settings(windowed: bool) -> dict:
             topk_block_size=Setting(64, int, "top-k: tokens per block (a power of two)"),
             topk_window=Setting(64, int, "top-k: latest tokens always seen, the query "
                                          "included (0: only the own block)"),
-            topk_score=Setting("mean", str, f"top-k: how a key block is scored, one of "
-                                            f"{SCORES}: block means' dot product, or Quest's "
-                                            f"bound at the query block's best query"))
+            topk_score=Setting("bound", str, f"top-k: how a key block is scored, one of "
+                                             f"{SCORES}: Quest's bound at the query block's "
+                                             f"best query, or the block means' dot product"))
     return {**s, **conv_settings(False)}
 
 

@@ -3,7 +3,7 @@ attends to its own block, a local window and the `n` earlier key blocks that sco
 it. No parameters: a switch on an existing checkpoint (`mixers.attn.topk_blocks`).
 
 The selection is one-level, not HiP's hierarchical tree search: every key block is scored
-once, by one of two rules (`score`):
+once, by one of two rules (`score`, default "bound"):
 
 * "mean": a key block's representative is the mean of its keys (after RoPE), per kv head; a
   query block's is the mean of its queries over the block and the GQA group of the kv head;
@@ -43,7 +43,7 @@ def _block_sums(x, block_size: int):
     return x.reshape(B, nb, block_size, *x.shape[2:]).sum(2)
 
 
-SCORES = ("mean", "bound")
+SCORES = ("bound", "mean")
 
 
 def _top(scores, candidate, n: int):
@@ -70,7 +70,7 @@ def _bound_scores(q, k, block_size: int):
     return s.max(3)
 
 
-def select_blocks(q, k, n: int, block_size: int, score: str = "mean"):
+def select_blocks(q, k, n: int, block_size: int, score: str = "bound"):
     """int32 [B, Hkv, NQ, 1 + min(n, NQ − 1)], NQ = ceil(T / block_size): for each query
     block its own block, then the n earlier key blocks of highest `score`, −1 where there are
     fewer (the `block_indices` of `block_sparse_attention`). q [B, T, H, D], k [B, T, Hkv, D]."""
@@ -94,7 +94,7 @@ def select_blocks(q, k, n: int, block_size: int, score: str = "mean"):
 
 
 def topk_block_attention(q, k, v, n: int, *, block_size: int, window: Optional[int],
-                         score: str = "mean", segment_ids=None, impl: str = "auto"):
+                         score: str = "bound", segment_ids=None, impl: str = "auto"):
     """o [B, T, H, Dv]: causal attention of each query block to its own block, the last
     `window` tokens and its n selected earlier blocks (`select_blocks`); `segment_ids` [B, T]
     keep packed documents apart (a selected block of another document is masked, not
@@ -107,7 +107,7 @@ def topk_block_attention(q, k, v, n: int, *, block_size: int, window: Optional[i
 
 
 def decode_kv_positions(q, k_cache, pos, n: int, block_size: int, window: Optional[int],
-                        score: str = "mean"):
+                        score: str = "bound"):
     """int32 [B, Hkv, L]: for one query q [B, 1, H, D] at position `pos` and a full cache
     k_cache [B, L, Hkv, D] (slot = position), each slot's position where the query sees it —
     slots in the n selected earlier blocks (by `score`), in its own block, or fewer than
