@@ -145,10 +145,10 @@ class Attention(nn.Module):
             new_cache.update(conv_cache)
         return y, new_cache
 
-    def _topk(self, q, k, v, segment_ids):
+    def _topk(self, q, k, v, segment_ids, query_mask=None):
         return topk_block_attention(q, k, v, self.topk_blocks, block_size=self.topk_block_size,
                                     window=self.topk_window or None, score=self.topk_score,
-                                    segment_ids=segment_ids,
+                                    query_mask=query_mask, segment_ids=segment_ids,
                                     impl="reference" if self.impl == "reference" else "auto")
 
     def _topk_cached(self, attn, q, ck, cv, cache_pos):
@@ -160,8 +160,10 @@ class Attention(nn.Module):
             # ranks that block's candidates by its own queries only).
             qf = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((B, L, H, D), q.dtype), q,
                                                      cache_pos, axis=1)
-            return jax.lax.dynamic_slice_in_dim(self._topk(qf, ck, cv, None), cache_pos, T,
-                                                axis=1)
+            slots = jnp.arange(L)
+            mine = (slots >= cache_pos) & (slots < cache_pos + T)
+            return jax.lax.dynamic_slice_in_dim(self._topk(qf, ck, cv, None, mine), cache_pos,
+                                                T, axis=1)
         # Decode: the selection differs per kv head, the dense op's slot positions per batch
         # row, so each kv head becomes a batch row with its G query heads.
         kv_pos = decode_kv_positions(q, ck, cache_pos, self.topk_blocks,

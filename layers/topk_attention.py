@@ -70,10 +70,11 @@ def _bound_scores(q, k, block_size: int):
     return s.max(3)
 
 
-def select_blocks(q, k, n: int, block_size: int, score: str = "bound"):
+def select_blocks(q, k, n: int, block_size: int, score: str = "bound", query_mask=None):
     """int32 [B, Hkv, NQ, 1 + min(n, NQ − 1)], NQ = ceil(T / block_size): for each query
     block its own block, then the n earlier key blocks of highest `score`, −1 where there are
-    fewer (the `block_indices` of `block_sparse_attention`). q [B, T, H, D], k [B, T, Hkv, D]."""
+    fewer (the `block_indices` of `block_sparse_attention`). q [B, T, H, D], k [B, T, Hkv, D];
+    only the queries where `query_mask` [T] is true (default: all) take part in the scores."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     nq = -(-T // block_size)
@@ -81,8 +82,12 @@ def select_blocks(q, k, n: int, block_size: int, score: str = "bound"):
     own = jnp.broadcast_to(blocks[:, None], (B, Hkv, nq, 1))
     if nq < 2:
         return own
+    if query_mask is not None:
+        q = jnp.where(query_mask[None, :, None, None], q, 0)
     if score == "bound":
         s = _bound_scores(q, k, block_size)
+        if query_mask is not None:      # a zero query's bound is 0, not "no vote"
+            s = jnp.where(query_mask[:, None], s, -jnp.inf)
         s = jnp.pad(s, ((0, 0), (0, 0), (0, nq * block_size - T), (0, 0)),
                     constant_values=-jnp.inf)
         scores = s.reshape(B, Hkv, nq, block_size, nq).max(3)
@@ -94,14 +99,16 @@ def select_blocks(q, k, n: int, block_size: int, score: str = "bound"):
 
 
 def topk_block_attention(q, k, v, n: int, *, block_size: int, window: Optional[int],
-                         score: str = "bound", segment_ids=None, impl: str = "auto"):
+                         score: str = "bound", query_mask=None, segment_ids=None,
+                         impl: str = "auto"):
     """o [B, T, H, Dv]: causal attention of each query block to its own block, the last
-    `window` tokens and its n selected earlier blocks (`select_blocks`); `segment_ids` [B, T]
-    keep packed documents apart (a selected block of another document is masked, not
-    replaced)."""
+    `window` tokens and its n selected earlier blocks (`select_blocks`, which `query_mask`
+    goes to); `segment_ids` [B, T] keep packed documents apart (a selected block of another
+    document is masked, not replaced)."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    return block_sparse_attention(q, k, v, select_blocks(q, k, n, block_size, score),
+    idx = select_blocks(q, k, n, block_size, score, query_mask)
+    return block_sparse_attention(q, k, v, idx,
                                   block_size=block_size, window=window,
                                   segment_ids=segment_ids, impl=impl)
 

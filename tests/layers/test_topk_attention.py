@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from layers.attention import Attention
-from layers.topk_attention import decode_kv_positions, topk_block_attention
+from layers.topk_attention import decode_kv_positions, select_blocks, topk_block_attention
 from mem_lm import ModelConfig
 
 
@@ -81,6 +81,21 @@ def test_decode_selects_blocks_of_the_cache(x64, rng, score):
                 want = [s if s <= pos and (s // bs in sel or s // bs == pos // bs
                                            or pos - s < window) else -1 for s in range(L)]
                 np.testing.assert_array_equal(got[b, h], want)
+
+
+def test_masked_queries_do_not_vote(x64, rng):
+    """A prefill's queries sit in a cache-long row of zeros; a zero query's bound is 0, which
+    would outrank blocks whose every bound is negative (positive queries, negative keys)."""
+    B, T, L, H, Hkv, D, bs = 1, 10, 16, 2, 1, 4, 4
+    q = np.abs(rng.standard_normal((B, T, H, D)))
+    k = -np.abs(rng.standard_normal((B, L, Hkv, D)))
+    k[:, 4:8] *= 0.1                  # block 1 has the highest bounds: query block 2 picks it
+    qf = np.concatenate([q, np.zeros((B, L - T, H, D))], axis=1)
+    want = np.asarray(select_blocks(q, k[:, :T], 1, bs, "bound"))
+    assert want[0, 0, 2, 1] == 1
+    got = np.asarray(select_blocks(qf, k, 1, bs, "bound", jnp.arange(L) < T))
+    np.testing.assert_array_equal(got[:, :, :3], want)
+    assert np.asarray(select_blocks(qf, k, 1, bs, "bound"))[0, 0, 2, 1] == 0     # unmasked
 
 
 def make(**kw):
