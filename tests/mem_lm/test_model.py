@@ -122,10 +122,11 @@ def documented_param_count(cfg: ModelConfig) -> int:
 
     def token(mixer):
         s = cfg.settings(mixer)
-        if mixer == "nsa":           # q, k/v of three branches, gates, compression, o_proj
-            kv = (s["num_kv_heads"] or H) * D
-            return 2 * d * HD + 6 * d * kv + 3 * d * H + 2 * s["cmp_block"] * D * D
         conv = s["conv_size"] if s["short_conv"] else 0     # per q/k/v channel
+        if mixer == "nsa":     # q, k/v of three branches, gates, compression, o_proj, convs
+            kv = (s["num_kv_heads"] or H) * D
+            return (2 * d * HD + 6 * d * kv + 3 * d * H + 2 * s["cmp_block"] * D * D
+                    + conv * (HD + 6 * kv))
         if mixer in ("attn", "swa"):
             kv = (s["num_kv_heads"] or H) * D
             return d * HD + 2 * d * kv + HD * d + (H if s["sinks"] else 0) + conv * (HD + 2 * kv)
