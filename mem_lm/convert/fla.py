@@ -6,7 +6,7 @@ as `fla.models.*ForCausalLM.save_pretrained` writes them.
     export_fla(cfg, params, "path/to/out")              # config.json + model.safetensors
 
     python -m mem_lm.convert --from fla PATH --out WORKDIR   # a workdir load_pretrained reads
-    python -m mem_lm.convert --to fla WORKDIR --out PATH
+    python -m mem_lm.convert --to fla WORKDIR --out PATH     # (the CLI: mem_lm/convert/__init__.py)
 
 Kinds (fla `model_type`): gated_deltanet -> `gdn`, delta_net -> `deltanet`, gla -> `gla`, each
 with fla's hybrid `attn` layers -> `attn` (full) or `swa` (window_size). Every field of
@@ -17,16 +17,16 @@ over or missing. Safetensors are read and written with the `safetensors` package
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from mem_lm.config import ModelConfig
+from mem_lm.convert.common import (ConversionError, layer_params, param_shapes, read_hf_dir,
+                                   set_path, shortest_period, to_ours, to_torch, torch_shape)
 
 # config.json fields of fla's models that do not change the function the model computes
 # (kernel choice, fused-op switches, loss and generation settings, HF bookkeeping). fla's
@@ -68,10 +68,6 @@ _TYPE_OF = {m: t for t, m in _MIXER_OF.items()}
 _ATTENTION = ("attn", "swa")
 # fla's GLA layer takes these from its own defaults, not from the config.
 _GLA_GATE_RANK, _GLA_GATE_NORMALIZER = 16, 16.0
-
-
-class ConversionError(ValueError):
-    """A checkpoint or config that cannot be converted; the message lists what and why."""
 
 
 def fla_mlp_width(hidden_size: int, hidden_ratio: Optional[float],
@@ -121,14 +117,6 @@ def _attention_specs(attn, num_layers: int) -> dict:
                                       f"[0, {num_layers})")
             out[layer] = (name, settings)
     return out
-
-
-def _shortest_period(seq: tuple) -> tuple:
-    n = len(seq)
-    for p in range(1, n + 1):
-        if n % p == 0 and seq == seq[:p] * (n // p):
-            return seq[:p]
-    return seq
 
 
 def config_from_fla(fla: Mapping[str, Any]) -> ModelConfig:
@@ -192,7 +180,7 @@ def config_from_fla(fla: Mapping[str, Any]) -> ModelConfig:
                                   f"hidden_size = {d}")
         mixers[name] = dict(s, head_size=d // s["heads"])
     return ModelConfig(vocab_size=c["vocab_size"], d_model=d, num_layers=L, num_heads=H,
-                       head_dim=head_dim, pattern=_shortest_period(layers),
+                       head_dim=head_dim, pattern=shortest_period(layers),
                        channel_pattern=("swiglu",), mixers=mixers,
                        tie_embeddings=bool(c["tie_word_embeddings"]),
                        norm_eps=float(c["norm_eps"]))
@@ -263,40 +251,6 @@ def _swiglu_width(cfg: ModelConfig) -> int:
 
 
 # ------------------------------------------------------------------------------ tensors
-# How a tensor changes between fla (torch) and here: ("dense", n) for a Linear weight
-# [out, in] <-> a kernel [in (n axes)..., out...]; "conv" for a depthwise Conv1d weight
-# [C, 1, W] <-> [W, heads, width]; "flat" for a vector <-> any shape of as many values;
-# "same" for an identical array.
-def _to_ours(how, w: np.ndarray, shape: tuple) -> np.ndarray:
-    if how == "conv":
-        return w[:, 0, :].T.reshape(shape)
-    if how in ("flat", "same"):
-        return w.reshape(shape)
-    return w.T.reshape(shape)
-
-
-def _to_fla(how, a: np.ndarray) -> np.ndarray:
-    if how == "conv":
-        return a.reshape(a.shape[0], -1).T[:, None, :]
-    if how == "flat":
-        return a.reshape(-1)
-    if how == "same":
-        return a
-    n_in = how[1]
-    return a.reshape(math.prod(a.shape[:n_in]), -1).T
-
-
-def _fla_shape(how, shape: tuple) -> tuple:
-    """The shape fla stores a parameter of our `shape` in."""
-    if how == "conv":
-        return (math.prod(shape[1:]), 1, shape[0])
-    if how == "flat":
-        return (math.prod(shape),)
-    if how == "same":
-        return tuple(shape)
-    return (math.prod(shape[how[1]:]), math.prod(shape[:how[1]]))
-
-
 def _mixer_entries(cfg: ModelConfig, name: str) -> list:
     """(fla name under `attn.`, our path under `mixer`, how) of one token mixer."""
     D1, D2 = ("dense", 1), ("dense", 2)
@@ -349,71 +303,10 @@ def tensor_map(cfg: ModelConfig) -> list:
     return out
 
 
-def param_shapes(cfg: ModelConfig) -> dict:
-    """{path: shape} of the model's parameters (per layer, as without scan_layers)."""
-    import dataclasses
-
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from mem_lm.model import LanguageModel
-    flat_cfg = dataclasses.replace(cfg, scan_layers=False)
-    shapes = jax.eval_shape(LanguageModel(flat_cfg).init, jax.random.PRNGKey(0),
-                            jnp.zeros((1, 1), jnp.int32))
-    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(shapes["params"]))
-    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def _layer_params(cfg: ModelConfig, params: Mapping) -> Callable[[tuple], np.ndarray]:
-    """A getter of our per-layer paths (layer_{i}/...) for params with or without scan_layers."""
-    def get(path):
-        if cfg.scan_layers and path[0].startswith("layer_"):
-            i = int(path[0][len("layer_"):])
-            g, j = divmod(i, cfg.group_size)
-            node = params["groups"][f"block_{j}"]
-            for k in path[1:]:
-                node = node[k]
-            return np.asarray(node)[g]
-        node = params
-        for k in path:
-            node = node[k]
-        return np.asarray(node)
-    return get
-
-
 # ------------------------------------------------------------------------------ files
 def read_fla(path: str) -> tuple[dict, dict]:
     """(config.json as a dict, {tensor name: NumPy array}) of an fla checkpoint directory."""
-    from safetensors.numpy import load_file
-
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"{path}: no config.json (an fla checkpoint directory holds "
-                                f"config.json and model.safetensors)")
-    with open(cfg_file) as f:
-        config = json.load(f)
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        files = [single]
-    elif os.path.isfile(index):
-        with open(index) as f:
-            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                f"(only safetensors checkpoints are read; save with "
-                                f"save_pretrained(..., safe_serialization=True))")
-    tensors = {}
-    for f in files:
-        tensors.update(load_file(f))
-    return config, tensors
+    return read_hf_dir(path, "fla")
 
 
 def import_fla(path: str) -> tuple[ModelConfig, dict]:
@@ -453,11 +346,11 @@ def params_from_fla(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict
             wrong.append(f"{name}: dtype {w.dtype}")
             continue
         shape = shapes[path]
-        if tuple(w.shape) != _fla_shape(how, shape):
-            wrong.append(f"{name}: shape {tuple(w.shape)}, expected {_fla_shape(how, shape)} "
+        if tuple(w.shape) != torch_shape(how, shape):
+            wrong.append(f"{name}: shape {tuple(w.shape)}, expected {torch_shape(how, shape)} "
                          f"for {'/'.join(path)} {shape}")
             continue
-        _set(params, path, _to_ours(how, w.astype(np.float32), shape))
+        set_path(params, path, to_ours(how, w.astype(np.float32), shape))
     unmapped = sorted(set(shapes) - {p for _, p, _ in entries})
     if wrong or unmapped:
         raise ConversionError("fla checkpoint: " + "; ".join(wrong)
@@ -472,101 +365,15 @@ def export_fla(cfg: ModelConfig, params: Mapping, path: str) -> None:
     from safetensors.numpy import save_file
 
     fla_cfg = config_to_fla(cfg)
-    get = _layer_params(cfg, params)
+    get = layer_params(cfg, params)
     shapes = param_shapes(cfg)
     entries = tensor_map(cfg)
     unmapped = sorted(set(shapes) - {p for _, p, _ in entries})
     if unmapped:
         raise ConversionError(f"export to fla: parameters with no fla name: {unmapped}")
-    tensors = {n: np.ascontiguousarray(_to_fla(how, get(p).astype(np.float32)))
+    tensors = {n: np.ascontiguousarray(to_torch(how, get(p).astype(np.float32)))
                for n, p, how in entries}
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(fla_cfg, f, indent=2, sort_keys=True)
-
-
-# ------------------------------------------------------------------------------ workdirs
-_TRAIN_CONFIG = '''"""Continued training of {source} (written by python -m mem_lm.convert):
-
-    python -m train --config {path} --workdir NEW_WORKDIR [--config.data.tokenizer=...]
-
-The model is the imported one; its parameters start the run (train.init_from). The data,
-optimizer and schedule are configs/base.py's: set them for the run.
-"""
-from configs import base
-
-
-def get_config():
-    c = base.get_config()
-    c.model = base.model_config(**{model})
-    c.train.init_from = {workdir!r}
-    return c
-'''
-
-
-def save_workdir(cfg: ModelConfig, params: Mapping, workdir: str, source: dict) -> str:
-    """A checkpoint step directory <workdir>/checkpoints/0 with the items `load_pretrained`
-    reads (params, meta), and <workdir>/train_config.py, an experiment config that continues
-    training from it; returns the step directory."""
-    import pprint
-
-    import orbax.checkpoint as ocp
-
-    from mem_lm.pretrained import META_ITEM, PARAMS_ITEM
-    workdir = os.path.abspath(workdir)
-    step = os.path.join(workdir, "checkpoints", "0")
-    if os.path.exists(step):
-        raise FileExistsError(f"{step} exists; choose a new --out")
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(step, PARAMS_ITEM), params)
-    os.makedirs(os.path.join(step, META_ITEM))
-    with open(os.path.join(step, META_ITEM, "meta.json"), "w") as f:
-        json.dump({"model_config": cfg.to_dict(), "source": source}, f, indent=2)
-    path = os.path.join(workdir, "train_config.py")
-    with open(path, "w") as f:
-        f.write(_TRAIN_CONFIG.format(source=source.get("path", "a checkpoint"), path=path,
-                                     model=pprint.pformat(cfg.to_dict(), indent=4),
-                                     workdir=workdir))
-    return step
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m mem_lm.convert",
-        description="Convert between fla's Hugging Face checkpoints and mem_lm workdirs.")
-    way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from", dest="src", metavar=("FORMAT", "PATH"), nargs=2,
-                     help="import: --from fla DIR (config.json + model.safetensors)")
-    way.add_argument("--to", dest="dst", metavar=("FORMAT", "PATH"), nargs=2,
-                     help="export: --to fla WORKDIR (a training workdir or checkpoint)")
-    p.add_argument("--out", required=True, help="the workdir (import) or fla directory (export)")
-    a = p.parse_args(argv)
-    fmt, path = a.src or a.dst
-    if fmt != "fla":
-        p.error(f"format {fmt!r}: only 'fla' is supported")
-    try:
-        if a.src:
-            cfg, params = import_fla(path)
-            step = save_workdir(cfg, params, a.out, {"format": "fla",
-                                                     "path": os.path.abspath(path)})
-            print(f"imported {path} -> {step}\n  pattern {cfg.pattern}, {cfg.num_layers} "
-                  f"layers, d_model {cfg.d_model}; load with "
-                  f"mem_lm.load_pretrained({a.out!r}); continue training with\n  "
-                  f"python -m train --config {os.path.join(a.out, 'train_config.py')} "
-                  f"--workdir NEW_WORKDIR")
-        else:
-            import jax
-
-            from mem_lm.pretrained import load_pretrained
-            model, variables = load_pretrained(path)
-            export_fla(model.config, jax.device_get(variables["params"]), a.out)
-            print(f"exported {path} -> {a.out} (config.json, model.safetensors)")
-    except (ConversionError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

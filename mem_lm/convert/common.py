@@ -1,0 +1,175 @@
+"""What every outside format's converter shares: the error type, PyTorch <-> Flax tensor
+layouts, our parameter shapes and paths, reading a Hugging Face checkpoint directory
+(config.json + safetensors, through the `safetensors` package's NumPy API: no torch), and
+writing the workdir that `load_pretrained` and `python -m train` read."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Mapping
+
+import numpy as np
+
+from mem_lm.config import ModelConfig
+
+
+class ConversionError(ValueError):
+    """A checkpoint or config that cannot be converted; the message lists what and why."""
+
+
+def shortest_period(seq: tuple) -> tuple:
+    """The shortest prefix that repeated gives `seq` (a layer list -> our `pattern`)."""
+    n = len(seq)
+    for p in range(1, n + 1):
+        if n % p == 0 and seq == seq[:p] * (n // p):
+            return seq[:p]
+    return seq
+
+
+# ------------------------------------------------------------------------------ tensors
+# How a tensor changes between PyTorch and here: ("dense", n) for a Linear weight
+# [out, in] <-> a kernel [in (n axes)..., out...]; "conv" for a depthwise Conv1d weight
+# [C, 1, W] <-> [W, heads, width]; "flat" for a vector <-> any shape of as many values;
+# "same" for an identical array.
+def to_ours(how, w: np.ndarray, shape: tuple) -> np.ndarray:
+    if how == "conv":
+        return w[:, 0, :].T.reshape(shape)
+    if how in ("flat", "same"):
+        return w.reshape(shape)
+    return w.T.reshape(shape)
+
+
+def to_torch(how, a: np.ndarray) -> np.ndarray:
+    if how == "conv":
+        return a.reshape(a.shape[0], -1).T[:, None, :]
+    if how == "flat":
+        return a.reshape(-1)
+    if how == "same":
+        return a
+    n_in = how[1]
+    return a.reshape(math.prod(a.shape[:n_in]), -1).T
+
+
+def torch_shape(how, shape: tuple) -> tuple:
+    """The shape PyTorch stores a parameter of our `shape` in."""
+    if how == "conv":
+        return (math.prod(shape[1:]), 1, shape[0])
+    if how == "flat":
+        return (math.prod(shape),)
+    if how == "same":
+        return tuple(shape)
+    return (math.prod(shape[how[1]:]), math.prod(shape[:how[1]]))
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """{path: shape} of the model's parameters (per layer, as without scan_layers)."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from mem_lm.model import LanguageModel
+    flat_cfg = dataclasses.replace(cfg, scan_layers=False)
+    shapes = jax.eval_shape(LanguageModel(flat_cfg).init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, 1), jnp.int32))
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(shapes["params"]))
+    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def set_path(tree: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def layer_params(cfg: ModelConfig, params: Mapping) -> Callable[[tuple], np.ndarray]:
+    """A getter of our per-layer paths (layer_{i}/...) for params with or without scan_layers."""
+    def get(path):
+        if cfg.scan_layers and path[0].startswith("layer_"):
+            i = int(path[0][len("layer_"):])
+            g, j = divmod(i, cfg.group_size)
+            node = params["groups"][f"block_{j}"]
+            for k in path[1:]:
+                node = node[k]
+            return np.asarray(node)[g]
+        node = params
+        for k in path:
+            node = node[k]
+        return np.asarray(node)
+    return get
+
+
+# ------------------------------------------------------------------------------ files
+def read_hf_dir(path: str, what: str) -> tuple[dict, dict]:
+    """(config.json as a dict, {tensor name: NumPy array}) of a Hugging Face checkpoint
+    directory (model.safetensors, or shards listed in model.safetensors.index.json); `what`
+    names the format in errors."""
+    from safetensors.numpy import load_file
+
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path}: no config.json (an {what} checkpoint directory holds "
+                                f"config.json and model.safetensors)")
+    with open(cfg_file) as f:
+        config = json.load(f)
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                f"(only safetensors checkpoints are read; save with "
+                                f"save_pretrained(..., safe_serialization=True))")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return config, tensors
+
+
+_TRAIN_CONFIG = '''"""Continued training of {source} (written by python -m mem_lm.convert):
+
+    python -m train --config {path} --workdir NEW_WORKDIR [--config.data.tokenizer=...]
+
+The model is the imported one; its parameters start the run (train.init_from). The data,
+optimizer and schedule are configs/base.py's: set them for the run.
+"""
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model = base.model_config(**{model})
+    c.train.init_from = {workdir!r}
+    return c
+'''
+
+
+def save_workdir(cfg: ModelConfig, params: Mapping, workdir: str, source: dict) -> str:
+    """A checkpoint step directory <workdir>/checkpoints/0 with the items `load_pretrained`
+    reads (params, meta), and <workdir>/train_config.py, an experiment config that continues
+    training from it; returns the step directory."""
+    import pprint
+
+    import orbax.checkpoint as ocp
+
+    from mem_lm.pretrained import META_ITEM, PARAMS_ITEM
+    workdir = os.path.abspath(workdir)
+    step = os.path.join(workdir, "checkpoints", "0")
+    if os.path.exists(step):
+        raise FileExistsError(f"{step} exists; choose a new --out")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(step, PARAMS_ITEM), params)
+    os.makedirs(os.path.join(step, META_ITEM))
+    with open(os.path.join(step, META_ITEM, "meta.json"), "w") as f:
+        json.dump({"model_config": cfg.to_dict(), "source": source}, f, indent=2)
+    path = os.path.join(workdir, "train_config.py")
+    with open(path, "w") as f:
+        f.write(_TRAIN_CONFIG.format(source=source.get("path", "a checkpoint"), path=path,
+                                     model=pprint.pformat(cfg.to_dict(), indent=4),
+                                     workdir=workdir))
+    return step
