@@ -2,17 +2,22 @@
 optional sliding window, with online softmax (flash-attention style).
 
 ```python
-o = block_sparse_attention(q, k, v, block_indices, *, block_size, window=None, causal=True,
-                           scale=None, segment_ids=None, cu_seqlens=None, impl="auto")
+o = block_sparse_attention(q, k, v, block_indices, *, block_size, query_block_size=None,
+                           window=None, causal=True, scale=None, segment_ids=None,
+                           cu_seqlens=None, impl="auto")
 ```
-q [B, T, H, D]; k [B, T, Hkv, D]; v [B, T, Hkv, Dv]; H % Hkv == 0 (GQA). Tokens form blocks
-of `block_size` (a power of two; T need not be a multiple: the op pads inside), NQ =
-ceil(T / block_size) of them. `block_indices` int [B, Hkv, NQ, S]: the key blocks query block
-i attends to, shared by the G = H / Hkv query heads of a kv head (as NSA shares them, so a key
-block is loaded once per group); −1 pads, entries outside [0, NQ) are ignored, and listing a
-block twice is the same as once.
+q [B, T, H, D]; k [B, T, Hkv, D]; v [B, T, Hkv, Dv]; H % Hkv == 0 (GQA). Keys form blocks of
+`block_size` (a power of two; T need not be a multiple: the op pads inside), NK =
+ceil(T / block_size) of them; queries form blocks of `query_block_size` (a power of two no
+larger than block_size; default block_size), NQ = ceil(T / query_block_size) of them.
+`query_block_size=1` is NSA's per-token selection: every query token lists its own key
+blocks, and a kernel program holds one token's GQA group of heads as its rows.
+`block_indices` int [B, Hkv, NQ, S]: the key blocks query block i attends to, shared by the
+G = H / Hkv query heads of a kv head (as NSA shares them, so a key block is loaded once per
+group); −1 pads, entries outside [0, NK) are ignored, and listing a block twice is the same as
+once.
 
-Query token t sees key token s when s's block is listed for t's block or t − s < `window`
+Query token t sees key token s when s's block is listed for t's query block or t − s < `window`
 (the window needs causal), and in any case s ≤ t (causal), s is in t's document
 (`segment_ids` [B, T], or `cu_seqlens` [N+1] for B == 1: tokens past cu[N] get o = 0), s is a
 real token. Dense sliding-window attention is the case with no listed blocks (S = 0 or all
@@ -42,8 +47,9 @@ def segments_from_cu_seqlens(cu_seqlens, T: int):
     return jnp.searchsorted(cu[1:], jnp.arange(T, dtype=jnp.int32), side="right")[None]
 
 
-def block_sparse_attention(q, k, v, block_indices, *, block_size, window=None, causal=True,
-                           scale=None, segment_ids=None, cu_seqlens=None, impl="auto"):
+def block_sparse_attention(q, k, v, block_indices, *, block_size, query_block_size=None,
+                           window=None, causal=True, scale=None, segment_ids=None,
+                           cu_seqlens=None, impl="auto"):
     """o [B, T, H, Dv] in q's dtype. See the module docstring."""
     q, k, v, block_indices, segment_ids, cu_seqlens = common.as_inputs(
         ("segment_ids", "cu_seqlens"), q=q, k=k, v=v, block_indices=block_indices,
@@ -63,11 +69,16 @@ def block_sparse_attention(q, k, v, block_indices, *, block_size, window=None, c
         raise ValueError(f"q heads must be a positive multiple of k/v heads and D, Dv >= 1: "
                          f"q {q.shape}, k {k.shape}, v {v.shape}")
     block_size = common.check_positive_int("block_size", block_size, power_of_two=True)
-    NQ = -(-T // block_size)
+    qbs = block_size if query_block_size is None else common.check_positive_int(
+        "query_block_size", query_block_size, power_of_two=True)
+    if qbs > block_size:
+        raise ValueError(f"`query_block_size` must be at most block_size = {block_size}, "
+                         f"got {qbs}")
+    NQ = -(-T // qbs)
     common.check_rank("block_indices", block_indices, 4)
     if tuple(block_indices.shape[:3]) != (B, Hkv, NQ):
         raise ValueError(f"`block_indices` must have shape [B, Hkv, NQ, S] = ({B}, {Hkv}, "
-                         f"{NQ}, S) (NQ = ceil(T / block_size) = ceil({T} / {block_size})), "
+                         f"{NQ}, S) (NQ = ceil(T / query_block_size) = ceil({T} / {qbs})), "
                          f"got {tuple(block_indices.shape)}")
     if not jnp.issubdtype(block_indices.dtype, jnp.integer):
         raise ValueError(f"`block_indices` must be an integer array, got dtype "
@@ -94,7 +105,7 @@ def block_sparse_attention(q, k, v, block_indices, *, block_size, window=None, c
     if cu_seqlens is not None:
         segment_ids = segments_from_cu_seqlens(cu_seqlens, T)
     kw = dict(block_size=block_size, window=window, causal=causal, scale=scale,
-              segment_ids=segment_ids)
+              segment_ids=segment_ids, query_block_size=qbs)
     if impl == "reference":
         o = block_sparse_attention_reference(q, k, v, block_indices, **kw)
     elif impl == "pallas":

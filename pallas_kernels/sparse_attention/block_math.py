@@ -2,7 +2,8 @@
 path calls it on all query blocks at once (leading batch dims), the Pallas kernels on one
 query block. Pure functions of arrays: no refs, no grids.
 
-A query block holds the G query heads of one kv head stacked as R = G·bs rows (head-major),
+A query block holds the G query heads of one kv head stacked as R = G·qbs rows (head-major;
+qbs = 1 for NSA's per-token selection: the group's heads are the rows),
 so one key block is loaded once for its whole GQA group. A key is visible to a row when it
 is a real token (position < T), not in the future (causal), in the row's segment, and either
 its block was selected for the query block or it lies inside the sliding window.
@@ -30,10 +31,10 @@ def mm(a, b, contract_a: int, contract_b: int, acc):
                            preferred_element_type=acc)
 
 
-def query_positions(i, R: int, bs: int, row0=0):
+def query_positions(i, R: int, qbs: int, row0=0):
     """Token positions [.., R, 1] of rows row0 .. row0 + R − 1 of query block i (i scalar or
-    [.., 1, 1])."""
-    return i * bs + rem(row0 + lax.broadcasted_iota(jnp.int32, (R, 1), 0), bs)
+    [.., 1, 1]) of `qbs` tokens."""
+    return i * qbs + rem(row0 + lax.broadcasted_iota(jnp.int32, (R, 1), 0), qbs)
 
 
 def key_positions(kb, bs: int):

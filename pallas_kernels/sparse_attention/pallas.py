@@ -1,8 +1,8 @@
 """`impl="pallas"`: block-sparse flash attention as Pallas kernels, forward and backward.
 
 Three kernels per layout, all built from `block_math` on the block layout of `blocks`
-(q [B, Hkv, NQ, R = G·bs, D]: a query block holds its whole GQA group; k, v [B, Hkv, NK, bs,
-D]) and the block tables of `blocks` (sorted, deduplicated, live entries first):
+(q [B, Hkv, NQ, R = G·qbs, D]: a query block holds its whole GQA group; k, v [B, Hkv, NK,
+bs, D]) and the block tables of `blocks` (sorted, deduplicated, live entries first):
 
   forward  per query block, online softmax over its table entries -> o, log-sum-exp
   dq       per query block, over the same entries: dq = Σ ds k
@@ -10,6 +10,11 @@ D]) and the block tables of `blocks` (sorted, deduplicated, live entries first):
            table): dk = Σ dsᵀ q, dv = Σ pᵀ do
 (p recomputed from the log-sum-exp, ds = p ⊙ (do vᵀ − rowsum(do ⊙ o)); no atomics: each
 output block is owned by one program).
+
+Per-token selection (query blocks of qbs = 1 token, NSA's design): a forward / dq program is
+one query token and kv head, its R = G rows the GQA group's heads, and it visits the key
+blocks that token selected, each loaded by index; dk / dv programs walk the (token, entry)
+pairs that visit their key block.
 
 TPU (Mosaic): the table rides in SMEM as scalar prefetch and steers the BlockSpec index maps,
 so each grid step DMAs exactly the listed block. Grid (B, Hkv, NQ, L) for forward and dq, the
@@ -28,8 +33,9 @@ vector and loops over its live entries only, loading each listed block by dynami
 A program takes at most GPU_ROWS of a query block's G·bs rows (forward and dq: a grid axis
 of row tiles; dk / dv: an inner loop over them), so a large GQA group (NSA's 16 heads × 64)
 does not become one huge tile. Triton needs power-of-two tensor shapes of at least 16 for
-dots: D and Dv are zero-padded to powers of two >= 16, G to a power of two (padded rows are
-dropped), index vectors to powers of two; the block size must be at least 16.
+dots: D and Dv are zero-padded to powers of two >= 16, G to a power of two with G·qbs >= 16
+(padded rows are dropped; per token, a group smaller than 16 heads is padded to 16 rows),
+index vectors to powers of two; the block size must be at least 16.
 
 Off-device both run in interpret mode (the tests run both layouts on CPU and lower both for
 their hardware).
@@ -54,7 +60,8 @@ GPU_ROWS = 128  # query rows per GPU program (a tile of a query block's G·bs ro
 
 
 def block_sparse_attention_pallas(q, k, v, block_indices, *, block_size, window, causal, scale,
-                                  segment_ids, backend: Optional[str] = None,
+                                  segment_ids, query_block_size: Optional[int] = None,
+                                  backend: Optional[str] = None,
                                   interpret: Optional[bool] = None):
     """Validated inputs as for the other impls -> o in q's dtype. `backend` ("tpu" | "gpu")
     and `interpret` override the default device's choice."""
@@ -65,7 +72,8 @@ def block_sparse_attention_pallas(q, k, v, block_indices, *, block_size, window,
         raise ValueError(f"the GPU kernels need block_size >= 16 (Triton dots), got {block_size}")
     return blocked(q, k, v, block_indices, block_size=block_size, window=window, causal=causal,
                    scale=scale, segment_ids=segment_ids, impl="pallas", backend=backend,
-                   interpret=default_interpret() if interpret is None else interpret)
+                   interpret=default_interpret() if interpret is None else interpret,
+                   query_block_size=query_block_size)
 
 
 def forward(cfg, q, k, v, codes, count, qseg, kseg):
@@ -79,7 +87,7 @@ def backward(cfg, q, k, v, do, lse, delta, codes, count, qseg, kseg):
 
 
 def _mask(cfg, i, kb, selected, qs_ref, ks_ref, rows=None, row0=0):
-    return bm.visible(bm.query_positions(i, rows or cfg.R, cfg.bs, row0),
+    return bm.visible(bm.query_positions(i, rows or cfg.R, cfg.q_bs, row0),
                       bm.key_positions(kb, cfg.bs), selected, True, cfg,
                       qs_ref[...] if cfg.segments else None,
                       ks_ref[...] if cfg.segments else None)
@@ -276,17 +284,22 @@ def _pad_last(x, n, fill=0):
 
 
 def _pad_group(x, cfg, Gp, fill=0):
-    """Rows [.., G·bs, w] -> [.., Gp·bs, w]."""
+    """Rows [.., G·qbs, w] -> [.., Gp·qbs, w]."""
     lead, w = x.shape[:-2], x.shape[-1]
-    x = x.reshape(lead + (cfg.G, cfg.bs, w))
+    x = x.reshape(lead + (cfg.G, cfg.q_bs, w))
     x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, Gp - cfg.G), (0, 0), (0, 0)],
                 constant_values=fill)
-    return x.reshape(lead + (Gp * cfg.bs, w))
+    return x.reshape(lead + (Gp * cfg.q_bs, w))
+
+
+def _gpu_group(cfg) -> int:
+    """G padded to a power of two, and so that a query block has >= 16 rows (Triton dots)."""
+    return max(_pow2(cfg.G), 16 // min(cfg.q_bs, 16))
 
 
 def _gpu_layout(cfg, q, k, v, qseg):
     """(kernel config, q, k, v, qseg) padded to Triton's shapes."""
-    Gp = _pow2(cfg.G)
+    Gp = _gpu_group(cfg)
     Dp, Dvp = _pow2(q.shape[-1], 16), _pow2(v.shape[-1], 16)
     q = _pad_group(_pad_last(q, Dp), cfg, Gp)
     qseg = None if qseg is None else _pad_group(qseg, cfg, Gp, -1)
@@ -375,7 +388,7 @@ def _gpu_forward(cfg, q, k, v, codes, count, qseg, kseg):
 def _unpad_rows(x, cfg, w):
     """Rows [.., Gp·bs, wp] padded by `_gpu_layout` -> [.., G·bs, w]."""
     lead = x.shape[:-2]
-    x = x.reshape(lead + (-1, cfg.bs, x.shape[-1]))[..., :cfg.G, :, :w]
+    x = x.reshape(lead + (-1, cfg.q_bs, x.shape[-1]))[..., :cfg.G, :, :w]
     return x.reshape(lead + (cfg.R, w))
 
 

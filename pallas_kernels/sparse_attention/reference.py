@@ -9,12 +9,13 @@ import jax.numpy as jnp
 from pallas_kernels.attention.mask import attention_mask
 
 
-def dense_mask(block_indices, *, T: int, block_size: int, window, causal, segment_ids):
+def dense_mask(block_indices, *, T: int, block_size: int, query_block_size: int, window,
+               causal, segment_ids):
     """Boolean [B, Hkv, T, T]: whether query token t attends to key token s."""
-    NQ = block_indices.shape[2]
-    listed = jnp.any(block_indices[..., None] == jnp.arange(NQ), axis=-2)  # [B, Hkv, NQ, NK]
-    blk = jnp.arange(T) // block_size
-    keep = listed[:, :, blk][:, :, :, blk]
+    NK = -(-T // block_size)
+    listed = jnp.any(block_indices[..., None] == jnp.arange(NK), axis=-2)  # [B, Hkv, NQ, NK]
+    t = jnp.arange(T)
+    keep = listed[:, :, t // query_block_size][:, :, :, t // block_size]
     pos = jnp.arange(T, dtype=jnp.int32)[None]
     if window is not None:
         keep = keep | attention_mask(pos, pos, causal=True, window=window, q_seg=None,
@@ -24,11 +25,12 @@ def dense_mask(block_indices, *, T: int, block_size: int, window, causal, segmen
 
 
 def block_sparse_attention_reference(q, k, v, block_indices, *, block_size, window, causal,
-                                     scale, segment_ids):
+                                     scale, segment_ids, query_block_size=None):
     acc = jnp.promote_types(q.dtype, jnp.float32)
     T, H, Hkv = q.shape[1], q.shape[2], k.shape[2]
-    mask = dense_mask(block_indices, T=T, block_size=block_size, window=window, causal=causal,
-                      segment_ids=segment_ids)
+    mask = dense_mask(block_indices, T=T, block_size=block_size,
+                      query_block_size=query_block_size or block_size, window=window,
+                      causal=causal, segment_ids=segment_ids)
     mask = jnp.repeat(mask, H // Hkv, axis=1)
     k = jnp.repeat(k, H // Hkv, axis=2).astype(acc)
     v = jnp.repeat(v, H // Hkv, axis=2).astype(acc)

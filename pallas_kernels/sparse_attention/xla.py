@@ -25,7 +25,7 @@ def _entry(cfg, k, v, codes, count, qseg, kseg, j):
     if cfg.segments:
         q_seg = qseg[:, None]                                    # [B, 1, NQ, R, 1]
         k_seg = jnp.take_along_axis(kseg[:, None], idx, axis=2)  # [B, Hkv, NQ, 1, bs]
-    ok = bm.visible(bm.query_positions(i, cfg.R, cfg.bs), bm.key_positions(idx, cfg.bs),
+    ok = bm.visible(bm.query_positions(i, cfg.R, cfg.q_bs), bm.key_positions(idx, cfg.bs),
                     (code % 2 == 1)[..., None, None], (j < count)[..., None, None], cfg,
                     q_seg, k_seg)
     return kb, kj, vj, ok

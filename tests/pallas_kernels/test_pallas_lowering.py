@@ -144,3 +144,28 @@ def test_block_sparse_attention_lowers(platform, dtype):
     grad = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2))
     assert lower(fwd, (q, k, v), platform).count(target) == 1
     assert lower(grad, (q, k, v), platform).count(target) == 3
+
+
+@pytest.mark.parametrize("platform", sorted(PLATFORMS))
+def test_per_token_selection_lowers(platform):
+    """NSA's per-token selection (`query_block_size=1`: one program per query token and kv
+    head, the 16 heads of its GQA group as the rows), bf16, forward (1 kernel) and forward +
+    backward (3), with segment ids."""
+    reason = platform_unavailable(platform)
+    if reason:
+        pytest.skip(reason)
+    layout, target = PLATFORMS[platform]
+    B, T, H, Hkv, D, bs = 1, 200, 16, 1, 64, 64
+    q = jnp.zeros((B, T, H, D), jnp.bfloat16)
+    k, v = (jnp.zeros((B, T, Hkv, D), jnp.bfloat16) for _ in range(2))
+    idx = jnp.zeros((B, Hkv, T, 3), jnp.int32)
+    seg = jnp.zeros((B, T), jnp.int32)
+
+    def fwd(q, k, v):
+        return block_sparse_attention_pallas(q, k, v, idx, block_size=bs, query_block_size=1,
+                                             window=None, causal=True, scale=0.125,
+                                             segment_ids=seg, backend=layout, interpret=False)
+
+    grad = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+    assert lower(fwd, (q, k, v), platform).count(target) == 1
+    assert lower(grad, (q, k, v), platform).count(target) == 3

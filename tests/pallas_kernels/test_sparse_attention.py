@@ -17,8 +17,9 @@ from pallas_kernels.sparse_attention.pallas import block_sparse_attention_pallas
 BS = 16
 
 
-def loop_reference(q, k, v, idx, *, bs, window=None, causal=True, seg=None):
-    """Independent float64 numpy reference, one query at a time."""
+def loop_reference(q, k, v, idx, *, bs, window=None, causal=True, seg=None, qbs=None):
+    """Independent float64 numpy reference, one query at a time (query blocks of `qbs`
+    tokens, default bs)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     B, T, H, D = q.shape
     G = H // k.shape[2]
@@ -27,7 +28,7 @@ def loop_reference(q, k, v, idx, *, bs, window=None, causal=True, seg=None):
     for b in range(B):
         for t in range(T):
             for h in range(H):
-                listed = np.isin(s_pos // bs, np.asarray(idx)[b, h // G, t // bs])
+                listed = np.isin(s_pos // bs, np.asarray(idx)[b, h // G, t // (qbs or bs)])
                 ok = listed | ((t - s_pos < window) & (s_pos <= t) if window else False)
                 if causal:
                     ok &= s_pos <= t
@@ -41,13 +42,14 @@ def loop_reference(q, k, v, idx, *, bs, window=None, causal=True, seg=None):
     return o
 
 
-def make_inputs(rng, B=2, T=45, H=4, Hkv=2, D=8, Dv=6, S=3, dtype=np.float64):
-    """q, k, v and block indices with −1 padding, out-of-range entries and a duplicate."""
-    NQ = -(-T // BS)
+def make_inputs(rng, B=2, T=45, H=4, Hkv=2, D=8, Dv=6, S=3, dtype=np.float64, qbs=BS):
+    """q, k, v and block indices (per query block of `qbs` tokens) with −1 padding,
+    out-of-range entries and a duplicate."""
+    NQ, NK = -(-T // qbs), -(-T // BS)
     q = rng.standard_normal((B, T, H, D)).astype(dtype)
     k = rng.standard_normal((B, T, Hkv, D)).astype(dtype)
     v = rng.standard_normal((B, T, Hkv, Dv)).astype(dtype)
-    idx = rng.integers(-1, NQ + 1, (B, Hkv, NQ, S)).astype(np.int32)
+    idx = rng.integers(-1, NK + 1, (B, Hkv, NQ, S)).astype(np.int32)
     idx[..., -1] = idx[..., 0]
     return q, k, v, idx
 
@@ -139,6 +141,38 @@ def test_pallas_cases(x64, rng, layout, case):
     ref = lambda q, k, v: block_sparse_attention(q, k, v, idx, block_size=BS,
                                                  impl="reference", **kw)
     assert_all_close(vjp_all(pal, q, k, v, ct), vjp_all(ref, q, k, v, ct), 1e-12)
+
+
+def test_per_token_reference_matches_loop(x64, rng):
+    """query_block_size=1 (NSA's per-token selection): every token its own list, a window and
+    packed documents."""
+    q, k, v, idx = make_inputs(rng, B=1, T=37, H=2, Hkv=1, qbs=1)
+    seg = packed_segments(rng, 1, 37)
+    o = jax.jit(lambda q, k, v: block_sparse_attention(
+        q, k, v, idx, block_size=BS, query_block_size=1, window=5, segment_ids=seg,
+        impl="reference"))(q, k, v)
+    want = loop_reference(q, k, v, idx, bs=BS, qbs=1, window=5, seg=seg)
+    np.testing.assert_allclose(np.asarray(o), want, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "tpu", "gpu"])
+def test_per_token_matches_reference(x64, rng, impl):
+    """Per-token lists through the xla impl and both Pallas layouts (interpret mode; one
+    program per token and kv head, the GQA group as its rows): o, dq, dk, dv with GQA 2, an
+    odd length, a window and packed documents."""
+    T = 21
+    q, k, v, idx = (jnp.asarray(a) for a in make_inputs(rng, B=1, T=T, H=4, Hkv=2, S=2, qbs=1))
+    kw = dict(block_size=BS, query_block_size=1, window=5, causal=True,
+              segment_ids=jnp.asarray(packed_segments(rng, 1, T)))
+    ct = jnp.asarray(rng.standard_normal((1, T, 4, 6)))
+    if impl == "xla":
+        got = lambda q, k, v: block_sparse_attention(q, k, v, idx, impl="xla", **kw)
+    else:
+        got = lambda q, k, v: block_sparse_attention_pallas(
+            q, k, v, idx, scale=8 ** -0.5, backend=impl, interpret=True, **kw)
+    ref = lambda q, k, v: block_sparse_attention(q, k, v, idx, impl="reference", **kw)
+    assert_all_close(vjp_all(jax.jit(got), q, k, v, ct), vjp_all(jax.jit(ref), q, k, v, ct),
+                     1e-12)
 
 
 @pytest.mark.slow
@@ -251,6 +285,8 @@ def test_no_entries_and_empty_inputs(rng):
     (dict(block_indices=np.zeros((2, 2, 3, 3))), "`block_indices` must be an integer"),
     (dict(block_size=12), "`block_size` must be a positive power of two"),
     (dict(block_size=True), "`block_size`"),
+    (dict(query_block_size=3), "`query_block_size` must be a positive power of two"),
+    (dict(query_block_size=32), "`query_block_size` must be at most block_size = 16"),
     (dict(window=0), "`window` must be a positive int"),
     (dict(window=4, causal=False), "`window` needs causal"),
     (dict(segment_ids=np.zeros((2, 44), np.int32)), r"`segment_ids` must have shape \(2, 45\)"),
