@@ -15,11 +15,10 @@ Decode cache (`init_cache`), by the `cache` setting:
     cache, prompt tokens included, attends to what the cache holds at its turn.
 
 `topk_blocks` n > 0 (attn only) switches a trained layer to training-free top-k block
-attention (`layers/topk_attention.py`): each query block sees its own block, the last
-`topk_window` tokens and its n best-scoring earlier key blocks of `topk_block_size` tokens
-(scored by `topk_score`),
-through `block_sparse_attention` in the forward and prefill; a decode step keeps the full
-cache and masks the slots outside its selection.
+attention (`layers/topk_attention.py`): each query token sees its own block, the last
+`topk_window` tokens and the n earlier key blocks of `topk_block_size` tokens that score best
+for it (by `topk_score`), through `block_sparse_attention` in the forward and prefill; a decode
+step selects by the same rule, keeps the full cache and masks the slots outside its selection.
 """
 from __future__ import annotations
 
@@ -145,25 +144,23 @@ class Attention(nn.Module):
             new_cache.update(conv_cache)
         return y, new_cache
 
-    def _topk(self, q, k, v, segment_ids, query_mask=None):
+    def _topk(self, q, k, v, segment_ids):
         return topk_block_attention(q, k, v, self.topk_blocks, block_size=self.topk_block_size,
                                     window=self.topk_window or None, score=self.topk_score,
-                                    query_mask=query_mask, segment_ids=segment_ids,
+                                    segment_ids=segment_ids,
                                     impl="reference" if self.impl == "reference" else "auto")
 
     def _topk_cached(self, attn, q, ck, cv, cache_pos):
         B, T, H, D = q.shape
         L, Hkv = ck.shape[1], ck.shape[2]
         if T > 1:
-            # Prefill / chunk: the queries in their slots of a cache-long sequence, so blocks
-            # and selection are those of the full forward (a chunk starting inside a block
-            # ranks that block's candidates by its own queries only).
+            # Prefill / chunk: the queries in their slots of a cache-long sequence (the op
+            # takes as many queries as keys); each selects for itself, so the other slots'
+            # zero queries change nothing, and the blocks are those of the full forward.
             qf = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((B, L, H, D), q.dtype), q,
                                                      cache_pos, axis=1)
-            slots = jnp.arange(L)
-            mine = (slots >= cache_pos) & (slots < cache_pos + T)
-            return jax.lax.dynamic_slice_in_dim(self._topk(qf, ck, cv, None, mine), cache_pos,
-                                                T, axis=1)
+            return jax.lax.dynamic_slice_in_dim(self._topk(qf, ck, cv, None), cache_pos, T,
+                                                axis=1)
         # Decode: the selection differs per kv head, the dense op's slot positions per batch
         # row, so each kv head becomes a batch row with its G query heads.
         kv_pos = decode_kv_positions(q, ck, cache_pos, self.topk_blocks,
@@ -245,14 +242,15 @@ def _attention_settings(windowed: bool) -> dict:
         # Not on swa: its ring cache drops the blocks beyond the window a decode step would pick.
         s.update(
             topk_blocks=Setting(None, int, "training-free top-k block attention: earlier key "
-                                "blocks each query block attends to, besides its own block and "
+                                "blocks each query token attends to, besides its own block and "
                                 "the local window (None or 0: dense attention)", optional=True),
             topk_block_size=Setting(64, int, "top-k: tokens per block (a power of two)"),
             topk_window=Setting(64, int, "top-k: latest tokens always seen, the query "
                                          "included (0: only the own block)"),
-            topk_score=Setting("bound", str, f"top-k: how a key block is scored, one of "
-                                             f"{SCORES}: Quest's bound at the query block's "
-                                             f"best query, or the block means' dot product"))
+            topk_score=Setting("bound", str, f"top-k: how a key block is scored for a "
+                                             f"query, one of {SCORES}: Quest's bound at the "
+                                             f"GQA group's best head, or the means' dot "
+                                             f"product"))
     return {**s, **conv_settings(False)}
 
 

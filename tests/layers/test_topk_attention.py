@@ -1,9 +1,9 @@
 """Training-free top-k block attention on `attn`: the sparse forward equals a float64 loop
-reference that selects blocks by their means (or by Quest's bound) and attends under the dense
-mask they give (odd length, GQA, packed documents); decode selects the cache's blocks by the same rule; with
-every earlier block selectable it is dense attention exactly, forward and prefill + decode;
-with one-token blocks (where a decode step's selection is the forward's) prefill + decode
-equals the sparse forward; bad settings name their field."""
+reference in which every token selects key blocks by their means (or by Quest's bound) and
+attends under the mask they give (odd length, GQA, packed documents); with every earlier block
+selectable it is dense attention exactly, forward and prefill + decode; at real block sizes
+prefill + decode equals the sparse forward (each step selects as the forward does); bad
+settings name their field. Causality is tests/mem_lm/test_causality.py's."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,23 +11,25 @@ import numpy as np
 import pytest
 
 from layers.attention import Attention
-from layers.topk_attention import decode_kv_positions, select_blocks, topk_block_attention
+from layers.topk_attention import topk_block_attention
 from mem_lm import ModelConfig
 
 
-def selected(queries, key_blocks, n, score):
-    """Indices of the n best-scoring key blocks for the queries [t, h, D] (a query block and
-    the kv head's group): "mean" ranks by the dot product of the means; "bound" by the largest
-    over the queries of Σ_d max(q_d · min_d k, q_d · max_d k) over the block's keys [s, D]."""
+def selected(query, key_blocks, n, score):
+    """Indices of the n best-scoring key blocks [s, D] for one token's queries [G, D] (the
+    heads of a kv head's group): "mean" ranks by the dot product of the means; "bound" by the
+    largest over the heads of Σ_d max(q_d · min_d k, q_d · max_d k) over the block's keys."""
     if score == "mean":
-        scores = [kb.mean(0) @ queries.mean((0, 1)) for kb in key_blocks]
+        scores = [kb.mean(0) @ query.mean(0) for kb in key_blocks]
     else:
-        scores = [np.maximum(queries * kb.min(0), queries * kb.max(0)).sum(-1).max()
+        scores = [np.maximum(query * kb.min(0), query * kb.max(0)).sum(-1).max()
                   for kb in key_blocks]
     return set(np.argsort(scores)[::-1][:n].tolist())
 
 
 def reference(q, k, v, n, bs, window, seg=None, score="mean"):
+    """Per token t: the n best of the key blocks before t's block, then softmax attention to
+    them, t's own block and the window (causal, within t's document)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
@@ -35,17 +37,16 @@ def reference(q, k, v, n, bs, window, seg=None, score="mean"):
     for b in range(B):
         for h in range(Hkv):
             heads = slice(h * G, (h + 1) * G)
-            for i in range(-(-T // bs)):
-                block = slice(i * bs, (i + 1) * bs)
-                sel = selected(q[b, block, heads],
-                               [k[b, j * bs:(j + 1) * bs, h] for j in range(i)], n, score)
-                for t in range(i * bs, min((i + 1) * bs, T)):
-                    seen = [s for s in range(t + 1)
-                            if (s // bs in sel or s // bs == i or t - s < window)
-                            and (seg is None or seg[b, s] == seg[b, t])]
-                    logits = q[b, t, heads] @ k[b, seen, h].T / np.sqrt(D)
-                    p = np.exp(logits - logits.max(-1, keepdims=True))
-                    o[b, t, heads] = (p / p.sum(-1, keepdims=True)) @ v[b, seen, h]
+            for t in range(T):
+                i = t // bs
+                sel = selected(q[b, t, heads], [k[b, j * bs:(j + 1) * bs, h] for j in range(i)],
+                               n, score)
+                seen = [s for s in range(t + 1)
+                        if (s // bs in sel or s // bs == i or t - s < window)
+                        and (seg is None or seg[b, s] == seg[b, t])]
+                logits = q[b, t, heads] @ k[b, seen, h].T / np.sqrt(D)
+                p = np.exp(logits - logits.max(-1, keepdims=True))
+                o[b, t, heads] = (p / p.sum(-1, keepdims=True)) @ v[b, seen, h]
     return o
 
 
@@ -62,40 +63,6 @@ def test_forward_matches_masked_reference_float64(x64, rng, score, packed):
     assert np.abs(np.asarray(o) - dense).max() > 1e-2     # the selection drops blocks that matter
     if score == "bound":    # and it is not the means' selection
         assert np.abs(want - reference(q, k, v, n, bs, window, seg, "mean")).max() > 1e-2
-
-
-@pytest.mark.parametrize("score", ["mean", "bound"])
-def test_decode_selects_blocks_of_the_cache(x64, rng, score):
-    B, L, H, Hkv, D, bs, n, window = 2, 29, 4, 2, 8, 4, 2, 3
-    q = rng.standard_normal((B, 1, H, D))
-    k = rng.standard_normal((B, L, Hkv, D))     # slots past the query too: never selected
-    G = H // Hkv
-    fn = jax.jit(lambda pos: decode_kv_positions(q, k, pos, n, bs, window, score))
-    for pos in (2, 13, 27):
-        got = np.asarray(fn(jnp.int32(pos)))
-        for b in range(B):
-            for h in range(Hkv):
-                sel = selected(q[b, :, h * G:(h + 1) * G],
-                               [k[b, j * bs:(j + 1) * bs, h] for j in range(pos // bs)],
-                               n, score)
-                want = [s if s <= pos and (s // bs in sel or s // bs == pos // bs
-                                           or pos - s < window) else -1 for s in range(L)]
-                np.testing.assert_array_equal(got[b, h], want)
-
-
-def test_masked_queries_do_not_vote(x64, rng):
-    """A prefill's queries sit in a cache-long row of zeros; a zero query's bound is 0, which
-    would outrank blocks whose every bound is negative (positive queries, negative keys)."""
-    B, T, L, H, Hkv, D, bs = 1, 10, 16, 2, 1, 4, 4
-    q = np.abs(rng.standard_normal((B, T, H, D)))
-    k = -np.abs(rng.standard_normal((B, L, Hkv, D)))
-    k[:, 4:8] *= 0.1                  # block 1 has the highest bounds: query block 2 picks it
-    qf = np.concatenate([q, np.zeros((B, L - T, H, D))], axis=1)
-    want = np.asarray(select_blocks(q, k[:, :T], 1, bs, "bound"))
-    assert want[0, 0, 2, 1] == 1
-    got = np.asarray(select_blocks(qf, k, 1, bs, "bound", jnp.arange(L) < T))
-    np.testing.assert_array_equal(got[:, :, :3], want)
-    assert np.asarray(select_blocks(qf, k, 1, bs, "bound"))[0, 0, 2, 1] == 0     # unmasked
 
 
 def make(**kw):
@@ -141,11 +108,12 @@ def test_every_block_selectable_is_dense(x64, rng):
 
 @pytest.mark.parametrize("score", ["mean", "bound"])
 def test_prefill_and_decode_equal_sparse_forward(x64, rng, score):
-    x = jnp.asarray(rng.standard_normal((2, 15, 16)))
-    # One-token blocks: a decode query is its block, so it selects as the forward does.
-    layer = make(topk_blocks=3, topk_block_size=1, topk_window=2, topk_score=score)
+    """Real blocks (4 blocks of 4 tokens, one selected, a one-token window), the prefill
+    ending inside a block: every decode step selects what the forward selects for its token."""
+    x = jnp.asarray(rng.standard_normal((2, 16, 16)))
+    layer = make(topk_blocks=1, topk_block_size=4, topk_window=1, topk_score=score)
     params = params_for(layer, x, rng)
-    full, steps = run(layer, params, x, T0=5)
+    full, steps = run(layer, params, x, T0=6)
     np.testing.assert_allclose(steps, full, atol=1e-12)
     dense = forward(make(), params, x)
     assert np.abs(full - dense).max() > 1e-3
