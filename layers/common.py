@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,11 +29,14 @@ class Dense(nn.Module):
     dtype: jnp.dtype
     axis: tuple = (-1,)
     use_bias: bool = False
+    kernel_init: Optional[Callable] = None    # an initializer instead of N(0, std²)
 
     @nn.compact
     def __call__(self, x):
         axis = tuple(a % x.ndim for a in self.axis)
-        kernel = self.param("kernel", init(self.std, self.axes),
+        kernel_init = (init(self.std, self.axes) if self.kernel_init is None
+                       else nn.with_logical_partitioning(self.kernel_init, self.axes))
+        kernel = self.param("kernel", kernel_init,
                             tuple(x.shape[a] for a in axis) + self.features, jnp.float32)
         y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), (axis, tuple(range(len(axis)))))
         if self.use_bias:
@@ -43,10 +46,12 @@ class Dense(nn.Module):
         return y
 
 
-def dense(features, axes, *, std, dtype, axis=-1, name=None, use_bias=False):
-    """A `Dense` whose kernel carries logical axis names `axes` (input dims first)."""
+def dense(features, axes, *, std, dtype, axis=-1, name=None, use_bias=False, kernel_init=None):
+    """A `Dense` whose kernel carries logical axis names `axes` (input dims first), initialised
+    N(0, std²) or by `kernel_init`."""
     as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)
-    return Dense(as_tuple(features), tuple(axes), std, dtype, as_tuple(axis), use_bias, name=name)
+    return Dense(as_tuple(features), tuple(axes), std, dtype, as_tuple(axis), use_bias,
+                 kernel_init, name=name)
 
 
 def constrain(x, axes):

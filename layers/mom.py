@@ -12,10 +12,19 @@ M gated-delta-rule memories per layer, each token routed to top_k of them.
   output     o_t = o_t^shared + Σ_m w_t^m · S^mᵀ(scale · q_t) over the routed memories, then
              gdn's output path: o_proj(RMSNorm(o) ⊙ SiLU(W_g x)) per head.
 
-Short convs (with `short_conv`): q is a property of the token, so its conv runs over the row as
-in `gdn` and every memory reads with the same q_t; a memory's k and v convs run over that
-memory's own subsequence (its previous routed tokens), with conv kernels shared by all
-memories, as in the reference code.
+Short convs (with `short_conv`): a memory's k and v convs run over that memory's own
+subsequence (its previous routed tokens), with conv kernels shared by all memories, as in the
+reference code. By default q is a property of the token, as in the paper (one q_t reads every
+memory): its conv runs over the row as in `gdn`. With `q_conv_per_memory`, as fla's
+MomAttention computes it, each routed memory convolves q over its own subsequence too (the
+shared memory over the row), so token t reads memory m with a q that has seen m's earlier
+tokens only; same q_conv kernel, same parameters.
+
+Initialisation as fla's MomAttention: every projection of the layer (router, q, each memory's
+k, v, β and decay, the shared memory's, the output gate and o_proj) xavier-uniform with gain
+2^−2.5 (a memory's fan-out is its own width, as each is its own nn.Linear there); A ~ U(0, 16]
+(fla draws U(0, 16); the open end at 0 keeps A_log finite), dt_bias as in `gdn`, the convs
+PyTorch's Conv1d default.
 
 The packed form. Every (token, routed memory) pair is a slot. Each batch row becomes one
 packed row of L = T·(1 + top_k) slots (T·top_k without the shared memory): the shared
@@ -47,15 +56,23 @@ are dropped from it: they do not touch its state or conv inputs, and their weigh
 cache's max_len and the room left per (row, memory) is part of the cache, so prefill + decode
 drops exactly what the full forward over max_len tokens drops.
 
-Auxiliary outputs (`registry.AUX_LOSS`, `registry.AUX_METRICS`): the Switch-style load-balance
-loss M · Σ_m f_m P_m (f_m: the share of routed slots, before dropping, that go to memory m,
-so Σ f_m = 1 and the loss is 1 when balanced; P_m: the mean router probability) times
-`aux_loss_weight`, as `mom_load_balance`; metrics `mom_memory_{m}_fraction` (f_m),
-`mom_dropped_fraction` (dropped / routed slots) and `mom_router_entropy` (nats, mean per token).
+Auxiliary outputs. The load-balance loss is fla's MomForCausalLM's (its
+`load_balancing_loss_func`, Mixtral's): ONE loss over every mom layer's router together,
+
+    mom_load_balance = aux_loss_weight · M · Σ_m F_m · P_m,
+
+F_m the share of all layers' tokens routed to memory m (before dropping; Σ_m F_m = top_k, so
+the loss is aux_loss_weight · top_k when balanced), P_m their mean router probability for m
+(the gradient flows through P only). Each layer sows its [F, P] (`registry.AUX_POOLED`) and
+`load_balance_loss` forms the loss from all of them (every layer sees the same tokens, so the
+pooled shares are the means of the layers'). Metrics (`registry.AUX_METRICS`, averaged over
+layers): `mom_memory_{m}_fraction` (F_m / top_k: the share of routed slots),
+`mom_dropped_fraction` (dropped / routed slots) and `mom_router_entropy` (nats, per token).
 
 Decode cache: the routed states [B, M, H, K, V] and the shared one [B, H, K, V] (float32), the
-last conv_size − 1 conv inputs of q per row, of k and v per row and memory (and for the shared
-memory), and with a capacity the room left [B, M]. One token (T == 1) runs the one-token step
+last conv_size − 1 conv inputs of q per row (with `q_conv_per_memory`: per row and memory, and
+for the shared memory, as k's), of k and v per row and memory (and for the shared memory), and
+with a capacity the room left [B, M]. One token (T == 1) runs the one-token step
 on every memory at once, with β = 0 and g = 0 (an exact no-op) for the memories it is not
 routed to; a longer chunk (prefill) takes the packed path from the cached states.
 """
@@ -69,30 +86,53 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import (a_log_init, constrain, dense, docs_per_row, dt_bias_init, head_param,
-                           init, restarting_scan, segment_starts)
-from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
+from layers.common import (constrain, dense, docs_per_row, dt_bias_init, head_param,
+                           restarting_scan, segment_starts)
+from layers.conv import conv_settings, qkv_conv_cache
 from layers.norm import GatedRMSNorm
-from layers.registry import (AUX_LOSS, AUX_METRICS, Mechanism, Setting, SettingError, Shared,
+from layers.registry import (AUX_METRICS, AUX_POOLED, Mechanism, Setting, SettingError, Shared,
                              positive_int, register)
 from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 
 
+XAVIER_GAIN = 2 ** -2.5     # fla's MomAttention._initialize_weights
+
+
+def xavier(num_in: int, batch: tuple = ()):
+    """fla's xavier-uniform (gain 2^−2.5) for a kernel whose first `num_in` axes are its inputs
+    and the rest, but the `batch` axes (one nn.Linear each), its outputs:
+    U(±gain · sqrt(6 / (fan_in + fan_out)))."""
+    def init_fn(key, shape, dtype=jnp.float32):
+        out = tuple(a for a in range(num_in, len(shape)) if a not in batch)
+        return nn.initializers.variance_scaling(
+            XAVIER_GAIN ** 2, "fan_avg", "uniform", in_axis=tuple(range(num_in)), out_axis=out,
+            batch_axis=batch)(key, shape, dtype)
+    return init_fn
+
+
+def a_log_init(key, shape, dtype=jnp.float32):
+    """A_log = log(A), A ~ U(0, 16] per head: fla's MomAttention draws U(0, 16) (gdn's layer
+    here: U(1, 16), Mamba2's); 16 · (1 − u) for u ~ U[0, 1) never gives log(0)."""
+    return jnp.log(16.0 * (1.0 - jax.random.uniform(key, shape, dtype)))
+
+
 class MemoryKernel(nn.Module):
-    """The kernel [embed, memory, *features] of a per-memory projection; the caller applies it
-    to the routed slots (`routed_projection`)."""
+    """The kernel [embed, memory, *features] of a per-memory projection (each memory's
+    initialised as its own xavier nn.Linear); the caller applies it to the routed slots
+    (`routed_projection`)."""
     shape: tuple
     axes: tuple
-    std: float
 
     @nn.compact
     def __call__(self):
-        return self.param("kernel", init(self.std, self.axes), self.shape, jnp.float32)
+        return self.param("kernel", nn.with_logical_partitioning(xavier(1, batch=(1,)), self.axes),
+                          self.shape, jnp.float32)
 
 
 class ConvKernel(nn.Module):
-    """The depthwise kernel [W, heads, kv] of a short conv over packed groups (initialised as
-    layers.conv.ShortConv's: PyTorch's Conv1d default for fan_in W)."""
+    """The depthwise kernel [W, heads, kv] of a short conv over packed groups, initialised
+    U(±1/√W), PyTorch's Conv1d default, which fla's MomAttention keeps (the layer marks its
+    modules initialised, so the model's N(0, 0.02) re-initialisation passes them by)."""
     shape: tuple
 
     @nn.compact
@@ -218,6 +258,17 @@ def pack(r: Routing, T: int, shared: bool, docs: Optional[jax.Array]) -> Packed:
     return Packed(token, group, valid, new & valid, cu_full, s + M, Ts + n_kept)
 
 
+def row_packing(B: int, T: int, segment_ids=None) -> Packed:
+    """Each row as one group of its T tokens in order (documents restart it): `packed_conv`
+    over it is the row's short conv."""
+    starts = (jnp.broadcast_to(jnp.arange(T) == 0, (B, T)) if segment_ids is None
+              else segment_starts(segment_ids))
+    zeros = jnp.zeros((B, T), jnp.int32)
+    return Packed(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), zeros,
+                  jnp.ones((B, T), bool), starts, jnp.tile(jnp.array([0, T], jnp.int32), (B, 1)),
+                  1, jnp.full((B,), T, jnp.int32))
+
+
 def packed_conv(x, kernel, p: Packed, hist=None):
     """SiLU of the causal depthwise conv of packed slots x [B, L, H, D] within each sequence
     (a slot sees only earlier slots of its own sequence), in float32 or wider; with `hist`
@@ -286,8 +337,8 @@ class MixtureOfMemories(nn.Module):
     expand_v: float = 1.0
     conv_size: int = 4
     use_short_conv: bool = True
+    q_conv_per_memory: bool = False
     norm_eps: float = 1e-6
-    init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
     chunk_size: int = 64
@@ -310,14 +361,20 @@ class MixtureOfMemories(nn.Module):
         if self.shared_memory:
             cache["shared_state"] = jnp.zeros((batch, H, K, V), jnp.float32)
         if self.use_short_conv:
-            cache.update(qkv_conv_cache(batch, {"q": (H, K)}, W, self.dtype))
-            for n, D in (("k", K), ("v", V)):
+            if not self.q_conv_per_memory:
+                cache.update(qkv_conv_cache(batch, {"q": (H, K)}, W, self.dtype))
+            for n, D in self._grouped_convs():
                 cache[f"conv_{n}"] = jnp.zeros((batch, M, W - 1, H, D), self.dtype)
                 if self.shared_memory:
                     cache[f"shared_conv_{n}"] = jnp.zeros((batch, W - 1, H, D), self.dtype)
         if self.capacity_factor is not None:
             cache["room"] = jnp.full((batch, M), self.capacity(max_len), jnp.int32)
         return cache
+
+    def _grouped_convs(self):
+        """(name, width) of the convs that run per memory over the packed groups."""
+        K, V = self.head_dim, self.value_dim
+        return (("q", K),) * self.q_conv_per_memory + (("k", K), ("v", V))
 
     @nn.compact
     def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
@@ -326,10 +383,11 @@ class MixtureOfMemories(nn.Module):
             raise ValueError("segment_ids are for training on packed rows, not with a cache")
         B, T, d = x.shape
         H, K, V, M = self.num_heads, self.head_dim, self.value_dim, self.num_memories
-        kw = dict(std=self.init_std, dtype=self.dtype)
+        kw = dict(std=None, dtype=self.dtype)
 
         acc = jnp.promote_types(self.dtype, jnp.float32)
-        logits = dense(M, ("embed", "memory"), std=self.init_std, dtype=acc, name="router")(x)
+        logits = dense(M, ("embed", "memory"), std=None, dtype=acc, kernel_init=xavier(1),
+                       name="router")(x)
         probs = jax.nn.softmax(logits, axis=-1)
         room = None
         if self.capacity_factor is not None:
@@ -340,26 +398,30 @@ class MixtureOfMemories(nn.Module):
         docs = None if segment_ids is None else jnp.cumsum(segment_starts(segment_ids), axis=1)
         p = pack(r, T, self.shared_memory, docs)
 
-        q = dense((H, K), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
+        q = dense((H, K), ("embed", "heads", "kv"), kernel_init=xavier(1), name="q_proj", **kw)(x)
         new_cache = {}
-        if self.use_short_conv:
-            q, new_cache = short_conv_qkv({"q": q}, self.conv_size, segment_ids, cache,
-                                          self.dtype)
-            q = q["q"]
-        else:
+        if self.use_short_conv and not self.q_conv_per_memory:
+            hist = None if cache is None else cache["conv_q"][:, None]
+            q, hist = packed_conv(q, ConvKernel((self.conv_size, H, K), name="q_conv")(),
+                                  row_packing(B, T, segment_ids), hist)
+            if cache is not None:
+                new_cache["conv_q"] = hist[:, 0]
+        elif not self.use_short_conv:
             q = jax.nn.silu(q)
         q = constrain(q, ("batch", "length", "heads", "kv"))
-        k, v, b, a = self._project(x, r)
+        # Each slot's q (the projection is per token, so gathering it equals fla's projecting
+        # the memory's tokens); with q_conv_per_memory its conv follows, over the groups.
+        packed = {"q": jnp.take_along_axis(q, p.token[..., None, None], axis=1)}
+        packed["k"], packed["v"], b, a = self._project(x, r)
+        hists = {}
         if self.use_short_conv:
-            hist = None if cache is None else self._groups(cache, "conv_k", "conv_v")
-            k, k_hist = packed_conv(k, ConvKernel((self.conv_size, H, K), name="k_conv")(), p,
-                                    None if hist is None else hist[0])
-            v, v_hist = packed_conv(v, ConvKernel((self.conv_size, H, V), name="v_conv")(), p,
-                                    None if hist is None else hist[1])
+            for n, D in self._grouped_convs():
+                hist = None if cache is None else self._groups(cache, f"conv_{n}")[0]
+                packed[n], hists[n] = packed_conv(
+                    packed[n], ConvKernel((self.conv_size, H, D), name=f"{n}_conv")(), p, hist)
         else:
-            k, v = jax.nn.silu(k), jax.nn.silu(v)
-        q = jnp.take_along_axis(q, p.token[..., None, None], axis=1)
-        q, k, v = (constrain(t, ("batch", "length", "heads", "kv")) for t in (q, k, v))
+            packed["k"], packed["v"] = jax.nn.silu(packed["k"]), jax.nn.silu(packed["v"])
+        q, k, v = (constrain(packed[n], ("batch", "length", "heads", "kv")) for n in "qkv")
         beta = jax.nn.sigmoid(b.astype(acc))
         dt = jax.nn.softplus(a.astype(acc) + head_param(self, "dt_bias", dt_bias_init, H))
         g = -jnp.exp(head_param(self, "A_log", a_log_init, H)) * dt
@@ -374,23 +436,22 @@ class MixtureOfMemories(nn.Module):
         out = jnp.einsum("btj,btjhv->bthv", r.weights, slots.reshape(B, T, self.top_k, H, V))
         if self.shared_memory:
             out = out + o[:, :T]
-        gate = dense((H, V), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
+        gate = dense((H, V), ("embed", "heads", "kv"), kernel_init=xavier(1), name="g_proj",
+                     **kw)(x)
         out = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(out, gate)
         out = constrain(out, ("batch", "length", "heads", "kv"))
-        y = dense(d, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(out)
+        y = dense(d, ("heads", "kv", "embed"), axis=(-2, -1), kernel_init=xavier(2),
+                  name="o_proj", **kw)(out)
         if cache is None:
             return y, None
-        new_cache.update(self._ungroup(state, "state"))
-        if self.use_short_conv:
-            new_cache.update(self._ungroup(k_hist, "conv_k"))
-            new_cache.update(self._ungroup(v_hist, "conv_v"))
+        routed = {"state": state, **{f"conv_{n}": h for n, h in hists.items()}}
+        for n, c in routed.items():
+            new_cache.update(self._ungroup(c, n))
+            # The routed memories' entries [B, M, ...] carry the memory axis (rules may shard it).
+            new_cache[n] = constrain(new_cache[n],
+                                     ("batch", "memory") + (None,) * (new_cache[n].ndim - 2))
         if r.room is not None:
             new_cache["room"] = r.room
-        # The routed memories' cache entries [B, M, ...] carry the memory axis (rules may shard it).
-        for n in ("state", "conv_k", "conv_v"):
-            if n in new_cache:
-                c = new_cache[n]
-                new_cache[n] = constrain(c, ("batch", "memory") + (None,) * (c.ndim - 2))
         return y, new_cache
 
     def _project(self, x, r: Routing):
@@ -401,16 +462,16 @@ class MixtureOfMemories(nn.Module):
         H, K, V, M = self.num_heads, self.head_dim, self.value_dim, self.num_memories
         widths = (("k_proj", (K,)), ("v_proj", (V,)), ("b_proj", ()), ("a_proj", ()))
         kernels = [MemoryKernel((d, M, H) + f, ("embed", "memory", "heads") + ("kv",) * len(f),
-                                self.init_std, name=n)() for n, f in widths]
+                                name=n)() for n, f in widths]
         w = jnp.concatenate([kr.reshape(d, M, -1).transpose(1, 0, 2) for kr in kernels], -1)
         y = routed_projection(x.astype(self.dtype), w.astype(self.dtype), r)
         cuts = [H * K, H * (K + V), H * (K + V + 1)]
         routed = [t.reshape((B, -1, H) + f) for t, (_, f) in zip(jnp.split(y, cuts, -1), widths)]
         if not self.shared_memory:
             return routed
-        kw = dict(std=self.init_std, dtype=self.dtype)
-        shared = [dense((H,) + f, ("embed", "heads") + ("kv",) * len(f), name=f"shared_{n}",
-                        **kw)(x) for n, f in widths]
+        shared = [dense((H,) + f, ("embed", "heads") + ("kv",) * len(f), std=None,
+                        dtype=self.dtype, kernel_init=xavier(1), name=f"shared_{n}")(x)
+                  for n, f in widths]
         return [jnp.concatenate([s, t], axis=1) for s, t in zip(shared, routed)]
 
     def _groups(self, cache, *names):
@@ -477,15 +538,29 @@ class MixtureOfMemories(nn.Module):
             # and lazy_init cannot compute values that depend on the input.
             return
         M = self.num_memories
-        routed = jnp.sum(r.routed, axis=(0, 1)).astype(jnp.float32)
-        frac = routed / jnp.sum(routed)
-        loss = M * jnp.sum(frac * jnp.mean(r.probs, axis=(0, 1)))
-        self.sow(AUX_LOSS, "mom_load_balance", self.aux_loss_weight * loss)
+        stats = balance_stats(r)
+        self.sow(AUX_POOLED, "mom_load_balance", stats)
         for m in range(M):
-            self.sow(AUX_METRICS, f"mom_memory_{m}_fraction", frac[m])
-        self.sow(AUX_METRICS, "mom_dropped_fraction", 1.0 - jnp.sum(r.counts) / jnp.sum(routed))
+            self.sow(AUX_METRICS, f"mom_memory_{m}_fraction", stats[m] / self.top_k)
+        self.sow(AUX_METRICS, "mom_dropped_fraction",
+                 1.0 - jnp.sum(r.counts) / jnp.sum(r.routed, dtype=jnp.float32))
         entropy = -jnp.sum(r.probs * jnp.log(jnp.maximum(r.probs, 1e-30)), axis=-1)
         self.sow(AUX_METRICS, "mom_router_entropy", jnp.mean(entropy))
+
+
+def balance_stats(r: Routing) -> jax.Array:
+    """A layer's load-balance statistics [F (M), P (M)] float32: the share of its tokens routed
+    to each memory (before dropping; Σ F = top_k) and the mean router probabilities."""
+    share = jnp.mean(r.routed, axis=(0, 1), dtype=jnp.float32)
+    return jnp.concatenate([share, jnp.mean(r.probs, axis=(0, 1)).astype(jnp.float32)])
+
+
+def load_balance_loss(settings, stats):
+    """fla's MomForCausalLM load balance over all mom layers together, from each layer's sowed
+    [F (M), P (M)] (stats [layers, 2M]): aux_loss_weight · M · Σ_m mean(F_m) · mean(P_m)."""
+    M = stats.shape[-1] // 2
+    share, prob = jnp.mean(stats[:, :M], axis=0), jnp.mean(stats[:, M:], axis=0)
+    return settings["aux_loss_weight"] * M * jnp.sum(jax.lax.stop_gradient(share) * prob)
 
 
 _SETTINGS = {
@@ -495,9 +570,12 @@ _SETTINGS = {
     "capacity_factor": Setting(None, float, "per row and memory at most "
                                "ceil(capacity_factor · T · top_k / M) tokens, later ones "
                                "dropped from it; None: no dropping", optional=True),
-    "aux_loss_weight": Setting(0.01, float, "weight of the load-balance loss M · Σ f_m P_m"),
+    "aux_loss_weight": Setting(0.01, float, "weight of the load-balance loss M · Σ F_m P_m over "
+                               "all mom layers together (fla's aux_loss_scale)"),
     "expand_v": Setting(1.0, float, "value head width = expand_v · head_dim"),
     **conv_settings(True),
+    "q_conv_per_memory": Setting(False, bool, "q's short conv over each memory's own tokens, "
+                                 "as fla's MomAttention (False: over the row, one q per token)"),
 }
 
 
@@ -529,10 +607,10 @@ def _build(shared: Shared, s, name):
         num_memories=s["num_memories"], top_k=s["top_k"], shared_memory=s["shared_memory"],
         capacity_factor=s["capacity_factor"], aux_loss_weight=s["aux_loss_weight"],
         expand_v=s["expand_v"], conv_size=s["conv_size"], use_short_conv=s["short_conv"],
-        norm_eps=shared.norm_eps, init_std=shared.init_std, dtype=shared.dtype,
+        q_conv_per_memory=s["q_conv_per_memory"], norm_eps=shared.norm_eps, dtype=shared.dtype,
         impl=shared.impl, chunk_size=shared.chunk_size, name=name)
 
 
 register(Mechanism("mom", "token", _build, _SETTINGS, _check,
                    "Mixture-of-Memories: top-k routed gated-delta-rule memories (+ a shared one)",
-                   recurrent=True))
+                   recurrent=True, pooled_losses={"mom_load_balance": load_balance_loss}))

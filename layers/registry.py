@@ -20,10 +20,15 @@ import math
 from typing import Any, Callable, Mapping, Optional
 
 SLOTS = ("token", "channel")
-# Flax collections a mechanism may `sow` into. AUX_LOSS: scalars the trainer adds to the
-# objective, each times its weight `optim.aux_loss_weights.<name>` (default 1); AUX_METRICS:
-# scalars the trainer only logs. Both are reduced by mean over layers.
+# Flax collections a mechanism may `sow` into (mem_lm.apply_with_aux collects them; the trainer
+# adds the losses to the objective and logs everything). AUX_LOSS: scalars, weighted by the
+# mechanism's own settings, summed over the layers that sow them. AUX_POOLED: one vector per
+# layer of the statistics of a loss formed over all layers together (Mixtral's load balance
+# pools every layer's router): the model stacks each name's vectors to [layers, n] and passes
+# them to the function the mechanism declares under that name (`Mechanism.pooled_losses`).
+# AUX_METRICS: scalars the trainer only logs, averaged over layers.
 AUX_LOSS = "aux_loss"
+AUX_POOLED = "aux_pooled"
 AUX_METRICS = "aux_metrics"
 
 
@@ -90,6 +95,8 @@ class Mechanism:
         types are already checked against `settings`).
     attention_span(settings, seq_len) -> keys each query attends to, for softmax mixers
         (FLOP estimates); None for the rest.
+    pooled_losses {name: fn(settings, stats [layers, n]) -> scalar}: the losses formed from the
+        AUX_POOLED statistics its layers sow under that name, over all layers together.
     """
     name: str
     slot: str
@@ -99,6 +106,8 @@ class Mechanism:
     summary: str = ""
     recurrent: bool = False         # a fixed-size state: decoding is O(1) per token
     attention_span: Optional[Callable[[Mapping[str, Any], int], int]] = None
+    pooled_losses: Mapping[str, Callable[[Mapping[str, Any], Any], Any]] = dataclasses.field(
+        default_factory=dict)
 
     def defaults(self) -> dict:
         return {k: s.default for k, s in self.settings.items()}

@@ -37,7 +37,7 @@ from layers.norm import RMSNorm
 from mem_lm.config import ModelConfig
 
 # Collections the mechanisms `sow` auxiliary outputs into (layers/registry.py).
-AUX_COLLECTIONS = (registry.AUX_LOSS, registry.AUX_METRICS)
+AUX_COLLECTIONS = (registry.AUX_LOSS, registry.AUX_POOLED, registry.AUX_METRICS)
 
 _REMAT_POLICIES = {
     "full": None,
@@ -201,21 +201,44 @@ def param_count(cfg: ModelConfig) -> int:
 
 def apply_with_aux(model: "LanguageModel", variables, tokens, segment_ids=None):
     """Logits and the auxiliary outputs the mechanisms sowed in this forward:
-    {"losses": {name: scalar}, "metrics": {name: scalar}}. A loss is summed over the layers
-    that sowed it (each layer's term counts, as each router's does in Switch Transformers); a
-    metric is averaged over them. Both are empty for a model whose mechanisms sow nothing."""
+    {"losses": {name: scalar}, "metrics": {name: scalar}}. An AUX_LOSS loss is summed over the
+    layers that sowed it (each layer's term counts, as each router's does in Switch
+    Transformers); an AUX_POOLED loss is its mechanism's function of all layers' statistics
+    together (`registry.Mechanism.pooled_losses`); a metric is averaged over the layers. All are
+    empty for a model whose mechanisms sow nothing."""
     logits, state = model.apply(variables, tokens, segment_ids=segment_ids,
                                 mutable=list(AUX_COLLECTIONS))
-    return logits, {"losses": _by_name(state.get(registry.AUX_LOSS, {}), jnp.sum),
-                    "metrics": _by_name(state.get(registry.AUX_METRICS, {}), jnp.mean)}
+    cfg = model.config
+    by_name = lambda c: _by_name(state.get(c, {}), cfg.scan_layers)
+    losses = {n: jnp.sum(v) for n, v in by_name(registry.AUX_LOSS).items()}
+    losses.update(_pooled_losses(cfg, by_name(registry.AUX_POOLED)))
+    metrics = {n: jnp.mean(v) for n, v in by_name(registry.AUX_METRICS).items()}
+    return logits, {"losses": dict(sorted(losses.items())), "metrics": metrics}
 
 
-def _by_name(tree, reduce) -> dict:
-    """Reduce every value sowed under the same name (across layers, and across the stacked
-    groups of scan_layers) to one float32 scalar."""
+def _by_name(tree, scanned: bool) -> dict:
+    """Every value sowed under the same name, one row per layer: float32 [layers, n] (n = 1 for
+    scalars). Under scan_layers (`scanned`) each leaf is stacked over the groups: a row each."""
     groups: dict = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         # sow stores name -> (value, ...): the name is the last dict key on the path.
         name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        groups.setdefault(name, []).append(jnp.ravel(leaf).astype(jnp.float32))
-    return {n: reduce(jnp.concatenate(v)) for n, v in sorted(groups.items())}
+        leaf = jnp.asarray(leaf, jnp.float32)
+        rows = leaf.shape[0] if scanned else 1
+        groups.setdefault(name, []).append(leaf.reshape(rows, -1))
+    return {n: jnp.concatenate(v) for n, v in sorted(groups.items())}
+
+
+def _pooled_losses(cfg: ModelConfig, stats: dict) -> dict:
+    """The AUX_POOLED losses: each name's per-layer vectors [layers, n] passed to the function
+    the config's mechanism declares for it, with that mechanism's settings."""
+    stats = dict(stats)
+    out = {}
+    for mech in dict.fromkeys(tuple(cfg.pattern) + tuple(cfg.channel_pattern)):
+        for name, fn in registry.get(mech).pooled_losses.items():
+            if name in stats:
+                out[name] = jnp.asarray(fn(cfg.settings(mech), stats.pop(name)), jnp.float32)
+    if stats:
+        raise ValueError(f"pooled statistics {sorted(stats)} were sowed, but no mechanism of "
+                         f"the config declares a loss for them (Mechanism.pooled_losses)")
+    return out

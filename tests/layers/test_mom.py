@@ -13,13 +13,15 @@ import pytest
 from layers import mom
 from layers.common import docs_per_row
 from layers.mom import MixtureOfMemories
-from layers.registry import AUX_LOSS, AUX_METRICS
+from layers.registry import AUX_METRICS, AUX_POOLED
 from mem_lm import LanguageModel, ModelConfig, apply_with_aux, decode_step, init_cache
+
+STD = 0.3   # of the random parameter matrices: large enough that every path shows
 
 
 def make(**kw):
     return MixtureOfMemories(**{**dict(d_model=16, num_heads=2, head_dim=8, chunk_size=8,
-                                       impl="xla", init_std=0.3), **kw})
+                                       impl="xla"), **kw})
 
 
 def random_like(shapes, rng, std, dtype=jnp.float32):
@@ -40,10 +42,13 @@ def random_like(shapes, rng, std, dtype=jnp.float32):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def random_params(m, rng, dtype=jnp.float32):
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(m.init(
+def param_shapes(m, dtype=jnp.float32):
+    return jax.eval_shape(lambda: nn.meta.unbox(m.init(
         jax.random.PRNGKey(0), jnp.zeros((1, 1, m.d_model), dtype), positions=None)["params"]))
-    return random_like(shapes, rng, m.init_std, dtype)
+
+
+def random_params(m, rng, dtype=jnp.float32):
+    return random_like(param_shapes(m, dtype), rng, STD, dtype)
 
 
 def doc_starts(segment_ids, B, T):
@@ -73,7 +78,8 @@ def reference(m, p, x, routed, kept, segment_ids=None):
     """y [B, T, d] and the final states [B, M (+ shared), H, K, V], token by token (lax.scan
     over each row): every memory's update is computed, and committed (state and conv inputs)
     only where the token is routed to it and kept; the shared memory (last) takes every
-    token; all restart at a document start."""
+    token; all restart at a document start. q's conv runs over the row, or with
+    q_conv_per_memory over each memory's own tokens (as k's)."""
     B, T, _ = x.shape
     H, K, M, W = m.num_heads, m.head_dim, m.num_memories, m.conv_size
     V = p["v_proj"]["kernel"].shape[-1]
@@ -96,7 +102,9 @@ def reference(m, p, x, routed, kept, segment_ids=None):
         xt, start, routed_t, kept_t = inp
         S, hq, hk, hv = jax.tree.map(lambda c: jnp.where(start, 0, c), carry)
         q_in = jnp.einsum("d,dhk->hk", xt, kern("q_proj"))
-        q = l2(conv(hq, q_in, "q_conv")) * K ** -0.5
+        if m.q_conv_per_memory:
+            q_in = jnp.broadcast_to(q_in, (E, H, K))
+        q = jnp.broadcast_to(l2(conv(hq, q_in, "q_conv")) * K ** -0.5, (E, H, K))
         k_in, v_in = jnp.einsum("d,edhk->ehk", xt, Wk), jnp.einsum("d,edhv->ehv", xt, Wv)
         k, v = l2(conv(hk, k_in, "k_conv")), conv(hv, v_in, "v_conv")
         beta = jax.nn.sigmoid(jnp.einsum("d,edh->eh", xt, Wb))
@@ -109,18 +117,19 @@ def reference(m, p, x, routed, kept, segment_ids=None):
         w, take = jnp.where(kept_t, w, 0), kept_t
         if m.shared_memory:
             w, take = jnp.append(w, 1.0), jnp.append(take, True)
-        o = jnp.einsum("e,ehv->hv", w, jnp.einsum("hk,ehkv->ehv", q, s))
-        S = jnp.where(take[:, None, None, None], s, S)
-        hk = jnp.where(take[:, None, None, None], shift(hk, k_in), hk)
-        hv = jnp.where(take[:, None, None, None], shift(hv, v_in), hv)
+        o = jnp.einsum("e,ehv->hv", w, jnp.einsum("ehk,ehkv->ehv", q, s))
+        commit = lambda new, old: jnp.where(take[:, None, None, None], new, old)
+        S, hk, hv = commit(s, S), commit(shift(hk, k_in), hk), commit(shift(hv, v_in), hv)
+        hq = commit(shift(hq, q_in), hq) if m.q_conv_per_memory else shift(hq, q_in)
         gate = jnp.einsum("d,dhv->hv", xt, kern("g_proj"))
         o = o / jnp.sqrt(jnp.mean(o * o, -1, keepdims=True) + m.norm_eps)
         o = o * p["o_norm"]["scale"] * jax.nn.silu(gate)
-        return (S, shift(hq, q_in), hk, hv), jnp.einsum("hv,hvd->d", o, kern("o_proj"))
+        return (S, hq, hk, hv), jnp.einsum("hv,hvd->d", o, kern("o_proj"))
 
     def row(xr, starts, routed_r, kept_r):
         zeros = lambda *s: jnp.zeros(s, x.dtype)
-        carry = (zeros(E, H, K, V), zeros(W - 1, H, K), zeros(E, W - 1, H, K),
+        q_hist = (E,) * m.q_conv_per_memory + (W - 1, H, K)
+        carry = (zeros(E, H, K, V), zeros(*q_hist), zeros(E, W - 1, H, K),
                  zeros(E, W - 1, H, V))
         (S, *_), y = jax.lax.scan(token, carry, (xr, starts, routed_r, kept_r))
         return y, S
@@ -199,6 +208,56 @@ def test_other_settings_match_reference_float64(x64, rng):
         assert rel_err(layer(p, x, seg), ref(p, x, seg)) < TOL
 
 
+def test_q_conv_per_memory_matches_reference_float64(x64, rng):
+    """fla's q: each routed memory convolves q over its own tokens (the shared memory over the
+    row). Packed documents on both paths; without documents, a prefill in two chunks (the
+    second from the cached per-memory q conv inputs) and one-token steps."""
+    m = make(dtype=jnp.float64, chunk_size=4, q_conv_per_memory=True)
+    B, T = 2, 13
+    x = jnp.asarray(rng.standard_normal((B, T, 16)))
+    p = random_params(m, rng, jnp.float64)
+    routed, kept = decide(m, p, x)
+    layer = jax.jit(lambda p, x, seg: m.apply({"params": p}, x, positions=None,
+                                              segment_ids=seg)[0])
+    ref = jax.jit(lambda p, x, seg: reference(m, p, x, routed, kept, seg)[0])
+    one_doc = jnp.ones((B, T), jnp.int32)
+    for seg in (FEW_DOCS, MANY_DOCS):
+        assert rel_err(layer(p, x, seg), ref(p, x, seg)) < TOL
+
+    chunk = jax.jit(lambda p, x, c: m.apply({"params": p}, x, positions=None, cache=c))
+    cache = m.init_cache(B, T)
+    assert cache["conv_q"].shape == (B, m.num_memories, m.conv_size - 1, 2, 8)
+    ys = []
+    for a, b in ((0, 6), (6, 12), (12, 13)):        # two chunks of one shape, then a step
+        y, cache = chunk(p, x[:, a:b], cache)
+        ys.append(y)
+    assert rel_err(jnp.concatenate(ys, 1), ref(p, x, one_doc)) < TOL
+
+
+def test_init_is_flas():
+    """fla's MomAttention init: every projection xavier-uniform with gain 2^-2.5 (each
+    memory's over its own fan-out), A ~ U(0, 16], the short convs U(±1/√W)."""
+    d, H, K, V, M = 64, 2, 16, 32, 4
+    m = make(d_model=d, num_heads=H, head_dim=K, expand_v=V / K)
+    p = nn.meta.unbox(jax.jit(lambda k: m.init(k, jnp.zeros((1, 1, d)), positions=None))(
+        jax.random.PRNGKey(0))["params"])
+    fans = {"router": (d, M), "q_proj": (d, H * K), "g_proj": (d, H * V), "o_proj": (H * V, d),
+            **{f"{pre}{n}_proj": (d, f) for pre in ("", "shared_")
+               for n, f in (("k", H * K), ("v", H * V), ("b", H), ("a", H))}}
+    for name, (fan_in, fan_out) in fans.items():
+        w = np.asarray(p[name]["kernel"])
+        bound = 2 ** -2.5 * np.sqrt(6 / (fan_in + fan_out))
+        for one in (np.moveaxis(w, 1, 0) if name[1:6] == "_proj" else [w]):   # per memory
+            assert 0.9 * bound < np.abs(one).max() <= bound, name
+            np.testing.assert_allclose(one.std(), bound / np.sqrt(3), rtol=0.15, err_msg=name)
+    for n in ("q_conv", "k_conv", "v_conv"):
+        w = np.asarray(p[n]["kernel"])
+        assert 0.45 < np.abs(w).max() <= 0.5, n
+    A = np.exp(np.asarray(mom.a_log_init(jax.random.PRNGKey(1), (4096,))))
+    assert A.min() > 0 and A.max() <= 16 and (A < 1).mean() > 0.04
+    np.testing.assert_allclose(A.mean(), 8, rtol=0.03)
+
+
 def test_capacity_drops_tokens_from_their_memory(x64, rng):
     """With a tiny capacity, each memory's state after a prefill is the reference's, which
     never gave it the dropped tokens, and the metrics count them."""
@@ -211,7 +270,7 @@ def test_capacity_drops_tokens_from_their_memory(x64, rng):
     y_ref, states = jax.jit(lambda p, x: reference(m, p, x, routed, kept))(p, x)
 
     (y, cache), aux = jax.jit(lambda p, x, c: m.apply(
-        {"params": p}, x, positions=None, cache=c, mutable=[AUX_LOSS, AUX_METRICS]))(
+        {"params": p}, x, positions=None, cache=c, mutable=[AUX_POOLED, AUX_METRICS]))(
             p, x, m.init_cache(B, T))
     assert rel_err(y, y_ref) < TOL
     np.testing.assert_array_equal(kept.sum(1), np.minimum(routed.sum(1), 2))
@@ -229,8 +288,11 @@ def test_capacity_drops_tokens_from_their_memory(x64, rng):
     probs = np.asarray(jax.nn.softmax(x @ p["router"]["kernel"]))
     np.testing.assert_allclose(metrics["mom_router_entropy"],
                                np.mean(-np.sum(probs * np.log(probs), -1)), rtol=1e-6)
-    np.testing.assert_allclose(aux[AUX_LOSS]["mom_load_balance"][0],
-                               0.01 * M * np.sum(frac * probs.mean((0, 1))), rtol=1e-6)
+    # The load-balance statistics: the share of tokens routed to each memory, before dropping
+    # (summing to top_k), and the mean router probabilities.
+    np.testing.assert_allclose(aux[AUX_POOLED]["mom_load_balance"][0],
+                               np.concatenate([routed.mean((0, 1)), probs.mean((0, 1))]),
+                               rtol=1e-6)
 
 
 def test_bfloat16_close_to_float32(rng):
@@ -282,11 +344,39 @@ def test_prefill_and_decode_match_full_forward(rng):
     assert int(cache["pos"]) == T
 
 
-def test_aux_loss_reaches_the_gradient(rng):
-    """The gradient of the sowed losses (mem_lm.apply_with_aux) with respect to the router is
-    that of weight · M · Σ_m f_m P_m computed by hand at the mixer's input."""
+def fla_load_balance(router_logits, top_k, weight):
+    """fla's MomForCausalLM aux loss (`load_balancing_loss_func` without an attention mask,
+    times aux_loss_scale) in float64 NumPy: every layer's router logits [B·T, M] concatenated,
+    softmax, top-k one-hot [N, k, M] averaged over the N rows, times the mean probabilities."""
+    logits = np.concatenate([np.asarray(l, np.float64).reshape(-1, l.shape[-1])
+                             for l in router_logits])
+    M = logits.shape[-1]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, -1, kind="stable")[:, :top_k]
+    tokens_per_expert = np.eye(M)[top].mean(0)                        # [k, M]
+    return weight * M * np.sum(tokens_per_expert * probs.mean(0)[None])
+
+
+def test_load_balance_loss_is_flas_over_all_layers(rng):
+    """Three layers' random router logits: the loss the layers' sowed statistics give is fla's,
+    computed over all layers together (not a sum of per-layer losses)."""
+    L, B, T, M, k = 3, 2, 7, 5, 2
+    logits = rng.standard_normal((L, B, T, M)) * 2
+    stats = jax.jit(jax.vmap(lambda l: mom.balance_stats(mom.route(jax.nn.softmax(l), k, None))))
+    loss = mom.load_balance_loss({"aux_loss_weight": 0.01}, stats(jnp.asarray(logits, jnp.float32)))
+    want = fla_load_balance(logits, k, 0.01)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    per_layer = sum(fla_load_balance(l[None], k, 0.01) for l in logits)
+    assert abs(per_layer - want) > 0.02 * want      # the per-layer sum is another number
+
+
+def test_aux_loss_pools_the_layers_and_reaches_the_gradient(rng):
+    """Two mom layers through mem_lm.apply_with_aux: the loss is fla's over both layers' router
+    logits (captured from the forward), and the last router's gradient is that of fla's loss
+    at its input h (its logits move nothing else the loss sees)."""
     weight = 0.5
-    cfg, model, shapes = tiny_model(("mom",), aux_loss_weight=weight)
+    cfg, model, shapes = tiny_model(("mom", "mom"), aux_loss_weight=weight)
     p = random_like(shapes, rng, cfg.init_std)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
 
@@ -298,20 +388,27 @@ def test_aux_loss_reaches_the_gradient(rng):
     assert set(aux["losses"]) == {"mom_load_balance"}
     assert set(aux["metrics"]) == {"mom_dropped_fraction", "mom_router_entropy",
                                    *(f"mom_memory_{m}_fraction" for m in range(4))}
-    h = p["embed"]["embedding"][tokens]
-    h = h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)
-    h = h * p["layer_0"]["mixer_norm"]["scale"]
-    w_router = p["layer_0"]["mixer"]["router"]["kernel"]
-    top = np.argsort(-np.asarray(h @ w_router), -1)[..., :2]
-    f = np.stack([np.mean(np.any(top == mem, -1)) / 2 for mem in range(4)])
 
-    def hand(w):
-        return weight * 4 * jnp.sum(f * jnp.mean(jax.nn.softmax(h @ w), axis=(0, 1)))
+    captured = lambda mdl, name: mdl.name in ("router", "mixer_norm") and name == "__call__"
+    _, inter = jax.jit(lambda p: model.apply({"params": p}, tokens, capture_intermediates=captured,
+                                             mutable=["intermediates"]))(p)
+    inter = inter["intermediates"]
+    logits = [inter[f"layer_{i}"]["mixer"]["router"]["__call__"][0] for i in range(2)]
+    h = inter["layer_1"]["mixer_norm"]["__call__"][0]
+    np.testing.assert_allclose(loss, fla_load_balance(logits, 2, weight), rtol=1e-5)
 
-    np.testing.assert_allclose(loss, hand(w_router), rtol=1e-5)
+    top = [np.argsort(-np.asarray(l), -1)[..., :2] for l in logits]
+    share = np.mean([[np.mean(np.any(t == mem, -1)) for mem in range(4)] for t in top], axis=0)
+
+    def hand(w):    # fla's loss with layer 0's logits fixed and layer 1's = h @ w
+        probs = jnp.stack([jax.nn.softmax(logits[0]), jax.nn.softmax(h @ w)])
+        return weight * 4 * jnp.sum(share * jnp.mean(probs, axis=(0, 1, 2)))
+
+    w_router = p["layer_1"]["mixer"]["router"]["kernel"]
+    np.testing.assert_allclose(hand(w_router), loss, rtol=1e-5)
     want = jax.grad(hand)(w_router)
     assert np.abs(want).max() > 1e-3
-    np.testing.assert_allclose(grads["layer_0"]["mixer"]["router"]["kernel"], want,
+    np.testing.assert_allclose(grads["layer_1"]["mixer"]["router"]["kernel"], want,
                                atol=1e-5 * float(np.abs(want).max()))
 
 
