@@ -5,22 +5,33 @@ branches per query head, combined by learned sigmoid gates,
           + g_win · Attn(q_t, sliding window),
 
 each branch with its own keys and values (one k_proj / v_proj gives all three, as the paper's
-independent branch keys), GQA, RoPE on q and on every branch's keys.
+independent branch keys; `shared_kv` gives one k / v to all three, as fla), GQA, RoPE.
 
 * compressed: every `cmp_block` tokens at stride `cmp_stride` are compressed to one key and
-  one value by a learned linear map of the whole block (`k_conv` / `v_conv`: a strided
-  convolution, its kernel position-dependent across the block: the paper's compression MLP
-  with intra-block position encoding, as one linear layer). A query sees a compressed block
-  once the block has ended (its last token <= the query).
+  one value. `compress="linear"` (the paper's φ): a learned linear map of the whole block
+  (`k_conv` / `v_conv`, a kernel per position in the block: the paper's compression MLP with
+  intra-block position encoding, as one linear layer) of the keys *before* RoPE; the
+  compressed key is then rotated at its block's first position, so its scores depend on
+  distances only (shifting every position leaves them unchanged). `compress="mean"` (fla):
+  the mean of the block's rotated keys and of its values, no parameters (also distance-only:
+  a mean of rotations is linear). A query sees a compressed block once the block has ended
+  (its last token <= the query).
 * selected: the keys of `sel_blocks` blocks of `sel_block` tokens, shared by the GQA group
-  (`pallas_kernels.sparse_attention.block_sparse_attention`). A block's importance is the
-  compressed branch's attention weight on the compressed blocks overlapping it (by overlap
-  fraction), summed over the group's heads and the queries. The op selects per query block of
-  `sel_block` tokens; so that no token's selection depends on later tokens, query block i ranks
-  the blocks by the importance that the queries of block i − 1 gave them (a one-block lag),
-  and always takes blocks i, i − 1 and the first block of its document (the paper's local and
-  initial blocks).
-* window: causal sliding window of `window` tokens.
+  (`pallas_kernels.sparse_attention.block_sparse_attention`). A block's importance for query
+  token t is the compressed branch's attention weight of t on the compressed blocks
+  overlapping it (by overlap fraction), summed over the group's heads (the paper's eq. 8-10).
+  `selection="token"` (the paper): every token ranks the blocks up to its own by its own
+  importance and takes the top `sel_blocks`, of which the first block of its document and
+  its own and the previous block (the paper's 1 initial and 2 local blocks) are always
+  taken; the op runs with one query token per program. `selection="block"` (faster, not the
+  paper): one selection per query block of `sel_block` tokens, ranked by the importance the
+  previous block's queries gave (a one-block lag keeps it causal).
+* window: causal sliding window of `window` tokens (0: no window branch, as fla's
+  `window_size=0`).
+
+fla's NSA (`fla.layers.nsa`) is `compress="mean"`, `shared_kv=True`, `cmp_block =
+cmp_stride = sel_block`, `selection="token"` (tests/layers/test_nsa.py checks it against fla's
+naive reference).
 
 With `short_conv` (off by default; not in the paper, but attn and swa have it, so a comparison
 can give every model the same input path) q and each branch's k and v first go through
@@ -32,12 +43,14 @@ that starts inside a block is cut into blocks differently from the same document
 equals separate exactly only for documents starting at multiples of `sel_block` (and of
 `cmp_stride`, which divides it).
 
-Decode cache: every branch's keys and values for `max_len` tokens, the compressed keys and
-values so far, the current query block's selection and the importance its queries have given
-so far. A step writes the token's keys (and the compressed block it completes), re-selects when
-it opens a query block, and attends in O(max_len). A multi-token call into an empty cache
-(prefill) is the full forward, whose keys, compressed blocks, last selection and importance
-are then cached; a multi-token call at a later position runs the steps in a scan.
+Decode cache: the keys and values every branch reads for `max_len` tokens (the compression's
+input keys: un-rotated for "linear"), the compressed keys and values so far and, with
+`selection="block"`, the current query block's selection and the importance its queries have
+given so far. A step writes the token's keys (and the compressed block it completes), selects
+(per token; or when it opens a query block) and attends in O(max_len). A multi-token call into
+an empty cache (prefill) is the full forward, whose keys, compressed blocks (and last
+selection and importance) are then cached; a multi-token call at a later position runs the
+steps in a scan.
 """
 from __future__ import annotations
 
@@ -49,13 +62,18 @@ import numpy as np
 from layers.attention import _own, check_own_heads
 from layers.common import constrain, dense, document_ids, init, segment_starts
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
-from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
+from layers.registry import (MAX_INT, Mechanism, Setting, SettingError, Shared, positive_int,
+                             register)
 from layers.rope import apply_rope
 from pallas_kernels.attention import attention
 from pallas_kernels.sparse_attention import block_sparse_attention
 
 # Added to the scores of the blocks always taken (initial and local): above any importance.
 FORCED = 1e9
+# Blocks always taken: the document's first block and the query's own and previous blocks.
+NUM_FORCED = 3
+SELECTIONS = ("token", "block")
+COMPRESSIONS = ("linear", "mean")
 
 
 def num_compressed(T: int, l: int, d: int) -> int:
@@ -71,16 +89,24 @@ def overlap_matrix(M: int, NS: int, l: int, d: int, bs: int) -> np.ndarray:
 
 
 def select_blocks(imp, i, first, n: int):
-    """Top-n block indices [..., n] (−1 where fewer exist) of query block i, whose document
-    begins in block `first`, from the importance [..., NS] its previous block's queries gave:
-    only blocks first .. i are candidates; blocks i, i − 1 and `first` are always taken (in
-    that order of priority when n < 3)."""
+    """Top-n block indices [..., n] (−1 where fewer exist) from the importance [..., NS] of a
+    query in block i whose document begins in block `first` (i, first broadcast against
+    imp's leading dims): only blocks first .. i are candidates; blocks i, i − 1 and `first`
+    are always taken (in that order of priority when n < 3)."""
     j = jnp.arange(imp.shape[-1])
-    first = jnp.asarray(first)[..., None]
+    i, first = jnp.asarray(i)[..., None], jnp.asarray(first)[..., None]
     bonus = (3 * (j == i) + 2 * (j == i - 1) + (j == first)) * FORCED
     score = jnp.where((j <= i) & (j >= first), imp + bonus, -jnp.inf)
     val, idx = jax.lax.top_k(score, n)
     return jnp.where(val == -jnp.inf, -1, idx).astype(jnp.int32)
+
+
+def masked_softmax(s, mask):
+    """Softmax over the last axis where mask, zeros where nothing is visible."""
+    m = jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1, keepdims=True)
+    p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(den == 0, 1.0, den)
 
 
 def masked_attend(q, k, v, mask, scale):
@@ -91,12 +117,17 @@ def masked_attend(q, k, v, mask, scale):
     Hkv = k.shape[2]
     qg = q.reshape(B, Hkv, H // Hkv, D).astype(acc)
     s = jnp.einsum("bhgd,blhd->bhgl", qg, k.astype(acc)) * scale
-    s = jnp.where(mask[:, :, None], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(mask[:, :, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    den = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(den == 0, 1.0, den)
+    p = masked_softmax(s, mask[:, :, None])
     return jnp.einsum("bhgl,blhd->bhgd", p, v.astype(acc)).reshape(B, H, v.shape[-1])
+
+
+def group_weights(q, kc, mask, scale):
+    """The compressed branch's attention weights, summed over each GQA group (the paper's
+    shared importance): q [..., Hkv, G, D], kc [B, M, Hkv, D] (q's leading dims start with B),
+    mask broadcasting to [..., Hkv, 1, M] -> [..., Hkv, M], float32, no gradient."""
+    q, kc = (jax.lax.stop_gradient(x).astype(jnp.float32) for x in (q, kc))
+    s = jnp.einsum("b...hgd,bmhd->b...hgm", q, kc) * scale
+    return jnp.sum(masked_softmax(s, mask), axis=-2)
 
 
 class Compress(nn.Module):
@@ -115,8 +146,17 @@ class Compress(nn.Module):
 
 
 def compress(blocks, kernel, dtype):
-    """[..., length, Hkv, D] -> [..., Hkv, D]."""
+    """[..., length, Hkv, D] -> [..., Hkv, D]: the learned map, or the mean (kernel None)."""
+    if kernel is None:
+        return jnp.mean(blocks.astype(jnp.promote_types(dtype, jnp.float32)), axis=-3
+                        ).astype(dtype)
     return jnp.einsum("...lhd,lde->...he", blocks.astype(dtype), kernel.astype(dtype))
+
+
+def slot(x, branch: int):
+    """The keys (values) branch 0 / 1 / 2 (compressed / selected / window) reads from the
+    stack x [B, T, n, Hkv, D]: a branch without its own slot reads the last one."""
+    return x[:, :, min(branch, x.shape[2] - 1)]
 
 
 class NSA(nn.Module):
@@ -129,6 +169,9 @@ class NSA(nn.Module):
     sel_block: int = 64
     sel_blocks: int = 16
     window: int = 512
+    selection: str = "token"
+    compression: str = "linear"
+    shared_kv: bool = False
     use_short_conv: bool = False
     conv_size: int = 4
     rope_theta: float = 10000.0
@@ -136,225 +179,269 @@ class NSA(nn.Module):
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
 
+    @property
+    def kv_branches(self) -> int:
+        """Key / value projections: one per branch, or one for all."""
+        return 1 if self.shared_kv else 3
+
+    @property
+    def key_slots(self) -> int:
+        """Key stacks the branches read (see `_keys`)."""
+        return 2 if self.shared_kv and self.compression == "linear" else self.kv_branches
+
     def init_cache(self, batch: int, max_len: int) -> dict:
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         M = num_compressed(max_len, self.cmp_block, self.cmp_stride)
         NS = -(-max_len // self.sel_block)
         zeros = lambda *s: jnp.zeros(s, self.dtype)
-        cache = {"k": zeros(batch, max_len, 3, Hkv, D), "v": zeros(batch, max_len, 3, Hkv, D),
-                 "kc": zeros(batch, M, Hkv, D), "vc": zeros(batch, M, Hkv, D),
-                 "imp": jnp.zeros((batch, Hkv, NS), jnp.float32),
-                 "sel": jnp.full((batch, Hkv, min(self.sel_blocks, NS)), -1, jnp.int32)}
+        cache = {"k": zeros(batch, max_len, self.key_slots, Hkv, D),
+                 "v": zeros(batch, max_len, self.kv_branches, Hkv, D),
+                 "kc": zeros(batch, M, Hkv, D), "vc": zeros(batch, M, Hkv, D)}
+        if self.selection == "block":
+            cache["imp"] = jnp.zeros((batch, Hkv, NS), jnp.float32)
+            cache["sel"] = jnp.full((batch, Hkv, min(self.sel_blocks, NS)), -1, jnp.int32)
         if self.use_short_conv:
-            cache.update(qkv_conv_cache(batch, {"q": (H, D), "k_branches": (3, Hkv, D),
-                                                "v_branches": (3, Hkv, D)},
-                                        self.conv_size, self.dtype))
+            kv = (self.kv_branches, Hkv, D)
+            cache.update(qkv_conv_cache(batch, {"q": (H, D), "k_branches": kv,
+                                                "v_branches": kv}, self.conv_size, self.dtype))
         return cache
 
     @nn.compact
     def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
                  layer_idx=None):
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        H, Hkv, D, nb = self.num_heads, self.num_kv_heads, self.head_dim, self.kv_branches
         kw = dict(std=self.init_std, dtype=self.dtype)
         q = dense((H, D), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
-        k = dense((3, Hkv, D), ("embed", None, "heads", "kv"), name="k_proj", **kw)(x)
-        v = dense((3, Hkv, D), ("embed", None, "heads", "kv"), name="v_proj", **kw)(x)
+        k = dense((nb, Hkv, D), ("embed", None, "heads", "kv"), name="k_proj", **kw)(x)
+        v = dense((nb, Hkv, D), ("embed", None, "heads", "kv"), name="v_proj", **kw)(x)
         g = jax.nn.sigmoid(dense((H, 3), ("embed", "heads", None), name="g_proj", **kw)(x))
         conv_cache = {}
         if self.use_short_conv:
-            # "k_branches": the three branches' keys ("k_conv" is the compression kernel).
+            # "k_branches": the branches' keys ("k_conv" is the compression kernel).
             ax = (None, "heads", "kv")
             qkv, conv_cache = short_conv_qkv({"q": q, "k_branches": k, "v_branches": v},
                                              self.conv_size, segment_ids, cache, self.dtype,
                                              axes={"k_branches": ax, "v_branches": ax})
             q, k, v = qkv["q"], qkv["k_branches"], qkv["v_branches"]
         q = constrain(apply_rope(q, positions, self.rope_theta), ("batch", "length", "heads", "kv"))
-        rope_k = jax.vmap(lambda kb: apply_rope(kb, positions, self.rope_theta), 2, 2)
-        k = rope_k(k)
-        k_conv = Compress(self.cmp_block, D, self.init_std, name="k_conv")()
-        v_conv = Compress(self.cmp_block, D, self.init_std, name="v_conv")()
+        k = self._keys(k, positions)
+        kernels = None
+        if self.compression == "linear":
+            kernels = (Compress(self.cmp_block, D, self.init_std, name="k_conv")(),
+                       Compress(self.cmp_block, D, self.init_std, name="v_conv")())
         if cache is None:
-            o, _ = self._forward(q, k, v, k_conv, v_conv, segment_ids)
+            o, _ = self._forward(q, k, v, kernels, positions, segment_ids)
             new_cache = None
         else:
             kv = {n: c for n, c in cache.items() if not n.startswith("conv_")}
-            o, new_cache = self._cached(q, k, v, k_conv, v_conv, kv, cache_pos)
+            o, new_cache = self._cached(q, k, v, kernels, positions, kv, cache_pos)
             new_cache.update(conv_cache)
         o = jnp.einsum("bthc,bthcd->bthd", g.astype(o.dtype), o)
         o = constrain(o.astype(self.dtype), ("batch", "length", "heads", "kv"))
         y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
         return y, new_cache
 
+    def _keys(self, k, positions):
+        """The key stack [B, T, key_slots, Hkv, D] the branches read (`slot`): slot 0 the
+        compression's input (the keys before RoPE for "linear", rotated for "mean"), the
+        others the selected and window branches' rotated keys."""
+        rot = jax.vmap(lambda kb: apply_rope(kb, positions, self.rope_theta), 2, 2)(k)
+        first = k[:, :, :1] if self.compression == "linear" else rot[:, :, :1]
+        rest = rot[:, :, 1:] if not self.shared_kv else (
+            rot if self.compression == "linear" else rot[:, :, :0])
+        return jnp.concatenate([first, rest], axis=2)
+
+    def _compressed(self, kb, vb, kernels, pos):
+        """Compressed keys and values of blocks kb, vb [B, ..., l, Hkv, D]; `pos` [B|1, ...]
+        (or [B]): the position of each block's first token (where a "linear" key is
+        rotated)."""
+        kk, vk = (None, None) if kernels is None else kernels
+        kc, vc = compress(kb, kk, self.dtype), compress(vb, vk, self.dtype)
+        if self.compression == "linear":
+            flat = kc.reshape(kc.shape[0], -1, *kc.shape[-2:])
+            pos = jnp.broadcast_to(pos, kc.shape[:-2]).reshape(kc.shape[0], -1)
+            kc = apply_rope(flat, pos, self.rope_theta).reshape(kc.shape)
+        return kc, vc
+
     # ------------------------------------------------------------------ full sequence
-    def _forward(self, q, k, v, k_conv, v_conv, segment_ids):
+    def _forward(self, q, k, v, kernels, positions, segment_ids):
         """The three branches' outputs [B, T, H, 3, D], and what a prefill caches: compressed
-        keys / values, per query block the importance its queries gave and its selection."""
+        keys / values (and, with block selection, per query block the importance its queries
+        gave and its selection)."""
         B, T, H, D = q.shape
         l, d, bs = self.cmp_block, self.cmp_stride, self.sel_block
         scale = D ** -0.5
         doc = (jnp.ones((B, T), jnp.int32) if segment_ids is None
                else document_ids(segment_ids))
-        M, NQ = num_compressed(T, l, d), -(-T // bs)
+        M, NS = num_compressed(T, l, d), -(-T // bs)
+        # The block where the document of each token begins.
+        t = jnp.arange(T, dtype=jnp.int32)
+        first = jax.lax.cummax(jnp.where(segment_starts(doc), t, 0), axis=1) // bs   # [B, T]
 
         if M:
             tok = np.arange(M)[:, None] * d + np.arange(l)                # [M, l]
-            kc = compress(k[:, tok, 0], k_conv, self.dtype)               # [B, M, Hkv, D]
-            vc = compress(v[:, tok, 0], v_conv, self.dtype)
-            ends = jnp.asarray(tok[:, -1], jnp.int32)
+            kc, vc = self._compressed(slot(k, 0)[:, tok], slot(v, 0)[:, tok], kernels,
+                                      positions[:, tok[:, 0]])             # [B, M, Hkv, D]
             whole = doc[:, tok[:, 0]] == doc[:, tok[:, -1]]               # [B, M]
-            kc_pos = jnp.where(whole, ends, -1)
+            kc_pos = jnp.where(whole, jnp.asarray(tok[:, -1], jnp.int32), -1)
+            kc_doc = doc[:, tok[:, -1]]
             o_cmp = attention(q, kc.astype(q.dtype), vc.astype(q.dtype), causal=True,
-                              q_positions=jnp.arange(T, dtype=jnp.int32), kv_positions=kc_pos,
-                              segment_ids=doc, kv_segment_ids=doc[:, tok[:, -1]],
-                              impl="xla")
-            imp = self._importance(q, kc, kc_pos, doc, doc[:, tok[:, -1]], scale)
+                              q_positions=t, kv_positions=kc_pos, segment_ids=doc,
+                              kv_segment_ids=kc_doc, impl="xla")
+            imp = self._importance(q, kc, kc_pos, doc, kc_doc, first, scale)
         else:
             kc = vc = jnp.zeros((B, 0) + k.shape[3:], self.dtype)
             o_cmp = jnp.zeros_like(q)
-            imp = jnp.zeros((B, NQ, self.num_kv_heads, NQ), jnp.float32)
-        # Query block i ranks by what block i − 1's queries gave (see the module docstring).
-        prev = jnp.concatenate([jnp.zeros_like(imp[:, :1]), imp[:, :-1]], axis=1)
-        n = min(self.sel_blocks, NQ)
-        # The block where the document of each query block's first token begins.
-        t = jnp.arange(T, dtype=jnp.int32)
-        start = jax.lax.cummax(jnp.where(segment_starts(doc), t, 0), axis=1)
-        first = start[:, ::bs] // bs                                      # [B, NQ]
-        idx = jax.vmap(lambda p, i, f: select_blocks(p, i, f[:, None], n), (1, 0, 1), 2)(
-            prev, jnp.arange(NQ), first)                                  # [B, Hkv, NQ, n]
-        idx = jax.lax.stop_gradient(idx)
+            imp = self._importance(q, None, None, doc, None, first, scale)
         seg = None if segment_ids is None else doc
-        o_sel = block_sparse_attention(q, k[:, :, 1], v[:, :, 1], idx, block_size=bs,
-                                       causal=True, segment_ids=seg, impl=self.impl)
-        # "auto": a library kernel (cuDNN, splash) where it serves the window, else xla.
-        o_win = attention(q, k[:, :, 2], v[:, :, 2], window=self.window, segment_ids=seg,
-                          impl="auto")
-        state = dict(kc=kc, vc=vc, imp=imp, idx=idx)
+        state = dict(kc=kc, vc=vc)
+        if self.selection == "token":
+            idx, qbs = imp, 1
+        else:
+            # Query block i ranks by what block i − 1's queries gave (see the module docstring).
+            prev = jnp.concatenate([jnp.zeros_like(imp[:, :1]), imp[:, :-1]], axis=1)
+            n = min(self.sel_blocks, NS)
+            idx = jax.vmap(lambda p, i, f: select_blocks(p, i, f[:, None], n), (1, 0, 1), 2)(
+                prev, jnp.arange(NS), first[:, ::bs])                    # [B, Hkv, NS, n]
+            state.update(imp=imp, idx=idx)
+            qbs = bs
+        o_sel = block_sparse_attention(q, slot(k, 1), slot(v, 1), jax.lax.stop_gradient(idx),
+                                       block_size=bs, query_block_size=qbs, causal=True,
+                                       segment_ids=seg, impl=self.impl)
+        if self.window:
+            # "auto": a library kernel (cuDNN, splash) where it serves the window, else xla.
+            o_win = attention(q, slot(k, 2), slot(v, 2), window=self.window, segment_ids=seg,
+                              impl="auto")
+        else:
+            o_win = jnp.zeros_like(o_sel)
         return jnp.stack([o_cmp, o_sel, o_win], axis=3), state
 
-    def _importance(self, q, kc, kc_pos, q_doc, kc_doc, scale):
-        """[B, NQ, Hkv, NS]: per query block, the compressed attention weights of its queries
-        and the group's heads, spread over the selection blocks by overlap."""
+    def _importance(self, q, kc, kc_pos, q_doc, kc_doc, first, scale):
+        """Per chunk of `sel_block` queries (a `lax.map`, so memory stays O(sel_block · M)):
+        each query's compressed attention weights summed over its group, spread over the
+        selection blocks by overlap; "token": its selection [B, Hkv, T, n]; "block": the
+        importance [B, NQ, Hkv, NS] each query block's queries gave together."""
         B, T, H, D = q.shape
         Hkv, bs = self.num_kv_heads, self.sel_block
-        NQ, M = -(-T // bs), kc.shape[1]
-        over = jnp.asarray(overlap_matrix(M, NQ, self.cmp_block, self.cmp_stride, bs),
-                           jnp.float32)
-        pad = NQ * bs - T
-        qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, NQ, bs, Hkv, H // Hkv, D)
-        qd = jnp.pad(q_doc, ((0, 0), (0, pad)), constant_values=-1).reshape(B, NQ, bs)
-        t = jnp.arange(NQ * bs, dtype=jnp.int32).reshape(NQ, bs)
-        kcf = jax.lax.stop_gradient(kc).astype(jnp.float32)
+        NS = -(-T // bs)
+        n = min(self.sel_blocks, NS)
+        pad = NS * bs - T
+        qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, NS, bs, Hkv, H // Hkv, D)
+        qd = jnp.pad(q_doc, ((0, 0), (0, pad)), constant_values=-1).reshape(B, NS, bs)
+        fb = jnp.pad(first, ((0, 0), (0, pad))).reshape(B, NS, bs)
+        t = jnp.arange(NS * bs, dtype=jnp.int32).reshape(NS, bs)
+        over = None if kc is None else jnp.asarray(
+            overlap_matrix(kc.shape[1], NS, self.cmp_block, self.cmp_stride, bs), jnp.float32)
 
         def one(args):
-            qi, di, ti = args                                  # [B, bs, Hkv, G, D], [B, bs], [bs]
-            s = jnp.einsum("bthgd,bmhd->bthgm", jax.lax.stop_gradient(qi).astype(jnp.float32),
-                           kcf) * scale
-            ok = ((kc_pos[:, None] >= 0) & (kc_pos[:, None] <= ti[None, :, None])
-                  & (kc_doc[:, None] == di[..., None]))[:, :, None, None]
-            s = jnp.where(ok, s, -jnp.inf)
-            mx = jnp.max(s, axis=-1, keepdims=True)
-            p = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(mx), mx, 0.0)), 0.0)
-            p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
-            p = jnp.where((ti < T)[None, :, None, None, None], p, 0.0)  # padding rows
-            return jnp.einsum("bthgm,ms->bhs", p, over)
+            qi, di, fi, ti = args           # [B, bs, Hkv, G, D], [B, bs], [B, bs], [bs]
+            if kc is None:
+                imp = jnp.zeros((B, bs, Hkv, NS), jnp.float32)
+            else:
+                ok = ((kc_pos[:, None] >= 0) & (kc_pos[:, None] <= ti[None, :, None])
+                      & (kc_doc[:, None] == di[..., None]))               # [B, bs, M]
+                p = group_weights(qi, kc, ok[:, :, None, None], scale)   # [B, bs, Hkv, M]
+                imp = jnp.einsum("bthm,ms->bths", p, over)
+            if self.selection == "token":
+                return select_blocks(imp, (ti // bs)[None, :, None], fi[..., None], n)
+            return jnp.sum(jnp.where((ti < T)[None, :, None, None], imp, 0.0), axis=1)
 
-        imp = jax.lax.map(one, (jnp.moveaxis(qb, 1, 0), jnp.moveaxis(qd, 1, 0), t))
-        return jnp.moveaxis(imp, 0, 1)                          # [B, NQ, Hkv, NS]
+        out = jax.lax.map(one, tuple(jnp.moveaxis(a, 1, 0) for a in (qb, qd, fb)) + (t,))
+        if self.selection == "token":                                    # [NS, B, bs, Hkv, n]
+            out = jnp.moveaxis(out, 0, 1).reshape(B, NS * bs, Hkv, n)[:, :T]
+            return jnp.transpose(out, (0, 2, 1, 3))
+        return jnp.moveaxis(out, 0, 1)                                   # [B, NS, Hkv, NS]
 
     # ------------------------------------------------------------------ decoding
-    def _cached(self, q, k, v, k_conv, v_conv, cache, cache_pos):
+    def _cached(self, q, k, v, kernels, positions, cache, cache_pos):
         """Several tokens into an empty cache: the full forward, then its state cached;
         otherwise the tokens one at a time (see the module docstring)."""
+        T = q.shape[1]
+        pos = jnp.broadcast_to(positions, q.shape[:2])
+
         def step(c, xs):
-            qt, kt, vt, t = xs
-            o, c = self._step(qt, kt, vt, k_conv, v_conv, c, t)
+            qt, kt, vt, t, pt = xs
+            o, c = self._step(qt, kt, vt, kernels, c, t, pt)
             return c, o
 
         def steps():
             ts = cache_pos + jnp.arange(T, dtype=jnp.int32)
-            c, o = jax.lax.scan(step, cache, (jnp.moveaxis(q, 1, 0), jnp.moveaxis(k, 1, 0),
-                                              jnp.moveaxis(v, 1, 0), ts))
+            c, o = jax.lax.scan(step, cache, tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v))
+                                + (ts, jnp.moveaxis(pos, 1, 0)))
             return jnp.moveaxis(o, 0, 1), c
 
-        T = q.shape[1]
         if T == 1:
             return steps()
         return jax.lax.cond(cache_pos == 0,
-                            lambda: self._prefill(q, k, v, k_conv, v_conv, cache), steps)
+                            lambda: self._prefill(q, k, v, kernels, positions, cache), steps)
 
-    def _prefill(self, q, k, v, k_conv, v_conv, cache):
-        o, st = self._forward(q, k, v, k_conv, v_conv, None)
-        NQ, M = st["imp"].shape[1], st["kc"].shape[1]
+    def _prefill(self, q, k, v, kernels, positions, cache):
+        o, st = self._forward(q, k, v, kernels, positions, None)
+        M = st["kc"].shape[1]
         put = lambda buf, x: buf.at[:, :x.shape[1]].set(x.astype(buf.dtype))
-        # The block of the last token: the importance its queries gave so far, its selection.
-        imp = jnp.zeros_like(cache["imp"]).at[..., :NQ].set(st["imp"][:, NQ - 1])
-        sel = st["idx"][:, :, NQ - 1]
         new = {"k": put(cache["k"], k), "v": put(cache["v"], v),
-               "kc": put(cache["kc"], st["kc"][:, :M]), "vc": put(cache["vc"], st["vc"][:, :M]),
-               "imp": imp,
-               "sel": jnp.full_like(cache["sel"], -1).at[..., :sel.shape[-1]].set(sel)}
+               "kc": put(cache["kc"], st["kc"][:, :M]), "vc": put(cache["vc"], st["vc"][:, :M])}
+        if self.selection == "block":
+            # The block of the last token: the importance its queries gave so far, its selection.
+            NQ = st["imp"].shape[1]
+            sel = st["idx"][:, :, NQ - 1]
+            new["imp"] = jnp.zeros_like(cache["imp"]).at[..., :NQ].set(st["imp"][:, NQ - 1])
+            new["sel"] = jnp.full_like(cache["sel"], -1).at[..., :sel.shape[-1]].set(sel)
         return o.astype(q.dtype), new
 
-    def _step(self, q, k, v, k_conv, v_conv, cache, t):
-        """One token at position t: q [B, H, D], k, v [B, 3, Hkv, D] -> ([B, H, 3, D], cache)."""
+    def _step(self, q, k, v, kernels, cache, t, pos):
+        """One token at cache index t and RoPE position pos: q [B, H, D], k, v [B, slots, Hkv,
+        D] -> ([B, H, 3, D], cache)."""
         B, H, D = q.shape
         l, d, bs, W = self.cmp_block, self.cmp_stride, self.sel_block, self.window
         scale = D ** -0.5
         L = cache["k"].shape[1]
-        ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k[:, None].astype(cache["k"].dtype),
-                                                 t, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v[:, None].astype(cache["v"].dtype),
-                                                 t, axis=1)
+        put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x[:, None].astype(c.dtype),
+                                                                 t, axis=1)
+        ck, cv = put(cache["k"], k), put(cache["v"], v)
         kc, vc = cache["kc"], cache["vc"]
         M = kc.shape[1]
-        pos = jnp.arange(L, dtype=jnp.int32)
+        NS = -(-L // bs)
+        keys = jnp.arange(L, dtype=jnp.int32)
+        new = {}
         if M:  # the compressed block ending at t, if one does
             start = t + 1 - l
             done = (start >= 0) & (jnp.maximum(start, 0) % d == 0)
             m = jnp.clip(start // d, 0, M - 1)
-            blk = lambda c, br: jax.lax.dynamic_slice_in_dim(c[:, :, br], jnp.maximum(start, 0),
-                                                             l, axis=1)
-            new_k = compress(blk(ck, 0), k_conv, self.dtype)
-            new_v = compress(blk(cv, 0), v_conv, self.dtype)
-            old_k = jax.lax.dynamic_index_in_dim(kc, m, 1, keepdims=False)
-            old_v = jax.lax.dynamic_index_in_dim(vc, m, 1, keepdims=False)
-            kc = jax.lax.dynamic_update_index_in_dim(
-                kc, jnp.where(done, new_k.astype(kc.dtype), old_k), m, 1)
-            vc = jax.lax.dynamic_update_index_in_dim(
-                vc, jnp.where(done, new_v.astype(vc.dtype), old_v), m, 1)
-            cmp_seen = (jnp.arange(M) * d + l - 1 <= t)
-            cmp_mask = jnp.broadcast_to(cmp_seen, (B, self.num_kv_heads, M))
+            blk = lambda c: jax.lax.dynamic_slice_in_dim(slot(c, 0), jnp.maximum(start, 0), l,
+                                                         axis=1)
+            new_k, new_v = self._compressed(blk(ck), blk(cv), kernels, pos - (l - 1))
+            upd = lambda c, x: jax.lax.dynamic_update_index_in_dim(
+                c, jnp.where(done, x.astype(c.dtype),
+                             jax.lax.dynamic_index_in_dim(c, m, 1, keepdims=False)), m, 1)
+            kc, vc = upd(kc, new_k), upd(vc, new_v)
+            cmp_mask = jnp.broadcast_to(jnp.arange(M) * d + l - 1 <= t,
+                                        (B, self.num_kv_heads, M))
             o_cmp = masked_attend(q, kc, vc, cmp_mask, scale)
-            p = self._step_weights(q, kc, cmp_mask, scale)          # [B, Hkv, M]
-            NS = cache["imp"].shape[-1]
-            over = jnp.asarray(overlap_matrix(M, NS, l, d, bs), jnp.float32)
-            gained = jnp.einsum("bhm,ms->bhs", p, over)
+            p = group_weights(q.reshape(B, self.num_kv_heads, -1, D), kc,
+                              cmp_mask[:, :, None], scale)                  # [B, Hkv, M]
+            gained = jnp.einsum("bhm,ms->bhs", p, jnp.asarray(
+                overlap_matrix(M, NS, l, d, bs), jnp.float32))
         else:
             o_cmp = jnp.zeros_like(q)
-            gained = jnp.zeros_like(cache["imp"])
+            gained = jnp.zeros((B, self.num_kv_heads, NS), jnp.float32)
         i = t // bs
-        opens = t % bs == 0
-        n = cache["sel"].shape[-1]
-        sel = jnp.where(opens, select_blocks(cache["imp"], i, 0, n), cache["sel"])
-        imp = jnp.where(opens, 0.0, cache["imp"]) + gained
-        in_sel = jnp.any((pos // bs)[None, None, :, None] == sel[:, :, None, :], axis=-1)
-        o_sel = masked_attend(q, ck[:, :, 1], cv[:, :, 1], in_sel & (pos <= t), scale)
-        win = jnp.broadcast_to((pos <= t) & (t - pos < W), (B, self.num_kv_heads, L))
-        o_win = masked_attend(q, ck[:, :, 2], cv[:, :, 2], win, scale)
+        n = min(self.sel_blocks, NS)
+        if self.selection == "token":
+            sel = select_blocks(gained, i, 0, n)
+        else:
+            opens = t % bs == 0
+            sel = jnp.where(opens, select_blocks(cache["imp"], i, 0, n), cache["sel"])
+            new = {"imp": jnp.where(opens, 0.0, cache["imp"]) + gained, "sel": sel}
+        in_sel = jnp.any((keys // bs)[None, None, :, None] == sel[:, :, None, :], axis=-1)
+        o_sel = masked_attend(q, slot(ck, 1), slot(cv, 1), in_sel & (keys <= t), scale)
+        if W:
+            win = jnp.broadcast_to((keys <= t) & (t - keys < W), (B, self.num_kv_heads, L))
+            o_win = masked_attend(q, slot(ck, 2), slot(cv, 2), win, scale)
+        else:
+            o_win = jnp.zeros_like(o_sel)
         o = jnp.stack([o_cmp, o_sel, o_win], axis=2).astype(q.dtype)
-        return o, {"k": ck, "v": cv, "kc": kc, "vc": vc, "imp": imp, "sel": sel}
-
-    def _step_weights(self, q, kc, mask, scale):
-        """The compressed branch's attention weights of the token, summed over each group."""
-        B, H, D = q.shape
-        Hkv = self.num_kv_heads
-        s = jnp.einsum("bhgd,bmhd->bhgm", q.reshape(B, Hkv, H // Hkv, D).astype(jnp.float32),
-                       kc.astype(jnp.float32)) * scale
-        s = jnp.where(mask[:, :, None], s, -jnp.inf)
-        mx = jnp.max(s, axis=-1, keepdims=True)
-        p = jnp.where(mask[:, :, None], jnp.exp(s - jnp.where(jnp.isfinite(mx), mx, 0.0)), 0.0)
-        p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
-        return jnp.sum(p, axis=2)
+        return o, {"k": ck, "v": cv, "kc": kc, "vc": vc, **new}
 
 
 # ---------------------------------------------------------------------------- registration
@@ -370,8 +457,19 @@ def _settings() -> dict:
         "cmp_stride": Setting(16, int, "stride between compressed blocks (divides cmp_block "
                                        "and sel_block)"),
         "sel_block": Setting(64, int, "selection block (a power of two)"),
-        "sel_blocks": Setting(16, int, "blocks selected per query block"),
-        "window": Setting(512, int, "sliding-window keys each query sees, itself included"),
+        "sel_blocks": Setting(16, int, f"blocks selected per query, the {NUM_FORCED} always "
+                                       "taken (initial, previous, own) included, as the "
+                                       "paper's n = 16"),
+        "window": Setting(512, int, "sliding-window keys each query sees, itself included "
+                                    "(0: no window branch)"),
+        "selection": Setting("token", str, f"one of {SELECTIONS}: per query token (the "
+                                           "paper) or per query block of sel_block tokens "
+                                           "ranked by the previous block's queries (faster)"),
+        "compress": Setting("linear", str, f"one of {COMPRESSIONS}: a learned map of the keys "
+                                           "before RoPE (the paper) or the mean of the "
+                                           "rotated keys (fla)"),
+        "shared_kv": Setting(False, bool, "one k / v for all three branches (fla) instead of "
+                                          "one per branch (the paper)"),
         # Not in the paper; the other attention mixers have them, so that a comparison can
         # give every model the same input path.
         **conv_settings(False),
@@ -379,14 +477,24 @@ def _settings() -> dict:
 
 
 def _check(shared: Shared, s) -> None:
-    positive_int(s, "cmp_block", "cmp_stride", "sel_block", "sel_blocks", "window",
-                 "conv_size")
+    positive_int(s, "cmp_block", "cmp_stride", "sel_block", "sel_blocks", "conv_size")
     check_own_heads(shared, s)
+    if not 0 <= s["window"] <= MAX_INT:
+        raise SettingError("window", f"must be in [0, 2**31 - 1] (0: no window branch), "
+                                     f"got {s['window']}")
     if s["sel_block"] & (s["sel_block"] - 1):
         raise SettingError("sel_block", f"must be a power of two, got {s['sel_block']}")
     for f in ("cmp_block", "sel_block"):
         if s[f] % s["cmp_stride"]:
             raise SettingError("cmp_stride", f"must divide {f} = {s[f]}, got {s['cmp_stride']}")
+    if s["sel_blocks"] <= NUM_FORCED:
+        raise SettingError("sel_blocks", f"must be more than the {NUM_FORCED} blocks always "
+                                         f"taken (the document's first, the previous and the "
+                                         f"query's own), or no block is selected by "
+                                         f"importance; got {s['sel_blocks']}")
+    for f, options in (("selection", SELECTIONS), ("compress", COMPRESSIONS)):
+        if s[f] not in options:
+            raise SettingError(f, f"must be one of {options}, got {s[f]!r}")
 
 
 def _build(shared: Shared, s, name):
@@ -394,9 +502,10 @@ def _build(shared: Shared, s, name):
     return NSA(d_model=shared.d_model, num_heads=shared.num_heads,
                num_kv_heads=s["num_kv_heads"] or shared.num_heads, head_dim=shared.head_dim,
                cmp_block=s["cmp_block"], cmp_stride=s["cmp_stride"], sel_block=s["sel_block"],
-               sel_blocks=s["sel_blocks"], window=s["window"], use_short_conv=s["short_conv"],
-               conv_size=s["conv_size"], rope_theta=shared.rope_theta,
-               init_std=shared.init_std, dtype=shared.dtype,
+               sel_blocks=s["sel_blocks"], window=s["window"], selection=s["selection"],
+               compression=s["compress"], shared_kv=s["shared_kv"],
+               use_short_conv=s["short_conv"], conv_size=s["conv_size"],
+               rope_theta=shared.rope_theta, init_std=shared.init_std, dtype=shared.dtype,
                impl=shared.impl if shared.impl in ("reference", "xla", "pallas") else "auto",
                name=name)
 

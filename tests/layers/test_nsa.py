@@ -1,18 +1,28 @@
 """The nsa token mixer: prefill + a chunk + decode steps (a separate per-token implementation
-with its own masks) equal the full forward in float64 at lengths where every branch and the block
-selection matter, with and without the q/k/v short convs; packed documents starting on block boundaries equal each document alone;
-gradients reach every parameter; bad settings name their field."""
+with its own masks) equal the full forward in float64 at lengths where every branch and the
+selection by importance matter (per-token and block selection, fla's variant, short convs);
+packed documents starting on block boundaries equal each document alone; the per-token
+selection equals a float64 loop over the paper's rule and reaches the output; shifting every
+position leaves the output unchanged; gradients reach every parameter; bad settings name their
+field."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers import registry
+from layers import nsa, registry
 from layers.nsa import NSA, overlap_matrix, select_blocks
 from mem_lm import ModelConfig
 
-SMALL = dict(cmp_block=4, cmp_stride=2, sel_block=8, sel_blocks=2, window=6)
+# 10 selection blocks at T = 37: from block 4 on, a token chooses the 4th of its 4 blocks (after
+# the 3 always taken) by importance among 2 or more candidates.
+SMALL = dict(cmp_block=4, cmp_stride=2, sel_block=4, sel_blocks=4, window=6)
+# fla's NSA: mean-pooled compression of the rotated keys, one k / v, compressed = selection
+# blocks, no window branch.
+FLA = dict(compression="mean", shared_kv=True, cmp_block=4, cmp_stride=4, window=0)
+VARIANTS = {"paper": {}, "paper_conv": dict(use_short_conv=True), "block": dict(selection="block"),
+            "fla": FLA}
 
 
 def make(dtype=jnp.float64, **kw):
@@ -29,10 +39,11 @@ def init(layer, x, rng):
                         shapes)
 
 
-@pytest.mark.parametrize("short_conv", [False, True])
-def test_decode_equals_full_forward(x64, rng, short_conv):
+@pytest.mark.parametrize("variant", ["paper", "fla", pytest.param("paper_conv", marks=pytest.mark.slow),
+                                     pytest.param("block", marks=pytest.mark.slow)])
+def test_decode_equals_full_forward(x64, rng, variant):
     B, T, T0 = 2, 37, 13
-    layer = make(use_short_conv=short_conv)
+    layer = make(**VARIANTS[variant])
     x = jnp.asarray(rng.standard_normal((B, T, 16)))
     pos = jnp.arange(T)[None]
     params = init(layer, x, rng)
@@ -51,23 +62,115 @@ def test_decode_equals_full_forward(x64, rng, short_conv):
                                atol=1e-10)
 
 
-@pytest.mark.parametrize("short_conv", [False, True])
+@pytest.mark.parametrize("short_conv", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_packed_documents_on_block_boundaries(x64, rng, short_conv):
+    """The middle document (6 blocks) is long enough for selection by importance."""
     T = 32
     layer = make(use_short_conv=short_conv)
     x = jnp.asarray(rng.standard_normal((1, T, 16)))
-    seg = jnp.asarray([[1] * 8 + [2] * 16 + [3] * 8], jnp.int32)
+    seg = jnp.asarray([[1] * 4 + [2] * 24 + [3] * 4], jnp.int32)
     params = init(layer, x, rng)
-    doc_pos = jnp.asarray([list(range(8)) + list(range(16)) + list(range(8))])
+    doc_pos = jnp.asarray([list(range(4)) + list(range(24)) + list(range(4))])
     apply = jax.jit(lambda x, pos, seg: layer.apply(params, x, positions=pos,
                                                     segment_ids=seg)[0])
     packed = apply(x, doc_pos, seg)
     # The documents alone, padded at the end to the packed length (causal: no effect).
-    for s, e in ((0, 8), (8, 24), (24, 32)):
+    for s, e in ((0, 4), (4, 28), (28, 32)):
         alone = apply(jnp.pad(x[:, s:e], ((0, 0), (0, T - e + s), (0, 0))),
                       jnp.arange(T)[None], jnp.ones((1, T), jnp.int32))
         np.testing.assert_allclose(np.asarray(packed[:, s:e]), np.asarray(alone[:, :e - s]),
                                    atol=1e-10)
+
+
+def selection_loop(q, kc, *, l, d, bs, n):
+    """The paper's per-token selection as a float64 loop (sets of block indices per (b, kv
+    head, t)): the compressed attention weights of query t on the compressed blocks that have
+    ended, summed over the GQA group, spread over the selection blocks by overlap; the first,
+    previous and own block always, then the most important of the other blocks up to t's."""
+    q, kc = np.asarray(q, np.float64), np.asarray(kc, np.float64)
+    B, T, H, D = q.shape
+    M, Hkv = kc.shape[1], kc.shape[2]
+    G = H // Hkv
+    out = {}
+    for b in range(B):
+        for h in range(Hkv):
+            for t in range(T):
+                i = t // bs
+                imp = np.zeros(i + 1)
+                seen = [m for m in range(M) if m * d + l - 1 <= t]
+                for hq in range(h * G, (h + 1) * G):
+                    if not seen:
+                        continue
+                    s = np.array([q[b, t, hq] @ kc[b, m, h] for m in seen]) / np.sqrt(D)
+                    p = np.exp(s - s.max())
+                    p /= p.sum()
+                    for pm, m in zip(p, seen):
+                        for j in range(i + 1):   # the share of block m's tokens inside block j
+                            inside = min(m * d + l, (j + 1) * bs) - max(m * d, j * bs)
+                            imp[j] += pm * max(inside, 0) / l
+                forced = {0, i, max(i - 1, 0)}
+                rest = sorted(set(range(i + 1)) - forced, key=lambda j: -imp[j])
+                out[b, h, t] = forced | set(rest[:n - len(forced)])
+    return out
+
+
+def test_per_token_selection_is_the_papers(x64, rng):
+    """Importance really selects: the layer's per-token selection equals the loop on random
+    queries and compressed keys, and at many tokens it takes a block other than the
+    lowest-numbered candidate (so importance, not position, decided)."""
+    B, T, l, d, bs, n = 2, 29, 4, 2, 4, 5
+    layer = make(sel_blocks=n)
+    M = (T - l) // d + 1
+    q = jnp.asarray(rng.standard_normal((B, T, 4, 8)))
+    kc = jnp.asarray(rng.standard_normal((B, M, 2, 8)))
+    ends = jnp.broadcast_to(jnp.arange(M) * d + l - 1, (B, M))
+    ones = jnp.ones((B, T), jnp.int32)
+    idx = jax.jit(lambda q, kc: layer._importance(q, kc, ends, ones, ones[:, :M],
+                                                   0 * ones, 8 ** -0.5))(q, kc)
+    want = selection_loop(q, kc, l=l, d=d, bs=bs, n=n)
+    choices = by_importance = 0
+    for (b, h, t), blocks in want.items():
+        got = set(np.asarray(idx[b, h, t]).tolist()) - {-1}
+        assert got == blocks, (b, h, t)
+        i = t // bs
+        if i + 1 > n:
+            forced = {0, i - 1, i}
+            lowest = forced | set(sorted(set(range(i + 1)) - forced)[:n - 3])
+            choices += 1
+            by_importance += blocks != lowest
+    assert choices >= 30 and by_importance > choices // 2
+
+
+def test_selection_reaches_the_output(x64, rng, monkeypatch):
+    """Choosing the least important blocks instead changes the output exactly at the tokens
+    that have a choice (from block 4 on), and nowhere before."""
+    T = 24
+    layer = make()
+    x = jnp.asarray(rng.standard_normal((1, T, 16)))
+    params = init(layer, x, rng)
+    # A fresh trace per call, so the second one sees the patched selection.
+    apply = lambda: jax.jit(lambda p: layer.apply(p, x, positions=jnp.arange(T)[None])[0])(
+        params)
+    y = apply()
+    select = nsa.select_blocks
+    monkeypatch.setattr(nsa, "select_blocks", lambda imp, *a: select(-imp, *a))
+    change = np.abs(np.asarray(apply() - y)).max(axis=(0, 2))
+    np.testing.assert_array_equal(change[:16], 0.0)
+    assert (change[16:] > 1e-3).all()
+
+
+@pytest.mark.parametrize("variant", ["paper", "fla"])
+def test_shifted_positions_leave_the_output_unchanged(x64, rng, variant):
+    """Every branch scores by distance only: positions shifted by 1000 give the same output
+    (up to RoPE's float32 angles), compressed branch included."""
+    T = 24
+    layer = make(**VARIANTS[variant])
+    x = jnp.asarray(rng.standard_normal((1, T, 16)))
+    params = init(layer, x, rng)
+    apply = jax.jit(lambda pos: layer.apply(params, x, positions=pos)[0])
+    pos = jnp.arange(T)[None]
+    y = apply(pos)
+    np.testing.assert_allclose(np.asarray(apply(pos + 1000)), np.asarray(y), atol=2e-4)
 
 
 @pytest.mark.slow
@@ -96,7 +199,9 @@ def test_selection_rules():
 
 
 @pytest.mark.parametrize("field, value", [("sel_block", 48), ("cmp_stride", 3),
-                                          ("num_kv_heads", 3), ("window", 0)])
+                                          ("num_kv_heads", 3), ("window", -1),
+                                          ("sel_blocks", 3), ("selection", "query"),
+                                          ("compress", "max")])
 def test_bad_settings_name_the_field(field, value):
     assert "nsa" in registry.names("token")
     with pytest.raises(ValueError, match=f"mixers.nsa.{field}"):
