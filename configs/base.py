@@ -132,12 +132,19 @@ def get_config() -> ConfigDict:
         # MLPs, short-conv kernels. A new parameter that must not decay needs a pattern here.
         no_decay_patterns="norm,bias,A_log,(^|/)D$,sinks,a_proj/,b_proj/,dt_proj/,gk_proj",
         # Memory layers' value tables (pkm's per-layer `mlp/values`, memory_plus's shared
-        # `memory_values`): their own AdamW with a fixed learning rate (no warmup or decay) and
-        # weight decay; the params whose path matches one of the comma-separated regexes.
+        # `memory_values`; the params whose path matches one of the comma-separated regexes):
+        # their own AdamW, by default as the Memory+ reference code (facebookresearch/memory)
+        # trains them. False / False / False below is this project's earlier setting (a
+        # constant rate, memory_values.weight_decay, one clip over all parameters).
         memory_values=ConfigDict(dict(
             patterns="(^|/)(memory_)?values$",
-            learning_rate=1e-3,
-            weight_decay=0.0,
+            learning_rate=1e-3,       # the values' peak rate (the reference's value_fixed_lr)
+            follow_schedule=True,     # warmup + cosine as the main rate (False: constant)
+            decay_like_main=True,     # optim.weight_decay, the reference's one weight decay for
+                                      # every group (False: memory_values.weight_decay)
+            weight_decay=0.0,         # used only with decay_like_main=False
+            separate_clip=True,       # values clipped by their own global norm, the rest by
+                                      # theirs, both at grad_clip_norm (False: one norm)
         )),
     ))
 

@@ -1,7 +1,8 @@
 """Memory+, small: gdn_small.py's size and training, with the middle layer's MLP (layer 3 of 6)
 replaced by a `memory_plus` layer: 256² = 65,536 value slots of width 256 (16.8M values), 4
-memory heads, top-32, key dim 128 (d_model / 2). The values train with their own fixed learning
-rate 1e-3 and no weight decay (optim.memory_values, configs/base.py).
+memory heads, top-32, key dim 128 (d_model / 2). The values train in their own optimizer group
+as the Memory+ reference code trains them: peak rate 1e-3 under the main warmup + cosine, the
+main weight decay, their gradients clipped apart (optim.memory_values, configs/base.py).
 
 The 2025 paper's reference memory (Berges et al., "Memory Layers at Scale") is n_keys 1024
 (1,048,576 slots), shared by 3 memory layers of 24 (4, 12 and 20):

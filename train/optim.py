@@ -3,10 +3,17 @@ the parameters whose names `optim.no_decay_patterns` matches (norm scales, biase
 parameters and gate projections).
 
 Parameter groups by name (`optax.multi_transform`): the parameters whose path matches
-`optim.memory_values.patterns` (the memory layers' value tables) get their own AdamW with the
-fixed learning rate `optim.memory_values.learning_rate` (no warmup, no decay: Memory+ trains
-its values at a constant 1e-3) and weight decay `optim.memory_values.weight_decay`; every
-other parameter gets the main one. Clipping is by the global norm over all of them."""
+`optim.memory_values.patterns` (the memory layers' value tables) get their own AdamW, every
+other parameter the main one. By default the value group is the Memory+ reference code's
+(facebookresearch/memory: `lingua/optim.py` `build_optimizer`, `apps/main/train.py`): its own
+peak rate `optim.memory_values.learning_rate` (the reference's `value_fixed_lr`, 1e-3) under
+the same warmup + cosine as the rest (the reference's one LambdaLR scales every group's rate),
+the main weight decay (`decay_like_main`: the reference has one weight decay for every group),
+and its gradients clipped by their own global norm, the rest by theirs (`separate_clip`: the
+reference clips `pk_value_param`s apart, both at `optim.clip`). `follow_schedule=False`,
+`decay_like_main=False` with `memory_values.weight_decay`, and `separate_clip=False` give a
+constant rate, a decay of its own and one clip over all parameters (this project's earlier
+setting, which the README's phonebook result used)."""
 from __future__ import annotations
 
 import re
@@ -16,13 +23,16 @@ import optax
 from flax.core import meta
 
 
-def learning_rate_schedule(optim_cfg) -> optax.Schedule:
+def learning_rate_schedule(optim_cfg, peak: float | None = None) -> optax.Schedule:
+    """Linear warmup to `peak` (default optim.learning_rate), then cosine decay to
+    peak · end_lr_factor. Linear in the peak, so any group's schedule is the main one scaled."""
     o = optim_cfg
+    peak = o.learning_rate if peak is None else peak
     warmup = int(o.warmup_steps)
     decay = max(int(o.decay_steps) - warmup, 1)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else o.learning_rate, peak_value=o.learning_rate,
-        warmup_steps=warmup, decay_steps=warmup + decay, end_value=o.learning_rate * o.end_lr_factor)
+        init_value=0.0 if warmup else peak, peak_value=peak,
+        warmup_steps=warmup, decay_steps=warmup + decay, end_value=peak * o.end_lr_factor)
 
 
 def _path_str(path) -> str:
@@ -90,15 +100,19 @@ def param_groups(params, patterns: str):
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:
     o = optim_cfg
-    chain = []
-    if o.grad_clip_norm > 0:
-        chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
+    g = o.memory_values
+    clip = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
     main = optax.adamw(learning_rate=learning_rate_schedule(o), b1=o.b1, b2=o.b2, eps=o.eps,
                        weight_decay=o.weight_decay,
                        mask=lambda p: weight_decay_mask(p, o.no_decay_patterns))
-    g = o.memory_values
-    values = optax.adamw(learning_rate=g.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
-                         weight_decay=g.weight_decay)
-    chain.append(optax.multi_transform({"default": main, MEMORY_VALUES: values},
-                                       lambda p: param_groups(p, g.patterns)))
-    return optax.chain(*chain)
+    values = optax.adamw(
+        learning_rate=learning_rate_schedule(o, g.learning_rate) if g.follow_schedule
+        else g.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
+        weight_decay=o.weight_decay if g.decay_like_main else g.weight_decay)
+    labels = lambda p: param_groups(p, g.patterns)
+    if g.separate_clip:
+        # Inside multi_transform each clip sees only its group's gradients: two global norms.
+        return optax.multi_transform({"default": optax.chain(*clip, main),
+                                      MEMORY_VALUES: optax.chain(*clip, values)}, labels)
+    return optax.chain(*clip, optax.multi_transform({"default": main, MEMORY_VALUES: values},
+                                                    labels))
