@@ -9,7 +9,9 @@ as `fla.models.*ForCausalLM.save_pretrained` writes them.
     python -m mem_lm.convert --to fla WORKDIR --out PATH     # (the CLI: mem_lm/convert/__init__.py)
 
 Kinds (fla `model_type`): gated_deltanet -> `gdn`, delta_net -> `deltanet`, gla -> `gla`, each
-with fla's hybrid `attn` layers -> `attn` (full) or `swa` (window_size). Every field of
+with fla's hybrid `attn` layers -> `attn` (full) or `swa` (window_size); mom -> `mom` with
+q_conv_per_memory (fla's MomAttention convolves q over each memory's tokens), no hybrid layers
+(fla's MomBlock cannot run its attention layers). Every field of
 config.json is either mapped, known to leave the forward unchanged (listed in _NO_EFFECT), or
 an error naming it; every tensor is mapped once or the import fails listing what is left
 over or missing. Safetensors are read and written with the `safetensors` package's NumPy API
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -41,7 +44,9 @@ _NO_EFFECT = {
     "is_encoder_decoder", "chunk_size_feed_forward", "problem_type", "tokenizer_class",
     "id2label", "label2id", "_name_or_path", "name_or_path",
 }
-_NO_EFFECT_OF = {"delta_net": {"use_output_norm"}, "gla": {"use_gk", "use_gv"}}
+_NO_EFFECT_OF = {"delta_net": {"use_output_norm"}, "gla": {"use_gk", "use_gv"},
+                 # fla's MoM stores these and never reads them (it drops no tokens).
+                 "mom": {"capacity", "use_layer_wise_balance"}}
 
 # fla's defaults (fla-core 0.6.0 configuration_*.py) for fields a config.json may omit.
 _COMMON_DEFAULTS = dict(hidden_ratio=4, intermediate_size=None, hidden_act="swish",
@@ -60,10 +65,15 @@ _DEFAULTS = {
                 num_hidden_layers=24, num_heads=4, num_kv_heads=None, feature_map=None,
                 use_short_conv=False, conv_size=4, use_output_gate=True, clamp_min=None,
                 elementwise_affine=True),
+    "mom": dict(_COMMON_DEFAULTS, hidden_size=2048, conv_size=4, num_heads=4, head_dim=256,
+                expand_v=1.0, use_output_gate=True, use_short_conv=True, num_hidden_layers=24,
+                num_memories=4, topk=2, aux_loss_scale=0.01, shared_mem=True,
+                single_kv_proj=False, mom_backend="gated_deltanet"),
 }
 _ARCHITECTURES = {"gated_deltanet": "GatedDeltaNetForCausalLM",
-                  "delta_net": "DeltaNetForCausalLM", "gla": "GLAForCausalLM"}
-_MIXER_OF = {"gated_deltanet": "gdn", "delta_net": "deltanet", "gla": "gla"}
+                  "delta_net": "DeltaNetForCausalLM", "gla": "GLAForCausalLM",
+                  "mom": "MomForCausalLM"}
+_MIXER_OF = {"gated_deltanet": "gdn", "delta_net": "deltanet", "gla": "gla", "mom": "mom"}
 _TYPE_OF = {m: t for t, m in _MIXER_OF.items()}
 _ATTENTION = ("attn", "swa")
 # fla's GLA layer takes these from its own defaults, not from the config.
@@ -151,6 +161,8 @@ def config_from_fla(fla: Mapping[str, Any]) -> ModelConfig:
         settings = dict(conv, expand_v=float(c["expand_v"]), use_gate=bool(c["use_gate"]),
                         allow_neg_eigval=bool(c["allow_neg_eigval"]),
                         num_v_heads=None if hv in (None, H) else hv)
+    elif model_type == "mom":
+        head_dim, settings = c["head_dim"], _mom_settings(c, conv, require)
     else:
         head_dim = _whole(d * c["expand_k"], "hidden_size · expand_k") // H
         value_dim = _whole(d * c["expand_v"], "hidden_size · expand_v") // H
@@ -186,6 +198,34 @@ def config_from_fla(fla: Mapping[str, Any]) -> ModelConfig:
                        norm_eps=float(c["norm_eps"]))
 
 
+def _mom_settings(c: Mapping[str, Any], conv: dict, require) -> dict:
+    """Our `mom` settings of an fla MomConfig (with its defaults filled in)."""
+    require("mom_backend", ("gated_deltanet",))
+    require("use_output_gate", (True,))
+    require("use_short_conv", (True,))      # fla's MomAttention refuses to run without
+    require("single_kv_proj", (False,))
+    require("attn", (None,))                # MomBlock cannot unpack its Attention's outputs
+    return dict(conv, num_memories=c["num_memories"], top_k=c["topk"],
+                shared_memory=bool(c["shared_mem"]), capacity_factor=None,
+                aux_loss_weight=float(c["aux_loss_scale"]), expand_v=float(c["expand_v"]),
+                q_conv_per_memory=True)
+
+
+def _mom_to_fla(s: Mapping[str, Any], problems: list) -> dict:
+    """The MomConfig fields of our `mom` settings; what fla's MoM cannot express goes to
+    `problems`."""
+    if not s["q_conv_per_memory"]:
+        problems.append("mom q_conv_per_memory = False: fla's MomAttention convolves q over each "
+                        "memory's own tokens (q_conv_per_memory = True)")
+    if s["capacity_factor"] is not None:
+        problems.append(f"mom capacity_factor = {s['capacity_factor']}: fla's MoM drops no tokens")
+    if not s["short_conv"]:
+        problems.append("mom short_conv = False: fla's MomAttention requires its short convs")
+    return dict(num_memories=s["num_memories"], topk=s["top_k"], shared_mem=s["shared_memory"],
+                aux_loss_scale=s["aux_loss_weight"], expand_v=s["expand_v"],
+                use_output_gate=True, single_kv_proj=False, mom_backend="gated_deltanet")
+
+
 def config_to_fla(cfg: ModelConfig) -> dict:
     """The fla config.json (a dict) of a ModelConfig that fla's models can express."""
     problems = []
@@ -211,6 +251,10 @@ def config_to_fla(cfg: ModelConfig) -> dict:
     if mixer == "gdn":
         out.update(head_dim=K, expand_v=s["expand_v"], use_gate=s["use_gate"],
                    allow_neg_eigval=s["allow_neg_eigval"], num_v_heads=s["num_v_heads"])
+    elif mixer == "mom":
+        out.update(head_dim=K, **_mom_to_fla(s, problems))
+        if set(cfg.layer_mixers) != {"mom"}:
+            problems.append("attention layers: fla's MomBlock cannot run them")
     else:
         out.update(expand_k=H * K / d, expand_v=H * value_dim / d)
         if mixer == "deltanet":
@@ -251,9 +295,64 @@ def _swiglu_width(cfg: ModelConfig) -> int:
 
 
 # ------------------------------------------------------------------------------ tensors
+def _mom_entries(cfg: ModelConfig) -> list:
+    """`_mixer_entries` of fla's MomAttention. Its per-memory Linears `{k,v,b,a}_proj.{m}` are
+    named here by one joined tensor `{k,v,b,a}_proj.weight` (the memories' [out, in] weights
+    stacked along out, which is our [in, memory, out...] kernel as a Linear):
+    `_join_memories` and `_split_memories` convert."""
+    D1 = ("dense", 1)
+    s = cfg.settings("mom")
+    out = [("gate.weight", ("router", "kernel"), D1), ("q_proj.weight", ("q_proj", "kernel"), D1)]
+    out += [(f"{n}_proj.weight", (f"{n}_proj", "kernel"), D1) for n in "kvba"]
+    if s["shared_memory"]:
+        out += [(f"shared_{n}.weight", (f"shared_{n}_proj", "kernel"), D1) for n in "kvba"]
+    out += [("A_log", ("A_log",), "flat"), ("dt_bias", ("dt_bias",), "flat")]
+    out += [(f"{n}_conv1d.weight", (f"{n}_conv", "kernel"), "conv") for n in "qkv"]
+    return out + [("g_proj.weight", ("g_proj", "kernel"), D1),
+                  ("o_norm.weight", ("o_norm", "scale"), "flat"),
+                  ("o_proj.weight", ("o_proj", "kernel"), ("dense", 2))]
+
+
+_MEMORY_PROJ = re.compile(r"^(model\.layers\.\d+\.attn\.[kvba]_proj)\.(\d+)\.weight$")
+_JOINED_PROJ = re.compile(r"^(model\.layers\.\d+\.attn\.[kvba]_proj)\.weight$")
+
+
+def _join_memories(tensors: Mapping[str, np.ndarray], num_memories: int) -> dict:
+    """fla's per-memory `...attn.{k,v,b,a}_proj.{m}.weight` [out, in] as one
+    `...attn.{k,v,b,a}_proj.weight` [M · out, in] each (memory m's rows m · out ...)."""
+    out, parts = {}, {}
+    for name, w in tensors.items():
+        match = _MEMORY_PROJ.match(name)
+        if match:
+            parts.setdefault(match[1], {})[int(match[2])] = w
+        else:
+            out[name] = w
+    for prefix, ws in parts.items():
+        if sorted(ws) != list(range(num_memories)):
+            raise ConversionError(f"fla checkpoint: {prefix}.* has memories {sorted(ws)}, the "
+                                  f"config num_memories = {num_memories}")
+        out[prefix + ".weight"] = np.concatenate([ws[m] for m in range(num_memories)])
+    return out
+
+
+def _split_memories(tensors: Mapping[str, np.ndarray], num_memories: int) -> dict:
+    """The inverse of `_join_memories`."""
+    out = {}
+    for name, w in tensors.items():
+        match = _JOINED_PROJ.match(name)
+        if match:
+            for m, part in enumerate(np.split(w, num_memories)):
+                out[f"{match[1]}.{m}.weight"] = np.ascontiguousarray(part)
+        else:
+            out[name] = w
+    return out
+
+
 def _mixer_entries(cfg: ModelConfig, name: str) -> list:
     """(fla name under `attn.`, our path under `mixer`, how) of one token mixer."""
     D1, D2 = ("dense", 1), ("dense", 2)
+    if name == "mom":
+        return _mom_entries(cfg)
     if name in _ATTENTION:
         s = cfg.settings(name)
         out = [(f"{n}_proj.weight", (f"{n}_proj", "kernel"), D1) for n in "qkv"]
@@ -314,6 +413,8 @@ def import_fla(path: str) -> tuple[ModelConfig, dict]:
     float32 NumPy arrays, as `LanguageModel(cfg).apply({"params": params}, tokens)` takes."""
     config, tensors = read_fla(path)
     cfg = config_from_fla(config)
+    if config.get("model_type") == "mom":
+        tensors = _join_memories(tensors, cfg.settings("mom")["num_memories"])
     if config.get("model_type") == "gla" and not config.get("fuse_norm", True):
         # Unfused, fla's GLA names its output norm g_norm and applies the same SiLU gate after it.
         tensors = {n.replace(".attn.g_norm.", ".attn.g_norm_swish_gate."): w
@@ -373,6 +474,8 @@ def export_fla(cfg: ModelConfig, params: Mapping, path: str) -> None:
         raise ConversionError(f"export to fla: parameters with no fla name: {unmapped}")
     tensors = {n: np.ascontiguousarray(to_torch(how, get(p).astype(np.float32)))
                for n, p, how in entries}
+    if fla_cfg["model_type"] == "mom":
+        tensors = _split_memories(tensors, fla_cfg["num_memories"])
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:

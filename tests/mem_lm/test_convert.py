@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mem_lm import LanguageModel, decode_step, load_pretrained, prefill
-from mem_lm.convert import (ConversionError, config_from_fla, export_fla, fla_mlp_width,
-                            import_fla, main)
+from mem_lm import LanguageModel, apply_with_aux, decode_step, load_pretrained, prefill
+from mem_lm.convert import (ConversionError, config_from_fla, config_to_fla, export_fla,
+                            fla_mlp_width, import_fla, main)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "fla")
-KINDS = ("gdn", "gdn_nogate", "gdn_gva", "gdn_negeig", "deltanet", "gla", "gdn_attn")
+KINDS = ("gdn", "gdn_nogate", "gdn_gva", "gdn_negeig", "deltanet", "gla", "gdn_attn", "mom",
+         "mom_noshared")
 TOL = 1e-4
 
 
@@ -71,6 +72,20 @@ def test_expected_fla_config_fields():
     assert config_from_fla(fla_config("gdn_nogate")).tie_embeddings
     gla = config_from_fla(fla_config("gla"))
     assert (gla.resolved_head_dim, gla.settings("gla")["expand_v"]) == (8, 2.0)
+
+
+def test_mom_load_balance_matches_fla():
+    """The imported MoM's load-balance loss is fla's own of the same forward (the fixture's
+    `aux_loss`, fla's load_balancing_loss_func over both layers' routers) × aux_loss_scale."""
+    path, tokens, _ = fixture("mom")
+    cfg, params = import_fla(path)
+    e = np.load(os.path.join(path, "expected.npz"))
+    _, aux = jax.jit(lambda p, t: apply_with_aux(
+        LanguageModel(dataclasses.replace(cfg, impl="reference")), {"params": p}, t))(
+            params, tokens)
+    assert cfg.settings("mom")["aux_loss_weight"] == fla_config("mom")["aux_loss_scale"] == 0.05
+    np.testing.assert_allclose(aux["losses"]["mom_load_balance"], 0.05 * e["aux_loss"],
+                               rtol=1e-5)
 
 
 def test_mlp_width_rule_matches_fla():
@@ -156,6 +171,8 @@ def test_unknown_config_field_is_named(tmp_path):
     ("gla", "num_kv_heads", 1),
     ("gdn", "attnres_block_size", 2),
     ("gdn", "model_type", "rwkv7"),
+    ("mom", "single_kv_proj", True),
+    ("mom", "attn", {"layers": [1], "num_heads": 2}),
 ])
 def test_unsupported_values_are_named(kind, field, value):
     c = fla_config(kind)
@@ -208,6 +225,16 @@ def test_export_refuses_what_fla_cannot_express(tmp_path):
         export_fla(bad, params, str(tmp_path))
     with pytest.raises(ConversionError, match="exactly one of"):
         export_fla(dataclasses.replace(cfg, pattern=("gdn", "swa", "gla")), params, str(tmp_path))
+
+
+def test_mom_export_needs_flas_q_conv_and_no_capacity():
+    cfg = config_from_fla(fla_config("mom"))
+    for field, value, message in (("q_conv_per_memory", False, "q_conv_per_memory"),
+                                  ("capacity_factor", 1.0, "drops no tokens")):
+        bad = dataclasses.replace(cfg, mixers={**dict(cfg.mixers), "mom": {
+            **cfg.settings("mom"), field: value}})
+        with pytest.raises(ConversionError, match=message):
+            config_to_fla(bad)
 
 
 def test_export_of_scan_layers_params(tmp_path):
