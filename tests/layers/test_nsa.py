@@ -3,8 +3,12 @@ with its own masks) equal the full forward in float64 at lengths where every bra
 selection by importance matter (per-token and block selection, fla's variant, short convs);
 packed documents starting on block boundaries equal each document alone; the per-token
 selection equals a float64 loop over the paper's rule and reaches the output; shifting every
-position leaves the output unchanged; gradients reach every parameter; bad settings name their
-field."""
+position leaves the output unchanged; fla's naive NSA (selection and the gated branches) and
+its NativeSparseAttention layer give the same as our layer in fla's settings (fixtures made by
+tests/fixtures/make_fla_nsa_fixtures.py); gradients reach every parameter; bad settings name
+their field."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -207,3 +211,69 @@ def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"mixers.nsa.{field}"):
         ModelConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=2, pattern=("nsa",),
                     mixers={"nsa": {field: value}})
+
+
+# ------------------------------------------------------------------ fla's NSA as the oracle
+# Made by tests/fixtures/make_fla_nsa_fixtures.py from fla-core 0.6.0's torch references.
+FLA_FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "fla")
+FLA_BLOCKS = dict(FLA, cmp_block=4, cmp_stride=4, sel_block=4, sel_blocks=4)
+
+
+def fla_fixture(name):
+    return dict(np.load(os.path.join(FLA_FIXTURES, f"nsa_{name}.npz")))
+
+
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_selection_and_branches_match_flas_naive_nsa(packed):
+    """fla's naive_nsa_topk and naive_nsa on the same q, k, v, gates (one k / v, blocks of 4,
+    4 selected per token; whole, and as two packed sequences): the same blocks per token and
+    kv head, and the same gated sum of the three branches with a window of 5 and without."""
+    e, tag = fla_fixture("op"), "_varlen" if packed else ""
+    q, k, v = (jnp.asarray(e[n]) for n in "qkv")
+    T, H = q.shape[1:3]
+    seg = jnp.asarray((np.arange(T) >= 8)[None].astype(np.int32)) if packed else None
+    gates = jnp.stack([jnp.asarray(e[n]) for n in ("g_cmp", "g_slc", "g_swa")], -1)
+
+    def run(window):
+        layer = NSA(d_model=16, num_heads=H, num_kv_heads=k.shape[2], head_dim=8, impl="xla",
+                    **dict(FLA_BLOCKS, window=window))
+        o, _ = layer._forward(q, k[:, :, None], v[:, :, None], None, jnp.arange(T)[None], seg)
+        return jnp.einsum("bthc,bthcd->bthd", gates, o)
+
+    o, o_nowin = jax.jit(lambda: (run(5), run(0)))()
+    np.testing.assert_allclose(np.asarray(o), e["o" + tag], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(o_nowin), e["o_nowin" + tag], atol=2e-5)
+
+    layer = NSA(d_model=16, num_heads=H, num_kv_heads=k.shape[2], head_dim=8, **FLA_BLOCKS)
+    doc = jnp.ones((1, T), jnp.int32) if seg is None else seg + 1
+    first = jnp.where(jnp.arange(T) >= 8, 2, 0)[None] if packed else 0 * doc
+    kc = k.reshape(1, T // 4, 4, *k.shape[2:]).mean(2)
+    ends = jnp.arange(T // 4)[None] * 4 + 3
+    idx = jax.jit(lambda: layer._importance(q, kc, ends, doc, doc[:, 3::4], first,
+                                            8 ** -0.5))()
+    # fla numbers a packed sequence's blocks from its own start (block 2 of the row here).
+    want = e["idx" + tag][0] + np.where((np.arange(T) >= 8) & packed, 2, 0)[:, None, None]
+    want = np.where(e["idx" + tag][0] < 0, -1, want)
+    for t in range(T):
+        for h in range(k.shape[2]):
+            assert set(np.asarray(idx[0, h, t]).tolist()) == set(want[t, h].tolist()), (t, h)
+
+
+def test_layer_matches_flas_native_sparse_attention():
+    """fla's NativeSparseAttention layer (window_size=0; q, k, v, gate and output projections,
+    RoPE) with random weights: the same output from our layer in fla's settings."""
+    e = fla_fixture("layer")
+    x = jnp.asarray(e["x"])
+    H, D, d = 16, 8, x.shape[-1]
+    Hkv = e["k_proj.weight"].shape[0] // D
+    kernel = lambda name, *shape: jnp.asarray(e[f"{name}.weight"].T.reshape(shape))
+    params = {"params": {"q_proj": {"kernel": kernel("q_proj", d, H, D)},
+                         "k_proj": {"kernel": kernel("k_proj", d, 1, Hkv, D)},
+                         "v_proj": {"kernel": kernel("v_proj", d, 1, Hkv, D)},
+                         "g_proj": {"kernel": kernel("g_proj", d, H, 3)},
+                         "o_proj": {"kernel": kernel("o_proj", H, D, d)}}}
+    layer = NSA(d_model=d, num_heads=H, num_kv_heads=Hkv, head_dim=D, impl="xla",
+                **dict(FLA_BLOCKS, window=0))
+    y, _ = jax.jit(lambda p, x: layer.apply(p, x, positions=jnp.arange(x.shape[1])[None]))(
+        params, x)
+    np.testing.assert_allclose(np.asarray(y), e["y"], atol=2e-5)

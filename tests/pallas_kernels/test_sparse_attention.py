@@ -1,8 +1,11 @@
 """block_sparse_attention against float64 references: the dense-mask reference against a
 numpy loop over queries, the blocked xla impl and the Pallas kernels (both layouts, interpret
 mode) against the reference in outputs and gradients (odd lengths, windows, GQA, packed
-documents, causal or not), sliding-window-only against the dense attention op, bf16, and bad
-input."""
+documents, causal or not; per query block and per token), sliding-window-only against the
+dense attention op, per-token selection against fla's naive NSA selection (a fixture), bf16,
+and bad input."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -301,3 +304,14 @@ def test_bad_input(rng, change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         block_sparse_attention(**args)
+
+
+def test_per_token_matches_flas_naive_nsa_selection():
+    """fla's naive_nsa_selection (tests/fixtures/make_fla_nsa_fixtures.py: 32 query heads on 2
+    kv heads, per-token lists of 4 blocks of 4, −1 padded, chosen by fla's naive top-k) is
+    this op with query_block_size=1."""
+    e = np.load(os.path.join(os.path.dirname(__file__), "..", "fixtures", "fla", "nsa_op.npz"))
+    idx = np.transpose(e["idx"], (0, 2, 1, 3)).astype(np.int32)      # [B, T, H, S] -> ours
+    o = jax.jit(lambda q, k, v: block_sparse_attention(
+        q, k, v, idx, block_size=4, query_block_size=1, impl="xla"))(e["q"], e["k"], e["v"])
+    np.testing.assert_allclose(np.asarray(o), e["o_sel"], atol=2e-5)
