@@ -3,11 +3,15 @@ attention sinks at the same number of slots, on one checkpoint.
 
     python -m eval.streaming --checkpoint WORKDIR [--cache_size 64] [--cache_sinks 4]
                              [--cascades 1 4] [--length 1024] [--tokens 8192] --out DIR
+                             [--score_decay B] [--cache_positions cache|stream]
+                             [--cache_fill eager|lazy]
 
 Every attention layer (`attn`, `swa`) of the checkpoint's model is given the decode cache
 `cache='cascade'` with `--cache_size` slots (`layers/kv_cache.py`); `--cascades 1` is the
 sliding window with sinks (StreamingLLM), more cascades keep one of every 2^c older tokens,
-chosen by the attention they received. Each window of `--length` tokens is streamed through
+chosen by the attention they received. The cache's other settings are the registry's
+defaults, the reference code's (keys at their place in the cache, importance EMA 0.9999,
+every cascade filled before selection starts), unless given. Each window of `--length` tokens is streamed through
 the model: every token attends to what the cache holds at its turn (recurrent layers carry
 their state as in decoding). The validation text is the checkpoint's, as in eval.perplexity;
 documents are concatenated into one stream (a window may cross them, for every variant
@@ -26,6 +30,8 @@ import numpy as np
 from eval import common
 
 ATTENTION = ("attn", "swa")
+# Cache settings taken from the command line when given, else the registry's defaults.
+CACHE_OPTIONS = ("score_decay", "cache_positions", "cache_fill")
 
 
 def with_cache(cfg, cascades: int, args):
@@ -34,10 +40,11 @@ def with_cache(cfg, cascades: int, args):
 
     d = cfg.to_dict()
     mixers = dict(d.get("mixers") or {})
+    given = {f: getattr(args, f) for f in CACHE_OPTIONS if getattr(args, f) is not None}
     for name in ATTENTION:
         mixers[name] = {**mixers.get(name, {}), "cache": "cascade",
                         "cache_size": args.cache_size, "cache_sinks": args.cache_sinks,
-                        "cascades": cascades, "score_decay": args.score_decay}
+                        "cascades": cascades, **given}
     return ModelConfig.from_dict({**d, "mixers": mixers})
 
 
@@ -74,7 +81,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--cache_sinks", type=int, default=4, help="first tokens never evicted")
     ap.add_argument("--cascades", type=int, nargs="+", default=[1, 4],
                     help="cascade counts to compare (1: sliding window + sinks)")
-    ap.add_argument("--score_decay", type=float, default=0.9)
+    ap.add_argument("--score_decay", type=float,
+                    help="importance EMA decay (default: the registry's, 0.9999)")
+    ap.add_argument("--cache_positions", choices=("cache", "stream"),
+                    help="RoPE positions of cached keys: by place in the cache (default) or "
+                         "the original stream positions")
+    ap.add_argument("--cache_fill", choices=("eager", "lazy"),
+                    help="eager (default): every cascade fills before selection starts")
     ap.add_argument("--length", type=int, help="tokens per streamed window (default: 8× the "
                                                "training length, or 1024)")
     ap.add_argument("--tokens", type=int, default=8192, help="scored tokens per variant")
@@ -102,8 +115,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except ValueError as e:
         common.fail(str(e))
     x, y = w[:, :-1], w[:, 1:]
+    # The cache settings in force (every variant has the same), as the registry resolved them.
+    cache = next(iter(variants.values())).settings(next(n for n in ATTENTION
+                                                        if n in cfg.pattern))
     print(f"validation text: {what}; {len(x)} windows of {length} tokens; cache "
-          f"{args.cache_size} slots ({args.cache_sinks} sinks) per attention layer", flush=True)
+          f"{args.cache_size} slots ({args.cache_sinks} sinks) per attention layer, "
+          + ", ".join(f"{f}={cache[f]}" for f in CACHE_OPTIONS), flush=True)
 
     losses = {}
     if not args.no_full:
@@ -123,7 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = common.out_dir(args.out)
     result = {"task": "streaming", "data": what, **source, "length": length,
               "windows": len(x), "cache_size": args.cache_size,
-              "cache_sinks": args.cache_sinks, "score_decay": args.score_decay,
+              "cache_sinks": args.cache_sinks,
+              **{f: cache[f] for f in CACHE_OPTIONS},
               "train_seq_len": train_len, "results": rows}
     common.write_json(out / "streaming.json", result)
     bucket = max(1, length // 32)
