@@ -11,7 +11,9 @@ as `fla.models.*ForCausalLM.save_pretrained` writes them.
 Kinds (fla `model_type`): gated_deltanet -> `gdn`, delta_net -> `deltanet`, gla -> `gla`, each
 with fla's hybrid `attn` layers -> `attn` (full) or `swa` (window_size); mom -> `mom` with
 q_conv_per_memory (fla's MomAttention convolves q over each memory's tokens), no hybrid layers
-(fla's MomBlock cannot run its attention layers). Every field of
+(fla's MomBlock cannot run its attention layers); nsa -> `nsa` in fla's variant (compress
+"mean", shared_kv, cmp_block = cmp_stride = sel_block = block_size, sel_blocks = block_counts,
+window = window_size, 0 for none). Every field of
 config.json is either mapped, known to leave the forward unchanged (listed in _NO_EFFECT), or
 an error naming it; every tensor is mapped once or the import fails listing what is left
 over or missing. Safetensors are read and written with the `safetensors` package's NumPy API
@@ -46,7 +48,9 @@ _NO_EFFECT = {
 }
 _NO_EFFECT_OF = {"delta_net": {"use_output_norm"}, "gla": {"use_gk", "use_gv"},
                  # fla's MoM stores these and never reads them (it drops no tokens).
-                 "mom": {"capacity", "use_layer_wise_balance"}}
+                 "mom": {"capacity", "use_layer_wise_balance"},
+                 # fla's NSA model builds its norms without reading it.
+                 "nsa": {"elementwise_affine"}}
 
 # fla's defaults (fla-core 0.6.0 configuration_*.py) for fields a config.json may omit.
 _COMMON_DEFAULTS = dict(hidden_ratio=4, intermediate_size=None, hidden_act="swish",
@@ -65,6 +69,9 @@ _DEFAULTS = {
                 num_hidden_layers=24, num_heads=4, num_kv_heads=None, feature_map=None,
                 use_short_conv=False, conv_size=4, use_output_gate=True, clamp_min=None,
                 elementwise_affine=True),
+    "nsa": dict(_COMMON_DEFAULTS, hidden_size=2048, num_hidden_layers=24, num_heads=64,
+                num_kv_heads=4, head_dim=32, qkv_bias=False, block_size=64, block_counts=16,
+                window_size=512, rope_theta=10000.0, elementwise_affine=True),
     "mom": dict(_COMMON_DEFAULTS, hidden_size=2048, conv_size=4, num_heads=4, head_dim=256,
                 expand_v=1.0, use_output_gate=True, use_short_conv=True, num_hidden_layers=24,
                 num_memories=4, topk=2, aux_loss_scale=0.01, shared_mem=True,
@@ -72,8 +79,9 @@ _DEFAULTS = {
 }
 _ARCHITECTURES = {"gated_deltanet": "GatedDeltaNetForCausalLM",
                   "delta_net": "DeltaNetForCausalLM", "gla": "GLAForCausalLM",
-                  "mom": "MomForCausalLM"}
-_MIXER_OF = {"gated_deltanet": "gdn", "delta_net": "deltanet", "gla": "gla", "mom": "mom"}
+                  "mom": "MomForCausalLM", "nsa": "NSAForCausalLM"}
+_MIXER_OF = {"gated_deltanet": "gdn", "delta_net": "deltanet", "gla": "gla", "mom": "mom",
+             "nsa": "nsa"}
 _TYPE_OF = {m: t for t, m in _MIXER_OF.items()}
 _ATTENTION = ("attn", "swa")
 # fla's GLA layer takes these from its own defaults, not from the config.
@@ -151,6 +159,8 @@ def config_from_fla(fla: Mapping[str, Any]) -> ModelConfig:
 
     require("hidden_act", ("swish",))
     require("attnres_block_size", (None,))
+    if model_type == "nsa":
+        return _nsa_config(c, require)
     d, L, H = c["hidden_size"], c["num_hidden_layers"], c["num_heads"]
     mixer = _MIXER_OF[model_type]
     conv = {"short_conv": bool(c["use_short_conv"]), "conv_size": c["conv_size"]}
@@ -226,6 +236,60 @@ def _mom_to_fla(s: Mapping[str, Any], problems: list) -> dict:
                 use_output_gate=True, single_kv_proj=False, mom_backend="gated_deltanet")
 
 
+# fla's NSA (fla.layers.nsa.NativeSparseAttention): our `nsa` with these settings; the block
+# sizes, the number of selected blocks and the window come from the config.
+_FLA_NSA = dict(selection="token", compress="mean", shared_kv=True, short_conv=False)
+
+
+def _nsa_config(c: Mapping[str, Any], require) -> ModelConfig:
+    """The ModelConfig of an fla NSAConfig (with its defaults filled in)."""
+    require("qkv_bias", (False,))
+    require("attn", (None,))
+    for field in ("block_size", "block_counts", "window_size"):
+        if not isinstance(c[field], int) or isinstance(c[field], bool):
+            raise ConversionError(f"fla config (nsa): {field} = {c[field]!r} must be an int")
+    bs, d = c["block_size"], c["hidden_size"]
+    settings = dict(_FLA_NSA, num_kv_heads=c["num_kv_heads"], rope_base=float(c["rope_theta"]),
+                    cmp_block=bs, cmp_stride=bs, sel_block=bs, sel_blocks=c["block_counts"],
+                    window=c["window_size"])
+    mixers = {"nsa": settings,
+              "swiglu": {"d_ff": fla_mlp_width(d, c["hidden_ratio"], c["intermediate_size"])}}
+    return ModelConfig(vocab_size=c["vocab_size"], d_model=d, num_layers=c["num_hidden_layers"],
+                       num_heads=c["num_heads"], head_dim=c["head_dim"], pattern=("nsa",),
+                       channel_pattern=("swiglu",), mixers=mixers,
+                       tie_embeddings=bool(c["tie_word_embeddings"]),
+                       norm_eps=float(c["norm_eps"]))
+
+
+def _nsa_to_fla(cfg: ModelConfig, s: Mapping[str, Any], problems: list) -> dict:
+    """The NSAConfig of a model of `nsa` layers in fla's variant; else ConversionError with
+    `problems` (the caller's) and those found here."""
+    H, K = s["heads"] or cfg.num_heads, s["head_size"] or cfg.resolved_head_dim
+    Hkv = s["num_kv_heads"] or H
+    bad = {f: s[f] for f, v in _FLA_NSA.items() if s[f] != v}
+    if bad:
+        problems.append(f"nsa {bad}: fla's NSA is {_FLA_NSA}")
+    if not s["cmp_block"] == s["cmp_stride"] == s["sel_block"]:
+        problems.append(f"nsa cmp_block / cmp_stride / sel_block = {s['cmp_block']} / "
+                        f"{s['cmp_stride']} / {s['sel_block']}: fla's NSA has one block_size")
+    if set(cfg.layer_mixers) != {"nsa"}:
+        problems.append(f"token mixers {sorted(set(cfg.layer_mixers))}: fla's NSA model has "
+                        f"nsa layers only")
+    G = H // Hkv
+    if G < 16 or G & (G - 1):
+        problems.append(f"nsa heads / num_kv_heads = {G}: fla's NSA needs a power of two >= 16")
+    if problems:
+        raise ConversionError("export to fla: not expressible in fla's format:\n  "
+                              + "\n  ".join(problems))
+    return dict(model_type="nsa", architectures=[_ARCHITECTURES["nsa"]],
+                hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers, num_heads=H,
+                num_kv_heads=Hkv, head_dim=K, qkv_bias=False, block_size=s["sel_block"],
+                block_counts=s["sel_blocks"], window_size=s["window"],
+                rope_theta=s["rope_base"] or cfg.rope_theta, vocab_size=cfg.vocab_size,
+                norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+                hidden_act="swish", hidden_ratio=4, intermediate_size=_swiglu_width(cfg))
+
+
 def config_to_fla(cfg: ModelConfig) -> dict:
     """The fla config.json (a dict) of a ModelConfig that fla's models can express."""
     problems = []
@@ -240,6 +304,8 @@ def config_to_fla(cfg: ModelConfig) -> dict:
                         f"layer")
     d, H, K = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
     s = cfg.settings(mixer)
+    if mixer == "nsa":
+        return _nsa_to_fla(cfg, s, problems)
     out = dict(model_type=model_type, architectures=[_ARCHITECTURES[model_type]],
                hidden_size=d, num_hidden_layers=cfg.num_layers, num_heads=H,
                vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps,
@@ -353,6 +419,9 @@ def _mixer_entries(cfg: ModelConfig, name: str) -> list:
     D1, D2 = ("dense", 1), ("dense", 2)
     if name == "mom":
         return _mom_entries(cfg)
+    if name == "nsa":   # fla's NativeSparseAttention: one k / v ([d, 1, Hkv, D] here), gates
+        return [(f"{n}_proj.weight", (f"{n}_proj", "kernel"), D1) for n in "qkvg"] + [
+            ("o_proj.weight", ("o_proj", "kernel"), D2)]
     if name in _ATTENTION:
         s = cfg.settings(name)
         out = [(f"{n}_proj.weight", (f"{n}_proj", "kernel"), D1) for n in "qkv"]

@@ -18,7 +18,7 @@ from mem_lm.convert import (ConversionError, config_from_fla, config_to_fla, exp
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "fla")
 KINDS = ("gdn", "gdn_nogate", "gdn_gva", "gdn_negeig", "deltanet", "gla", "gdn_attn", "mom",
-         "mom_noshared")
+         "mom_noshared", "nsa")
 TOL = 1e-4
 
 
@@ -173,6 +173,7 @@ def test_unknown_config_field_is_named(tmp_path):
     ("gdn", "model_type", "rwkv7"),
     ("mom", "single_kv_proj", True),
     ("mom", "attn", {"layers": [1], "num_heads": 2}),
+    ("nsa", "qkv_bias", True),
 ])
 def test_unsupported_values_are_named(kind, field, value):
     c = fla_config(kind)
@@ -235,6 +236,21 @@ def test_mom_export_needs_flas_q_conv_and_no_capacity():
             **cfg.settings("mom"), field: value}})
         with pytest.raises(ConversionError, match=message):
             config_to_fla(bad)
+
+
+def test_nsa_imports_as_flas_variant_and_only_that_exports():
+    """fla's NSAForCausalLM (tests/fixtures/make_fla_nsa_fixtures.py; its logits are checked
+    with the other kinds) is our nsa with fla's settings; the paper's nsa has no fla form."""
+    cfg = config_from_fla(fla_config("nsa"))
+    assert {k: cfg.settings("nsa")[k] for k in (
+        "selection", "compress", "shared_kv", "cmp_block", "cmp_stride", "sel_block",
+        "sel_blocks", "window", "num_kv_heads", "rope_base")} == dict(
+        selection="token", compress="mean", shared_kv=True, cmp_block=4, cmp_stride=4,
+        sel_block=4, sel_blocks=4, window=6, num_kv_heads=1, rope_base=5000.0)
+    paper = dataclasses.replace(cfg, mixers={**dict(cfg.mixers), "nsa": {
+        **cfg.settings("nsa"), "compress": "linear", "shared_kv": False}})
+    with pytest.raises(ConversionError, match="fla's NSA is"):
+        config_to_fla(paper)
 
 
 def test_export_of_scan_layers_params(tmp_path):
