@@ -12,7 +12,8 @@ Decode cache (`init_cache`), by the `cache` setting:
   * "cascade": a fixed `cache_size` of slots whatever the length, for streaming: attention
     sinks and cascading FIFOs that keep the more attended-to of the older tokens
     (`layers/kv_cache.py`; `cascades=1` is sliding window + sinks). Every token with this
-    cache, prompt tokens included, attends to what the cache holds at its turn.
+    cache, prompt tokens included, attends to what the cache holds at its turn; the cache
+    takes q and k before RoPE and places them itself (`cache_positions`).
 
 `topk_blocks` n > 0 (attn only) switches a trained layer to training-free top-k block
 attention (`layers/topk_attention.py`): each query token sees its own block, the last
@@ -29,9 +30,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import constrain, dense, document_ids
+from layers.common import constrain, dense, document_ids, init
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
-from layers.kv_cache import CASCADE_KEYS, cascade_attention, cascade_layout, init_cascade_cache
+from layers.kv_cache import (CASCADE_KEYS, FILLS, POSITIONS, cascade_attention, cascade_layout,
+                             init_cascade_cache)
 from layers.registry import (MAX_INT, Mechanism, Setting, SettingError, Shared, positive_int,
                              register)
 from layers.rope import apply_rope, check_rope_head_dim
@@ -64,7 +66,9 @@ class Attention(nn.Module):
     cache_size: Optional[int] = None
     cache_sinks: int = 4
     cascades: int = 4
-    score_decay: float = 0.9
+    score_decay: float = 0.9999
+    cache_positions: str = "cache"
+    cache_fill: str = "eager"
     topk_blocks: int = 0
     topk_block_size: int = 64
     topk_window: Optional[int] = 64
@@ -100,14 +104,14 @@ class Attention(nn.Module):
             qkv, conv_cache = short_conv_qkv({"q": q, "k": k, "v": v}, self.conv_size,
                                              segment_ids, cache, self.dtype)
             q, k, v = qkv["q"], qkv["k"], qkv["v"]
+        q_raw, k_raw = q, k           # for the cascading cache, which rotates them itself
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         q = constrain(q, ("batch", "length", "heads", "kv"))
         sinks = None
         if self.use_sinks:
-            sinks = self.param("sinks", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                     ("heads",)), (H,),
-                               jnp.float32)
+            # N(0, init_std²) as gpt-oss (transformers' GptOssPreTrainedModel._init_weights).
+            sinks = self.param("sinks", init(self.init_std, ("heads",)), (H,), jnp.float32)
         # A named library kernel (cudnn, splash) takes no explicit positions, which decode
         # caches pass: with a cache, "auto" uses it where it can and the XLA path elsewhere.
         impl = "auto" if cache is not None and self.impl in ("cudnn", "splash") else self.impl
@@ -120,8 +124,12 @@ class Attention(nn.Module):
                  else attn(q, k, v, segment_ids=segment_ids))
         elif self.cache_policy == "cascade":
             kv = {n: cache[n] for n in CASCADE_KEYS}     # without the conv entries
-            o, new_cache = cascade_attention(q, k, v, kv, cache_pos, sinks=self.cache_sinks,
-                                             score_decay=self.score_decay, sink_logits=sinks)
+            o, new_cache = cascade_attention(q_raw, k_raw, v, kv, cache_pos,
+                                             sinks=self.cache_sinks,
+                                             score_decay=self.score_decay,
+                                             positions=self.cache_positions,
+                                             fill=self.cache_fill, rope_theta=self.rope_theta,
+                                             sink_logits=sinks)
         elif "slot_pos" in cache:
             o, new_cache = self._ring(attn, q, k, v, cache, cache_pos)
         else:
@@ -234,8 +242,14 @@ def _attention_settings(windowed: bool) -> dict:
                                optional=True),
          "cache_sinks": Setting(4, int, "cascade: first tokens, never evicted"),
          "cascades": Setting(4, int, "cascade: FIFO sub-buffers (1: sliding window + sinks)"),
-         "score_decay": Setting(0.9, float, "cascade: EMA decay of a slot's received "
-                                            "attention, its importance")}
+         "score_decay": Setting(0.9999, float, "cascade: EMA decay of a slot's received "
+                                               "attention, its importance (the reference's)"),
+         "cache_positions": Setting("cache", str, f"cascade: RoPE positions, one of "
+                                    f"{POSITIONS}: by place in the cache (the reference, "
+                                    f"StreamingLLM) or the original stream positions"),
+         "cache_fill": Setting("eager", str, f"cascade, one of {FILLS}: every cascade "
+                               f"fills before selection starts (the reference), or selection "
+                               f"from the first token")}
     if windowed:
         s["window"] = Setting(512, int, "keys each query sees, itself included")
     else:
@@ -288,8 +302,14 @@ def _check_attention(shared: Shared, s) -> None:
     positive_int(s, "cascades", "cache_size")
     if not 0 <= s["cache_sinks"] <= MAX_INT:
         raise SettingError("cache_sinks", f"must be in [0, 2**31 - 1], got {s['cache_sinks']!r}")
-    if not 0 <= s["score_decay"] <= 1:
-        raise SettingError("score_decay", f"must be in [0, 1], got {s['score_decay']}")
+    if not 0 <= s["score_decay"] < 1:
+        raise SettingError("score_decay", f"must be in [0, 1) (1 leaves every importance 0), "
+                                          f"got {s['score_decay']}")
+    if s["cache_positions"] not in POSITIONS:
+        raise SettingError("cache_positions", f"must be one of {POSITIONS}, got "
+                                              f"{s['cache_positions']!r}")
+    if s["cache_fill"] not in FILLS:
+        raise SettingError("cache_fill", f"must be one of {FILLS}, got {s['cache_fill']!r}")
     if s["cache"] == "cascade":
         if _cache_size(s) is None:
             raise SettingError("cache_size", "attn with cache='cascade' needs a cache_size")
@@ -331,6 +351,7 @@ def _build_attention(shared: Shared, s, name):
                      qkv_bias=s["qkv_bias"], cache_policy=s["cache"],
                      cache_size=_cache_size(s), cache_sinks=s["cache_sinks"],
                      cascades=s["cascades"], score_decay=s["score_decay"],
+                     cache_positions=s["cache_positions"], cache_fill=s["cache_fill"],
                      topk_blocks=s.get("topk_blocks") or 0,
                      **{f: s[f] for f in ("topk_block_size", "topk_window", "topk_score")
                         if f in s},

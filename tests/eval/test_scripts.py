@@ -170,11 +170,12 @@ def test_niah_passkey(checkpoint, tmp_path, monkeypatch):
 
 def test_streaming(checkpoint, tmp_path):
     """A cache with room for the whole window (one cascade: 2 sinks + 38 slots >= 32 tokens)
-    streams exactly what the model without a cache computes; two cascades of 18 evict."""
+    streams exactly what the model without a cache computes; two cascades of 19 filled lazily
+    (selection from the first token on: the default eager fill would hold all 32) evict."""
     from eval import streaming
     r = streaming.main(["--checkpoint", str(checkpoint), "--length", "32", "--tokens", "64",
                         "--cache_size", "40", "--cache_sinks", "2", "--cascades", "1", "2",
-                        "--out", str(tmp_path)])
+                        "--cache_fill", "lazy", "--out", str(tmp_path)])
     loss = {row["variant"]: row["loss"] for row in r["results"]}
     assert set(loss) == {"full (no cache)", "window + sinks", "cascade x2"}
     assert loss["window + sinks"] == pytest.approx(loss["full (no cache)"], rel=1e-5)
