@@ -15,6 +15,11 @@ hidden_ratio 3 (a SwiGLU MLP 2048 wide), vocabulary 32,000 and tied embeddings
 The "340M" is the size class of the dense Gated DeltaNet it is compared with: MoM adds its four
 routed memories' own k, v, β and decay projections (2.1M each, 8.4M per layer, 202M in all;
 the shared memory's take the place of gdn's), of which a token uses two.
+
+The layer is fla's MomAttention / MomForCausalLM by default in its load balance (one loss over
+all layers' routers, weight 0.01 = fla's aux_loss_scale) and its initialisation; q's short conv
+runs over the row, the paper's one q per token (`--config.model.mixers.mom.q_conv_per_memory=True`
+for fla's per-memory q conv, which its checkpoints need).
 """
 from configs.gdn_small import small
 
