@@ -2,6 +2,7 @@
 (layers/registry.py), in the order of the imports below; a new layer file is added here."""
 from layers import attention  # noqa: F401
 from layers import linear_attention  # noqa: F401
+from layers import ssd  # noqa: F401
 from layers import gated_deltanet  # noqa: F401
 from layers import mlp  # noqa: F401
 from layers import mom  # noqa: F401
