@@ -3,7 +3,9 @@
 y_t = act(Σ_{i<W} w_i · x_{t-W+1+i}) over each channel. Inputs of an earlier document (one that
 ended where the segment id last changed) count as zeros, so nothing leaks across packed
 documents. The cache is the last W−1 inputs [B, W−1, *channels]; `init_cache` makes an empty
-one.
+one. The kernel starts N(0, std²) (std = the model's init_std, 0.02 by default), as fla's models
+re-initialise every Conv1d, its ShortConvolution included (`_init_weights`); PyTorch's own
+default, uniform ±1/√W, has a standard deviation 14× that at W = 4.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import document_ids
+from layers.common import document_ids, init
 from layers.registry import Setting
 
 
@@ -26,19 +28,15 @@ class ShortConv(nn.Module):
     activation: bool = True
     axes: tuple = ("heads", "kv")
     dtype: jnp.dtype = jnp.float32
+    std: float = 0.02
 
     @nn.compact
     def __call__(self, x, segment_ids=None, cache: Optional[jax.Array] = None):
         B, T = x.shape[:2]
         C = x.shape[2:]
         W = self.width
-        bound = 1.0 / W ** 0.5   # PyTorch's Conv1d default for a depthwise conv (fan_in = W)
-
-        def uniform(key, shape, dtype=jnp.float32):
-            return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-        w = self.param("kernel", nn.with_logical_partitioning(uniform, (None,) + tuple(self.axes)),
-                       (W,) + C, jnp.float32)
+        w = self.param("kernel", init(self.std, (None,) + tuple(self.axes)), (W,) + C,
+                       jnp.float32)
         x = x.astype(self.dtype)
         if cache is None:
             xp = jnp.pad(x, [(0, 0), (W - 1, 0)] + [(0, 0)] * len(C))
@@ -66,16 +64,18 @@ def qkv_conv_cache(batch: int, channels: dict, width: int, dtype) -> dict:
 
 
 def short_conv_qkv(tensors: dict, width: int, segment_ids, cache: Optional[dict], dtype,
-                   axes: Optional[dict] = None):
+                   axes: Optional[dict] = None, std: float = 0.02):
     """SiLU(short conv) of each named tensor ({"q": q, "k": k, "v": v}), through submodules
     `{name}_conv` of the calling (compact) module; `axes` {name: logical axes of the channels}
-    where a tensor's channels are not ("heads", "kv"). Returns (the outputs by name, the updated
-    cache entries `conv_{name}`: empty without a cache)."""
+    where a tensor's channels are not ("heads", "kv"); `std` the kernels' init (the caller's
+    init_std). Returns (the outputs by name, the updated cache entries `conv_{name}`: empty
+    without a cache)."""
     outs, new_cache = {}, {}
     for n, t in tensors.items():
         c = None if cache is None else cache[f"conv_{n}"]
         ax = (axes or {}).get(n, ("heads", "kv"))
-        outs[n], c = ShortConv(width, axes=ax, dtype=dtype, name=f"{n}_conv")(t, segment_ids, c)
+        outs[n], c = ShortConv(width, axes=ax, dtype=dtype, std=std, name=f"{n}_conv")(
+            t, segment_ids, c)
         if cache is not None:
             new_cache[f"conv_{n}"] = c
     return outs, new_cache

@@ -2,17 +2,31 @@
 
   la         φ(q), φ(k) with φ = identity | elu+1 | Based 2nd-order Taylor (feature_dim f:
              φ(x) = [1, x, vec(x xᵀ)/√2] on x·f^(-1/4), so φ(q)·φ(k) ≈ exp(q·k/√f)); no decay.
-  retnet     multi-scale retention: RoPE on q, k; fixed per-head decays γ_h = 1 − 2^(−5−h).
-  lightning  Lightning attention (TransNormerLLM): SiLU q, k; per-head decay
-             exp(−s_h · (1 − l/(L−1) + 1e-5)), s_h = 2^(−8(h+1)/H), l the layer index.
+  retnet     multi-scale retention (RetNet; as fla's MultiScaleRetention and torchscale's):
+             RoPE on q, k; fixed per-head decays γ_h = 1 − 2^(−5−h); value heads, the SiLU
+             output gate and the output are expand_v (2: fla's expand_v, torchscale's
+             value_factor) × head_dim wide.
+  lightning  Lightning attention as TransNormerLLM's NormLinearAttention (OpenNLPLab, the HF
+             modeling_transnormer.py; lightning-attention's torch reference): q, k = SiLU(W x),
+             v = W_v x, no q scale; per-head decay exp(−s_h · (1 − l/(L−1) + 1e-5)), l the layer
+             index, s_h the ALiBi slopes (`alibi_slopes`: 2^(−8(h+1)/H) for H a power of two,
+             interpolated otherwise); the output is normalised over the full H·V width by a
+             parameter-free RMSNorm (their SimpleRMSNorm) and multiplied by a linear gate
+             u = W_u x (no activation) before o_proj. Not built: their optional LRPE on q, k
+             (linear_use_lrpe). MiniMax-01's variant (a weighted norm, a sigmoid gate, SiLU v)
+             is not a setting here.
+  ssd        Mamba2-style scalar gates: q (C), k (B), v (x) through a causal short conv + SiLU;
+             dt = softplus(W_dt x + dt_bias), log-gate −exp(A_log)·dt, v scaled by dt,
+             skip D ⊙ x.
   gla        Gated linear attention: per-key log-gates logsigmoid(W₂W₁x + b)/τ, rank 16, τ = 16;
              value heads expand_v × head_dim wide (fla's GLA: expand_k = 0.5, expand_v = 1).
 
-Any kind can put q, k, v through the same short convs first (`use_short_conv`; on for all with
-`ModelConfig.short_conv=True`). All read out o = Sᵀ(scale·q)
-per head, normalise with a per-head RMSNorm (gated by SiLU(W_g x) for retnet, lightning,
-gla) and project back with o_proj. The decode cache is the [B, H, K, V] float32 state (plus the
-conv inputs with short convs).
+Any kind can put q, k, v through the same short convs first (`use_short_conv`; the model turns
+it on for ssd, and for all with `ModelConfig.short_conv=True`). All read out o = Sᵀ(scale·q)
+per head, normalise with a per-head RMSNorm (gated by SiLU(W_g x) for retnet, ssd, gla;
+lightning's norm and gate are its own, above) and project back with o_proj. The short convs
+start N(0, init_std²), as fla's models initialise every Conv1d. The decode cache is the
+[B, H, K, V] float32 state (plus the conv inputs with short convs).
 """
 from __future__ import annotations
 
@@ -22,15 +36,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import constrain, dense, step_or_chunk
+from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_param,
+                           step_or_chunk)
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
-from layers.norm import GatedRMSNorm
+from layers.norm import GatedRMSNorm, _rms
 from layers.registry import (Mechanism, Setting, SettingError, Shared, positive_int, register,
                              width_multiplier)
 from layers.rope import apply_rope, check_rope_head_dim
 from pallas_kernels.linear_attention import linear_attention, linear_attention_step
 
-KINDS = ("la", "retnet", "lightning", "gla")
+KINDS = ("la", "retnet", "lightning", "ssd", "gla")
 FEATURE_MAPS = ("identity", "elu", "taylor")
 
 
@@ -45,8 +60,20 @@ def retnet_log_decays(num_heads: int) -> jax.Array:
     return jnp.log1p(-2.0 ** (-5.0 - jnp.arange(num_heads, dtype=jnp.float32)))
 
 
+def alibi_slopes(num_heads: int) -> list:
+    """TransNormerLLM's per-head decay rates (`_build_slope_tensor`, ALiBi's slopes): for a
+    power of two H, 2^(−8(h+1)/H); otherwise those of the largest power of two p < H, then
+    every other slope of 2p (the odd powers 2^(−4(2j+1)/p)) for the H − p heads left."""
+    p = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = [2.0 ** (-8.0 * (h + 1) / p) for h in range(p)]
+    return slopes + [2.0 ** (-4.0 * (2 * j + 1) / p) for j in range(num_heads - p)]
+
+
 def lightning_log_decays(num_heads: int, layer_idx, num_layers: int) -> jax.Array:
-    slopes = 2.0 ** (-8.0 * (jnp.arange(num_heads, dtype=jnp.float32) + 1) / num_heads)
+    """−s_h · (1 − l/(L−1) + 1e-5): TransNormerLLM scales the slopes by depth, so the first
+    layer decays fastest and the last almost not at all. One layer (L = 1), where the
+    reference divides by zero, counts as the first."""
+    slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
     depth = 1.0 - jnp.asarray(layer_idx, jnp.float32) / max(num_layers - 1, 1) + 1e-5
     return -slopes * depth
 
@@ -60,10 +87,10 @@ class LinearAttention(nn.Module):
     feature_map: str = "elu"     # la
     feature_dim: int = 16        # la with the taylor map
     conv_size: int = 4
-    use_short_conv: bool = False  # SiLU(short conv) on q, k, v
+    use_short_conv: bool = False  # SiLU(short conv) on q, k, v (the model turns it on for ssd)
     gate_rank: int = 16          # gla
     gate_normalizer: float = 16.0  # gla
-    expand_v: float = 1.0        # gla: value head width = expand_v · head_dim
+    expand_v: float = 1.0        # gla, retnet: value head width = expand_v · head_dim
     rope_theta: float = 10000.0  # retnet
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -110,11 +137,11 @@ class LinearAttention(nn.Module):
         q = dense((H, dq), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
         k = dense((H, dq), ("embed", "heads", "kv"), name="k_proj", **kw)(x)
         v = dense((H, D), ("embed", "heads", "kv"), name="v_proj", **kw)(x)
-        g = gk = gate = scale = None
+        g = gk = gate = skip = scale = None
         new_cache = {}
         if self.use_short_conv:
             qkv, new_cache = short_conv_qkv({"q": q, "k": k, "v": v}, self.conv_size,
-                                            segment_ids, cache, self.dtype)
+                                            segment_ids, cache, self.dtype, std=self.init_std)
             q, k, v = qkv["q"], qkv["k"], qkv["v"]
         if self.kind == "la":
             if self.feature_map == "elu":
@@ -132,6 +159,14 @@ class LinearAttention(nn.Module):
         elif self.kind == "lightning":
             q, k = jax.nn.silu(q), jax.nn.silu(k)
             g = jnp.broadcast_to(lightning_log_decays(H, layer_idx, self.num_layers), (B, T, H))
+            scale = 1.0
+        elif self.kind == "ssd":
+            dt = dense((H,), ("embed", "heads"), name="dt_proj", **kw)(x).astype(jnp.float32)
+            dt = jax.nn.softplus(dt + head_param(self, "dt_bias", dt_bias_init, H))
+            g = -jnp.exp(head_param(self, "A_log", a_log_init, H)) * dt
+            d_skip = head_param(self, "D", nn.initializers.ones, H)
+            skip = v.astype(jnp.float32) * d_skip[:, None]
+            v = (v.astype(jnp.float32) * dt[..., None]).astype(self.dtype)
         elif self.kind == "gla":
             r = dense(self.gate_rank, ("embed", None), name="gk_proj_a", **kw)(x)
             gk = dense((H, dq), (None, "heads", "kv"), name="gk_proj_b", use_bias=True, **kw)(r)
@@ -145,7 +180,13 @@ class LinearAttention(nn.Module):
                                  scale=scale, state=None if cache is None else cache["state"],
                                  segment_ids=segment_ids, impl=self.impl,
                                  chunk_size=self.chunk_size)
-        o = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(o, gate)
+        if skip is not None:
+            o = (o.astype(jnp.float32) + skip).astype(o.dtype)
+        if self.kind == "lightning":   # one parameter-free RMSNorm over all heads, linear gate
+            o = _rms(o.reshape(B, T, H * D), self.norm_eps).reshape(B, T, H, D)
+            o = (o * gate.astype(jnp.float32)).astype(self.dtype)
+        else:
+            o = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(o, gate)
         o = constrain(o, ("batch", "length", "heads", "kv"))
         y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
         if cache is None:
@@ -155,14 +196,16 @@ class LinearAttention(nn.Module):
 
 
 def _settings(kind: str) -> dict:
-    s = conv_settings(False)
+    s = conv_settings(kind == "ssd")
     if kind == "la":
         s["feature_map"] = Setting("elu", str, f"one of {FEATURE_MAPS}")
         s["feature_dim"] = Setting(16, int, "q/k feature dim per head of the taylor map")
     if kind == "gla":
         s["gate_rank"] = Setting(16, int, "rank of the low-rank gate projection")
         s["gate_normalizer"] = Setting(16.0, float, "log-gate temperature")
-        s["expand_v"] = Setting(1.0, float, "value head width = expand_v · head_dim")
+    if kind in ("gla", "retnet"):   # fla's defaults: GLA 1, MultiScaleRetention 2
+        s["expand_v"] = Setting(2.0 if kind == "retnet" else 1.0, float,
+                                "value head width = expand_v · head_dim")
     return s
 
 
@@ -198,8 +241,9 @@ def _builder(kind: str):
 
 _SUMMARIES = {
     "la": "linear attention with a feature map, no decay",
-    "retnet": "multi-scale retention: fixed per-head decays, RoPE",
-    "lightning": "Lightning attention: per-head, per-layer fixed decays",
+    "retnet": "multi-scale retention: fixed per-head decays, RoPE, 2x wide values",
+    "lightning": "Lightning attention (TransNormerLLM): per-head, per-layer fixed decays",
+    "ssd": "Mamba2-style scalar data-dependent gates",
     "gla": "gated linear attention: per-key data-dependent gates",
 }
 for _kind in KINDS:
