@@ -1,6 +1,7 @@
 """Checkpoints in and out of other libraries' formats, one module per format:
 
     fla    flash-linear-attention's Hugging Face checkpoints (mem_lm/convert/fla.py)
+    hf     Hugging Face transformers' own models: Mamba2ForCausalLM (mem_lm/convert/hf.py)
 
 and what they share in mem_lm/convert/common.py. The command line:
 
@@ -16,16 +17,20 @@ import sys
 from mem_lm.convert.common import ConversionError, param_shapes, save_workdir
 from mem_lm.convert.fla import (config_from_fla, config_to_fla, export_fla, fla_mlp_width,
                                 import_fla, params_from_fla, read_fla, tensor_map)
+from mem_lm.convert.hf import config_from_hf, config_to_hf, export_hf, import_hf, read_hf
 
-__all__ = ["ConversionError", "config_from_fla", "config_to_fla", "export_fla",
-           "fla_mlp_width", "import_fla", "main", "param_shapes", "params_from_fla",
-           "read_fla", "save_workdir", "tensor_map"]
+__all__ = ["ConversionError", "config_from_fla", "config_from_hf", "config_to_fla",
+           "config_to_hf", "export_fla", "export_hf", "fla_mlp_width", "import_fla",
+           "import_hf", "main", "param_shapes", "params_from_fla", "read_fla", "read_hf",
+           "save_workdir", "tensor_map"]
 
 # FORMAT -> (import: path -> (cfg, params), export: (cfg, params, path) -> None, what --from
 # reads / --to writes).
 FORMATS = {
     "fla": (import_fla, export_fla, "fla's Hugging Face checkpoint directory "
                                     "(config.json + model.safetensors)"),
+    "hf": (import_hf, export_hf, "a Hugging Face transformers checkpoint directory "
+                                 "(config.json + model.safetensors) of Mamba2ForCausalLM"),
 }
 
 
