@@ -1,6 +1,7 @@
 """Causal depthwise short convolution (width 4 by default) with its own decode cache.
 
-y_t = act(Σ_{i<W} w_i · x_{t-W+1+i}) over each channel. Inputs of an earlier document (one that
+y_t = act(Σ_{i<W} w_i · x_{t-W+1+i} (+ b)) over each channel (the bias b, zero at init, only
+with `use_bias`: Mamba2's conv1d has one). Inputs of an earlier document (one that
 ended where the segment id last changed) count as zeros, so nothing leaks across packed
 documents. The cache is the last W−1 inputs [B, W−1, *channels]; `init_cache` makes an empty
 one. The kernel starts N(0, std²) (std = the model's init_std, 0.02 by default), as fla's models
@@ -29,6 +30,7 @@ class ShortConv(nn.Module):
     axes: tuple = ("heads", "kv")
     dtype: jnp.dtype = jnp.float32
     std: float = 0.02
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x, segment_ids=None, cache: Optional[jax.Array] = None):
@@ -52,6 +54,10 @@ class ShortConv(nn.Module):
                 same = sp[:, i:i + T] == segment_ids
                 term = term * same.reshape(same.shape + (1,) * len(C))
             y = y + term
+        if self.use_bias:
+            y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                    tuple(self.axes)),
+                               C, jnp.float32)
         if self.activation:
             y = jax.nn.silu(y)
         new_cache = None if cache is None else xp[:, -(W - 1):]
@@ -64,18 +70,18 @@ def qkv_conv_cache(batch: int, channels: dict, width: int, dtype) -> dict:
 
 
 def short_conv_qkv(tensors: dict, width: int, segment_ids, cache: Optional[dict], dtype,
-                   axes: Optional[dict] = None, std: float = 0.02):
+                   axes: Optional[dict] = None, std: float = 0.02, use_bias: bool = False):
     """SiLU(short conv) of each named tensor ({"q": q, "k": k, "v": v}), through submodules
     `{name}_conv` of the calling (compact) module; `axes` {name: logical axes of the channels}
     where a tensor's channels are not ("heads", "kv"); `std` the kernels' init (the caller's
-    init_std). Returns (the outputs by name, the updated cache entries `conv_{name}`: empty
+    init_std); `use_bias` a bias before the SiLU. Returns (the outputs by name, the updated cache entries `conv_{name}`: empty
     without a cache)."""
     outs, new_cache = {}, {}
     for n, t in tensors.items():
         c = None if cache is None else cache[f"conv_{n}"]
         ax = (axes or {}).get(n, ("heads", "kv"))
-        outs[n], c = ShortConv(width, axes=ax, dtype=dtype, std=std, name=f"{n}_conv")(
-            t, segment_ids, c)
+        outs[n], c = ShortConv(width, axes=ax, dtype=dtype, std=std, use_bias=use_bias,
+                               name=f"{n}_conv")(t, segment_ids, c)
         if cache is not None:
             new_cache[f"conv_{n}"] = c
     return outs, new_cache

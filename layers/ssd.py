@@ -13,10 +13,10 @@ expand · d_model), G groups (`ngroups`) and state width N (`d_state`):
 
 B and C are shared by the H/G heads of a group; the op takes one head count, so they are
 repeated to H heads (q = C, k = dt·B, v = x, g = dt·A, scale 1). A ~ U(1, 16), dt log-uniform in
-[1e-3, 0.1], D = 1 (Mamba2's init); the conv kernels start as ShortConv's and their biases at 0
-(fla's and transformers' Mamba2 init). `short_conv=False` replaces the conv by the SiLU alone
-(an ablation; Mamba2 always has it). The decode cache is the [B, H, N, P] float32 state and the
-last conv_size − 1 inputs of x, B and C.
+[1e-3, 0.1], D = 1 (Mamba2's init); the conv kernels start N(0, init_std²) and their biases at
+0, as fla's Mamba2 initialises its conv1d (mamba_ssm keeps PyTorch's uniform ±1/√W for both).
+`short_conv=False` replaces the conv by the SiLU alone (an ablation; Mamba2 always has it). The
+decode cache is the [B, H, N, P] float32 state and the last conv_size − 1 inputs of x, B and C.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_param,
                            step_or_chunk)
-from layers.conv import ShortConv, conv_settings, qkv_conv_cache
+from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import _rms
 from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
 from pallas_kernels.linear_attention import linear_attention, linear_attention_step
@@ -80,32 +80,19 @@ class SSD(nn.Module):
             cache.update(qkv_conv_cache(batch, self._channels(), self.conv_size, self.dtype))
         return cache
 
-    def _conv(self, xbc: dict, segment_ids, cache):
-        """SiLU(conv(t) + bias) of x, B, C (SiLU(t) without convs); (outputs, new conv caches)."""
-        if not self.use_short_conv:
-            return {n: jax.nn.silu(t) for n, t in xbc.items()}, {}
-        outs, new_cache = {}, {}
-        for n, t in xbc.items():
-            c = None if cache is None else cache[f"conv_{n}"]
-            y, c = ShortConv(self.conv_size, activation=False, axes=_AXES[n], dtype=self.dtype,
-                             name=f"{n}_conv")(t, segment_ids, c)
-            bias = self.param(f"{n}_conv_bias",
-                              nn.with_logical_partitioning(nn.initializers.zeros, _AXES[n]),
-                              t.shape[2:], jnp.float32)
-            outs[n] = jax.nn.silu(y.astype(jnp.float32) + bias).astype(self.dtype)
-            if cache is not None:
-                new_cache[f"conv_{n}"] = c
-        return outs, new_cache
-
     @nn.compact
     def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
                  layer_idx=None):
-        H, P, G, N = self.num_heads, self.head_dim, self.ngroups, self.d_state
+        H, P, G = self.num_heads, self.head_dim, self.ngroups
         kw = dict(std=self.init_std, dtype=self.dtype)
         z = dense((H, P), ("embed", "heads", "kv"), name="z_proj", **kw)(x)
         xbc = {n: dense(c, ("embed",) + _AXES[n], name=f"{n}_proj", **kw)(x)
                for n, c in self._channels().items()}
-        xbc, new_cache = self._conv(xbc, segment_ids, cache)
+        if self.use_short_conv:
+            xbc, new_cache = short_conv_qkv(xbc, self.conv_size, segment_ids, cache, self.dtype,
+                                            axes=_AXES, std=self.init_std, use_bias=True)
+        else:   # the activation the conv path ends with
+            xbc, new_cache = {n: jax.nn.silu(t) for n, t in xbc.items()}, {}
         xs = xbc["x"]
         dt = dense((H,), ("embed", "heads"), name="dt_proj", **kw)(x).astype(jnp.float32)
         dt = jax.nn.softplus(dt + head_param(self, "dt_bias", dt_bias_init, H))

@@ -150,7 +150,7 @@ def tensor_map(cfg: ModelConfig) -> list:
                  [m + (f"{n}_proj", "kernel") for n in ("z", "x", "B", "C", "dt")], _DENSE),
                 (pre + "mixer.conv1d.weight", [m + (f"{n}_conv", "kernel") for n in "xBC"],
                  "conv"),
-                (pre + "mixer.conv1d.bias", [m + (f"{n}_conv_bias",) for n in "xBC"], "flat"),
+                (pre + "mixer.conv1d.bias", [m + (f"{n}_conv", "bias") for n in "xBC"], "flat"),
                 (pre + "mixer.norm.weight", [m + ("o_norm", "scale")], "flat"),
                 (pre + "mixer.out_proj.weight", [m + ("o_proj", "kernel")], _DENSE2)]
         out += [(pre + f"mixer.{n}", [m + (n,)], "flat") for n in ("dt_bias", "A_log", "D")]

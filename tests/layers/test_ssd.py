@@ -23,7 +23,7 @@ def random_params(layer, x, rng):
         name = path[-1].key
         if name in ("scale", "D"):
             a = 1 + 0.3 * rng.standard_normal(s.shape)
-        elif name in ("dt_bias", "A_log") or name.endswith("_bias"):
+        elif name in ("dt_bias", "A_log", "bias"):
             a = 0.5 * rng.standard_normal(s.shape)
         else:
             fan_in = np.prod(s.shape[:2]) if path[-2].key == "o_proj" else s.shape[0]
@@ -48,7 +48,7 @@ def mamba2_oracle(p, x):
         w = p[f"{name}_conv"]["kernel"].reshape(W, -1)
         up = np.pad(u, ((0, 0), (W - 1, 0), (0, 0)))
         y = sum(w[i] * up[:, i:i + u.shape[1]] for i in range(W))
-        return silu(y + p[f"{name}_conv_bias"].reshape(-1))
+        return silu(y + p[f"{name}_conv"]["bias"].reshape(-1))
 
     xs, Bm, Cm = conv(xs, "x"), conv(Bm, "B"), conv(Cm, "C")
     xh = xs.reshape(B, T, H, P)

@@ -36,7 +36,8 @@ NO_DECAY = re.compile(r"(^|/)(final_norm|mixer_norm|mlp_norm|o_norm)/scale$|/bia
                       r"/mixer/(shared_)?(a_proj|b_proj|dt_proj|gk_proj_a|gk_proj_b)/kernel$")
 DECAY = re.compile(r"^embed/embedding$|^lm_head/kernel$|/mlp/(w_gate|w_up|w_out)/kernel$|"
                    r"/mixer/(shared_)?(q_proj|k_proj|v_proj|o_proj|g_proj|q_conv|k_conv|v_conv|"
-                   r"k_branches_conv|v_branches_conv|router)/kernel$")
+                   r"k_branches_conv|v_branches_conv|router|z_proj|x_proj|B_proj|C_proj|x_conv|"
+                   r"B_conv|C_conv)/kernel$")
 
 
 def _names(params, scan: bool, groups: int, pattern_len: int):
