@@ -13,7 +13,8 @@ with fla's hybrid `attn` layers -> `attn` (full) or `swa` (window_size); mom -> 
 q_conv_per_memory (fla's MomAttention convolves q over each memory's tokens), no hybrid layers
 (fla's MomBlock cannot run its attention layers); nsa -> `nsa` in fla's variant (compress
 "mean", shared_kv, cmp_block = cmp_stride = sel_block = block_size, sel_blocks = block_counts,
-window = window_size, 0 for none). Every field of
+window = window_size, 0 for none); retnet -> `retnet`; linear_attn -> `la` (feature maps elu,
+identity). Every field of
 config.json is either mapped, known to leave the forward unchanged (listed in _NO_EFFECT), or
 an error naming it; every tensor is mapped once or the import fails listing what is left
 over or missing. Safetensors are read and written with the `safetensors` package's NumPy API
@@ -50,7 +51,9 @@ _NO_EFFECT_OF = {"delta_net": {"use_output_norm"}, "gla": {"use_gk", "use_gv"},
                  # fla's MoM stores these and never reads them (it drops no tokens).
                  "mom": {"capacity", "use_layer_wise_balance"},
                  # fla's NSA model builds its norms without reading it.
-                 "nsa": {"elementwise_affine"}}
+                 "nsa": {"elementwise_affine"},
+                 # fla's RetNetBlock does not pass them to its MultiScaleRetention: no convs.
+                 "retnet": {"use_short_conv", "conv_size"}}
 
 # fla's defaults (fla-core 0.6.0 configuration_*.py) for fields a config.json may omit.
 _COMMON_DEFAULTS = dict(hidden_ratio=4, intermediate_size=None, hidden_act="swish",
@@ -76,12 +79,22 @@ _DEFAULTS = {
                 expand_v=1.0, use_output_gate=True, use_short_conv=True, num_hidden_layers=24,
                 num_memories=4, topk=2, aux_loss_scale=0.01, shared_mem=True,
                 single_kv_proj=False, mom_backend="gated_deltanet"),
+    "retnet": dict(_COMMON_DEFAULTS, hidden_size=2048, hidden_ratio=2, expand_k=1.0,
+                   expand_v=2.0, num_hidden_layers=24, num_heads=8, num_kv_heads=None,
+                   feature_map=None, use_short_conv=False, conv_size=4, use_output_gate=True,
+                   elementwise_affine=True),
+    "linear_attn": dict(_COMMON_DEFAULTS, hidden_size=2048, expand_k=1.0, expand_v=1.0,
+                        num_hidden_layers=24, num_heads=4, num_kv_heads=None,
+                        feature_map="elementwise_product", tie_feature_map_qk=False,
+                        norm_q=False, norm_k=False, norm_feature_map=False,
+                        elementwise_affine=True),
 }
 _ARCHITECTURES = {"gated_deltanet": "GatedDeltaNetForCausalLM",
                   "delta_net": "DeltaNetForCausalLM", "gla": "GLAForCausalLM",
-                  "mom": "MomForCausalLM", "nsa": "NSAForCausalLM"}
+                  "mom": "MomForCausalLM", "nsa": "NSAForCausalLM",
+                  "retnet": "RetNetForCausalLM", "linear_attn": "LinearAttentionForCausalLM"}
 _MIXER_OF = {"gated_deltanet": "gdn", "delta_net": "deltanet", "gla": "gla", "mom": "mom",
-             "nsa": "nsa"}
+             "nsa": "nsa", "retnet": "retnet", "linear_attn": "la"}
 _TYPE_OF = {m: t for t, m in _MIXER_OF.items()}
 _ATTENTION = ("attn", "swa")
 # fla's GLA layer takes these from its own defaults, not from the config.
@@ -163,7 +176,8 @@ def config_from_fla(fla: Mapping[str, Any]) -> ModelConfig:
         return _nsa_config(c, require)
     d, L, H = c["hidden_size"], c["num_hidden_layers"], c["num_heads"]
     mixer = _MIXER_OF[model_type]
-    conv = {"short_conv": bool(c["use_short_conv"]), "conv_size": c["conv_size"]}
+    conv = {"short_conv": bool(c.get("use_short_conv", False)),   # linear_attn has neither
+            "conv_size": c.get("conv_size", 4)}
     if model_type == "gated_deltanet":
         require("output_gate_activation", ("swish", "silu"))
         head_dim = c["head_dim"]
@@ -173,6 +187,8 @@ def config_from_fla(fla: Mapping[str, Any]) -> ModelConfig:
                         num_v_heads=None if hv in (None, H) else hv)
     elif model_type == "mom":
         head_dim, settings = c["head_dim"], _mom_settings(c, conv, require)
+    elif model_type in ("retnet", "linear_attn"):
+        head_dim, settings = _retnet_la_settings(model_type, c, require)
     else:
         head_dim = _whole(d * c["expand_k"], "hidden_size · expand_k") // H
         value_dim = _whole(d * c["expand_v"], "hidden_size · expand_v") // H
@@ -234,6 +250,57 @@ def _mom_to_fla(s: Mapping[str, Any], problems: list) -> dict:
     return dict(num_memories=s["num_memories"], topk=s["top_k"], shared_mem=s["shared_memory"],
                 aux_loss_scale=s["aux_loss_weight"], expand_v=s["expand_v"],
                 use_output_gate=True, single_kv_proj=False, mom_backend="gated_deltanet")
+
+
+# Feature maps of fla's LinearAttention that are ours (elu: elu + 1, both sides).
+_LA_FEATURE_MAPS = ("elu", "identity")
+
+
+def _retnet_la_settings(model_type: str, c: Mapping[str, Any], require) -> tuple[int, dict]:
+    """(head_dim, our `retnet` / `la` settings) of an fla RetNetConfig / LinearAttentionConfig
+    (with its defaults filled in). Neither fla layer has short convs here (RetNetBlock never
+    passes use_short_conv; LinearAttention has none)."""
+    d, H = c["hidden_size"], c["num_heads"]
+    head_dim = _whole(d * c["expand_k"], "hidden_size · expand_k") // H
+    value_dim = _whole(d * c["expand_v"], "hidden_size · expand_v") // H
+    require("elementwise_affine", (True,))
+    if c["num_kv_heads"] not in (None, H):
+        raise ConversionError(f"fla config ({model_type}): num_kv_heads = {c['num_kv_heads']} "
+                              f"(grouped keys) is not supported")
+    if model_type == "retnet":
+        require("feature_map", (None,))
+        require("use_output_gate", (True,))
+        return head_dim, dict(short_conv=False, expand_v=value_dim / head_dim)
+    require("feature_map", _LA_FEATURE_MAPS)
+    for field in ("norm_q", "norm_k", "norm_feature_map"):
+        require(field, (False,))
+    if value_dim != head_dim:
+        raise ConversionError(f"fla config (linear_attn): expand_v = {c['expand_v']} differs "
+                              f"from expand_k = {c['expand_k']}; our la has value heads as wide "
+                              f"as its key heads")
+    return head_dim, dict(short_conv=False, feature_map=c["feature_map"])
+
+
+def _retnet_la_to_fla(cfg: ModelConfig, mixer: str, s: Mapping[str, Any], out: dict,
+                      problems: list) -> None:
+    """Fill `out` (config_to_fla's common fields) for a `retnet` or `la` model; what fla
+    cannot express goes to `problems`."""
+    d, H, K = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
+    if s["short_conv"]:
+        problems.append(f"{mixer} short_conv: fla's {_ARCHITECTURES[_TYPE_OF[mixer]]} has no "
+                        f"short convs")
+    if mixer == "retnet":
+        if cfg.rope_theta != 10000.0:
+            problems.append(f"rope_theta = {cfg.rope_theta}: fla's MultiScaleRetention "
+                            f"rotates with base 10000")
+        out.update(expand_k=H * K / d, expand_v=H * int(round(K * s["expand_v"])) / d,
+                   feature_map=None, use_output_gate=True)
+        return
+    if s["feature_map"] not in _LA_FEATURE_MAPS:
+        problems.append(f"la feature_map = {s['feature_map']!r}: fla's LinearAttention "
+                        f"model has {list(_LA_FEATURE_MAPS)} of ours")
+    del out["use_short_conv"], out["conv_size"]     # not LinearAttentionConfig fields
+    out.update(expand_k=H * K / d, expand_v=H * K / d, feature_map=s["feature_map"])
 
 
 # fla's NSA (fla.layers.nsa.NativeSparseAttention): our `nsa` with these settings; the block
@@ -313,8 +380,10 @@ def config_to_fla(cfg: ModelConfig) -> dict:
                use_short_conv=s["short_conv"], conv_size=s["conv_size"])
     if "swiglu" in cfg.channel_pattern:
         out["intermediate_size"] = _swiglu_width(cfg)
-    value_dim = int(round(K * s["expand_v"]))
-    if mixer == "gdn":
+    value_dim = int(round(K * s.get("expand_v", 1.0)))         # la has no expand_v
+    if mixer in ("retnet", "la"):
+        _retnet_la_to_fla(cfg, mixer, s, out, problems)
+    elif mixer == "gdn":
         out.update(head_dim=K, expand_v=s["expand_v"], use_gate=s["use_gate"],
                    allow_neg_eigval=s["allow_neg_eigval"], num_v_heads=s["num_v_heads"])
     elif mixer == "mom":
@@ -414,11 +483,25 @@ def _split_memories(tensors: Mapping[str, np.ndarray], num_memories: int) -> dic
     return out
 
 
+def _retnet_la_entries(name: str) -> list:
+    """`_mixer_entries` of fla's MultiScaleRetention (its fused gated norm) and
+    LinearAttention (an ungated per-head RMSNorm `norm`)."""
+    out = [(f"{n}_proj.weight", (f"{n}_proj", "kernel"), ("dense", 1)) for n in "qkv"]
+    if name == "retnet":
+        out += [("g_proj.weight", ("g_proj", "kernel"), ("dense", 1)),
+                ("g_norm_swish_gate.weight", ("o_norm", "scale"), "flat")]
+    else:
+        out.append(("norm.weight", ("o_norm", "scale"), "flat"))
+    return out + [("o_proj.weight", ("o_proj", "kernel"), ("dense", 2))]
+
+
 def _mixer_entries(cfg: ModelConfig, name: str) -> list:
     """(fla name under `attn.`, our path under `mixer`, how) of one token mixer."""
     D1, D2 = ("dense", 1), ("dense", 2)
     if name == "mom":
         return _mom_entries(cfg)
+    if name in ("retnet", "la"):
+        return _retnet_la_entries(name)
     if name == "nsa":   # fla's NativeSparseAttention: one k / v ([d, 1, Hkv, D] here), gates
         return [(f"{n}_proj.weight", (f"{n}_proj", "kernel"), D1) for n in "qkvg"] + [
             ("o_proj.weight", ("o_proj", "kernel"), D2)]
@@ -484,8 +567,9 @@ def import_fla(path: str) -> tuple[ModelConfig, dict]:
     cfg = config_from_fla(config)
     if config.get("model_type") == "mom":
         tensors = _join_memories(tensors, cfg.settings("mom")["num_memories"])
-    if config.get("model_type") == "gla" and not config.get("fuse_norm", True):
-        # Unfused, fla's GLA names its output norm g_norm and applies the same SiLU gate after it.
+    if config.get("model_type") in ("gla", "retnet") and not config.get("fuse_norm", True):
+        # Unfused, fla's GLA and RetNet name their output norm g_norm and apply the same SiLU
+        # gate after it.
         tensors = {n.replace(".attn.g_norm.", ".attn.g_norm_swish_gate."): w
                    for n, w in tensors.items()}
     return cfg, params_from_fla(cfg, tensors)
