@@ -26,7 +26,8 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """y = RMSNorm(o) · SiLU(gate), per head over the last axis (the GDN / Mamba2 output norm)."""
+    """y = RMSNorm(o) · SiLU(gate), per head over the last axis (the GDN output norm; Mamba2 gates
+    first and normalises over groups of heads: layers/ssd.py GroupGatedRMSNorm)."""
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     axis_name: str = "kv"
