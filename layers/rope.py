@@ -14,19 +14,15 @@ def check_rope_head_dim(shared: Shared) -> None:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
-    """Rotate x [B, T, H, D] (D even) by positions [B|1, T]; angles in float32, the rotation
-    in float32 (float64 for float64 x: a float32 round trip would turn two float64 paths that
-    differ in the last bit, such as a decode step and the full forward, into float32-sized
-    differences)."""
+    """Rotate x [B, T, H, D] (D even) by positions [B|1, T]; computed in float32."""
     D = x.shape[-1]
     if D % 2:
         raise ValueError(f"RoPE needs an even head dim, got x {x.shape}")
     half = D // 2
-    acc = jnp.promote_types(x.dtype, jnp.float32)
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     ang = positions.astype(jnp.float32)[:, :, None, None] * freq  # [B, T, 1, D/2]
-    cos, sin = jnp.cos(ang).astype(acc), jnp.sin(ang).astype(acc)
-    x32 = x.astype(acc)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., :half], x32[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
