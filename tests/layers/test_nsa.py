@@ -62,8 +62,10 @@ def test_decode_equals_full_forward(x64, rng, variant):
     for t in range(2 * T0, T):
         y, cache = call(x[:, t:t + 1], cache, jnp.int32(t))
         ys.append(y)
+    # The short convs compute in float32 (layers/conv.py): the two compiled paths may round
+    # them differently.
     np.testing.assert_allclose(np.asarray(jnp.concatenate(ys, axis=1)), np.asarray(full),
-                               atol=1e-10)
+                               atol=1e-6 if variant == "paper_conv" else 1e-10)
 
 
 @pytest.mark.parametrize("short_conv", [False, pytest.param(True, marks=pytest.mark.slow)])
