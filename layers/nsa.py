@@ -221,7 +221,8 @@ class NSA(nn.Module):
             ax = (None, "heads", "kv")
             qkv, conv_cache = short_conv_qkv({"q": q, "k_branches": k, "v_branches": v},
                                              self.conv_size, segment_ids, cache, self.dtype,
-                                             axes={"k_branches": ax, "v_branches": ax})
+                                             axes={"k_branches": ax, "v_branches": ax},
+                                             std=self.init_std)
             q, k, v = qkv["q"], qkv["k_branches"], qkv["v_branches"]
         q = constrain(apply_rope(q, positions, self.rope_theta), ("batch", "length", "heads", "kv"))
         k = self._keys(k, positions)
