@@ -15,15 +15,12 @@
              u = W_u x (no activation) before o_proj. Not built: their optional LRPE on q, k
              (linear_use_lrpe). MiniMax-01's variant (a weighted norm, a sigmoid gate, SiLU v)
              is not a setting here.
-  ssd        Mamba2-style scalar gates: q (C), k (B), v (x) through a causal short conv + SiLU;
-             dt = softplus(W_dt x + dt_bias), log-gate −exp(A_log)·dt, v scaled by dt,
-             skip D ⊙ x.
   gla        Gated linear attention: per-key log-gates logsigmoid(W₂W₁x + b)/τ, rank 16, τ = 16;
              value heads expand_v × head_dim wide (fla's GLA: expand_k = 0.5, expand_v = 1).
 
-Any kind can put q, k, v through the same short convs first (`use_short_conv`; the model turns
-it on for ssd, and for all with `ModelConfig.short_conv=True`). All read out o = Sᵀ(scale·q)
-per head, normalise with a per-head RMSNorm (gated by SiLU(W_g x) for retnet, ssd, gla;
+Any kind can put q, k, v through the same short convs first (`use_short_conv`; on for all with
+`ModelConfig.short_conv=True`). All read out o = Sᵀ(scale·q)
+per head, normalise with a per-head RMSNorm (gated by SiLU(W_g x) for retnet, gla;
 lightning's norm and gate are its own, above) and project back with o_proj. The short convs
 start N(0, init_std²), as fla's models initialise every Conv1d. The decode cache is the
 [B, H, K, V] float32 state (plus the conv inputs with short convs).
@@ -36,8 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_param,
-                           step_or_chunk)
+from layers.common import constrain, dense, step_or_chunk
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm, _rms
 from layers.registry import (Mechanism, Setting, SettingError, Shared, positive_int, register,
@@ -45,7 +41,7 @@ from layers.registry import (Mechanism, Setting, SettingError, Shared, positive_
 from layers.rope import apply_rope, check_rope_head_dim
 from pallas_kernels.linear_attention import linear_attention, linear_attention_step
 
-KINDS = ("la", "retnet", "lightning", "ssd", "gla")
+KINDS = ("la", "retnet", "lightning", "gla")
 FEATURE_MAPS = ("identity", "elu", "taylor")
 
 
@@ -87,7 +83,7 @@ class LinearAttention(nn.Module):
     feature_map: str = "elu"     # la
     feature_dim: int = 16        # la with the taylor map
     conv_size: int = 4
-    use_short_conv: bool = False  # SiLU(short conv) on q, k, v (the model turns it on for ssd)
+    use_short_conv: bool = False  # SiLU(short conv) on q, k, v
     gate_rank: int = 16          # gla
     gate_normalizer: float = 16.0  # gla
     expand_v: float = 1.0        # gla, retnet: value head width = expand_v · head_dim
@@ -137,7 +133,7 @@ class LinearAttention(nn.Module):
         q = dense((H, dq), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
         k = dense((H, dq), ("embed", "heads", "kv"), name="k_proj", **kw)(x)
         v = dense((H, D), ("embed", "heads", "kv"), name="v_proj", **kw)(x)
-        g = gk = gate = skip = scale = None
+        g = gk = gate = scale = None
         new_cache = {}
         if self.use_short_conv:
             qkv, new_cache = short_conv_qkv({"q": q, "k": k, "v": v}, self.conv_size,
@@ -160,13 +156,6 @@ class LinearAttention(nn.Module):
             q, k = jax.nn.silu(q), jax.nn.silu(k)
             g = jnp.broadcast_to(lightning_log_decays(H, layer_idx, self.num_layers), (B, T, H))
             scale = 1.0
-        elif self.kind == "ssd":
-            dt = dense((H,), ("embed", "heads"), name="dt_proj", **kw)(x).astype(jnp.float32)
-            dt = jax.nn.softplus(dt + head_param(self, "dt_bias", dt_bias_init, H))
-            g = -jnp.exp(head_param(self, "A_log", a_log_init, H)) * dt
-            d_skip = head_param(self, "D", nn.initializers.ones, H)
-            skip = v.astype(jnp.float32) * d_skip[:, None]
-            v = (v.astype(jnp.float32) * dt[..., None]).astype(self.dtype)
         elif self.kind == "gla":
             r = dense(self.gate_rank, ("embed", None), name="gk_proj_a", **kw)(x)
             gk = dense((H, dq), (None, "heads", "kv"), name="gk_proj_b", use_bias=True, **kw)(r)
@@ -180,8 +169,6 @@ class LinearAttention(nn.Module):
                                  scale=scale, state=None if cache is None else cache["state"],
                                  segment_ids=segment_ids, impl=self.impl,
                                  chunk_size=self.chunk_size)
-        if skip is not None:
-            o = (o.astype(jnp.float32) + skip).astype(o.dtype)
         if self.kind == "lightning":   # one parameter-free RMSNorm over all heads, linear gate
             o = _rms(o.reshape(B, T, H * D), self.norm_eps).reshape(B, T, H, D)
             o = (o * gate.astype(jnp.float32)).astype(self.dtype)
@@ -196,7 +183,7 @@ class LinearAttention(nn.Module):
 
 
 def _settings(kind: str) -> dict:
-    s = conv_settings(kind == "ssd")
+    s = conv_settings(False)
     if kind == "la":
         s["feature_map"] = Setting("elu", str, f"one of {FEATURE_MAPS}")
         s["feature_dim"] = Setting(16, int, "q/k feature dim per head of the taylor map")
@@ -243,7 +230,6 @@ _SUMMARIES = {
     "la": "linear attention with a feature map, no decay",
     "retnet": "multi-scale retention: fixed per-head decays, RoPE, 2x wide values",
     "lightning": "Lightning attention (TransNormerLLM): per-head, per-layer fixed decays",
-    "ssd": "Mamba2-style scalar data-dependent gates",
     "gla": "gated linear attention: per-key data-dependent gates",
 }
 for _kind in KINDS:

@@ -123,6 +123,10 @@ def documented_param_count(cfg: ModelConfig) -> int:
     def token(mixer):
         s = cfg.settings(mixer)
         conv = s["conv_size"] if s["short_conv"] else 0     # per q/k/v channel
+        if mixer == "ssd":     # z, x, B, C, dt; x/B/C convs + biases; dt_bias, A_log, D;
+            GN = s["ngroups"] * s["d_state"]                  # o_norm, o_proj
+            return (3 * d * HD + 2 * d * GN + d * H + (conv + (conv > 0)) * (HD + 2 * GN)
+                    + 3 * H + HD)
         if mixer == "nsa":     # q, k/v of three branches, gates, compression, o_proj, convs
             kv = (s["num_kv_heads"] or H) * D
             return (2 * d * HD + 6 * d * kv + 3 * d * H + 2 * s["cmp_block"] * D * D
@@ -151,8 +155,6 @@ def documented_param_count(cfg: ModelConfig) -> int:
         n += V * d + (0 if mixer == "lightning" else V // H)           # o_proj, o_norm
         if mixer != "la":
             n += d * V                                                 # output gate
-        if mixer == "ssd":
-            n += d * H + 3 * H                                         # dt_proj, dt_bias, A_log, D
         if mixer == "gla":
             n += d * s["gate_rank"] + s["gate_rank"] * HD + HD
         return n
