@@ -1,5 +1,12 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and the compiler setting of every test process."""
+import os
 import zlib
+
+# Most of the suite's time is XLA compiling small programs that then run for microseconds.
+# Compiling them without LLVM's optimisation passes (what `jax_disable_most_optimizations`
+# does) halves that time; the HLO, and so the arithmetic, is the same program's. Set in the
+# environment so that the trainer subprocesses the tests start compile the same way.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax
 import numpy as np
