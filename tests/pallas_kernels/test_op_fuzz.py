@@ -30,7 +30,8 @@ every run): 1,000 calls per sequence op -- 120 valid, 40 with a non-finite value
 corrupted -- and 400 per step function (about half valid). Not 1,000 valid calls per op: a
 valid call compiles (0.2-0.8 s of CPU each on the 2-core test machine; repeated structures
 hit jit's cache), so 160 valid ones per op keep this file near a minute of wall time with
-two pytest workers, about 110 s of CPU.
+two pytest workers, about 110 s of CPU. `make test` runs a third of each count (`FAST_SHARE`);
+the full counts run under the `slow` marker (`make test-all`).
 """
 from __future__ import annotations
 
@@ -55,6 +56,15 @@ STEP_EXAMPLES = 400     # per step function, half of them valid
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=list(HealthCheck))
+# Each test runs twice: a third of its examples in the fast set, all of them under `slow`.
+FAST_SHARE = 3
+SIZES = [pytest.param(FAST_SHARE, id="fast"),
+         pytest.param(1, id="full", marks=pytest.mark.slow)]
+
+
+def fuzz(body, examples: int, share: int) -> None:
+    """Run `body(data)` as a hypothesis test with `examples // share` derandomized examples."""
+    settings(FUZZ, max_examples=max(1, examples // share))(given(data=st.data())(body))()
 
 OPS = {"la": linear_attention, "gdn": gated_delta_rule}
 STEPS = {"la": linear_attention_step, "gdn": gated_delta_rule_step}
@@ -456,42 +466,48 @@ def check_invalid(fn, arrays, static, mode, names, traced_ok):
 
 
 # ----------------------------------------------------------------------------- the tests
+@pytest.mark.parametrize("share", SIZES)
 @pytest.mark.parametrize("op", ["la", "gdn"])
-@settings(FUZZ, max_examples=VALID_EXAMPLES)
-@given(data=st.data())
-def test_valid_calls(op, data):
+def test_valid_calls(op, share):
     """Valid calls with finite values: the float64 loop's result."""
-    draw = data.draw
-    arrays, static, struct = draw_seq_call(draw, op)
-    mode = draw(st.sampled_from(["jit", "jit", "jit", "jit", "jit", "jit", "eager", "closure"]))
-    check_valid(OPS[op], op, arrays, static, struct, mode, None)
+    def body(data):
+        draw = data.draw
+        arrays, static, struct = draw_seq_call(draw, op)
+        mode = draw(st.sampled_from(["jit"] * 6 + ["eager", "closure"]))
+        check_valid(OPS[op], op, arrays, static, struct, mode, None)
+
+    fuzz(body, VALID_EXAMPLES, share)
 
 
+@pytest.mark.parametrize("share", SIZES)
 @pytest.mark.parametrize("op", ["la", "gdn"])
-@settings(FUZZ, max_examples=NONFINITE_EXAMPLES)
-@given(data=st.data())
-def test_nonfinite_values(op, data):
+def test_nonfinite_values(op, share):
     """Valid calls with one NaN / inf planted (in a gate in half the calls): they return;
     every other sequence equals the loop; a NaN gate leaves its sequence's state NaN."""
-    draw = data.draw
-    arrays, static, struct = draw_seq_call(draw, op)
-    mode = draw(st.sampled_from(["jit", "jit", "jit", "eager"]))
-    planted = _plant_nonfinite(draw, arrays, struct,
-                               [n for n in _seq_arrays(op) if n != "cu_seqlens"])
-    check_valid(OPS[op], op, arrays, static, struct, mode, planted)
+    def body(data):
+        draw = data.draw
+        arrays, static, struct = draw_seq_call(draw, op)
+        mode = draw(st.sampled_from(["jit", "jit", "jit", "eager"]))
+        planted = _plant_nonfinite(draw, arrays, struct,
+                                   [n for n in _seq_arrays(op) if n != "cu_seqlens"])
+        check_valid(OPS[op], op, arrays, static, struct, mode, planted)
+
+    fuzz(body, NONFINITE_EXAMPLES, share)
 
 
+@pytest.mark.parametrize("share", SIZES)
 @pytest.mark.parametrize("op", ["la", "gdn"])
-@settings(FUZZ, max_examples=INVALID_EXAMPLES)
-@given(data=st.data())
-def test_invalid_calls(op, data):
+def test_invalid_calls(op, share):
     """Calls with one corruption: a ValueError naming the argument, nothing compiled (or, for
     out-of-contract offsets that are traced, a result)."""
-    draw = data.draw
-    arrays, static, struct = draw_seq_call(draw, op)
-    mode = draw(st.sampled_from(["jit", "eager", "closure"]))
-    names, traced_ok = corrupt_seq(draw, op, arrays, static, struct)
-    check_invalid(OPS[op], arrays, static, mode, names, traced_ok)
+    def body(data):
+        draw = data.draw
+        arrays, static, struct = draw_seq_call(draw, op)
+        mode = draw(st.sampled_from(["jit", "eager", "closure"]))
+        names, traced_ok = corrupt_seq(draw, op, arrays, static, struct)
+        check_invalid(OPS[op], arrays, static, mode, names, traced_ok)
+
+    fuzz(body, INVALID_EXAMPLES, share)
 
 
 def draw_step_call(draw, op):
@@ -548,19 +564,21 @@ def corrupt_step(draw, op, arrays, static, struct):
     return {"use_qk_l2norm"}
 
 
+@pytest.mark.parametrize("share", SIZES)
 @pytest.mark.parametrize("op", ["la", "gdn"])
-@settings(FUZZ, max_examples=STEP_EXAMPLES)
-@given(data=st.data())
-def test_step_fuzz(op, data):
-    draw = data.draw
-    arrays, static, struct = draw_step_call(draw, op)
-    mode = draw(st.sampled_from(["jit", "eager"]))
-    fn = STEPS[op]
-    if draw(st.booleans()):
-        planted = None
-        if draw(st.integers(0, 4)) == 0:
-            planted = _plant_nonfinite(draw, arrays, struct, list(arrays))
-        check_valid(fn, op, arrays, static, struct, mode, planted, step=True)
-    else:
-        names = corrupt_step(draw, op, arrays, static, struct)
-        check_invalid(fn, arrays, static, mode, names, False)
+def test_step_fuzz(op, share):
+    def body(data):
+        draw = data.draw
+        arrays, static, struct = draw_step_call(draw, op)
+        mode = draw(st.sampled_from(["jit", "eager"]))
+        fn = STEPS[op]
+        if draw(st.booleans()):
+            planted = None
+            if draw(st.integers(0, 4)) == 0:
+                planted = _plant_nonfinite(draw, arrays, struct, list(arrays))
+            check_valid(fn, op, arrays, static, struct, mode, planted, step=True)
+        else:
+            names = corrupt_step(draw, op, arrays, static, struct)
+            check_invalid(fn, arrays, static, mode, names, False)
+
+    fuzz(body, STEP_EXAMPLES, share)
