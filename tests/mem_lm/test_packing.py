@@ -188,18 +188,15 @@ OTHER_IMPLS = {"gdn": ("reference",), "la": ("reference",)}
 SCANNED_IN_MAKE_TEST = ("gdn", "swa")
 
 
-# Under -m slow only: mechanisms whose own test files check packed documents against their own
-# references (tests/layers/test_mom.py, test_nsa.py).
-OWN_PACKING_TESTS = ("mom", "nsa")
-
-
 def _model_cases():
+    """The other mixers' cases run under -m slow: in `make test` every mixer's packed rows are
+    checked against its documents alone by tests/mem_lm/test_model.py's decode-and-packing
+    test (one layout, sharing that test's compile), and both layouts here through gdn and swa."""
     for m in token_mixers():
         if m in SCANNED_IN_MAKE_TEST:
             yield pytest.param(m, True, id=f"{m}-scan")
         else:
-            plain = [pytest.mark.slow] if m in OWN_PACKING_TESTS else []
-            yield pytest.param(m, False, id=m, marks=plain)
+            yield pytest.param(m, False, id=m, marks=pytest.mark.slow)
             yield pytest.param(m, True, id=f"{m}-scan", marks=pytest.mark.slow)
 
 

@@ -68,7 +68,16 @@ def _wanted(variant, impl, transform):
     return impl != "reference" and transform in PARTIAL[variant]
 
 
-CASES = [(o, i, t) for o in OPS for i in IMPLS for t in TRANSFORMS if _wanted(o, i, t)]
+def _in_make_test(variant, impl):
+    """`make test` runs the chunked impls' cases through gdn (xla and pallas) and la_gk (pallas)
+    and every partial and GPU-layout case; the plain lax.scan reference and la_gk's xla matrix
+    run under -m slow."""
+    return impl != "reference" and not (variant == "la_gk" and impl == "xla")
+
+
+CASES = [pytest.param(o, i, t, id="-".join((o, i, t)),
+                      marks=[] if _in_make_test(o, i) else [pytest.mark.slow])
+         for o in OPS for i in IMPLS for t in TRANSFORMS if _wanted(o, i, t)]
 
 
 def run_op(variant, impl, args):
@@ -180,7 +189,7 @@ def assert_grads(got, want, what):
         assert_close(got[name], want[name], TOL, f"{what}: d{name}")
 
 
-@pytest.mark.parametrize("variant,impl,transform", CASES, ids=["-".join(c) for c in CASES])
+@pytest.mark.parametrize("variant,impl,transform", CASES)
 def test_gradient_under_transform(x64, variant, impl, transform):
     args, cts = inputs(variant)
     loss = make_loss(variant, impl)

@@ -5,7 +5,8 @@ One module-scoped set of runs is shared by the tests:
   * `resumed`: the same command SIGKILLed after step 12 and started again;
   * `meshes`: 3 steps on meshes 8x1x1, 1x4x2, 2x2x2 in one process with 8 fake devices
     (the one-device reference is the uninterrupted run: warmup makes its first steps the same);
-  * `multiprocess`: 3 steps on 2 local processes joined by jax.distributed on 127.0.0.1.
+  * `multiprocess`: 3 steps on 2 local processes joined by jax.distributed on 127.0.0.1
+    (`slow`: started only when its test is selected).
 They start concurrently and each test waits only for the runs it needs.
 """
 from __future__ import annotations
@@ -44,8 +45,8 @@ class Runs:
 
     NAMES = ("uninterrupted", "resumed", "meshes", "multi")
 
-    def __init__(self, root: Path, cache: str):
-        self.root = root
+    def __init__(self, root: Path, cache: str, multi: bool):
+        self.root, self.multi = root, multi
         try:
             (root / "owner").mkdir()
         except FileExistsError:
@@ -61,7 +62,7 @@ class Runs:
                             subprocess_env(cache, devices=8), root / "meshes.log"),
         }
         port = free_port()
-        for i in range(2):
+        for i in range(2 if multi else 0):
             cmd = train_cmd(root / "multi", *SHORT) + [
                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
             self.procs[f"multi{i}"] = start(cmd, subprocess_env(cache, devices=1), root / f"multi{i}.log")
@@ -101,7 +102,9 @@ class Runs:
             self._mark("resumed", lambda: dict(killed_at=killed["killed_at"], log=finish(
                 procs["restart"], r / "restart.log", 600)[-3000:]))
         self._mark("meshes", lambda: finish(procs["meshes"], r / "meshes.log", 600) and None)
-        self._mark("multi", lambda: [finish(procs[f"multi{i}"], r / f"multi{i}.log", 600) for i in range(2)] and None)
+        if self.multi:
+            self._mark("multi", lambda: [finish(procs[f"multi{i}"], r / f"multi{i}.log", 600)
+                                         for i in range(2)] and None)
 
     def get(self, name: str) -> dict:
         done = self.root / f"{name}.done"
@@ -124,12 +127,16 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, compile_cache):
+def runs(request, tmp_path_factory, compile_cache):
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     root = shared / "train_runs"
     root.mkdir(exist_ok=True)
-    r = Runs(root, compile_cache)
+    # Every xdist worker collects the same selection, so the worker that owns the runs knows
+    # whether the (slow) two-process test will ask for its run.
+    multi = any(item.name == test_two_processes_agree_with_one.__name__
+                for item in request.session.items)
+    r = Runs(root, compile_cache, multi)
     yield r
     r.close()
 
@@ -196,6 +203,7 @@ def _spec_axes(spec: str, ndim: int) -> list:
     return parts + [None] * (ndim - len(parts))
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(runs):
     runs.get("multi")
     runs.get("uninterrupted")
