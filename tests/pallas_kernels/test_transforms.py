@@ -68,15 +68,23 @@ def _wanted(variant, impl, transform):
     return impl != "reference" and transform in PARTIAL[variant]
 
 
-def _in_make_test(variant, impl):
-    """`make test` runs the chunked impls' cases through gdn (xla and pallas) and la_gk (pallas)
-    and every partial and GPU-layout case; the plain lax.scan reference and la_gk's xla matrix
-    run under -m slow."""
-    return impl != "reference" and not (variant == "la_gk" and impl == "xla")
+# la_gk's pallas cases in `make test`: the transforms that reach its kernels' custom_vjp in
+# different ways (plain grad, vmap's batching, the fwd rule under scan + jit + remat); the
+# other transforms run the same glue as gdn's pallas cases.
+LA_GK_PALLAS_IN_MAKE_TEST = ("grad", "vmap", "scan_of_jit_grad_remat")
+
+
+def _in_make_test(variant, impl, transform):
+    """`make test` runs every transform through gdn's xla and pallas impls, la_gk's pallas impl
+    under LA_GK_PALLAS_IN_MAKE_TEST, and every partial and GPU-layout case; the plain lax.scan
+    reference, la_gk's xla matrix and its other pallas cases run under -m slow."""
+    if impl == "reference" or (variant == "la_gk" and impl == "xla"):
+        return False
+    return not (variant == "la_gk" and impl == "pallas") or transform in LA_GK_PALLAS_IN_MAKE_TEST
 
 
 CASES = [pytest.param(o, i, t, id="-".join((o, i, t)),
-                      marks=[] if _in_make_test(o, i) else [pytest.mark.slow])
+                      marks=[] if _in_make_test(o, i, t) else [pytest.mark.slow])
          for o in OPS for i in IMPLS for t in TRANSFORMS if _wanted(o, i, t)]
 
 
