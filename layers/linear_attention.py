@@ -32,6 +32,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from layers.common import constrain, dense, step_or_chunk
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
@@ -56,20 +57,22 @@ def retnet_log_decays(num_heads: int) -> jax.Array:
     return jnp.log1p(-2.0 ** (-5.0 - jnp.arange(num_heads, dtype=jnp.float32)))
 
 
-def alibi_slopes(num_heads: int) -> list:
+def alibi_slopes(num_heads: int, xp=np):
     """TransNormerLLM's per-head decay rates (`_build_slope_tensor`, ALiBi's slopes): for a
     power of two H, 2^(−8(h+1)/H); otherwise those of the largest power of two p < H, then
-    every other slope of 2p (the odd powers 2^(−4(2j+1)/p)) for the H − p heads left."""
+    every other slope of 2p (the odd powers 2^(−4(2j+1)/p)) for the H − p heads left.
+    `xp=jnp` inside the layer, so that the slopes are traced ops, never an H-long host array
+    (an abstract trace of a huge head count stays abstract)."""
     p = 2 ** int(math.floor(math.log2(num_heads)))
-    slopes = [2.0 ** (-8.0 * (h + 1) / p) for h in range(p)]
-    return slopes + [2.0 ** (-4.0 * (2 * j + 1) / p) for j in range(num_heads - p)]
+    h = xp.arange(num_heads)
+    return xp.where(h < p, 2.0 ** (-8.0 * (h + 1) / p), 2.0 ** (-4.0 * (2 * (h - p) + 1) / p))
 
 
 def lightning_log_decays(num_heads: int, layer_idx, num_layers: int) -> jax.Array:
     """−s_h · (1 − l/(L−1) + 1e-5): TransNormerLLM scales the slopes by depth, so the first
     layer decays fastest and the last almost not at all. One layer (L = 1), where the
     reference divides by zero, counts as the first."""
-    slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
+    slopes = alibi_slopes(num_heads, jnp).astype(jnp.float32)
     depth = 1.0 - jnp.asarray(layer_idx, jnp.float32) / max(num_layers - 1, 1) + 1e-5
     return -slopes * depth
 
