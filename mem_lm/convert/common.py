@@ -84,6 +84,52 @@ def set_path(tree: dict, path: tuple, value) -> None:
     tree[path[-1]] = value
 
 
+def params_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], entries: list,
+                        fmt: str, embedding: str) -> dict:
+    """Our params from a checkpoint's `tensors`, checked against `entries` (the format's
+    tensor map: (tensor name, our paths, layout); a tensor of several paths holds their
+    parts stacked by rows, in order). `fmt` names the format in errors, `embedding` is its
+    input embedding's tensor (a tied `lm_head.weight` must equal it). Every tensor mapped,
+    every parameter filled, floats of the expected shapes: else a ConversionError listing all
+    that is wrong."""
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        # Some writers keep the tied copy; it carries nothing only if it is the embedding.
+        head, emb = tensors["lm_head.weight"], tensors.get(embedding)
+        if emb is None or head.shape != emb.shape or head.tobytes() != emb.tobytes():
+            raise ConversionError(f"{fmt} checkpoint: tie_word_embeddings is true but "
+                                  f"lm_head.weight differs from {embedding}")
+        tensors = {n: w for n, w in tensors.items() if n != "lm_head.weight"}
+    shapes = param_shapes(cfg)
+    missing = [n for n, _, _ in entries if n not in tensors]
+    leftover = sorted(set(tensors) - {n for n, _, _ in entries})
+    if missing or leftover:
+        raise ConversionError(
+            f"{fmt} checkpoint does not match its config:"
+            + (f"\n  missing tensors: {missing}" if missing else "")
+            + (f"\n  tensors left over (not mapped to any parameter): {leftover}"
+               if leftover else ""))
+    params, wrong = {}, []
+    for name, paths, how in entries:
+        w = np.asarray(tensors[name])
+        if not np.issubdtype(w.dtype, np.floating) and w.dtype.name != "bfloat16":
+            wrong.append(f"{name}: dtype {w.dtype}")
+            continue
+        rows = [torch_shape(how, shapes[p])[0] for p in paths]
+        want = (sum(rows),) + torch_shape(how, shapes[paths[0]])[1:]
+        if tuple(w.shape) != want:
+            wrong.append(f"{name}: shape {tuple(w.shape)}, expected {want} for "
+                         + ", ".join(f"{'/'.join(p)} {shapes[p]}" for p in paths))
+            continue
+        for p, start, n in zip(paths, np.cumsum([0] + rows), rows):
+            set_path(params, p, to_ours(how, w[start:start + n].astype(np.float32), shapes[p]))
+    unmapped = sorted(set(shapes) - {p for _, ps, _ in entries for p in ps})
+    if wrong or unmapped:
+        raise ConversionError(f"{fmt} checkpoint: " + "; ".join(wrong)
+                              + (f"; parameters with no {fmt} tensor: {unmapped}"
+                                 if unmapped else ""))
+    return params
+
+
 def layer_params(cfg: ModelConfig, params: Mapping) -> Callable[[tuple], np.ndarray]:
     """A getter of our per-layer paths (layer_{i}/...) for params with or without scan_layers."""
     def get(path):

@@ -31,8 +31,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from mem_lm.config import ModelConfig
-from mem_lm.convert.common import (ConversionError, layer_params, param_shapes, read_hf_dir,
-                                   set_path, shortest_period, to_ours, to_torch, torch_shape)
+from mem_lm.convert.common import (ConversionError, layer_params, param_shapes,
+                                   params_from_tensors, read_hf_dir, shortest_period, to_torch)
 
 # config.json fields of fla's models that do not change the function the model computes
 # (kernel choice, fused-op switches, loss and generation settings, HF bookkeeping). fla's
@@ -576,40 +576,8 @@ def import_fla(path: str) -> tuple[ModelConfig, dict]:
 
 
 def params_from_fla(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict:
-    if cfg.tie_embeddings and "lm_head.weight" in tensors:
-        # Some writers keep the tied copy; it carries nothing only if it is the embedding.
-        head, emb = tensors["lm_head.weight"], tensors.get("model.embeddings.weight")
-        if emb is None or head.shape != emb.shape or head.tobytes() != emb.tobytes():
-            raise ConversionError("fla checkpoint: tie_word_embeddings is true but "
-                                  "lm_head.weight differs from model.embeddings.weight")
-        tensors = {n: w for n, w in tensors.items() if n != "lm_head.weight"}
-    shapes = param_shapes(cfg)
-    entries = tensor_map(cfg)
-    missing = [n for n, _, _ in entries if n not in tensors]
-    leftover = sorted(set(tensors) - {n for n, _, _ in entries})
-    if missing or leftover:
-        raise ConversionError(
-            "fla checkpoint does not match its config:"
-            + (f"\n  missing tensors: {missing}" if missing else "")
-            + (f"\n  tensors left over (not mapped to any parameter): {leftover}"
-               if leftover else ""))
-    params, wrong = {}, []
-    for name, path, how in entries:
-        w = np.asarray(tensors[name])
-        if not np.issubdtype(w.dtype, np.floating) and w.dtype.name != "bfloat16":
-            wrong.append(f"{name}: dtype {w.dtype}")
-            continue
-        shape = shapes[path]
-        if tuple(w.shape) != torch_shape(how, shape):
-            wrong.append(f"{name}: shape {tuple(w.shape)}, expected {torch_shape(how, shape)} "
-                         f"for {'/'.join(path)} {shape}")
-            continue
-        set_path(params, path, to_ours(how, w.astype(np.float32), shape))
-    unmapped = sorted(set(shapes) - {p for _, p, _ in entries})
-    if wrong or unmapped:
-        raise ConversionError("fla checkpoint: " + "; ".join(wrong)
-                              + (f"; parameters with no fla tensor: {unmapped}" if unmapped else ""))
-    return params
+    entries = [(name, (path,), how) for name, path, how in tensor_map(cfg)]
+    return params_from_tensors(cfg, tensors, entries, "fla", "model.embeddings.weight")
 
 
 def export_fla(cfg: ModelConfig, params: Mapping, path: str) -> None:

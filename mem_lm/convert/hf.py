@@ -30,8 +30,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from mem_lm.config import ModelConfig
-from mem_lm.convert.common import (ConversionError, layer_params, param_shapes, read_hf_dir,
-                                   set_path, to_ours, to_torch, torch_shape)
+from mem_lm.convert.common import (ConversionError, layer_params, param_shapes,
+                                   params_from_tensors, read_hf_dir, to_torch)
 
 # Fields of transformers' config.json that do not change the function the model computes:
 # bookkeeping, token ids, initialisation (initializer_range, rescale_prenorm_residual, the
@@ -157,16 +157,6 @@ def tensor_map(cfg: ModelConfig) -> list:
     return out
 
 
-def _rows(how, shape) -> int:
-    return torch_shape(how, shape)[0]
-
-
-def _hf_shape(how, shapes: list) -> tuple:
-    """The shape of a tensor made of parts of our `shapes`."""
-    first = torch_shape(how, shapes[0])
-    return (sum(_rows(how, s) for s in shapes),) + tuple(first[1:])
-
-
 # ------------------------------------------------------------------------------ files
 def read_hf(path: str) -> tuple[dict, dict]:
     """(config.json as a dict, {tensor name: NumPy array}) of a transformers checkpoint
@@ -193,45 +183,7 @@ def import_hf(path: str) -> tuple[ModelConfig, dict]:
 
 
 def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict:
-    if cfg.tie_embeddings and "lm_head.weight" in tensors:
-        # Some writers keep the tied copy; it carries nothing only if it is the embedding.
-        head, emb = tensors["lm_head.weight"], tensors.get("backbone.embeddings.weight")
-        if emb is None or head.shape != emb.shape or head.tobytes() != emb.tobytes():
-            raise ConversionError("hf checkpoint: tie_word_embeddings is true but "
-                                  "lm_head.weight differs from backbone.embeddings.weight")
-        tensors = {n: w for n, w in tensors.items() if n != "lm_head.weight"}
-    shapes = param_shapes(cfg)
-    entries = tensor_map(cfg)
-    missing = [n for n, _, _ in entries if n not in tensors]
-    leftover = sorted(set(tensors) - {n for n, _, _ in entries})
-    if missing or leftover:
-        raise ConversionError(
-            "hf checkpoint does not match its config:"
-            + (f"\n  missing tensors: {missing}" if missing else "")
-            + (f"\n  tensors left over (not mapped to any parameter): {leftover}"
-               if leftover else ""))
-    params, wrong = {}, []
-    for name, paths, how in entries:
-        w = np.asarray(tensors[name])
-        if not np.issubdtype(w.dtype, np.floating) and w.dtype.name != "bfloat16":
-            wrong.append(f"{name}: dtype {w.dtype}")
-            continue
-        want = _hf_shape(how, [shapes[p] for p in paths])
-        if tuple(w.shape) != want:
-            wrong.append(f"{name}: shape {tuple(w.shape)}, expected {want} for "
-                         f"{', '.join('/'.join(p) for p in paths)}")
-            continue
-        start = 0
-        for p in paths:
-            rows = _rows(how, shapes[p])
-            set_path(params, p, to_ours(how, w[start:start + rows].astype(np.float32),
-                                        shapes[p]))
-            start += rows
-    unmapped = sorted(set(shapes) - {p for _, ps, _ in entries for p in ps})
-    if wrong or unmapped:
-        raise ConversionError("hf checkpoint: " + "; ".join(wrong)
-                              + (f"; parameters with no hf tensor: {unmapped}" if unmapped else ""))
-    return params
+    return params_from_tensors(cfg, tensors, tensor_map(cfg), "hf", "backbone.embeddings.weight")
 
 
 def export_hf(cfg: ModelConfig, params: Mapping, path: str) -> None:
