@@ -58,6 +58,15 @@ def constrain(x, axes):
     return nn.with_logical_constraint(x, tuple(axes))
 
 
+def project_out_with_state(o, d_model: int, state, cache, new_cache: dict, **kw):
+    """The recurrent mixers' last step, inside their compact `__call__`: o [B, T, H, V] through
+    `o_proj` to the model width, and the decode cache with the op's new state (None when the
+    call has no cache). `kw`: `dense`'s std and dtype."""
+    o = constrain(o, ("batch", "length", "heads", "kv"))
+    y = dense(d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
+    return y, None if cache is None else {**new_cache, "state": state}
+
+
 def segment_starts(segment_ids: jax.Array) -> jax.Array:
     """[B, T] bool: the token begins a document (it begins its row, or its id differs from the
     previous token's)."""

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layers.common import constrain, dense, step_or_chunk
+from layers.common import constrain, dense, project_out_with_state, step_or_chunk
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm, _rms
 from layers.registry import (Mechanism, Setting, SettingError, Shared, positive_int, register,
@@ -177,12 +177,7 @@ class LinearAttention(nn.Module):
             o = (o * gate.astype(jnp.float32)).astype(self.dtype)
         else:
             o = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(o, gate)
-        o = constrain(o, ("batch", "length", "heads", "kv"))
-        y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
-        if cache is None:
-            return y, None
-        new_cache["state"] = state
-        return y, new_cache
+        return project_out_with_state(o, self.d_model, state, cache, new_cache, **kw)
 
 
 def _settings(kind: str) -> dict:

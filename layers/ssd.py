@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from layers.common import (a_log_init, constrain, dense, dt_bias_init, head_param,
-                           step_or_chunk)
+                           project_out_with_state, step_or_chunk)
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import _rms
 from layers.registry import Mechanism, Setting, SettingError, Shared, positive_int, register
@@ -109,12 +109,7 @@ class SSD(nn.Module):
         d_skip = head_param(self, "D", nn.initializers.ones, H)
         o = o.astype(jnp.float32) + xs.astype(jnp.float32) * d_skip[:, None]
         o = GroupGatedRMSNorm(G, self.norm_eps, self.dtype, name="o_norm")(o, z)
-        o = constrain(o, ("batch", "length", "heads", "kv"))
-        y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
-        if cache is None:
-            return y, None
-        new_cache["state"] = state
-        return y, new_cache
+        return project_out_with_state(o, self.d_model, state, cache, new_cache, **kw)
 
 
 _SETTINGS = {
