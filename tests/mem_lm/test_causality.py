@@ -70,6 +70,12 @@ CASES = [case(m, (m,), {m: ACTIVE.get(m, {})}) for m in token_mixers()] + [
          {"attn": {"cache": "cascade", "cache_size": 8, "cache_sinks": 1, "cascades": 2}},
          cached=True),
     case("mom-defaults", ("mom",), slow=True),
+    # fla's variants: q convolved over each memory's own tokens; NSA with mean-pooled
+    # compression, one k/v for the branches and no window branch.
+    case("mom-q-conv-per-memory", ("mom",),
+         {"mom": {**ACTIVE["mom"], "q_conv_per_memory": True}}, slow=True),
+    case("nsa-fla", ("nsa",), {"nsa": {**ACTIVE["nsa"], "compress": "mean", "shared_kv": True,
+                                       "window": 0}}, slow=True),
     # Packed documents through a hybrid with short convs, memory layers in the MLP slot and
     # NSA's block-granular selection (one-block lag).
     case("hybrid-memory-packed", ("attn", "swa", "nsa"),
