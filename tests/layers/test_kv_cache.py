@@ -188,7 +188,7 @@ def _model(pattern, **settings):
     cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, pattern=pattern,
                       mixers={"attn": settings, "swa": {"window": 6}})
     model = LanguageModel(cfg)
-    return cfg, model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    return cfg, model, jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
 
 
 def _streamed(cfg, model, variables, tokens, cut):
@@ -214,21 +214,21 @@ def test_attention_layer_with_a_cascading_cache(rng):
     # 2 sinks + 2 cascades of (30 − 2) // 2 = 14 slots: the 14 tokens never evict one.
     cfg, model, variables = _model(("attn",), cache="cascade", cache_size=30, cache_sinks=2,
                                    cascades=2, sinks=True, short_conv=True)
-    full = model.apply(variables, tokens)
+    full = jax.jit(model.apply)(variables, tokens)
     np.testing.assert_allclose(_streamed(cfg, model, variables, tokens, 5), full,
                                rtol=2e-5, atol=2e-5)
 
     cfg, model, variables = _model(("attn",), cache="cascade", cache_size=5, cache_sinks=0,
                                    cascades=1, cache_positions="stream")
     swa_cfg, swa, _ = _model(("swa",))
-    window = swa.apply(variables, tokens)
+    window = jax.jit(swa.apply)(variables, tokens)
     np.testing.assert_allclose(_streamed(cfg, model, variables, tokens, 5), window,
                                rtol=2e-5, atol=2e-5)
 
     cfg, model, variables = _model(("attn",), cache="cascade", cache_size=7, cache_sinks=1,
                                    cascades=2)
     streamed = _streamed(cfg, model, variables, tokens, 5)
-    assert np.abs(np.asarray(streamed - model.apply(variables, tokens))).max() > 1e-3
+    assert np.abs(np.asarray(streamed - jax.jit(model.apply)(variables, tokens))).max() > 1e-3
 
 
 @pytest.mark.parametrize("settings, field", [

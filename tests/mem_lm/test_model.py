@@ -42,13 +42,16 @@ CASES = [((m,), None) for m in MIXERS] + [(("gdn", "swa", "attn"), None),
                                          (("attn", "swa", "la", "gla"), True),
                                          (("gdn", "ssd"), False)]
 # Under -m slow only: mechanisms whose own test files check decoding and packed documents
-# against their own references (tests/layers/test_mom.py, test_nsa.py).
+# against their own references (tests/layers/test_mom.py, test_nsa.py), and the gdn-swa-attn
+# hybrid (attn-swa-la-gla+conv mixes KV, window, recurrent and conv caches in make test).
 OWN_DECODE_TESTS = ("mom", "nsa")
+SLOW_HYBRIDS = (("gdn", "swa", "attn"),)
 
 
 @pytest.mark.parametrize("pattern, short_conv", [
     pytest.param(p, c, id="-".join(p) + {None: "", True: "+conv", False: "-noconv"}[c],
-                 marks=[pytest.mark.slow] if p[0] in OWN_DECODE_TESTS and len(p) == 1 else [])
+                 marks=[pytest.mark.slow] if p in SLOW_HYBRIDS
+                 or (p[0] in OWN_DECODE_TESTS and len(p) == 1) else [])
     for p, c in CASES])
 def test_cached_decoding_and_packing_match_full_forward(pattern, short_conv, rng):
     cfg = tiny(pattern, mixers=None if short_conv is None else every_mixer(short_conv=short_conv))

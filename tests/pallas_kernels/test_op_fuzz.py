@@ -30,7 +30,7 @@ every run): 1,000 calls per sequence op -- 120 valid, 40 with a non-finite value
 corrupted -- and 400 per step function (about half valid). Not 1,000 valid calls per op: a
 valid call compiles (0.2-0.8 s of CPU each on the 2-core test machine; repeated structures
 hit jit's cache), so 160 valid ones per op keep this file near a minute of wall time with
-two pytest workers, about 110 s of CPU. `make test` runs a third of each count (`FAST_SHARE`);
+two pytest workers, about 110 s of CPU. `make test` runs a sixth of each count (`FAST_SHARE`);
 the full counts run under the `slow` marker (`make test-all`).
 """
 from __future__ import annotations
@@ -56,8 +56,8 @@ STEP_EXAMPLES = 400     # per step function, half of them valid
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=list(HealthCheck))
-# Each test runs twice: a third of its examples in the fast set, all of them under `slow`.
-FAST_SHARE = 3
+# Each test runs twice: a sixth of its examples in the fast set, all of them under `slow`.
+FAST_SHARE = 6
 SIZES = [pytest.param(FAST_SHARE, id="fast"),
          pytest.param(1, id="full", marks=pytest.mark.slow)]
 

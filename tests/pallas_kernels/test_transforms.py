@@ -68,19 +68,23 @@ def _wanted(variant, impl, transform):
     return impl != "reference" and transform in PARTIAL[variant]
 
 
-# la_gk's pallas cases in `make test`: the transforms that reach its kernels' custom_vjp in
-# different ways (plain grad, vmap's batching, the fwd rule under scan + jit + remat); the
-# other transforms run the same glue as gdn's pallas cases.
-LA_GK_PALLAS_IN_MAKE_TEST = ("grad", "vmap", "scan_of_jit_grad_remat")
+# The cases of a full-matrix impl in `make test` beyond gdn's pallas impl (every transform):
+# those that reach a custom_vjp in different ways (plain grad, vmap's batching, the fwd rule
+# under scan + jit + remat; for xla also a remat policy and the plain scan). jit(grad),
+# grad(jit) and the other remat policies run the same glue as gdn's pallas cases.
+IN_MAKE_TEST = {
+    ("gdn", "xla"): ("grad", "remat_dots", "scan", "vmap", "scan_of_jit_grad_remat"),
+    ("la_gk", "pallas"): ("grad", "vmap", "scan_of_jit_grad_remat"),
+}
 
 
 def _in_make_test(variant, impl, transform):
-    """`make test` runs every transform through gdn's xla and pallas impls, la_gk's pallas impl
-    under LA_GK_PALLAS_IN_MAKE_TEST, and every partial and GPU-layout case; the plain lax.scan
-    reference, la_gk's xla matrix and its other pallas cases run under -m slow."""
+    """`make test` runs every transform through gdn's pallas impl, the IN_MAKE_TEST cases of
+    gdn's xla and la_gk's pallas impls, and every partial and GPU-layout case; the plain
+    lax.scan reference, la_gk's xla matrix and the other cases run under -m slow."""
     if impl == "reference" or (variant == "la_gk" and impl == "xla"):
         return False
-    return not (variant == "la_gk" and impl == "pallas") or transform in LA_GK_PALLAS_IN_MAKE_TEST
+    return transform in IN_MAKE_TEST.get((variant, impl), (transform,))
 
 
 CASES = [pytest.param(o, i, t, id="-".join((o, i, t)),

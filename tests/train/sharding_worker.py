@@ -1,6 +1,8 @@
-"""Run configs/tiny.py on the meshes 8x1x1, 1x4x2, 2x2x2 in one process (8 fake CPU devices).
+"""Run configs/tiny.py on meshes of 8 fake CPU devices in one process.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train/sharding_worker.py OUT.json ROOT STEPS
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train/sharding_worker.py OUT.json ROOT STEPS [DxFxT ...]
+
+The meshes default to MESHES.
 
 Writes {mesh: {"losses": {step: loss}, "params": {path: {"spec", "shape", "shard"}}}}.
 """
@@ -15,7 +17,7 @@ from train import run
 
 # The one-device reference is the uninterrupted tiny run of test_training.py: its first steps
 # are the same (warmup does not depend on train.steps), and one compile fewer here.
-MESHES = ((8, 1, 1), (1, 4, 2), (2, 2, 2))
+MESHES = ("8x1x1", "1x4x2", "2x2x2")
 
 
 def tiny(steps: int, mesh):
@@ -27,12 +29,12 @@ def tiny(steps: int, mesh):
     return c
 
 
-def main(out, root, steps):
+def main(out, root, steps, meshes=MESHES):
     assert jax.device_count() == 8, jax.devices()
     result = {}
-    for mesh in MESHES:
-        name = "x".join(map(str, mesh))
+    for name in meshes:
         wd = Path(root) / name
+        mesh = tuple(int(n) for n in name.split("x"))
         params = run(tiny(steps, mesh), str(wd), return_state=True)["state"]["params"]
         losses = {}
         for line in open(wd / "metrics.jsonl"):
@@ -49,4 +51,4 @@ def main(out, root, steps):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), tuple(sys.argv[4:]) or MESHES)

@@ -3,8 +3,10 @@
 One module-scoped set of runs is shared by the tests:
   * `uninterrupted`: 30 steps, a checkpoint every 5;
   * `resumed`: the same command SIGKILLed after step 12 and started again;
-  * `meshes`: 3 steps on meshes 8x1x1, 1x4x2, 2x2x2 in one process with 8 fake devices
-    (the one-device reference is the uninterrupted run: warmup makes its first steps the same);
+  * `meshes`: 3 steps on meshes 1x4x2 and 2x2x2 (and, when the slow tests are selected,
+    8x1x1: pure data parallelism, which 2x2x2's data axis covers) in one process with 8 fake
+    devices (the one-device reference is the uninterrupted run: warmup makes its first steps
+    the same);
   * `multiprocess`: 3 steps on 2 local processes joined by jax.distributed on 127.0.0.1
     (`slow`: started only when its test is selected).
 They start concurrently and each test waits only for the runs it needs.
@@ -45,8 +47,8 @@ class Runs:
 
     NAMES = ("uninterrupted", "resumed", "meshes", "multi")
 
-    def __init__(self, root: Path, cache: str, multi: bool):
-        self.root, self.multi = root, multi
+    def __init__(self, root: Path, cache: str, slow: bool):
+        self.root, self.multi = root, slow
         try:
             (root / "owner").mkdir()
         except FileExistsError:
@@ -58,11 +60,12 @@ class Runs:
             "uninterrupted": start(train_cmd(root / "full", *common), env, root / "full.log"),
             "killed": start(train_cmd(root / "resumed", *common), env, root / "killed.log"),
             "meshes": start([sys.executable, str(REPO / "tests/train/sharding_worker.py"),
-                             str(root / "meshes.json"), str(root / "meshes"), "3"],
+                             str(root / "meshes.json"), str(root / "meshes"), "3",
+                             *(["8x1x1"] if slow else []), "1x4x2", "2x2x2"],
                             subprocess_env(cache, devices=8), root / "meshes.log"),
         }
         port = free_port()
-        for i in range(2 if multi else 0):
+        for i in range(2 if slow else 0):
             cmd = train_cmd(root / "multi", *SHORT) + [
                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
             self.procs[f"multi{i}"] = start(cmd, subprocess_env(cache, devices=1), root / f"multi{i}.log")
@@ -133,10 +136,10 @@ def runs(request, tmp_path_factory, compile_cache):
     root = shared / "train_runs"
     root.mkdir(exist_ok=True)
     # Every xdist worker collects the same selection, so the worker that owns the runs knows
-    # whether the (slow) two-process test will ask for its run.
-    multi = any(item.name == test_two_processes_agree_with_one.__name__
-                for item in request.session.items)
-    r = Runs(root, compile_cache, multi)
+    # whether the slow tests (the two-process one among them) are selected.
+    slow = any(item.name == test_two_processes_agree_with_one.__name__
+               for item in request.session.items)
+    r = Runs(root, compile_cache, slow)
     yield r
     r.close()
 
@@ -176,7 +179,8 @@ def test_meshes_match_one_device_and_params_are_sharded(runs):
     runs.get("meshes")
     r = json.loads((runs.root / "meshes.json").read_text())
     ref = train_losses(runs.root / "full")
-    for mesh in ("8x1x1", "1x4x2", "2x2x2"):
+    assert {"1x4x2", "2x2x2"} <= set(r), sorted(r)
+    for mesh in r:
         assert sorted(r[mesh]["losses"]) == ["1", "2", "3"]
         for s, loss in r[mesh]["losses"].items():
             assert loss == pytest.approx(ref[int(s)], abs=1e-4), (mesh, s)
@@ -186,7 +190,8 @@ def test_meshes_match_one_device_and_params_are_sharded(runs):
     assert emb["spec"] == "P('tensor', 'fsdp')", emb
     assert emb["shard"] == [emb["shape"][0] // 2, emb["shape"][1] // 4]
     assert emb["devices"] == 8
-    for mesh, (f, t) in (("1x4x2", (4, 2)), ("2x2x2", (2, 2)), ("8x1x1", (1, 1))):
+    for mesh in r:
+        f, t = (int(n) for n in mesh.split("x")[1:])
         for k, v in r[mesh]["params"].items():
             spec = v["spec"]
             expect = [n // (f if a == "fsdp" else t if a == "tensor" else 1)
