@@ -102,7 +102,7 @@ class Attention(nn.Module):
         conv_cache = {}
         if self.use_short_conv:
             qkv, conv_cache = short_conv_qkv({"q": q, "k": k, "v": v}, self.conv_size,
-                                             segment_ids, cache, self.dtype)
+                                             segment_ids, cache, self.dtype, std=self.init_std)
             q, k, v = qkv["q"], qkv["k"], qkv["v"]
         q_raw, k_raw = q, k           # for the cascading cache, which rotates them itself
         q = apply_rope(q, positions, self.rope_theta)

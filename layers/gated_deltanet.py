@@ -73,7 +73,8 @@ class GatedDeltaNet(nn.Module):
         qkv = {n: dense((h, d), ("embed", "heads", "kv"), name=f"{n}_proj", **kw)(x)
                for n, h, d in (("q", H, K), ("k", H, K), ("v", Hv, V))}
         if self.use_short_conv:
-            qkv, new_cache = short_conv_qkv(qkv, self.conv_size, segment_ids, cache, self.dtype)
+            qkv, new_cache = short_conv_qkv(qkv, self.conv_size, segment_ids, cache, self.dtype,
+                                            std=self.init_std)
         else:   # the activation the conv path ends with (as flash-linear-attention does)
             qkv, new_cache = {n: jax.nn.silu(t) for n, t in qkv.items()}, {}
         if Hv != H:   # the op takes one head count: each q/k head serves Hv / H value heads

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from layers.attention import Attention
+from layers.gated_deltanet import GatedDeltaNet
 from layers.linear_attention import LinearAttention
 
 STD = 0.1
@@ -20,13 +21,17 @@ def _init(layer, d_model):
 
 
 def test_short_convs_and_sinks_start_normal_with_init_std():
-    p = _init(LinearAttention(kind="gla", d_model=16, num_heads=16, head_dim=16,
-                              use_short_conv=True, init_std=STD), 16)["params"]
-    for n in ("q_conv", "k_conv", "v_conv"):
-        w = np.asarray(p[n]["kernel"])            # [W, H, D]: 1,024 draws each
-        assert abs(w.mean()) < 4 * STD / np.sqrt(w.size), n
-        np.testing.assert_allclose(w.std(), STD, rtol=0.1, err_msg=n)
-        assert np.abs(w).max() < 5 * STD          # not uniform ±1/√W = ±0.5
+    kw = dict(d_model=16, num_heads=16, head_dim=16, init_std=STD)
+    for layer in (LinearAttention(kind="gla", use_short_conv=True, **kw),
+                  GatedDeltaNet(**kw),
+                  Attention(num_kv_heads=16, use_short_conv=True, **kw)):
+        p = _init(layer, 16)["params"]
+        for n in ("q_conv", "k_conv", "v_conv"):
+            w = np.asarray(p[n]["kernel"])            # [W, H, D]: 1,024 draws each
+            name = f"{type(layer).__name__} {n}"
+            assert abs(w.mean()) < 4 * STD / np.sqrt(w.size), name
+            np.testing.assert_allclose(w.std(), STD, rtol=0.1, err_msg=name)
+            assert np.abs(w).max() < 5 * STD, name    # not uniform ±1/√W = ±0.5
     sinks = np.asarray(_init(Attention(d_model=16, num_heads=256, num_kv_heads=256, head_dim=2,
                                        use_sinks=True, init_std=STD), 16)["params"]["sinks"])
     np.testing.assert_allclose(sinks.std(), STD, rtol=0.25)
