@@ -9,6 +9,7 @@ kernels), scan_tpu.py / scan_gpu.py (each backend's sequential state pass) and p
 
 from .gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 from .linear_attention import linear_attention, linear_attention_step
+from .neural_memory import neural_memory, neural_memory_step
 
 __all__ = ["linear_attention", "linear_attention_step", "gated_delta_rule",
-           "gated_delta_rule_step"]
+           "gated_delta_rule_step", "neural_memory", "neural_memory_step"]

@@ -1,0 +1,284 @@
+"""neural_memory (Titans' long-term memory) and its decoding step, in float64: the reference
+against a NumPy loop of the rule, the chunked form against the reference (outputs, final
+state, every gradient), the DeltaNet special case, decoding, packing and input errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import gated_delta_rule, neural_memory, neural_memory_step
+from recurrent_testing import assert_close
+
+H, K, V, E = 2, 4, 3, 5   # K != V != E
+
+
+def np_gelu(x):
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def np_gelu_grad(x):
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    return cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def np_read_and_grad(P, k, q, v):
+    """One head: M_P(q) and ∇_P ½‖M_P(k) − v‖², P = [M] or [W1, W2] (NumPy, float64)."""
+    if len(P) == 1:
+        return q @ P[0], [np.outer(k, k @ P[0] - v)]
+    W1, W2 = P
+    h = k @ W1
+    e = np_gelu(h) @ W2 - v
+    return np_gelu(q @ W1) @ W2, [np.outer(k, (W2 @ e) * np_gelu_grad(h)),
+                                   np.outer(np_gelu(h), e)]
+
+
+def np_neural_memory(q, k, v, lr, eta, alpha, P0, Z0, chunk, scale):
+    """The rule as written, token by token, one batch row and head at a time."""
+    B, T = q.shape[:2]
+    o = np.zeros(v.shape)
+    P_end, Z_end = [np.zeros_like(p) for p in P0], [np.zeros_like(p) for p in P0]
+    for b in range(B):
+        for h in range(H):
+            P = [p[b, h].copy() for p in P0]
+            Z = [z[b, h].copy() for z in Z0]
+            for t in range(T):
+                if t % chunk == 0:
+                    P_start = [p.copy() for p in P]
+                o[b, t, h], G = np_read_and_grad(P_start, k[b, t, h], scale * q[b, t, h],
+                                                 v[b, t, h])
+                Z = [eta[b, t, h] * z - lr[b, t, h] * g for z, g in zip(Z, G)]
+                P = [(1 - alpha[b, t, h]) * p + z for p, z in zip(P, Z)]
+            for i in range(len(P)):
+                P_end[i][b, h], Z_end[i][b, h] = P[i], Z[i]
+    return o, P_end, Z_end
+
+
+def make_inputs(rng, B, T, depth, N=None, momentum=True):
+    """Random inputs (unit-norm keys, θ ≤ 0.5, a non-zero initial memory and momentum)."""
+    N = N or B
+    n = lambda *s: rng.standard_normal(s)
+    k = n(B, T, H, K)
+    args = dict(q=n(B, T, H, K), k=k / np.linalg.norm(k, axis=-1, keepdims=True),
+                v=n(B, T, H, V), lr=rng.uniform(0, 0.5, (B, T, H)),
+                momentum=rng.uniform(0, 1, (B, T, H)), decay=rng.uniform(0, 0.3, (B, T, H)))
+    args = {name: jnp.asarray(x) for name, x in args.items()}
+    shapes = [(N, H, K, V)] if depth == 1 else [(N, H, K, E), (N, H, E, V)]
+    P = [jnp.asarray(0.5 * n(*s)) for s in shapes]
+    Z = [jnp.asarray(0.1 * n(*s)) for s in shapes] if momentum else None
+    pub = lambda t: None if t is None else (t[0] if depth == 1 else tuple(t))
+    args["initial_state"] = (pub(P), pub(Z))
+    return args
+
+
+def leaves(state):
+    return jax.tree.leaves(state)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_reference_matches_numpy_loop(x64, rng, depth, chunk):
+    """chunk 1: the online rule; chunk 4 with T = 10: two full chunks and a partial one."""
+    args = make_inputs(rng, 2, 10, depth)
+    o, state = neural_memory(**args, depth=depth, chunk_size=chunk, scale=0.7,
+                             impl="reference", output_final_state=True)
+    a = {n: np.asarray(x) for n, x in args.items() if n != "initial_state"}
+    P0 = [np.asarray(x) for x in leaves(args["initial_state"][0])]
+    Z0 = [np.asarray(x) for x in leaves(args["initial_state"][1])]
+    o_np, P_np, Z_np = np_neural_memory(a["q"], a["k"], a["v"], a["lr"], a["momentum"],
+                                        a["decay"], P0, Z0, chunk, 0.7)
+    assert o.dtype == jnp.float64
+    assert_close(o, o_np, 1e-12, "o")
+    for x, y in zip(leaves(state), P_np + Z_np):
+        assert_close(x, y, 1e-12, "state")
+
+
+def test_chunk_size_changes_the_function(x64, rng):
+    """chunk_size is part of the rule: chunk 4 reads the chunk-start memory, chunk 1 does not."""
+    args = make_inputs(rng, 1, 6, 1)
+    o1, _ = neural_memory(**args, depth=1, chunk_size=1, impl="reference")
+    o4, _ = neural_memory(**args, depth=1, chunk_size=4, impl="reference")
+    assert_close(o4[:, 0], o1[:, 0], 1e-12)              # the first token reads M_0 in both
+    assert np.max(np.abs(np.asarray(o4[:, 1:4] - o1[:, 1:4]))) > 1e-3
+
+
+def test_depth2_gradient_matches_finite_differences(x64, rng):
+    """The MLP gradient the reference takes (jax.grad) and the hand-written one of the chunked
+    form (chunk_gradient_sums) both equal central differences of the loss."""
+    from pallas_kernels.neural_memory.reference import memory_grad, memory_loss
+    from pallas_kernels.neural_memory.xla import chunk_gradient_sums
+    P = (jnp.asarray(rng.standard_normal((K, E))), jnp.asarray(rng.standard_normal((E, V))))
+    k, v = jnp.asarray(rng.standard_normal(K)), jnp.asarray(rng.standard_normal(V))
+    g = memory_grad(P, k, v)
+    g2 = chunk_gradient_sums(P, k[None], v[None], jnp.ones((1, 1)))
+    eps = 1e-6
+    for i, p in enumerate(P):
+        fd = np.zeros(p.shape)
+        for idx in np.ndindex(p.shape):
+            d = jnp.zeros(p.shape).at[idx].set(eps)
+            plus = tuple(x + d if j == i else x for j, x in enumerate(P))
+            minus = tuple(x - d if j == i else x for j, x in enumerate(P))
+            fd[idx] = (memory_loss(plus, k, v) - memory_loss(minus, k, v)) / (2 * eps)
+        assert_close(g[i], fd, 1e-7, f"grad {i}")
+        assert_close(g2[i][0], fd, 1e-7, f"chunked grad {i}")
+
+
+def test_deltanet_special_case(x64, rng):
+    """depth 1, α = η = 0, chunk 1: M_t = M_{t−1} + θ_t k_t (v_t − M_{t−1}ᵀk_t)ᵀ is DeltaNet's
+    S_t with β = θ (g = 0), but the read differs by one token: o_t = M_{t−1}ᵀ(scale q_t) while
+    DeltaNet gives S_tᵀ(scale q_t). So with DeltaNet fed the queries shifted one step
+    (q'_t = q_{t+1}), o_{t+1} = o'_t; o_0 reads the initial state; the final states agree."""
+    args = make_inputs(rng, 2, 9, 1, momentum=False)
+    args["momentum"] = jnp.zeros_like(args["lr"])
+    args["decay"] = jnp.zeros_like(args["lr"])
+    M0 = args["initial_state"][0]
+    o, (M, Z) = neural_memory(**args, depth=1, chunk_size=1, scale=0.5, impl="xla",
+                              output_final_state=True)
+    q = args["q"]
+    q_next = jnp.concatenate([q[:, 1:], q[:, :1]], axis=1)
+    o_dn, S = gated_delta_rule(q_next, args["k"], args["v"], args["lr"], scale=0.5,
+                               initial_state=M0, output_final_state=True, impl="reference")
+    assert_close(o[:, 1:], o_dn[:, :-1], 1e-12, "o_{t+1} vs DeltaNet o'_t")
+    assert_close(o[:, 0], jnp.einsum("bhk,bhkv->bhv", 0.5 * q[:, 0], M0), 1e-12, "o_0")
+    assert_close(M, S, 1e-12, "final state")
+
+
+def _vjp(impl, depth, chunk, cu_seqlens=None):
+    def f(args, ct):
+        op = lambda a: neural_memory(**a, depth=depth, chunk_size=chunk, scale=0.7, impl=impl,
+                                     output_final_state=True, cu_seqlens=cu_seqlens)
+        out, pull = jax.vjp(op, args)
+        return out, pull(ct)[0]
+    return jax.jit(f)
+
+
+def check_xla_against_reference(rng, args, depth, chunk, cu_seqlens=None):
+    shapes = jax.eval_shape(lambda a: neural_memory(
+        **a, depth=depth, chunk_size=chunk, impl="reference", output_final_state=True,
+        cu_seqlens=cu_seqlens), args)
+    ct = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), shapes)
+    out_ref, g_ref = _vjp("reference", depth, chunk, cu_seqlens)(args, ct)
+    out, g = _vjp("xla", depth, chunk, cu_seqlens)(args, ct)
+    assert_close(out[0], out_ref[0], 1e-10, "o")
+    for x, y in zip(leaves(out[1]), leaves(out_ref[1])):
+        assert_close(x, y, 1e-10, "final state")
+    for name in args:
+        for x, y in zip(leaves(g[name]), leaves(g_ref[name])):
+            assert_close(x, y, 1e-10, f"d{name}")
+
+
+@pytest.mark.parametrize("depth, chunk, T", [(1, 1, 7), (1, 4, 10), (2, 1, 7), (2, 4, 10),
+                                             (2, 16, 5)])
+def test_xla_matches_reference_with_gradients(x64, rng, depth, chunk, T):
+    """Outputs, final (memory, momentum) and the gradients of q, k, v, lr, momentum, decay and
+    the initial memory and momentum, for random cotangents."""
+    check_xla_against_reference(rng, make_inputs(rng, 2, T, depth), depth, chunk)
+
+
+PACKED = dict(lengths=[3, 0, 6], T=11, chunk=4)   # 2 tokens past cu[N]
+
+
+def packed_inputs(rng, depth):
+    cu = jnp.asarray(np.cumsum([0] + PACKED["lengths"]), jnp.int32)
+    return make_inputs(rng, 1, PACKED["T"], depth, N=len(PACKED["lengths"])), cu
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_packed_sequences_equal_separate(x64, rng, depth):
+    """cu_seqlens: each sequence restarts from its own initial memory and momentum, with its
+    chunks counted from its own start (lengths 3, 0, 6, chunk 4, then 2 tokens past cu[N],
+    which get o = 0); the empty sequence keeps its initial state."""
+    args, cu = packed_inputs(rng, depth)
+    T, chunk = PACKED["T"], PACKED["chunk"]
+    o, state = neural_memory(**args, depth=depth, chunk_size=chunk, cu_seqlens=cu,
+                             output_final_state=True, impl="xla")
+    assert_close(o[:, int(cu[-1]):], np.zeros((1, T - int(cu[-1]), H, V)), 0, "past cu[N]")
+    for n, (s, e) in enumerate(zip(np.asarray(cu[:-1]), np.asarray(cu[1:]))):
+        one = {name: x[:, s:e] for name, x in args.items() if name != "initial_state"}
+        one["initial_state"] = jax.tree.map(lambda x: x[n:n + 1], args["initial_state"])
+        o_n, state_n = neural_memory(**one, depth=depth, chunk_size=chunk, impl="reference",
+                                     output_final_state=True)
+        assert_close(o[:, s:e], o_n, 1e-12, f"o of sequence {n}")
+        for x, y in zip(leaves(state), leaves(state_n)):
+            assert_close(x[n:n + 1], y, 1e-12, f"state of sequence {n}")
+
+
+@pytest.mark.parametrize("depth", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_packed_xla_matches_reference_with_gradients(x64, rng, depth):
+    args, cu = packed_inputs(rng, depth)
+    check_xla_against_reference(rng, args, depth, PACKED["chunk"], cu)
+
+
+@pytest.mark.parametrize("depth, chunk", [(1, 1), (2, 3)])
+def test_step_decoding_matches_full_op(x64, rng, depth, chunk):
+    """neural_memory_step token by token (the caller refreshing chunk_memory every `chunk`
+    tokens) equals neural_memory over the sequence."""
+    T = 7
+    args = make_inputs(rng, 2, T, depth)
+    o, final = neural_memory(**args, depth=depth, chunk_size=chunk, scale=0.7, impl="xla",
+                             output_final_state=True)
+    state, chunk_memory = args["initial_state"], None
+    step = jax.jit(lambda x, s, c: neural_memory_step(**x, depth=depth, scale=0.7, state=s,
+                                                      chunk_memory=c))
+    for t in range(T):
+        if chunk > 1 and t % chunk == 0:
+            chunk_memory = state[0]
+        x = {n: args[n][:, t] for n in ("q", "k", "v", "lr", "momentum", "decay")}
+        o_t, state = step(x, state, chunk_memory)
+        assert_close(o_t, o[:, t], 1e-12, f"o_{t}")
+    for x, y in zip(leaves(state), leaves(final)):
+        assert_close(x, y, 1e-12, "state")
+
+
+def test_dtypes_numpy_inputs_and_empty(rng):
+    """NumPy float32 and bfloat16 inputs: o in q's dtype, state float32; T = 0 keeps the
+    initial state; momentum None means zeros."""
+    args = make_inputs(rng, 1, 5, 2, momentum=False)
+    np_args = {n: (x if n == "initial_state" else np.asarray(x, np.float32))
+               for n, x in args.items()}
+    o, (mem, mom) = neural_memory(**np_args, depth=2, chunk_size=2, output_final_state=True)
+    assert o.dtype == jnp.float32 and mem[0].dtype == jnp.float32 and mom[1].dtype == jnp.float32
+    bf = {n: (x if n == "initial_state" else jnp.asarray(x, jnp.bfloat16))
+          for n, x in args.items()}
+    o_bf, (mem_bf, _) = neural_memory(**bf, depth=2, chunk_size=2, output_final_state=True)
+    assert o_bf.dtype == jnp.bfloat16 and mem_bf[0].dtype == jnp.float32
+    assert_close(o_bf, o, 5e-2, "bf16 o")
+    empty = {n: (x if n == "initial_state" else x[:, :0]) for n, x in np_args.items()}
+    o0, (mem0, mom0) = neural_memory(**empty, depth=2, chunk_size=2, output_final_state=True)
+    assert o0.shape == (1, 0, H, V)
+    assert_close(mem0[1], args["initial_state"][0][1], 1e-6)
+    assert_close(mom0[0], np.zeros((1, H, K, E)), 0)
+
+
+def test_named_input_errors(rng):
+    args = make_inputs(rng, 1, 4, 2)
+    W1, W2 = args["initial_state"][0]
+    cases = [
+        (dict(lr=args["lr"][:, :3]), "`lr` must have shape"),
+        (dict(momentum=args["momentum"][..., None]), "`momentum` must have shape"),
+        (dict(initial_state=None), "`initial_state` is required"),
+        (dict(initial_state=(W1, None)), r"`initial_state\[0\]` of a depth-2 memory"),
+        (dict(initial_state=((W1, W2[:, :, :-1]), None)), r"`initial_state\[0\]\[1\] \(W2\)`"),
+        (dict(initial_state=((W1, W2), (W1, W1))), r"`initial_state\[1\]\[1\] \(W2\)`"),
+        (dict(initial_state=((W1, W2),)), "must be a pair"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            neural_memory(**{**args, **kw}, depth=2, chunk_size=2)
+    with pytest.raises(ValueError, match="`depth` must be 1"):
+        neural_memory(**args, depth=3, chunk_size=2)
+    with pytest.raises(ValueError, match="`chunk_size` must be a positive int"):
+        neural_memory(**args, depth=2, chunk_size=0)
+    with pytest.raises(ValueError, match="`initial_state\\[0\\]` of a depth-1 memory"):
+        neural_memory(**args, depth=1, chunk_size=2)
+    with pytest.raises(NotImplementedError, match="pallas"):
+        neural_memory(**args, depth=2, chunk_size=2, impl="pallas")
+    with pytest.raises(ValueError, match="`state` is required"):
+        neural_memory_step(*(args[n][:, 0] for n in ("q", "k", "v", "lr", "momentum",
+                                                      "decay")), depth=2, state=None)
+    with pytest.raises(ValueError, match="`chunk_memory`"):
+        neural_memory_step(*(args[n][:, 0] for n in ("q", "k", "v", "lr", "momentum",
+                                                      "decay")), depth=2,
+                           state=args["initial_state"], chunk_memory=W1)
