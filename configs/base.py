@@ -128,9 +128,12 @@ def get_config() -> ConfigDict:
         # scan_layers. Exempt: norm scales (mixer_norm, mlp_norm, final_norm, o_norm); biases
         # (dense biases, ssd/gdn dt_bias); per-head gate parameters (ssd/gdn A_log, ssd D,
         # attn/swa sinks); decay/step gate projections (gdn a_proj, gdn/deltanet b_proj, ssd
-        # dt_proj, gla gk_proj_a/gk_proj_b). Decayed: embeddings, lm_head, q/k/v/o/g projections,
+        # dt_proj, gla gk_proj_a/gk_proj_b, titans lr/momentum/decay_proj); titans' learned
+        # initial memory (memory_w1, memory_w2: decay would pull it to the zero MLP, whose
+        # gradients vanish). Decayed: embeddings, lm_head, q/k/v/o/g projections,
         # MLPs, short-conv kernels. A new parameter that must not decay needs a pattern here.
-        no_decay_patterns="norm,bias,A_log,(^|/)D$,sinks,a_proj/,b_proj/,dt_proj/,gk_proj",
+        no_decay_patterns="norm,bias,A_log,(^|/)D$,sinks,a_proj/,b_proj/,dt_proj/,gk_proj,"
+                          "lr_proj/,momentum_proj/,decay_proj/,memory_w[12]$",
         # Memory layers' value tables (pkm's per-layer `mlp/values`, memory_plus's shared
         # `memory_values`; the params whose path matches one of the comma-separated regexes):
         # their own AdamW, by default as the Memory+ reference code (facebookresearch/memory)

@@ -8,3 +8,4 @@ from layers import mlp  # noqa: F401
 from layers import mom  # noqa: F401
 from layers import memory  # noqa: F401
 from layers import nsa  # noqa: F401
+from layers import titans  # noqa: F401

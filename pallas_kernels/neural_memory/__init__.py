@@ -148,8 +148,10 @@ def neural_memory(q, k, v, lr, momentum, decay, *, depth, chunk_size, scale=1.0,
     if B * T == 0:
         o = jnp.zeros((B, T, H, V), q.dtype)
     else:
+        # A chunk longer than the input is the same function as one of T tokens (every
+        # sequence then lies in its first chunk), without the padding.
         o, state = fn(q, k, v, lr, momentum, decay, depth=depth, scale=scale,
-                      initial_state=state, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+                      initial_state=state, cu_seqlens=cu_seqlens, chunk_size=min(chunk_size, T))
     return o, (_public(state) if output_final_state else None)
 
 

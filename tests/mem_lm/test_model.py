@@ -143,6 +143,11 @@ def documented_param_count(cfg: ModelConfig) -> int:
             n = d * M + d * HD + conv * (2 * HD + V) + 2 * H   # router, q, convs, A_log, dt_bias
             n += (M + s["shared_memory"]) * memory
             return n + d * V + V // H + V * d                          # gate, o_norm, o_proj
+        if mixer == "titans":  # q, k, v, convs, θ/η/α projections + biases, the learned
+            E = int(round(D * s["expansion"]))           # initial MLP memory, gate, o_norm, o_proj
+            n = 3 * d * HD + conv * 3 * HD + 3 * (d * H + H)
+            n += 2 * H * D * E if s["depth"] == 2 else 0
+            return n + (d * HD if s["use_gate"] else 0) + D + HD * d
         if mixer in ("gdn", "deltanet"):
             V = H * int(round(D * s["expand_v"]))
             n = 2 * d * HD + d * V + conv * (2 * HD + V) + d * H      # q, k, v, convs, β

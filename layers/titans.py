@@ -1,0 +1,290 @@
+"""Titans' long-term memory as a token mixer (`titans`: the paper's LMM; beside `swa` in
+`pattern` it is MAL), on `pallas_kernels.neural_memory` (Behrouz et al. 2025, "Titans:
+Learning to Memorize at Test Time"):
+
+  q, k, v = SiLU(conv4(W_q x)), SiLU(conv4(W_k x)), SiLU(conv4(W_v x))   (SiLU(W x) without
+  short convs); q, k L2-normalised per head;
+  θ = lr_max · sigmoid(W_θ x + b_θ), η = sigmoid(W_η x + b_η), α = sigmoid(W_α x + b_α) per
+  token and head (b_θ = b_η = 0, b_α = −4 at init: slow forgetting);
+  the memory (depth 1: a matrix; depth 2: an MLP of hidden width expansion · head_dim, exact
+  GELU, no biases) trained on ½‖M(k_t) − v_t‖² with momentum and forgetting, read with q
+  (scale 1), chunk semantics of the op (`memory_chunk` tokens share the chunk-start memory for
+  their gradients and reads: see pallas_kernels/neural_memory);
+  y = o_proj(RMSNorm(o) ⊙ SiLU(W_g x)) per head (o_proj(RMSNorm(o)) without use_gate).
+
+The initial memory of a depth-2 layer is learned, per head (xavier-uniform W1, W2); depth 1
+starts from zero, as DeltaNet. Momentum starts at zero.
+
+Packed documents (segment_ids) restart at each document from the learned initial memory, with
+chunks counted from the document's start: the op's cu_seqlens per row, or a token scan that
+reloads the initial state at each start when a row holds more documents than
+`docs_per_row` allows. Decode cache: the memory, the momentum and the memory of the last chunk
+boundary (the reads use it until the chunk ends), and the conv inputs; the position inside the
+chunk is the model's cache position. A prefill that starts on a chunk boundary runs the
+chunked op; one that starts inside a chunk, and single decode tokens, run the op's step.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from layers.common import constrain, dense, docs_per_row, pack_rows
+from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
+from layers.norm import GatedRMSNorm
+from layers.registry import (Mechanism, Setting, SettingError, Shared, positive_int, register,
+                             width_multiplier)
+from pallas_kernels.common import l2_normalize
+from pallas_kernels.neural_memory import neural_memory, neural_memory_step
+
+
+def _rows(mask, x):
+    """A per-row mask [B] broadcast against x [B, ...]."""
+    return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+
+
+def _impl(impl: str) -> str:
+    """The op has no Pallas kernel yet: a model-wide impl="pallas" runs its chunked XLA form."""
+    return "xla" if impl == "pallas" else impl
+
+
+def _select(mask, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(_rows(mask, o), n, o), new, old)
+
+
+class Titans(nn.Module):
+    d_model: int
+    num_heads: int
+    head_dim: int
+    depth: int = 2
+    expansion: float = 4.0
+    chunk_size: int = 8
+    lr_max: float = 1.0
+    use_gate: bool = True
+    conv_size: int = 4
+    use_short_conv: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"
+
+    @property
+    def hidden(self) -> int:
+        return int(round(self.head_dim * self.expansion))
+
+    def _memory_shapes(self, lead: tuple) -> tuple:
+        D = self.head_dim
+        if self.depth == 1:
+            return (lead + (D, D),)
+        return lead + (D, self.hidden), lead + (self.hidden, D)
+
+    def _structure(self, leaves):
+        """Tuple of memory arrays -> the op's structure (an array for depth 1)."""
+        return leaves[0] if self.depth == 1 else tuple(leaves)
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        H, D = self.num_heads, self.head_dim
+        zeros = lambda: self._structure([jnp.zeros(s, jnp.float32)
+                                         for s in self._memory_shapes((batch, H))])
+        cache = {"state": {"memory": zeros(), "momentum": zeros(), "chunk_memory": zeros()}}
+        if self.use_short_conv:
+            cache.update(qkv_conv_cache(batch, {n: (H, D) for n in "qkv"}, self.conv_size,
+                                        self.dtype))
+        return cache
+
+    def _initial_memory(self):
+        """The learned initial memory per head (depth 2), or zeros (depth 1): leaves [H, ...]."""
+        H = self.num_heads
+        if self.depth == 1:
+            return self._structure([jnp.zeros(s, jnp.float32)
+                                    for s in self._memory_shapes((H,))])
+        init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        s1, s2 = self._memory_shapes((H,))
+        W1 = self.param("memory_w1", nn.with_logical_partitioning(init, ("heads", "kv", None)),
+                        s1, jnp.float32)
+        W2 = self.param("memory_w2", nn.with_logical_partitioning(init, ("heads", None, "kv")),
+                        s2, jnp.float32)
+        return W1, W2
+
+    @nn.compact
+    def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
+                 layer_idx=None):
+        B, T = x.shape[:2]
+        H, D = self.num_heads, self.head_dim
+        kw = dict(std=self.init_std, dtype=self.dtype)
+        qkv = {n: dense((H, D), ("embed", "heads", "kv"), name=f"{n}_proj", **kw)(x)
+               for n in "qkv"}
+        if self.use_short_conv:
+            qkv, new_cache = short_conv_qkv(qkv, self.conv_size, segment_ids, cache, self.dtype,
+                                            std=self.init_std)
+        else:
+            qkv, new_cache = {n: jax.nn.silu(t) for n, t in qkv.items()}, {}
+        q, k, v = (constrain(qkv[n], ("batch", "length", "heads", "kv")) for n in "qkv")
+        q, k = l2_normalize(q), l2_normalize(k)
+
+        def gate(name, bias):
+            w = dense((H,), ("embed", "heads"), name=f"{name}_proj", **kw)(x).astype(jnp.float32)
+            b = self.param(f"{name}_bias", nn.with_logical_partitioning(
+                nn.initializers.constant(bias), ("heads",)), (H,), jnp.float32)
+            return jax.nn.sigmoid(w + b)
+
+        lr = self.lr_max * gate("lr", 0.0)
+        eta = gate("momentum", 0.0)
+        alpha = gate("decay", -4.0)
+        init = self._initial_memory()
+        args = (q, k, v, lr, eta, alpha)
+
+        state = None
+        if segment_ids is not None:
+            o = self._documents(args, init, segment_ids)
+        elif cache is None:
+            o = self._op(args, jax.tree.map(lambda w: jnp.broadcast_to(w, (B,) + w.shape), init))
+        else:
+            o, state = self._cached(args, init, cache["state"], cache_pos)
+        g = (dense((H, D), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
+             if self.use_gate else None)
+        o = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(o, g)
+        o = constrain(o, ("batch", "length", "heads", "kv"))
+        y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
+        return y, None if cache is None else {**new_cache, "state": state}
+
+    # ------------------------------------------------------------------ the three modes
+    def _op(self, args, memory, momentum=None, cu_seqlens=None, final=False):
+        o, state = neural_memory(*args, depth=self.depth, chunk_size=self.chunk_size,
+                                 scale=1.0, initial_state=(memory, momentum),
+                                 output_final_state=final, impl=_impl(self.impl),
+                                 cu_seqlens=cu_seqlens)
+        return (o, state) if final else o
+
+    def _documents(self, args, init, segment_ids):
+        """Every document from the initial memory: per row the op with cu_seqlens (vmapped), or
+        the token scan when a row has more documents than `docs_per_row` (one scalar decides
+        for the batch; both branches checkpointed, as layers.common._documents)."""
+        T = segment_ids.shape[1]
+        rows = pack_rows(segment_ids, docs_per_row(T, self.chunk_size))
+        N = rows.cu_seqlens.shape[1] - 1
+
+        def row(cu, *xs):
+            memory = jax.tree.map(lambda w: jnp.broadcast_to(w, (N,) + w.shape), init)
+            return self._op(tuple(x[None] for x in xs), memory, cu_seqlens=cu)[0]
+
+        def scan(a):
+            B = a[0].shape[0]
+            memory = jax.tree.map(lambda w: jnp.broadcast_to(w, (B,) + w.shape), init)
+            zeros = jax.tree.map(jnp.zeros_like, memory)
+            o, _ = self._token_scan(a, (memory, zeros, memory, jnp.zeros((B,), jnp.int32)),
+                                    starts=rows.starts, init=(memory, zeros))
+            return o
+
+        return jax.lax.cond(rows.fits,
+                            jax.checkpoint(lambda a: jax.vmap(row)(rows.cu_seqlens, *a)),
+                            jax.checkpoint(scan), args)
+
+    def _cached(self, args, init, state, cache_pos):
+        """From the cache at position cache_pos (the model's tokens seen): the learned initial
+        memory at position 0. Returns (o, the new cache state)."""
+        B, T = args[0].shape[:2]
+        C = self.chunk_size
+        fresh = jnp.asarray(cache_pos) == 0
+        init_b = jax.tree.map(lambda w: jnp.broadcast_to(w, (B,) + w.shape), init)
+        memory = jax.tree.map(lambda i, m: jnp.where(fresh, i, m), init_b, state["memory"])
+        momentum = jax.tree.map(lambda m: jnp.where(fresh, 0, m), state["momentum"])
+        chunk_memory = jax.tree.map(lambda i, m: jnp.where(fresh, i, m), init_b,
+                                    state["chunk_memory"])
+        pos = jnp.broadcast_to(jnp.asarray(cache_pos, jnp.int32) % C, (B,))
+
+        def by_tokens(_):
+            o, (m, z, c, _) = self._token_scan(args, (memory, momentum, chunk_memory, pos))
+            return o, {"memory": m, "momentum": z, "chunk_memory": c}
+
+        if T == 1:
+            return by_tokens(None)
+
+        def by_chunks(_):   # the prefill starts on a chunk boundary: the chunked op
+            L0 = T // C * C
+            m, z, c = memory, momentum, memory
+            outs = []
+            for s, e in ((0, L0), (L0, T)):
+                if e > s:
+                    c = m
+                    o, (m, z) = self._op(tuple(a[:, s:e] for a in args), m, z, final=True)
+                    outs.append(o)
+            if T == L0:
+                c = m
+            return jnp.concatenate(outs, axis=1), {"memory": m, "momentum": z, "chunk_memory": c}
+
+        return jax.lax.cond(pos[0] == 0, by_chunks, by_tokens, None)
+
+    def _token_scan(self, args, carry, starts=None, init=None):
+        """The op's step over the tokens of args [B, T, ...] from carry = (memory, momentum,
+        chunk memory, position in the chunk [B]); with `starts` [B, T] the state reloads `init`
+        (memory, momentum) and the position restarts at every start. Blocks of about √T tokens
+        are rematerialised (a backward pass keeps O(√T) states). Returns (o, final carry)."""
+        B, T = args[0].shape[:2]
+        C = self.chunk_size
+        n = math.isqrt(max(T - 1, 0)) + 1
+        nb = -(-T // n)
+        if starts is None:
+            starts = jnp.zeros((B, T), bool)
+
+        def blocks(x):   # [B, T, ...] -> [nb, n, B, ...], zero-padded (outputs dropped)
+            x = jnp.pad(x, [(0, 0), (0, nb * n - T)] + [(0, 0)] * (x.ndim - 2))
+            return jnp.moveaxis(x.reshape((B, nb, n) + x.shape[2:]), 0, 2)
+
+        def token(carry, inp):
+            xs, start, real = inp
+            memory, momentum, chunk_memory, pos = carry
+            if init is not None:
+                memory, momentum = _select(start, init, (memory, momentum))
+                pos = jnp.where(start, 0, pos)
+            chunk_memory = _select(pos % C == 0, memory, chunk_memory)
+            o, (memory, momentum) = neural_memory_step(
+                *xs, depth=self.depth, scale=1.0, state=(memory, momentum),
+                chunk_memory=chunk_memory)
+            # The padding after the last token leaves the carry as it is.
+            return _select(real, (memory, momentum, chunk_memory, pos + 1), carry), o
+
+        block = jax.checkpoint(lambda c, xb: jax.lax.scan(token, c, xb))
+        carry, o = jax.lax.scan(block, carry, (tuple(blocks(a) for a in args), blocks(starts),
+                                               blocks(jnp.ones((B, T), bool))))
+        return jnp.moveaxis(o, 2, 0).reshape((B, nb * n) + o.shape[3:])[:, :T], carry
+
+
+_SETTINGS = {
+    "depth": Setting(2, int, "memory network: 1 = a matrix [K, V] per head (DeltaNet-like), "
+                             "2 = an MLP K → E → V with exact GELU and a learned initial memory"),
+    "expansion": Setting(4.0, float, "hidden width E of the depth-2 memory = expansion · "
+                                     "head_dim (lucidrains' NeuralMemory default 4)"),
+    "memory_chunk": Setting(8, int, "tokens whose gradients and reads share the chunk-start "
+                                  "memory (1: the exact online rule); part of the function, "
+                                  "not only of its speed"),
+    "lr_max": Setting(1.0, float, "θ = lr_max · sigmoid(W_θ x + b_θ), the memory's learning "
+                                  "rate per token"),
+    "use_gate": Setting(True, bool, "output gate: o_proj(RMSNorm(o) ⊙ SiLU(W_g x)); "
+                                    "False: o_proj(RMSNorm(o))"),
+    **conv_settings(True),
+}
+
+
+def _check(shared: Shared, s) -> None:
+    positive_int(s, "conv_size", "memory_chunk")
+    if s["depth"] not in (1, 2):
+        raise SettingError("depth", f"must be 1 or 2, got {s['depth']!r}")
+    width_multiplier(s, "expansion", shared.head_dim)
+    if not s["lr_max"] > 0:
+        raise SettingError("lr_max", f"must be > 0, got {s['lr_max']!r}")
+
+
+def _build(shared: Shared, s, name):
+    return Titans(d_model=shared.d_model, num_heads=shared.num_heads, head_dim=shared.head_dim,
+                  depth=s["depth"], expansion=s["expansion"], chunk_size=s["memory_chunk"],
+                  lr_max=s["lr_max"], use_gate=s["use_gate"], conv_size=s["conv_size"],
+                  use_short_conv=s["short_conv"], norm_eps=shared.norm_eps,
+                  init_std=shared.init_std, dtype=shared.dtype, impl=shared.impl, name=name)
+
+
+register(Mechanism("titans", "token", _build, _SETTINGS, _check,
+                   "Titans LMM: a neural memory (matrix or MLP) trained while reading, by "
+                   "gradient steps with momentum and forgetting", recurrent=True))
