@@ -17,6 +17,7 @@ Decode cache: the [B, Hv, K, V] float32 state and the last conv_size − 1 input
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -109,6 +110,8 @@ _SETTINGS = {
                                     "False: o_proj(RMSNorm(o))"),
     **conv_settings(True),
 }
+# fla's DeltaNet layer has no output gate by default (its GatedDeltaNet has one).
+_DELTANET_SETTINGS = {**_SETTINGS, "use_gate": dataclasses.replace(_SETTINGS["use_gate"], default=False)}
 
 
 def _check(shared: Shared, s) -> None:
@@ -134,5 +137,5 @@ def _builder(use_decay: bool):
 
 register(Mechanism("gdn", "token", _builder(True), _SETTINGS, _check,
                    "Gated DeltaNet: delta rule with a Mamba2 scalar decay", recurrent=True))
-register(Mechanism("deltanet", "token", _builder(False), _SETTINGS, _check,
+register(Mechanism("deltanet", "token", _builder(False), _DELTANET_SETTINGS, _check,
                    "DeltaNet: the delta rule without decay", recurrent=True))

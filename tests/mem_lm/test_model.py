@@ -153,7 +153,7 @@ def documented_param_count(cfg: ModelConfig) -> int:
             n = 2 * d * HD + d * V + conv * (2 * HD + V) + d * H      # q, k, v, convs, β
             if mixer == "gdn":
                 n += d * H + 2 * H                                     # a_proj, A_log, dt_bias
-            return n + d * V + V // H + V * d                          # gate, o_norm, o_proj
+            return n + d * V * s["use_gate"] + V // H + V * d          # gate, o_norm, o_proj
         V = H * int(round(D * s.get("expand_v", 1.0)))                 # value width
         if mixer == "la" and s["feature_map"] == "taylor":
             f = s["feature_dim"]
