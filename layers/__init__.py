@@ -9,3 +9,4 @@ from layers import mom  # noqa: F401
 from layers import memory  # noqa: F401
 from layers import nsa  # noqa: F401
 from layers import titans  # noqa: F401
+from layers import brt  # noqa: F401

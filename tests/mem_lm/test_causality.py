@@ -39,6 +39,9 @@ ACTIVE = {
     "nsa": {"cmp_block": 4, "cmp_stride": 2, "sel_block": 2, "sel_blocks": 5, "window": 2},
     # Tokens past a memory's capacity are dropped: which ones must not depend on later tokens.
     "mom": {"capacity_factor": 0.5},
+    # Windows of 4: cuts inside a window, at its last token and after it; state updates at
+    # 3, 7, 11.
+    "brt": {"window": 4, "state_size": 4},
 }
 # 4 blocks of 4 tokens, one selected, a one-token window.
 TOPK = {"topk_blocks": 1, "topk_block_size": 4, "topk_window": 1}

@@ -21,7 +21,8 @@ TINY = dict(vocab_size=37, d_model=16, num_heads=2, chunk_size=4)
 
 
 def tiny(pattern, num_layers=None, mixers=None, **kw):
-    mixers = {"swa": {"window": 3}, **(mixers or {})}
+    # brt: windows and a state small enough that T = 15 crosses several state updates.
+    mixers = {"swa": {"window": 3}, "brt": {"window": 4, "state_size": 4}, **(mixers or {})}
     return ModelConfig(num_layers=num_layers or len(pattern), pattern=pattern, mixers=mixers,
                        **{**TINY, **kw})
 
@@ -125,6 +126,12 @@ def documented_param_count(cfg: ModelConfig) -> int:
 
     def token(mixer):
         s = cfg.settings(mixer)
+        if mixer == "brt":
+            # Tokens and state alike: q, k, v, q2, two attention scales, the projection of
+            # [self; cross]; the state's initial value, position embeddings and norm; the gate
+            # (a bias, or LSTM forget and input kernels + biases).
+            gate = d if s["gate"] == "fixed" else 2 * (2 * HD * d + d)
+            return 2 * (4 * d * HD + 2 * H + 2 * HD * d) + 2 * s["state_size"] * d + d + gate
         conv = s["conv_size"] if s["short_conv"] else 0     # per q/k/v channel
         if mixer == "ssd":     # z, x, B, C, dt; x/B/C convs + biases; dt_bias, A_log, D;
             GN = s["ngroups"] * s["d_state"]                  # o_norm, o_proj
