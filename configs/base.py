@@ -130,10 +130,14 @@ def get_config() -> ConfigDict:
         # attn/swa sinks); decay/step gate projections (gdn a_proj, gdn/deltanet b_proj, ssd
         # dt_proj, gla gk_proj_a/gk_proj_b, titans lr/momentum/decay_proj); titans' learned
         # initial memory (memory_w1, memory_w2: decay would pull it to the zero MLP, whose
-        # gradients vanish). Decayed: embeddings, lm_head, q/k/v/o/g projections,
+        # gradients vanish); brt's attention scales (attn_scale, ...: the temperatures of its
+        # normalised q/k), learned initial state and state position embeddings (initial_state,
+        # state_pos: decay would pull the S state vectors together). Decayed: embeddings,
+        # lm_head, q/k/v/o/g projections (brt's state_q/k/v/q2/out and LSTM gate kernels),
         # MLPs, short-conv kernels. A new parameter that must not decay needs a pattern here.
         no_decay_patterns="norm,bias,A_log,(^|/)D$,sinks,a_proj/,b_proj/,dt_proj/,gk_proj,"
-                          "lr_proj/,momentum_proj/,decay_proj/,memory_w[12]$",
+                          "lr_proj/,momentum_proj/,decay_proj/,memory_w[12]$,_scale$,"
+                          "initial_state$,state_pos$",
         # Memory layers' value tables (pkm's per-layer `mlp/values`, memory_plus's shared
         # `memory_values`; the params whose path matches one of the comma-separated regexes):
         # their own AdamW, by default as the Memory+ reference code (facebookresearch/memory)

@@ -34,12 +34,17 @@ def test_no_weight_decay_on_norms_biases_gates_and_vectors():
 NO_DECAY = re.compile(r"(^|/)(final_norm|mixer_norm|mlp_norm|o_norm)/scale$|/bias$|"
                       r"/mixer/(A_log|D|dt_bias|sinks|lr_bias|momentum_bias|decay_bias)$|"
                       r"/mixer/(memory_w1|memory_w2)$|"   # titans' learned initial memory
+                      # brt's attention temperatures, state norm, gate biases, learned
+                      # initial state and state position embeddings
+                      r"/mixer/((state_)?(attn|cross)_scale|state_norm|(gate|forget|input)_bias|"
+                      r"initial_state|state_pos)$|"
                       r"/mixer/(shared_)?(a_proj|b_proj|dt_proj|gk_proj_a|gk_proj_b|lr_proj|"
                       r"momentum_proj|decay_proj)/kernel$")
 DECAY = re.compile(r"^embed/embedding$|^lm_head/kernel$|/mlp/(w_gate|w_up|w_out)/kernel$|"
                    r"/mixer/(shared_)?(q_proj|k_proj|v_proj|o_proj|g_proj|q_conv|k_conv|v_conv|"
                    r"k_branches_conv|v_branches_conv|router|z_proj|x_proj|B_proj|C_proj|x_conv|"
-                   r"B_conv|C_conv)/kernel$")
+                   r"B_conv|C_conv|q2_proj)/kernel$|"
+                   r"/mixer/(state_q|state_k|state_v|state_q2|state_out|forget_gate|input_gate)$")
 
 
 def _names(params, scan: bool, groups: int, pattern_len: int):
