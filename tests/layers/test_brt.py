@@ -225,6 +225,30 @@ def test_causality_and_the_state_carries_tokens_beyond_the_window(rng):
     assert np.abs(y[-1, 10] - y[0, 10]).max() > 1e-3 * scale
 
 
+@pytest.mark.parametrize("gate", ["fixed", "lstm"])
+def test_gradients_reach_the_state_and_its_gate(gate, rng):
+    """Through the window scan (checkpointed blocks): the learned initial state, the state
+    position embeddings, the state projections and the gate get nonzero, finite gradients,
+    equal to central differences along a random direction."""
+    layer = make(gate)
+    params = random_params(layer, rng)
+    x = jnp.asarray(rng.standard_normal((1, 8, D_MODEL)), jnp.float32)
+    loss = jax.jit(lambda p: jnp.sum(jnp.sin(layer.apply(p, x)[0])))
+    g = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, x)[0]))))(params)["params"]
+    names = ["initial_state", "state_pos", "state_q2", "state_out"] + (
+        ["gate_bias"] if gate == "fixed" else ["forget_gate", "input_bias"])
+    for n in names:
+        assert np.isfinite(g[n]).all() and float(jnp.abs(g[n]).max()) > 1e-6, n
+    direction = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype),
+                             params)
+    eps = 1e-2
+    shift = lambda c: jax.tree.map(lambda a, d: a + c * eps * d, params, direction)
+    numeric = (loss(shift(1.0)) - loss(shift(-1.0))) / (2 * eps)
+    analytic = sum(jnp.vdot(a, d) for a, d in zip(
+        jax.tree.leaves(g), jax.tree.leaves(direction["params"])))
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
+
+
 @pytest.mark.parametrize("field, value", [("state_size", 0), ("window", 0), ("window", -2),
                                           ("gate", "gru"), ("gate", "bias")])
 def test_bad_settings_name_the_field(field, value):
