@@ -65,6 +65,9 @@ class ModelConfig:
     chunk_size: int = 64                   # chunk of the recurrent ops
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # Segment recurrence around the whole block stack (mem_lm/segments.py), e.g.
+    # {"kind": "rmt", "length": 512, "memory_tokens": 10, "bptt": None}; None = off.
+    segments: Any = None
 
     def __post_init__(self):
         for f in ("pattern", "channel_pattern"):
@@ -110,6 +113,7 @@ class ModelConfig:
         for f in ("tie_embeddings", "scan_layers"):
             need(isinstance(getattr(self, f), bool), f, "must be True or False")
         object.__setattr__(self, "mixers", self._resolve_mixers())
+        object.__setattr__(self, "segments", _resolve_segments(self.segments))
 
     def _resolve_mixers(self) -> tuple:
         """The settings of every mechanism in the patterns, as a sorted, hashable tuple of
@@ -166,6 +170,12 @@ class ModelConfig:
                       rope_theta=self.rope_theta)
 
     @property
+    def segment_settings(self) -> Optional[dict]:
+        """The resolved segment-recurrence settings {kind, length, memory_tokens, bptt}, or
+        None for a model without segments."""
+        return None if self.segments is None else dict(self.segments)
+
+    @property
     def group_size(self) -> int:
         """Layers in one repetition of both patterns (the unit scan_layers scans over)."""
         return math.lcm(len(self.pattern), len(self.channel_pattern))
@@ -188,6 +198,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["pattern"], d["channel_pattern"] = list(self.pattern), list(self.channel_pattern)
         d["mixers"] = {n: dict(s) for n, s in self.mixers}
+        d["segments"] = None if self.segments is None else dict(self.segments)
         return d
 
     @classmethod
@@ -228,6 +239,45 @@ def _as_mapping(value, where: str, what: str) -> Mapping:
         return dict(value)
     except (TypeError, ValueError):
         raise ValueError(f"{where}: {what}, got {value!r}") from None
+
+
+SEGMENT_KINDS = ("rmt",)
+# Settings of `segments`: name -> default (None for "bptt" = full backpropagation through time;
+# "length" has no default).
+_SEGMENT_DEFAULTS = {"kind": "rmt", "length": None, "memory_tokens": 10, "bptt": None}
+
+
+def _resolve_segments(value):
+    """`segments` as a sorted, hashable tuple of (setting, value) pairs, or None."""
+    if value is None:
+        return None
+    given = _as_mapping(value, "ModelConfig.segments",
+                        "must be None or map settings {kind, length, memory_tokens, bptt} "
+                        "to values")
+    unknown = sorted((k for k in given if k not in _SEGMENT_DEFAULTS), key=str)
+    if unknown:
+        raise ValueError(f"ModelConfig.segments.{unknown[0]}: unknown setting; known: "
+                         f"{sorted(_SEGMENT_DEFAULTS)}")
+    s = {**_SEGMENT_DEFAULTS, **given}
+
+    def need(ok, field, msg):
+        if not ok:
+            raise ValueError(f"ModelConfig.segments.{field}: {msg}, got {s[field]!r}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(s["kind"] in SEGMENT_KINDS, "kind", f"must be one of {SEGMENT_KINDS}")
+    need(s["length"] is not None, "length", "required (tokens per segment)")
+    for f, lo in (("length", 1), ("memory_tokens", 1)):
+        need(is_int(s[f]), f, "must be an int")
+        need(s[f] >= lo, f, f"must be >= {lo}")
+        need(s[f] <= registry.MAX_INT, f, "must be <= 2**31 - 1")
+    if s["bptt"] is not None:
+        need(is_int(s["bptt"]), "bptt", "must be None (full) or an int")
+        need(s["bptt"] >= 0, "bptt", "must be >= 0")
+        need(s["bptt"] <= registry.MAX_INT, "bptt", "must be <= 2**31 - 1")
+    return tuple(sorted(s.items()))
 
 
 _SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(Shared))

@@ -128,6 +128,39 @@ def _maybe_remat(cls, cfg: ModelConfig):
     return nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
+class Stack(nn.Module):
+    """The block stack and the final norm: embeddings [B, T, d] -> normed hidden states. Its
+    parameters live in its parent's scope (`nn.share_scope`), so the paths are layer_{i} /
+    groups and final_norm at the model's top level whether or not segments wrap it."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache_pos, layers_cache, shared):
+        cfg = self.cfg
+        dt = compute_dtype(cfg)
+        if cfg.scan_layers:
+            Scanned = nn.scan(_maybe_remat(Group, cfg),
+                              variable_axes={"params": 0, **{c: 0 for c in AUX_COLLECTIONS}},
+                              split_rngs={"params": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0,
+                                       nn.broadcast),
+                              length=cfg.num_groups,
+                              metadata_params={nn.PARTITION_NAME: None})
+            x, new_layers = Scanned(cfg, name="groups")(
+                x, positions, segment_ids, cache_pos, layers_cache,
+                jnp.arange(cfg.num_groups, dtype=jnp.int32), shared)
+        else:
+            block = _maybe_remat(Block, cfg)
+            new_layers = []
+            for i in range(cfg.num_layers):
+                x, c = block(cfg, i, name=f"layer_{i}")(
+                    x, positions, segment_ids, cache_pos,
+                    None if layers_cache is None else layers_cache[i], jnp.int32(i), shared)
+                new_layers.append(c)
+        x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
+        return x, new_layers
+
+
 class LanguageModel(nn.Module):
     config: ModelConfig
 
@@ -157,27 +190,19 @@ class LanguageModel(nn.Module):
         shared = {n: self.param(n, fn, shape, jnp.float32)
                   for n, (fn, shape) in shared_params(cfg).items()}
         layers_cache = None if cache is None else cache["layers"]
-        if cfg.scan_layers:
-            Scanned = nn.scan(_maybe_remat(Group, cfg),
-                              variable_axes={"params": 0, **{c: 0 for c in AUX_COLLECTIONS}},
-                              split_rngs={"params": True},
-                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0,
-                                       nn.broadcast),
-                              length=cfg.num_groups,
-                              metadata_params={nn.PARTITION_NAME: None})
-            x, new_layers = Scanned(cfg, name="groups")(
-                x, positions, segment_ids, cache_pos, layers_cache,
-                jnp.arange(cfg.num_groups, dtype=jnp.int32), shared)
+        if cfg.segments is not None:
+            if cache is not None:
+                raise NotImplementedError(
+                    "decoding (prefill / decode_step / generate with a cache) is not built for "
+                    "models with ModelConfig.segments; run the full forward instead")
+            from mem_lm.segments import segment_forward
+            x = segment_forward(self, cfg, x, segment_ids, shared)
+            new_layers = None
         else:
-            block = _maybe_remat(Block, cfg)
-            new_layers = []
-            for i in range(cfg.num_layers):
-                x, c = block(cfg, i, name=f"layer_{i}")(
-                    x, positions, segment_ids, cache_pos,
-                    None if cache is None else layers_cache[i], jnp.int32(i), shared)
-                new_layers.append(c)
+            stack = Stack(cfg, name="stack")
+            nn.share_scope(self, stack)
+            x, new_layers = stack(x, positions, segment_ids, cache_pos, layers_cache, shared)
 
-        x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:

@@ -145,6 +145,13 @@ VALUES = {
     "tie_embeddings": bools, "scan_layers": bools,
     "dtype": choices(DTYPES), "remat": choices(REMAT), "impl": choices(IMPLS),
     "attn_impl": choices(ATTN_IMPLS),
+    # Segment recurrence: None (off), valid and bad settings, unknown keys, junk.
+    "segments": st.one_of(
+        st.none(),
+        st.dictionaries(st.sampled_from(["kind", "length", "memory_tokens", "bptt", "nope"]),
+                        st.one_of(st.integers(-1, 5), st.none(), st.sampled_from(["rmt", "x"]),
+                                  JUNK), max_size=4),
+        JUNK),
 }
 FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 # The fields a check compares a field with: an error may blame the other one.
@@ -180,7 +187,10 @@ def assert_names_a_changed_field(msg: str, kw: dict, changed: set):
     assert field in FIELDS, msg
     assert field in changed or changed & RELATED.get(field, set()), \
         f"blames {field}, which the example did not change ({sorted(changed)}): {msg}"
-    if mech is not None:
+    if mech is not None and field == "segments":
+        assert mech in ("kind", "length", "memory_tokens", "bptt") or \
+            mech in map(str, _as_dict(kw["segments"])), msg
+    elif mech is not None:
         assert field == "mixers", msg
         given = _as_dict(kw["mixers"])
         assert mech in MECHANISMS or mech in map(str, given), msg
