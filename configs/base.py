@@ -33,8 +33,11 @@ _OPTIONAL_TYPES = {f"Optional[{t.__name__}]": t for t in (int, float, bool, str)
 
 
 def _fill_placeholders(d: dict, types: dict) -> dict:
-    """None -> a typed placeholder, so that `--config.model.X=...` works on an unset field."""
-    return {k: config_dict.placeholder(types[k]) if v is None else v for k, v in d.items()}
+    """None -> a typed placeholder, so that `--config.model.X=...` works on an unset field.
+    A None of no scalar type (`segments`, a settings group or None) stays None: a config file
+    sets it to a dict, whose fields the command line can then override."""
+    return {k: config_dict.placeholder(types[k]) if v is None and types[k] is not None else v
+            for k, v in d.items()}
 
 
 def mixers_config(overrides: dict | None = None) -> ConfigDict:

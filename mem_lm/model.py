@@ -234,6 +234,10 @@ def apply_with_aux(model: "LanguageModel", variables, tokens, segment_ids=None):
     logits, state = model.apply(variables, tokens, segment_ids=segment_ids,
                                 mutable=list(AUX_COLLECTIONS))
     cfg = model.config
+    if cfg.segments is not None:
+        # Segment recurrence stacks every sowed value over the segments (the outermost axis):
+        # average it out, so each loss and metric is per layer as without segments.
+        state = jax.tree.map(lambda a: jnp.mean(jnp.asarray(a, jnp.float32), axis=0), state)
     by_name = lambda c: _by_name(state.get(c, {}), cfg.scan_layers)
     losses = {n: jnp.sum(v) for n, v in by_name(registry.AUX_LOSS).items()}
     losses.update(_pooled_losses(cfg, by_name(registry.AUX_POOLED)))

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from mem_lm import LanguageModel, ModelConfig
-from mem_lm.model import Stack, init_cache
+from mem_lm.model import Stack, apply_with_aux, init_cache
 
 VOCAB = 18
 
@@ -187,3 +187,16 @@ def test_trains_a_few_steps(rng):
         losses.append(float(loss))
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1, losses
     assert jnp.abs(g["segment_memory"]).max() > 0
+
+
+def test_aux_outputs_average_over_segments(rng):
+    """Sowed losses and metrics come out per layer, as without segments (averaged over the
+    segments the scan stacks them over), under scan_layers."""
+    cfg = tiny({"length": 4, "memory_tokens": 2}, ("mom",), scan_layers=True,
+               mixers={"mom": {"num_memories": 2, "top_k": 1, "short_conv": False}})
+    model, params = init(cfg)
+    tokens = jnp.asarray(rng.integers(0, VOCAB, (1, 14)), jnp.int32)
+    _, aux = jax.jit(lambda p: apply_with_aux(model, {"params": p}, tokens))(params)
+    assert list(aux["losses"]) == ["mom_load_balance"] and aux["metrics"]
+    for v in jax.tree.leaves(aux):
+        assert v.shape == () and np.isfinite(v)
