@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import ChunkLayout, acc_dtype, chunk_layout
+from pallas_kernels.common import ChunkLayout, acc_dtype, chunk_layout, fitted_chunk
 
 Intra = Callable[[Mapping[str, jax.Array]], tuple]
 
@@ -181,7 +181,7 @@ def run_chunked(intra: Intra, tokens: Mapping[str, Optional[jax.Array]], *, q: j
     """
     B, T, H, K = q.shape
     acc = acc_dtype(q)
-    layout = chunk_layout(B, T, chunk_size, cu_seqlens)
+    layout = chunk_layout(B, T, fitted_chunk(chunk_size, T), cu_seqlens)
     NC, N = layout.num_chunks, layout.num_seqs
     inputs = {name: to_chunk_major(x.astype(acc), layout)
               for name, x in tokens.items() if x is not None}

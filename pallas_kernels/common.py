@@ -436,6 +436,13 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def fitted_chunk(chunk_size: int, T: int) -> int:
+    """The chunk a T-token call runs with: `chunk_size`, or the power of two that covers T
+    when that is smaller. The chunked ops compute the same function at any chunk size; a chunk
+    far longer than the input would only pad it (and at 2^30 overflow int32 offsets)."""
+    return min(chunk_size, 1 << max(T - 1, 0).bit_length())
+
+
 def chunk_layout(batch: int, T: int, chunk: int, cu_seqlens=None) -> ChunkLayout:
     if cu_seqlens is None:
         T_pad = max(_round_up(T, chunk), chunk)

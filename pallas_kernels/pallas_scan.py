@@ -185,7 +185,7 @@ def prepare(family: str, q, k, v, *, beta=None, g=None, gk=None, scale: float,
     cd = jnp.result_type(q, k, v)
     cd = cd if jnp.dtype(cd).itemsize < 4 else acc
     # Per-key gates form a [C, C, K] block inside the kernel: keep their chunk small.
-    C = SUB if gk is not None else max(chunk_size, SUB)
+    C = SUB if gk is not None else max(common.fitted_chunk(chunk_size, T), SUB)
     layout = common.chunk_layout(B, T, C, cu_seqlens)
     NC, T_pad, N = layout.num_chunks, layout.T_pad, layout.num_seqs
     Kp, Vp = _pad_dim(K, blocks), _pad_dim(V, blocks)
