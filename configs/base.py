@@ -89,6 +89,10 @@ def model_config(**fields) -> ConfigDict:
     d["vocab_size"] = vocab
     d["mixers"] = mixers_config(mixers)
     types = {f.name: _OPTIONAL_TYPES.get(str(f.type)) for f in dataclasses.fields(ModelConfig)}
+    if d.get("segments") is not None:
+        # bptt None (full backpropagation) as an int placeholder, so that the command line can
+        # set it (--config.model.segments.bptt=2); the other settings have values.
+        d["segments"] = _fill_placeholders(d["segments"], {k: int for k in d["segments"]})
     return ConfigDict(_fill_placeholders(d, types))
 
 
@@ -135,12 +139,14 @@ def get_config() -> ConfigDict:
         # initial memory (memory_w1, memory_w2: decay would pull it to the zero MLP, whose
         # gradients vanish); brt's attention scales (attn_scale, ...: the temperatures of its
         # normalised q/k), learned initial state and state position embeddings (initial_state,
-        # state_pos: decay would pull the S state vectors together). Decayed: embeddings,
-        # lm_head, q/k/v/o/g projections (brt's state_q/k/v/q2/out and LSTM gate kernels),
-        # MLPs, short-conv kernels. A new parameter that must not decay needs a pattern here.
+        # state_pos: decay would pull the S state vectors together); RMT's learned first
+        # memory (segment_memory: decay would pull the m vectors to zero and together).
+        # Decayed: embeddings, lm_head, q/k/v/o/g projections (brt's state_q/k/v/q2/out and
+        # LSTM gate kernels), MLPs, short-conv kernels. A new parameter that must not decay
+        # needs a pattern here.
         no_decay_patterns="norm,bias,A_log,(^|/)D$,sinks,a_proj/,b_proj/,dt_proj/,gk_proj,"
                           "lr_proj/,momentum_proj/,decay_proj/,memory_w[12]$,_scale$,"
-                          "initial_state$,state_pos$",
+                          "initial_state$,state_pos$,(^|/)segment_memory$",
         # Memory layers' value tables (pkm's per-layer `mlp/values`, memory_plus's shared
         # `memory_values`; the params whose path matches one of the comma-separated regexes):
         # their own AdamW, by default as the Memory+ reference code (facebookresearch/memory)

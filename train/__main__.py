@@ -38,6 +38,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+    except ValueError as e:   # ml_collections: a field under one the config file leaves None
+        m = re.match(r'Override (\S+) can not be applied because field "(\w+)" is None', str(e))
+        if m is None:
+            raise
+        parts = m[1].split(".")
+        parent = ".".join(parts[:parts.index(m[2]) + 1]) if m[2] in parts else m[2]
+        print(f"error: config.{m[1]}: config.{parent} is None in this config file; a config "
+              f"file sets it to a dict (as configs/rmt_small.py sets model.segments), whose "
+              f"fields the command line can then override", file=sys.stderr)
     except flags.Error as e:
         m = re.match(r"flag --config\.([^=]+)=(.*?): (.*)", str(e), re.S)
         if m is None:  # not an override: absl's own report

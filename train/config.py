@@ -46,11 +46,24 @@ def check_override(path: str, schema: ConfigDict | None = None) -> None:
     done = ""
     for key in path.split("."):
         name = f"{done}.{key}" if done else key
+        if done == "model.segments" and node is None:
+            # None in the schema, a dict where a config file sets it (configs/rmt_small.py):
+            # its settings are ModelConfig's, whether or not this config file sets them.
+            node = _segment_settings_schema()
         if not isinstance(node, ConfigDict):
             _fail(name, f"unknown field: config.{done} is a value, not a group of fields")
         if key not in node:
             _fail(name, unknown_field(name, node))
         node, done = node[key], name
+
+
+def _segment_settings_schema() -> ConfigDict:
+    """model.segments' fields ({kind, length, memory_tokens, bptt}) as a group, for
+    check_override: taken from ModelConfig, so a new setting is known here too."""
+    from mem_lm import ModelConfig
+
+    cfg = ModelConfig(vocab_size=2, d_model=2, num_layers=1, num_heads=1, segments={"length": 1})
+    return ConfigDict({k: 0 for k in cfg.segment_settings})
 
 
 def _check_known_fields(config: ConfigDict, schema: ConfigDict, prefix: str = ""):

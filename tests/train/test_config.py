@@ -91,3 +91,22 @@ def test_cli_bad_overrides_are_named_errors(tmp_path):
     assert not (tmp_path / "config.json").exists()
     assert procs[4].returncode == 0 and '"tensor": 4' in outs[4], outs[4][-2000:]
     assert '"pattern": [\n      "attn"\n    ]' in outs[4], outs[4][-2000:]
+
+
+def test_segment_settings_are_overridable_fields():
+    """model.segments is None in the schema and a dict in a config file that sets it
+    (configs/rmt_small.py): the command line may name its settings, and only those; bptt None
+    (full) is an int placeholder there, so --config.model.segments.bptt=2 parses."""
+    from configs.rmt_small import get_config as rmt_config
+    from train.config import check_override
+
+    for field in ("kind", "length", "memory_tokens", "bptt"):
+        check_override(f"model.segments.{field}")
+    with pytest.raises(ConfigError, match=r"config.model.segments.lenght: unknown field \(did you "
+                                          r"mean 'length'\?\)"):
+        check_override("model.segments.lenght")
+    c = rmt_config()
+    assert c.model.segments.bptt is None and c.model.segments.to_dict()["bptt"] is None
+    c.model.segments.bptt = 2
+    r = resolve(c, num_devices=1)
+    assert r.model.segments.bptt == 2 and r.model.segments.length == 64

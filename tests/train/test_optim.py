@@ -137,3 +137,15 @@ def test_clipping_and_decay_applied():
     upd, _ = tx.update(grads, state, params)
     assert float(jnp.abs(upd["w"]).max()) > 0          # decay moves w with zero gradient
     assert float(jnp.abs(upd["norm"]["scale"]).max()) == 0.0
+
+
+def test_no_weight_decay_on_rmt_segment_memory():
+    """RMT's learned first memory is a state, like brt's initial_state: not decayed (decay would
+    pull the m vectors to zero and together); the embeddings beside it are."""
+    for scan in (False, True):
+        cfg = ModelConfig(vocab_size=16, d_model=16, num_layers=2, num_heads=2, pattern=("attn",),
+                          scan_layers=scan, segments={"length": 4, "memory_tokens": 2})
+        params = jax.eval_shape(lambda: LanguageModel(cfg).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+        mask = weight_decay_mask(nn.meta.unbox(params), get_config().optim.no_decay_patterns)
+        assert mask["segment_memory"] is False and mask["embed"]["embedding"] is True
