@@ -143,6 +143,10 @@ def _check(shared: Shared, s) -> None:
                                      f"{s['n_keys']}")
     if s["topk"] > s["n_keys"]:
         raise SettingError("topk", f"must be <= n_keys ({s['n_keys']}), got {s['topk']}")
+    # Each token reads heads · topk slots through one int32-indexed bag.
+    if s["heads"] * s["topk"] > MAX_INT:
+        raise SettingError("heads", f"heads · topk slots per token must be <= 2**31 - 1, got "
+                                    f"{s['heads']} · {s['topk']}")
     k_dim = _k_dim(shared, s)
     if k_dim < 2 or k_dim % 2:
         raise SettingError("k_dim", f"must be even and >= 2 (two halves; None: d_model // 2 = "
