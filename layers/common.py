@@ -121,6 +121,19 @@ def pack_rows(segment_ids: jax.Array, capacity: int) -> PackedRows:
     return PackedRows(cu, jnp.all(jnp.sum(starts, axis=1) <= capacity), starts)
 
 
+def packed_or_scanned(rows: PackedRows, row, scan, args):
+    """o of a recurrent op restarted at every document: `row(cu_seqlens, *xs)` on each row as
+    one packed sequence (vmapped over rows, so the batch axis stays a batch axis for sharding
+    and for the ops' parallelism) when `rows.fits`, else `scan(args)`, a token scan exact for
+    any number of documents. The predicate is one scalar for the whole batch, so lax.cond runs
+    one branch (a per-row one would turn into a select of both). Both branches are
+    checkpointed: differentiating lax.cond keeps the residuals of both branches (zeros for the
+    one not taken), so each keeps only its inputs instead."""
+    return jax.lax.cond(rows.fits,
+                        jax.checkpoint(lambda a: jax.vmap(row)(rows.cu_seqlens, *a)),
+                        jax.checkpoint(scan), args)
+
+
 def restarting_scan(step_op, args, starts: jax.Array, **kw) -> jax.Array:
     """o [B, T, H, V] of a recurrent op's one-token `step_op` run token by token over args
     ([B, T, ...], None allowed; args[0] = q, args[2] = v) from a zero state, zeroed again
@@ -187,13 +200,8 @@ def step_or_chunk(op, step_op, *args, state, segment_ids=None, **kw):
 
 
 def _documents(op, step_op, args, segment_ids, kw, chunk_kw):
-    """o of the op restarted exactly at every document: each row a packed row with its
-    documents' cu_seqlens (vmapped over rows, so the batch axis stays a batch axis for
-    sharding and for the ops' parallelism), or, when some row holds more documents than
-    `docs_per_row` allows, `restarting_scan`. The predicate is one scalar for the whole
-    batch, so lax.cond runs one branch (a per-row one would turn into a select of both).
-    Both branches are checkpointed: differentiating lax.cond keeps the residuals of both
-    branches (zeros for the one not taken), so each keeps only its inputs instead."""
+    """o of the op from a zero state at every document (`packed_or_scanned`, with
+    `restarting_scan` when some row holds more documents than `docs_per_row` allows)."""
     rows = pack_rows(segment_ids, docs_per_row(segment_ids.shape[1], chunk_kw["chunk_size"]))
 
     def row(cu, *xs):
@@ -201,7 +209,5 @@ def _documents(op, step_op, args, segment_ids, kw, chunk_kw):
                   **chunk_kw)
         return o[0]
 
-    return jax.lax.cond(rows.fits,
-                        jax.checkpoint(lambda a: jax.vmap(row)(rows.cu_seqlens, *a)),
-                        jax.checkpoint(lambda a: restarting_scan(step_op, a, rows.starts, **kw)),
-                        args)
+    return packed_or_scanned(rows, row, lambda a: restarting_scan(step_op, a, rows.starts, **kw),
+                             args)

@@ -86,8 +86,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import (constrain, dense, docs_per_row, dt_bias_init, head_param,
-                           restarting_scan, segment_starts)
+from layers.common import (PackedRows, constrain, dense, docs_per_row, dt_bias_init,
+                           head_param, packed_or_scanned, restarting_scan, segment_starts)
 from layers.conv import conv_settings, qkv_conv_cache
 from layers.norm import GatedRMSNorm
 from layers.registry import (AUX_METRICS, AUX_POOLED, Mechanism, Setting, SettingError, Shared,
@@ -525,12 +525,9 @@ class MixtureOfMemories(nn.Module):
         cu = jax.vmap(lambda st, n: jnp.nonzero(st, size=cap, fill_value=n)[0])(
             p.starts, p.length_kept)
         cu = jnp.concatenate([cu, p.length_kept[:, None]], axis=1).astype(jnp.int32)
-        fits = jnp.all(jnp.sum(p.starts, axis=1) <= cap)
-        packed = lambda a: jax.vmap(row)(cu, None, *a)[0]
+        rows = PackedRows(cu, jnp.all(jnp.sum(p.starts, axis=1) <= cap), p.starts)
         scan = lambda a: restarting_scan(gated_delta_rule_step, a, p.starts, **op_kw)
-        # Checkpointed as in layers.common: differentiating lax.cond keeps the residuals of
-        # both branches, so each keeps only its inputs.
-        return jax.lax.cond(fits, jax.checkpoint(packed), jax.checkpoint(scan), args), None
+        return packed_or_scanned(rows, lambda c, *a: row(c, None, *a)[0], scan, args), None
 
     def _sow_aux(self, r: Routing):
         if self.is_initializing():

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import constrain, dense, docs_per_row, pack_rows
+from layers.common import constrain, dense, docs_per_row, pack_rows, packed_or_scanned
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm
 from layers.registry import (Mechanism, Setting, SettingError, Shared, positive_int, register,
@@ -159,9 +159,8 @@ class Titans(nn.Module):
         return (o, state) if final else o
 
     def _documents(self, args, init, segment_ids):
-        """Every document from the initial memory: per row the op with cu_seqlens (vmapped), or
-        the token scan when a row has more documents than `docs_per_row` (one scalar decides
-        for the batch; both branches checkpointed, as layers.common._documents)."""
+        """Every document from the initial memory (`packed_or_scanned`): per row the op with
+        cu_seqlens, or the token scan when a row has more documents than `docs_per_row`."""
         T = segment_ids.shape[1]
         rows = pack_rows(segment_ids, docs_per_row(T, self.chunk_size))
         N = rows.cu_seqlens.shape[1] - 1
@@ -178,9 +177,7 @@ class Titans(nn.Module):
                                     starts=rows.starts, init=(memory, zeros))
             return o
 
-        return jax.lax.cond(rows.fits,
-                            jax.checkpoint(lambda a: jax.vmap(row)(rows.cu_seqlens, *a)),
-                            jax.checkpoint(scan), args)
+        return packed_or_scanned(rows, row, scan, args)
 
     def _cached(self, args, init, state, cache_pos):
         """From the cache at position cache_pos (the model's tokens seen): the learned initial
