@@ -134,31 +134,39 @@ def packed_or_scanned(rows: PackedRows, row, scan, args):
                         jax.checkpoint(scan), args)
 
 
-def restarting_scan(step_op, args, starts: jax.Array, **kw) -> jax.Array:
-    """o [B, T, H, V] of a recurrent op's one-token `step_op` run token by token over args
-    ([B, T, ...], None allowed; args[0] = q, args[2] = v) from a zero state, zeroed again
-    wherever `starts` [B, T] is set: exact for any number of documents, but sequential in T.
-    Blocks of about sqrt(T) tokens are rematerialised, so a backward pass holds O(sqrt(T))
-    states rather than one per token."""
-    B, T = starts.shape
-    q, v = args[0], args[2]
+def blocked_token_scan(token, carry, xs, T: int):
+    """`lax.scan` of token(carry, x) -> (carry, y) over the T tokens of xs (a pytree of
+    [B, T, ...] arrays, None allowed), in blocks of about sqrt(T) tokens that are each
+    rematerialised, so a backward pass holds O(sqrt(T)) carries rather than one per token.
+    The last block is zero-padded: `token` sees zeros there, its outputs are dropped, and a
+    carry that must survive the padding is for `token` to keep. Returns (carry, y [B, T, ...])."""
     n = math.isqrt(max(T - 1, 0)) + 1
     nb = -(-T // n)
 
-    def blocks(x):   # [B, T, ...] -> [nb, n, B, ...], zero-padded (outputs there are dropped)
+    def blocks(x):   # [B, T, ...] -> [nb, n, B, ...]
         x = jnp.pad(x, [(0, 0), (0, nb * n - T)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((B, nb, n) + x.shape[2:]), 0, 2)
+        return jnp.moveaxis(x.reshape((x.shape[0], nb, n) + x.shape[2:]), 0, 2)
+
+    block = jax.checkpoint(lambda c, xb: jax.lax.scan(token, c, xb))
+    carry, y = jax.lax.scan(block, carry, jax.tree.map(blocks, xs))
+    return carry, jnp.moveaxis(y, 2, 0).reshape((y.shape[2], nb * n) + y.shape[3:])[:, :T]
+
+
+def restarting_scan(step_op, args, starts: jax.Array, **kw) -> jax.Array:
+    """o [B, T, H, V] of a recurrent op's one-token `step_op` run token by token over args
+    ([B, T, ...], None allowed; args[0] = q, args[2] = v) from a zero state, zeroed again
+    wherever `starts` [B, T] is set: exact for any number of documents, but sequential in T
+    (`blocked_token_scan`)."""
+    B, T = starts.shape
+    q, v = args[0], args[2]
 
     def token(S, inp):
         x, start = inp
         o, S = step_op(*x, state=jnp.where(start[:, None, None, None], 0, S), **kw)
         return S, o
 
-    block = jax.checkpoint(lambda S, xb: jax.lax.scan(token, S, xb))
     S0 = jnp.zeros((B,) + q.shape[2:] + v.shape[3:], jnp.promote_types(q.dtype, jnp.float32))
-    _, o = jax.lax.scan(block, S0, (tuple(None if a is None else blocks(a) for a in args),
-                                    blocks(starts)))
-    return jnp.moveaxis(o, 2, 0).reshape((B, nb * n) + o.shape[3:])[:, :T]
+    return blocked_token_scan(token, S0, (tuple(args), starts), T)[1]
 
 
 # ----------------------------------------------------------------------------- Mamba2 inits

@@ -25,13 +25,12 @@ chunked op; one that starts inside a chunk, and single decode tokens, run the op
 """
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import constrain, dense, docs_per_row, pack_rows, packed_or_scanned
+from layers.common import (blocked_token_scan, constrain, dense, docs_per_row, pack_rows,
+                           packed_or_scanned)
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm
 from layers.registry import (Mechanism, Setting, SettingError, Shared, positive_int, register,
@@ -217,18 +216,12 @@ class Titans(nn.Module):
     def _token_scan(self, args, carry, starts=None, init=None):
         """The op's step over the tokens of args [B, T, ...] from carry = (memory, momentum,
         chunk memory, position in the chunk [B]); with `starts` [B, T] the state reloads `init`
-        (memory, momentum) and the position restarts at every start. Blocks of about √T tokens
-        are rematerialised (a backward pass keeps O(√T) states). Returns (o, final carry)."""
+        (memory, momentum) and the position restarts at every start (`blocked_token_scan`).
+        Returns (o, final carry)."""
         B, T = args[0].shape[:2]
         C = self.chunk_size
-        n = math.isqrt(max(T - 1, 0)) + 1
-        nb = -(-T // n)
         if starts is None:
             starts = jnp.zeros((B, T), bool)
-
-        def blocks(x):   # [B, T, ...] -> [nb, n, B, ...], zero-padded (outputs dropped)
-            x = jnp.pad(x, [(0, 0), (0, nb * n - T)] + [(0, 0)] * (x.ndim - 2))
-            return jnp.moveaxis(x.reshape((B, nb, n) + x.shape[2:]), 0, 2)
 
         def token(carry, inp):
             xs, start, real = inp
@@ -243,10 +236,9 @@ class Titans(nn.Module):
             # The padding after the last token leaves the carry as it is.
             return _select(real, (memory, momentum, chunk_memory, pos + 1), carry), o
 
-        block = jax.checkpoint(lambda c, xb: jax.lax.scan(token, c, xb))
-        carry, o = jax.lax.scan(block, carry, (tuple(blocks(a) for a in args), blocks(starts),
-                                               blocks(jnp.ones((B, T), bool))))
-        return jnp.moveaxis(o, 2, 0).reshape((B, nb * n) + o.shape[3:])[:, :T], carry
+        carry, o = blocked_token_scan(token, carry, (tuple(args), starts, jnp.ones((B, T), bool)),
+                                     T)
+        return o, carry
 
 
 _SETTINGS = {
