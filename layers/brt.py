@@ -57,15 +57,16 @@ from layers.common import constrain, dense, segment_positions
 from layers.registry import (MAX_INT, Mechanism, Setting, SettingError, Shared, positive_int,
                              register)
 from layers.rope import apply_rope, check_rope_head_dim
+from pallas_kernels.common import l2_normalize
 
 GATES = ("fixed", "lstm")
 _QK_EPS = 1e-6          # the reference's epsilon of the key/query normalisation
 
 
 def _normalize(x, acc):
-    """x / sqrt(|x|² + 1e-6) over the last axis, as the reference normalises keys/queries."""
-    x = x.astype(acc)
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + _QK_EPS)
+    """x / sqrt(|x|² + 1e-6) over the last axis in `acc`, as the reference normalises keys and
+    queries."""
+    return l2_normalize(x.astype(acc), _QK_EPS)
 
 
 def _attend(q, k, v, scale, mask=None):
