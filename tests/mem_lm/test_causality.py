@@ -49,8 +49,9 @@ MEMORY = {"n_keys": 4, "heads": 2, "topk": 2, "k_dim": 8}
 
 
 def case(name, pattern, mixers=None, channels=("swiglu",), packed=False, cached=False,
-         slow=False):
-    return pytest.param(tuple(pattern), channels, mixers or {}, packed, cached, id=name,
+         slow=False, **model):
+    """`model`: other ModelConfig fields (segment recurrence)."""
+    return pytest.param(tuple(pattern), channels, mixers or {}, packed, cached, model, id=name,
                         marks=[pytest.mark.slow] if slow else [])
 
 
@@ -90,6 +91,10 @@ CASES = [case(m, (m,), {m: ACTIVE.get(m, {})}) for m in token_mixers()] + [
          {m: {**ACTIVE.get(m, {}), "short_conv": True} for m in _short_conv_off()}, slow=True),
     case("every-mixer-packed", token_mixers(), {m: ACTIVE.get(m, {}) for m in token_mixers()},
          packed=True, slow=True),
+    # RMT over a hybrid: segments of 5 (cuts inside segments and on their last token), the
+    # memory carrying each segment's tokens to the next ones.
+    case("rmt-gdn-swa", ("gdn", "swa"), {"swa": ACTIVE["swa"]},
+         segments={"kind": "rmt", "length": 5, "memory_tokens": 2}),
 ]
 
 
@@ -126,11 +131,11 @@ def _compile(fn, *args):
         compiler_options={"xla_backend_optimization_level": 0})
 
 
-@pytest.mark.parametrize("pattern, channels, mixers, packed, cached", CASES)
+@pytest.mark.parametrize("pattern, channels, mixers, packed, cached, model_kw", CASES)
 def test_logits_before_a_cut_do_not_see_tokens_after_it(pattern, channels, mixers, packed,
-                                                        cached, rng):
+                                                        cached, model_kw, rng):
     cfg = ModelConfig(num_layers=math.lcm(len(pattern), len(channels)), pattern=pattern,
-                      channel_pattern=channels, mixers=mixers, **TINY)
+                      channel_pattern=channels, mixers=mixers, **TINY, **model_kw)
     model = LanguageModel(cfg)
     tokens = _batch(rng, cfg.vocab_size)
     B = tokens.shape[0]
