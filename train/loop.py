@@ -68,6 +68,19 @@ def _log(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
+def progress_line(step: int, steps: int, metrics: dict, seconds_per_step: float | None) -> str:
+    """The plain progress line logged in place of the bar when stderr is not a terminal."""
+    parts = [f"step {step}/{steps}", f"loss {metrics['loss']:.4f}"]
+    if metrics.get("tokens_per_second"):
+        parts.append(f"{metrics['tokens_per_second']:,.0f} tok/s")
+    if metrics.get("mfu") is not None:
+        parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    if seconds_per_step:
+        eta = int(round(seconds_per_step * (steps - step)))
+        parts.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+    return ", ".join(parts)
+
+
 def _model_with_dtype(model_cfg, compute_dtype: str):
     """(model config, cast_params): the model computes in `compute_dtype` through its own
     `dtype` field when it has one; otherwise the step casts the float32 params itself."""
@@ -291,9 +304,12 @@ def run(config: ConfigDict, workdir: str, *, progress: bool | None = None,
         old_handler = signal.signal(signal.SIGTERM, on_sigterm)
 
     from tqdm import tqdm
-    show_bar = (config.logging.progress_bar if progress is None else progress) and pi == 0
-    bar = tqdm(total=t.steps, initial=start, disable=not show_bar, dynamic_ncols=True, unit="step",
-               file=sys.stderr, mininterval=0.5)
+    show_progress = (config.logging.progress_bar if progress is None else progress) and pi == 0
+    # A pod's log file is not a terminal: a bar's carriage returns become one endless line
+    # there, so it gets a plain line every `log_every` steps instead.
+    plain_lines = show_progress and not sys.stderr.isatty()
+    bar = tqdm(total=t.steps, initial=start, disable=not show_progress or plain_lines,
+               dynamic_ncols=True, unit="step", file=sys.stderr, mininterval=0.5)
     peak = peak_flops_per_device(config) * trainer.mesh.devices.size
     tokens_per_step = t.batch_size * t.seq_len
     last = dict(step=start, loss=float("nan"))
@@ -329,6 +345,8 @@ def run(config: ConfigDict, workdir: str, *, progress: bool | None = None,
                 writer.write(s, out)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{tps:,.0f}" if tps else "-",
                                 **{k[4:]: f"{v:.4g}" for k, v in last["aux"].items()}, refresh=False)
+                if plain_lines:
+                    _log(progress_line(s, t.steps, out, dt / window["steps"] if dt > 0 else None))
                 window.update(t0=now, steps=0, loss=0.0, n=0)
             last["streak"] = int(m["nonfinite_streak"])
             if last["streak"] >= t.max_consecutive_nonfinite:

@@ -9,7 +9,7 @@ from configs import base
 from configs.tiny import get_config
 from train import data as data_lib
 from train.config import resolve
-from train.loop import NonFiniteError, Trainer, run
+from train.loop import NonFiniteError, Trainer, progress_line, run
 
 
 def _config():
@@ -63,7 +63,7 @@ def test_skipped_update_leaves_params_unchanged():
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch, capsys):
     import os
     import signal
     real = data_lib.make_train_iterator
@@ -83,8 +83,11 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data_lib, "make_train_iterator", lambda *a, **k: Interrupting(real(*a, **k)))
     before = signal.getsignal(signal.SIGTERM)
-    r = run(_config(), str(tmp_path))
+    r = run(_config(), str(tmp_path), progress=True)
     assert r["preempted"] and r["step"] == 6
+    # Captured stderr is not a terminal: plain progress lines, no bar.
+    err = capsys.readouterr().err
+    assert "step 1/12, loss " in err and "\r" not in err
     assert signal.getsignal(signal.SIGTERM) == before
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [4, 6]
@@ -122,3 +125,8 @@ def test_bfloat16_compute_keeps_float32_params():
         assert t.model.config.dtype == dtype
         assert {x.dtype for x in jax.tree_util.tree_leaves(state["params"])} == {np.dtype("float32")}
     assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=2e-2)
+
+
+def test_progress_line_reads_step_loss_throughput_mfu_and_eta():
+    line = progress_line(100, 1100, dict(loss=2.5, tokens_per_second=12345.6, mfu=0.4125), 3.7)
+    assert line == "step 100/1100, loss 2.5000, 12,346 tok/s, MFU 41.2%, ETA 1:01:40"
