@@ -66,7 +66,8 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     # Segment recurrence around the whole block stack (mem_lm/segments.py), e.g.
-    # {"kind": "rmt", "length": 512, "memory_tokens": 10, "bptt": None}; None = off.
+    # {"kind": "rmt", "length": 512, "memory_tokens": 10, "bptt": None, "replay": False} or
+    # {"kind": "armt", ..., "d_mem": 32, "nu": 3, "correction": True}; None = off.
     segments: Any = None
 
     def __post_init__(self):
@@ -171,8 +172,8 @@ class ModelConfig:
 
     @property
     def segment_settings(self) -> Optional[dict]:
-        """The resolved segment-recurrence settings {kind, length, memory_tokens, bptt}, or
-        None for a model without segments."""
+        """The resolved segment-recurrence settings ({kind, length, memory_tokens, bptt,
+        replay}, and for ARMT d_mem, nu, correction), or None for a model without segments."""
         return None if self.segments is None else dict(self.segments)
 
     @property
@@ -241,24 +242,48 @@ def _as_mapping(value, where: str, what: str) -> Mapping:
         raise ValueError(f"{where}: {what}, got {value!r}") from None
 
 
-SEGMENT_KINDS = ("rmt",)
+SEGMENT_KINDS = ("rmt", "armt")
 # Settings of `segments`: name -> default (None for "bptt" = full backpropagation through time;
-# "length" has no default).
-_SEGMENT_DEFAULTS = {"kind": "rmt", "length": None, "memory_tokens": 10, "bptt": None}
+# "length" has no default). "replay" recomputes each segment in the backward pass.
+_SEGMENT_DEFAULTS = {"kind": "rmt", "length": None, "memory_tokens": 10, "bptt": None,
+                     "replay": False}
+# ARMT's own settings (Rodkin et al. 2024; modeling_amt/language_modeling.py): d_mem, the
+# width of W_mq / W_mk; nu, DPFP's order (keys of 2 * nu * d_mem features); correction, the
+# gamma correction of the normaliser z. Defaults: the associative-retrieval script's D_MEM=32,
+# the wrapper's hard-coded nu = 3 and correction=True.
+_ARMT_DEFAULTS = {"d_mem": 32, "nu": 3, "correction": True}
+_SEGMENT_KIND_DEFAULTS = {"rmt": _SEGMENT_DEFAULTS,
+                          "armt": {**_SEGMENT_DEFAULTS, **_ARMT_DEFAULTS}}
+
+
+def segment_setting_names() -> tuple:
+    """Every setting `ModelConfig.segments` knows, over all kinds (the command line's schema)."""
+    return tuple(sorted(set().union(*_SEGMENT_KIND_DEFAULTS.values())))
 
 
 def _resolve_segments(value):
-    """`segments` as a sorted, hashable tuple of (setting, value) pairs, or None."""
+    """`segments` as a sorted, hashable tuple of (setting, value) pairs, or None. The settings
+    are those of its kind (an ARMT setting given to "rmt" is an error)."""
     if value is None:
         return None
     given = _as_mapping(value, "ModelConfig.segments",
-                        "must be None or map settings {kind, length, memory_tokens, bptt} "
-                        "to values")
-    unknown = sorted((k for k in given if k not in _SEGMENT_DEFAULTS), key=str)
+                        "must be None or map settings {kind, length, memory_tokens, bptt, "
+                        "replay; armt: d_mem, nu, correction} to values")
+    known = segment_setting_names()
+    unknown = sorted((k for k in given if k not in known), key=str)
     if unknown:
         raise ValueError(f"ModelConfig.segments.{unknown[0]}: unknown setting; known: "
-                         f"{sorted(_SEGMENT_DEFAULTS)}")
-    s = {**_SEGMENT_DEFAULTS, **given}
+                         f"{list(known)}")
+    kind = given.get("kind", _SEGMENT_DEFAULTS["kind"])
+    if kind not in SEGMENT_KINDS:
+        raise ValueError(f"ModelConfig.segments.kind: must be one of {SEGMENT_KINDS}, "
+                         f"got {kind!r}")
+    defaults = _SEGMENT_KIND_DEFAULTS[kind]
+    other = sorted((k for k in given if k not in defaults), key=str)
+    if other:
+        raise ValueError(f"ModelConfig.segments.{other[0]}: a setting of kind 'armt' only "
+                         f"(this kind is {kind!r}), got {given[other[0]]!r}")
+    s = {**defaults, **given}
 
     def need(ok, field, msg):
         if not ok:
@@ -267,16 +292,32 @@ def _resolve_segments(value):
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
-    need(s["kind"] in SEGMENT_KINDS, "kind", f"must be one of {SEGMENT_KINDS}")
     need(s["length"] is not None, "length", "required (tokens per segment)")
-    for f, lo in (("length", 1), ("memory_tokens", 1)):
+    # rmt without memory tokens (0) is the segment-local baseline: no memory at all.
+    lows = {"length": 1, "memory_tokens": 0 if kind == "rmt" else 1}
+    if kind == "armt":
+        lows.update(d_mem=1, nu=1)
+    for f, lo in lows.items():
         need(is_int(s[f]), f, "must be an int")
-        need(s[f] >= lo, f, f"must be >= {lo}")
+        need(s[f] >= lo, f, f"must be >= {lo}" + (" (ARMT writes its memory from the memory "
+                                                   "tokens)" if f == "memory_tokens" else ""))
         need(s[f] <= registry.MAX_INT, f, "must be <= 2**31 - 1")
     if s["bptt"] is not None:
         need(is_int(s["bptt"]), "bptt", "must be None (full) or an int")
         need(s["bptt"] >= 0, "bptt", "must be >= 0")
         need(s["bptt"] <= registry.MAX_INT, "bptt", "must be <= 2**31 - 1")
+    need(isinstance(s["replay"], bool), "replay", "must be True or False")
+    if kind == "armt":
+        need(isinstance(s["correction"], bool), "correction", "must be True or False")
+        # DPFP rolls the 2 * d_mem features by 1 .. nu: nu > 2 * d_mem repeats products. The
+        # error names the one of the two that was given (nu when both were).
+        blame = "nu" if "nu" in given or "d_mem" not in given else "d_mem"
+        need(s["nu"] <= 2 * s["d_mem"], blame, f"nu = {s['nu']} must be <= 2 * d_mem = "
+             f"{2 * s['d_mem']} (DPFP multiplies the 2 * d_mem features with their rolls by "
+             "1 .. nu)")
+        blame = "d_mem" if "d_mem" in given or "nu" not in given else "nu"
+        need(2 * s["nu"] * s["d_mem"] <= registry.MAX_INT, blame,
+             "2 * nu * d_mem (the key features) must be <= 2**31 - 1")
     return tuple(sorted(s.items()))
 
 

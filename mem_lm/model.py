@@ -85,14 +85,23 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
 
 
 class Block(nn.Module):
+    """One pre-norm block. With `assoc` (ARMT's per-layer associative memory, segment
+    recurrence only, never with a cache: mem_lm/segments.py) the block reads the memory into its
+    input first and writes its output at the memory-token positions into it after, and returns
+    the updated memory in place of the cache; `assoc_ctx` holds what all layers share."""
     cfg: ModelConfig
     layer: int          # position in the group: chooses the token and channel mixer
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache_pos, cache, layer_idx, shared):
+    def __call__(self, x, positions, segment_ids, cache_pos, cache, layer_idx, shared,
+                 assoc=None, assoc_ctx=None):
         cfg = self.cfg
         dt = compute_dtype(cfg)
         token, channel = cfg.layer_kinds(self.layer)
+        if assoc is not None:
+            from mem_lm.segments import AssociativeMemory
+            memory = AssociativeMemory(cfg, name="assoc")
+            x = memory.read(x, assoc, assoc_ctx)
         h = RMSNorm(cfg.norm_eps, dt, name="mixer_norm")(x)
         y, new_cache = make_mixer(cfg, token, "mixer")(
             h, positions=positions, segment_ids=segment_ids, cache=cache, cache_pos=cache_pos,
@@ -102,7 +111,10 @@ class Block(nn.Module):
         if mlp is not None:
             kw = {n: shared[n] for n in getattr(mlp, "shared_params", dict)()}
             x = x + mlp(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x), **kw).astype(x.dtype)
-        return constrain(x, ("batch", "length", "embed")), new_cache
+        x = constrain(x, ("batch", "length", "embed"))
+        if assoc is not None:
+            return x, memory.write(x, assoc, assoc_ctx)
+        return x, new_cache
 
 
 class Group(nn.Module):
@@ -110,16 +122,17 @@ class Group(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache_pos, cache, group_idx, shared):
+    def __call__(self, x, positions, segment_ids, cache_pos, cache, group_idx, shared,
+                 assoc=None, assoc_ctx=None):
         P = self.cfg.group_size
         block = _maybe_remat(Block, self.cfg)
         new = []
         for j in range(P):
             x, c = block(self.cfg, j, name=f"block_{j}")(
                 x, positions, segment_ids, cache_pos, None if cache is None else cache[j],
-                group_idx * P + j, shared)
+                group_idx * P + j, shared, None if assoc is None else assoc[j], assoc_ctx)
             new.append(c)
-        return x, (None if cache is None else new)
+        return x, (None if cache is None and assoc is None else new)
 
 
 def _maybe_remat(cls, cfg: ModelConfig):
@@ -131,11 +144,19 @@ def _maybe_remat(cls, cfg: ModelConfig):
 class Stack(nn.Module):
     """The block stack and the final norm: embeddings [B, T, d] -> normed hidden states. Its
     parameters live in its parent's scope (`nn.share_scope`), so the paths are layer_{i} /
-    groups and final_norm at the model's top level whether or not segments wrap it."""
+    groups and final_norm at the model's top level whether or not segments wrap it.
+
+    `assoc` (ARMT, segment recurrence only): each layer's associative memory, laid out as the
+    cache (a list over layers, or over group positions stacked over groups under scan_layers);
+    the second output is then the updated memories instead of the new cache."""
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache_pos, layers_cache, shared):
+    def __call__(self, x, positions, segment_ids, cache_pos, layers_cache, shared,
+                 assoc=None, assoc_ctx=None):
+        if assoc is not None and layers_cache is not None:
+            raise ValueError("Stack: an associative memory (ARMT) is for the full forward, "
+                             "not with a decode cache")
         cfg = self.cfg
         dt = compute_dtype(cfg)
         if cfg.scan_layers:
@@ -143,19 +164,20 @@ class Stack(nn.Module):
                               variable_axes={"params": 0, **{c: 0 for c in AUX_COLLECTIONS}},
                               split_rngs={"params": True},
                               in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0,
-                                       nn.broadcast),
+                                       nn.broadcast, 0, nn.broadcast),
                               length=cfg.num_groups,
                               metadata_params={nn.PARTITION_NAME: None})
             x, new_layers = Scanned(cfg, name="groups")(
                 x, positions, segment_ids, cache_pos, layers_cache,
-                jnp.arange(cfg.num_groups, dtype=jnp.int32), shared)
+                jnp.arange(cfg.num_groups, dtype=jnp.int32), shared, assoc, assoc_ctx)
         else:
             block = _maybe_remat(Block, cfg)
             new_layers = []
             for i in range(cfg.num_layers):
                 x, c = block(cfg, i, name=f"layer_{i}")(
                     x, positions, segment_ids, cache_pos,
-                    None if layers_cache is None else layers_cache[i], jnp.int32(i), shared)
+                    None if layers_cache is None else layers_cache[i], jnp.int32(i), shared,
+                    None if assoc is None else assoc[i], assoc_ctx)
                 new_layers.append(c)
         x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
         return x, new_layers

@@ -1,6 +1,12 @@
 """Segment recurrence around the whole block stack: the Recurrent Memory Transformer (RMT,
 Bulatov et al. 2022; reference: booydar/recurrent-memory-transformer,
-modeling_rmt/language_modeling.py, MemoryCell + RecurrentWrapper).
+modeling_rmt/language_modeling.py, MemoryCell + RecurrentWrapper) and the Associative Recurrent
+Memory Transformer (ARMT, Rodkin et al. 2024; reference:
+RodkinIvan/associative-recurrent-memory-transformer, modeling_amt/language_modeling.py,
+AssociativeLayerWrapper + AssociativeMemoryCell + AssociativeRecurrentWrapper).
+
+RMT
+---
 
 `ModelConfig(segments={"kind": "rmt", "length": S, "memory_tokens": m, "bptt": k})`:
 
@@ -35,31 +41,208 @@ the write memory that of its last token, so attention and the recurrent mixers n
 documents. A document that starts mid-segment therefore reads no memory until the next segment
 (not M0) and its segment boundaries are offset from a separate run's: packed equals separate
 exactly only where every document starts at a multiple of S.
+
+ARMT
+----
+`ModelConfig(segments={"kind": "armt", "length": S, "memory_tokens": m, "bptt": k,
+"d_mem": r, "nu": nu, "correction": True})`:
+
+- each segment runs the block stack on [segment (S); memory tokens (m)] with positions
+  0 .. S+m-1 (the reference's AssociativeMemoryCell.process_input appends the learned `memory`
+  after the segment; the associative-retrieval scripts keep wrap_pos False, so the backbone
+  numbers them on from the segment). The memory tokens are the same learned M [m, d]
+  (`segment_memory`) in every segment: nothing is carried in them; they are write-only (no
+  read-memory tokens at the start), and logits come from the segment positions;
+- every layer l keeps an associative matrix A_l [2·nu·r, d] and normaliser z_l [2·nu·r],
+  zero at the start (AssociativeLayerWrapper.zero_mem); with phi = DPFP of order nu
+  (`dpfp`: [relu(x), relu(-x)] times its rolls by 1 .. nu):
+    read (before the layer, every token of the segment and the memory tokens, from the second
+    segment on; AssociativeLayerWrapper.associate):
+        x_t <- x_t + (phi(W_mq x_t) A_l) / (z_l · phi(W_mq x_t) + 1e-5)
+    write (after the layer, from its outputs y_j at the m memory positions; update_mem):
+        k_j = phi(W_mk y_j), v_j = W_mv y_j (W_mv initialised to zero), b_j = sigmoid(W_mb y_j)
+        prev_j = (k_j A_l) / (z_l · k_j + 1e-5)            (0 in the first segment)
+        gamma_j = clip(1 - (z_l · k_j + 1e-5) / (|k_j|² + 1e-5), 0, 1), no gradient
+                                                             (1 in the first segment, and
+                                                              without `correction`)
+        A_l <- A_l + sum_j b_j k_j (v_j - prev_j)ᵀ,   z_l <- z_l + sum_j gamma_j k_j
+  All m memory tokens write against the same A_l (one parallel delta step, not a token-by-token
+  delta rule), so the write is a few [m, 2·nu·r] x [2·nu·r, d] matmuls (`associative_write`):
+  pallas_kernels.gated_delta_rule would update A after each token and compute another
+  function, and neither it nor linear_attention has the z normaliser of the read; at m ~ 10
+  the matmuls cost nothing next to the layer.
+- the per-layer (A, z) are the carry of the segment scan (laid out as the decode cache: a list
+  over layers, or stacked over groups under scan_layers); `bptt` cuts the gradient of the
+  carry exactly as for RMT (the reference's wrapper never detaches).
+- packed rows: A, z reset to zero at a segment whose first token starts a document; inside a
+  segment only the tokens of the segment's first document read the memory, and when another
+  document starts inside the segment, the write starts from an empty memory (as a first
+  segment), so no document reads another's memory.
+
+Replay (`"replay": True`, both kinds): each segment step runs under jax.checkpoint, so the
+backward pass stores only the carry entering each segment (the memory; ARMT's A, z) and the
+segment inputs, and recomputes one segment's activations at a time: activation memory
+O(one segment) + O(n · memory) instead of O(n segments). Gradients are those of full
+backpropagation (the same function; tested).
 """
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import init
+from layers.common import Dense, init
+
+EPS = 1e-5      # the reference's 1e-5 in every denominator
 
 
+# ----------------------------------------------------------------------------- ARMT's rules
+def dpfp(x, nu: int):
+    """Deterministic parameter-free projection (Schlag et al. 2021) as the reference's DPFP:
+    x [..., r] -> [..., 2 · nu · r], x2 = [relu(x), relu(-x)], out = [x2]*nu ⊙ [roll(x2, 1),
+    ..., roll(x2, nu)] (torch.roll's direction: out[i] = x2[i - j]). Non-negative."""
+    x2 = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
+    rolled = jnp.concatenate([jnp.roll(x2, j, axis=-1) for j in range(1, nu + 1)], axis=-1)
+    return jnp.concatenate([x2] * nu, axis=-1) * rolled
+
+
+def associative_read(q, A, z):
+    """(q A) / (z · q + 1e-5): q [B, T, K] key features, A [B, K, d], z [B, K] -> [B, T, d]
+    (the reference's AssociativeLayerWrapper.associate)."""
+    num = jnp.einsum("btk,bkd->btd", q, A)
+    den = jnp.einsum("bk,btk->bt", z, q)[..., None] + EPS
+    return num / den
+
+
+def associative_write(k, v, beta, A, z, first, correction: bool = True):
+    """One segment's write of m memory tokens (the reference's update_mem): k [B, m, K] key
+    features, v [B, m, d], beta [B, m] in (0, 1), A [B, K, d], z [B, K], first [B] bool (an
+    empty memory: no previous value, gamma 1) -> (A, z)."""
+    num = jnp.einsum("bmk,bkd->bmd", k, A)
+    den = jnp.einsum("bk,bmk->bm", z, k)[..., None] + EPS
+    f = first[:, None, None]
+    prev = jnp.where(f, 0.0, num / den)
+    if correction:
+        gamma = jnp.clip(1.0 - den / (jnp.sum(k * k, axis=-1, keepdims=True) + EPS), 0.0, 1.0)
+        gamma = jnp.where(f, 1.0, jax.lax.stop_gradient(gamma))
+    else:
+        gamma = jnp.ones_like(den)
+    A = A + jnp.einsum("bmk,bmd,bm->bkd", k, v - prev, beta)
+    z = z + jnp.sum(gamma * k, axis=1)
+    return A, z
+
+
+def _torch_linear_init(key, shape, dtype=jnp.float32):
+    """torch.nn.Linear's default (kaiming_uniform with a = sqrt(5)): U(±1/sqrt(fan_in)), the
+    fan-in being the first dim (for a bias, pass the layer's fan-in as its shape's first)."""
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def armt_key_dim(cfg) -> int:
+    s = cfg.segment_settings
+    return 2 * s["nu"] * s["d_mem"]
+
+
+class AssociativeMemory(nn.Module):
+    """One layer's associative memory (the reference's AssociativeLayerWrapper): `read` before
+    the layer, `write` after it. The state {A [B, K, d], z [B, K]} is float32; `ctx` holds
+    `first` [B] (the write is onto an empty memory), `fresh` [B] (a document starts inside this
+    segment: the write starts from an empty memory) and `read_mask` [B, T] or None (which tokens
+    read: those of the segment's first document)."""
+    cfg: object
+
+    def setup(self):
+        cfg = self.cfg
+        s = cfg.segment_settings
+        d, r = cfg.d_model, s["d_mem"]
+        self.nu, self.m, self.correction = s["nu"], s["memory_tokens"], s["correction"]
+        lin = lambda n, axes: Dense((n,), axes, cfg.init_std, jnp.float32,
+                                    kernel_init=_torch_linear_init)
+        self.W_mq = lin(r, ("embed", None))
+        self.W_mk = lin(r, ("embed", None))
+        self.W_mv = Dense((d,), ("embed", None), cfg.init_std, jnp.float32,
+                          kernel_init=nn.initializers.zeros)      # the reference zero-inits it
+        self.W_mb = lin(1, ("embed", None))
+        self.W_mb_bias = self.param(
+            "W_mb_bias", nn.with_logical_partitioning(
+                lambda key, shape, dtype=jnp.float32: _torch_linear_init(key, (d,), dtype)[:1],
+                (None,)), (1,),
+            jnp.float32)
+
+    def read(self, x, state, ctx):
+        q = dpfp(self.W_mq(x.astype(jnp.float32)), self.nu)
+        y = associative_read(q, state["A"], state["z"])
+        if ctx["read_mask"] is not None:
+            y = jnp.where(ctx["read_mask"][..., None], y, 0.0)
+        return x + y.astype(x.dtype)
+
+    def write(self, x, state, ctx):
+        mem = x[:, x.shape[1] - self.m:].astype(jnp.float32)
+        k = dpfp(self.W_mk(mem), self.nu)
+        v = self.W_mv(mem)
+        beta = jax.nn.sigmoid(self.W_mb(mem)[..., 0] + self.W_mb_bias[0])
+        fresh = ctx["fresh"][:, None]
+        A = jnp.where(fresh[..., None], 0.0, state["A"])
+        z = jnp.where(fresh, 0.0, state["z"])
+        A, z = associative_write(k, v, beta, A, z, ctx["first"], self.correction)
+        return {"A": A, "z": z}
+
+
+def armt_initial_state(cfg, batch: int):
+    """Every layer's empty associative memory, laid out as Stack's `assoc` argument."""
+    K, d = armt_key_dim(cfg), cfg.d_model
+    if cfg.scan_layers:
+        one = {"A": jnp.zeros((cfg.num_groups, batch, K, d), jnp.float32),
+               "z": jnp.zeros((cfg.num_groups, batch, K), jnp.float32)}
+        return [one] * cfg.group_size
+    one = {"A": jnp.zeros((batch, K, d), jnp.float32), "z": jnp.zeros((batch, K), jnp.float32)}
+    return [one] * cfg.num_layers
+
+
+# ----------------------------------------------------------------------------- the scan
 class _SegmentStep(nn.Module):
-    """One segment: (memory [B, m, d], segment inputs) -> (next memory, hidden [B, S, d])."""
+    """One segment: (carry, segment inputs) -> (next carry, hidden [B, S, d]). The carry is the
+    memory [B, m, d] (rmt) or every layer's {A, z} (armt)."""
     cfg: object
     n: int          # number of segments (static)
 
     @nn.compact
-    def __call__(self, mem, xs, m0, shared):
+    def __call__(self, carry, xs, m0, shared):
         from mem_lm.model import Stack
         cfg = self.cfg
         s = cfg.segment_settings
         m, S, k = s["memory_tokens"], s["length"], s["bptt"]
         seg, i, ids, reset = xs
+        B = seg.shape[0]
         if k is not None:
             detach = (i >= 1) & (i < self.n - k)
-            mem = jnp.where(detach, jax.lax.stop_gradient(mem), mem)
+            carry = jax.tree.map(lambda a: jnp.where(detach, jax.lax.stop_gradient(a), a),
+                                 carry)
+        stack = Stack(cfg, name="stack")
+        nn.share_scope(self, stack)
+        if s["kind"] == "armt":
+            if reset is not None:
+                carry = jax.tree.map(
+                    lambda a: jnp.where(reset.reshape(_batch_shape(cfg, a)), 0.0, a), carry)
+                first = reset | (i == 0)
+            else:
+                first = jnp.broadcast_to(i == 0, (B,))
+            mem = jnp.broadcast_to(m0.astype(seg.dtype)[None], (B, m, seg.shape[-1]))
+            h = jnp.concatenate([seg, mem], axis=1)
+            positions = jnp.arange(S + m, dtype=jnp.int32)[None]
+            ext_ids = read_mask = None
+            fresh = jnp.zeros((B,), bool)
+            if ids is not None:
+                ext_ids = jnp.concatenate([ids, jnp.repeat(ids[:, -1:], m, axis=1)], axis=1)
+                read_mask = ext_ids == ids[:, :1]
+                fresh = ids[:, 0] != ids[:, -1]
+            ctx = {"first": first | fresh, "fresh": fresh, "read_mask": read_mask}
+            out, carry = stack(h, positions, ext_ids, None, None, shared, carry, ctx)
+            return carry, out[:, :S]
+        mem = carry
         if reset is not None:
             mem = jnp.where(reset[:, None, None], m0[None].astype(mem.dtype), mem)
         h = jnp.concatenate([mem, seg, mem], axis=1)
@@ -68,10 +251,15 @@ class _SegmentStep(nn.Module):
         if ids is not None:
             ext_ids = jnp.concatenate([jnp.repeat(ids[:, :1], m, axis=1), ids,
                                        jnp.repeat(ids[:, -1:], m, axis=1)], axis=1)
-        stack = Stack(cfg, name="stack")
-        nn.share_scope(self, stack)
         out, _ = stack(h, positions, ext_ids, None, None, shared)
         return out[:, m + S:], out[:, m:m + S]
+
+
+def _batch_shape(cfg, a):
+    """The shape that broadcasts a per-row [B] flag over a carry leaf `a` (its batch axis is
+    the first, or the second under scan_layers, where the groups come first)."""
+    lead = 1 if cfg.scan_layers else 0
+    return (1,) * lead + (a.shape[lead],) + (1,) * (a.ndim - lead - 1)
 
 
 def segment_forward(parent: nn.Module, cfg, x, segment_ids, shared):
@@ -82,8 +270,11 @@ def segment_forward(parent: nn.Module, cfg, x, segment_ids, shared):
     S, m = s["length"], s["memory_tokens"]
     B, T, d = x.shape
     n = -(-T // S)
-    m0 = parent.param("segment_memory", init(cfg.init_std, (None, "embed")), (m, d),
-                      jnp.float32)
+    if m > 0:
+        m0 = parent.param("segment_memory", init(cfg.init_std, (None, "embed")), (m, d),
+                          jnp.float32)
+    else:       # rmt without memory: the segment-local baseline
+        m0 = jnp.zeros((0, d), jnp.float32)
     pad = n * S - T
     xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(B, n, S, d).swapaxes(0, 1)
     ids = reset = None
@@ -92,12 +283,19 @@ def segment_forward(parent: nn.Module, cfg, x, segment_ids, shared):
         ids = full.reshape(B, n, S).swapaxes(0, 1)                       # [n, B, S]
         prev_last = jnp.concatenate([ids[:1, :, 0], ids[:-1, :, -1]], axis=0)  # [n, B]
         reset = (ids[:, :, 0] != prev_last).at[0].set(True)
-    Scan = nn.scan(_SegmentStep, variable_broadcast="params",
+    step_cls = _SegmentStep
+    if s["replay"]:
+        # Memory-replay backprop: the backward recomputes each segment from its carry.
+        step_cls = nn.remat(_SegmentStep, prevent_cse=False)
+    Scan = nn.scan(step_cls, variable_broadcast="params",
                    split_rngs={"params": False},
                    variable_axes={c: 0 for c in AUX_COLLECTIONS},
                    in_axes=(0, nn.broadcast, nn.broadcast), length=n)
     step = Scan(cfg, n, name="segment_scan")
     nn.share_scope(parent, step)
-    mem0 = jnp.broadcast_to(m0.astype(x.dtype)[None], (B, m, d))
-    _, hs = step(mem0, (xs, jnp.arange(n, dtype=jnp.int32), ids, reset), m0, shared)
+    if s["kind"] == "armt":
+        carry0 = armt_initial_state(cfg, B)
+    else:
+        carry0 = jnp.broadcast_to(m0.astype(x.dtype)[None], (B, m, d))
+    _, hs = step(carry0, (xs, jnp.arange(n, dtype=jnp.int32), ids, reset), m0, shared)
     return hs.swapaxes(0, 1).reshape(B, n * S, d)[:, :T]

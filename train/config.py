@@ -58,12 +58,12 @@ def check_override(path: str, schema: ConfigDict | None = None) -> None:
 
 
 def _segment_settings_schema() -> ConfigDict:
-    """model.segments' fields ({kind, length, memory_tokens, bptt}) as a group, for
-    check_override: taken from ModelConfig, so a new setting is known here too."""
-    from mem_lm import ModelConfig
+    """model.segments' fields (every kind's: kind, length, memory_tokens, bptt, replay; armt's
+    d_mem, nu, correction) as a group, for check_override: taken from ModelConfig, so a new
+    setting is known here too."""
+    from mem_lm.config import segment_setting_names
 
-    cfg = ModelConfig(vocab_size=2, d_model=2, num_layers=1, num_heads=1, segments={"length": 1})
-    return ConfigDict({k: 0 for k in cfg.segment_settings})
+    return ConfigDict({k: 0 for k in segment_setting_names()})
 
 
 def _check_known_fields(config: ConfigDict, schema: ConfigDict, prefix: str = ""):

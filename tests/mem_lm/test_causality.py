@@ -106,6 +106,10 @@ def _batch(rng, vocab):
     for t in CUTS:
         for _ in range(PERTURBATIONS):
             y = x.copy()
+    # ARMT over attention: every layer's associative memory written at the memory tokens
+    # after each segment of 5 and read by every token of the later ones.
+    case("armt-attn", ("attn",), segments={"kind": "armt", "length": 5, "memory_tokens": 2,
+                                           "d_mem": 4, "nu": 2}),
             y[t + 1:] = (x[t + 1:] + rng.integers(1, vocab, T - t - 1)) % vocab
             rows.append(y)
     return jnp.asarray(np.stack(rows), jnp.int32)

@@ -148,9 +148,11 @@ VALUES = {
     # Segment recurrence: None (off), valid and bad settings, unknown keys, junk.
     "segments": st.one_of(
         st.none(),
-        st.dictionaries(st.sampled_from(["kind", "length", "memory_tokens", "bptt", "nope"]),
-                        st.one_of(st.integers(-1, 5), st.none(), st.sampled_from(["rmt", "x"]),
-                                  JUNK), max_size=4),
+        st.dictionaries(st.sampled_from(["kind", "length", "memory_tokens", "bptt", "replay",
+                                         "d_mem", "nu", "correction", "nope"]),
+                        st.one_of(st.integers(-1, 5), st.none(),
+                                  st.sampled_from(["rmt", "armt", "x"]), st.booleans(), JUNK),
+                        max_size=5),
         JUNK),
 }
 FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))

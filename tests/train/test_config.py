@@ -100,7 +100,8 @@ def test_segment_settings_are_overridable_fields():
     from configs.rmt_small import get_config as rmt_config
     from train.config import check_override
 
-    for field in ("kind", "length", "memory_tokens", "bptt"):
+    for field in ("kind", "length", "memory_tokens", "bptt", "replay", "d_mem", "nu",
+                  "correction"):     # every kind's settings (ARMT's too)
         check_override(f"model.segments.{field}")
     with pytest.raises(ConfigError, match=r"config.model.segments.lenght: unknown field \(did you "
                                           r"mean 'length'\?\)"):
