@@ -24,7 +24,7 @@ import dataclasses
 from ml_collections import ConfigDict, config_dict
 
 # Logical axis names used by the model's parameters and activations (DESIGN.md).
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "memory")
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "memory", "expert")
 MESH_AXES = ("data", "fsdp", "tensor")
 DATA_SOURCES = ("stdlib", "text", "mqar", "copy", "assoc_recall", "niah")
 
@@ -191,6 +191,9 @@ def get_config() -> ConfigDict:
         mlp="tensor",
         vocab="tensor",
         memory="tensor",
+        # moe's experts [expert, embed, mlp]: whole experts per tensor shard (expert sorts
+        # before mlp, so it takes tensor there; layers/moe.py).
+        expert="tensor",
     ))
 
     c.checkpoint = ConfigDict(dict(

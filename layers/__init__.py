@@ -7,6 +7,7 @@ from layers import gated_deltanet  # noqa: F401
 from layers import mlp  # noqa: F401
 from layers import mom  # noqa: F401
 from layers import memory  # noqa: F401
+from layers import moe  # noqa: F401
 from layers import nsa  # noqa: F401
 from layers import titans  # noqa: F401
 from layers import brt  # noqa: F401

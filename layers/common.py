@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-AXIS_NAMES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "memory")
+AXIS_NAMES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "memory", "expert")
 
 
 def init(std: float, axes: Sequence[Optional[str]]):

@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 from configs import base as base_config
 from train.tasks.mqar import check_mqar_args
 from train.tasks.niah import niah_vocab
+from train.tasks.segment_recall import check_segment_recall_args
 
 
 class ConfigError(ValueError):
@@ -201,7 +202,7 @@ def _check_init_from(path: str, model_cfg) -> None:
 
 def data_vocab_size(config: ConfigDict) -> int:
     src = config.data.source
-    if src in ("mqar", "copy", "assoc_recall", "niah"):
+    if src in ("mqar", "copy", "assoc_recall", "niah", "segment_recall"):
         return int(config.data.vocab_size)
     from train.data import make_tokenizer
     return make_tokenizer(config.data.tokenizer).vocab_size
@@ -313,6 +314,26 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
                                        f"data.vocab_size={d.vocab_size}, got {d.num_kv_pairs}")
         if 3 * d.num_kv_pairs + 2 > t.seq_len:
             _fail("data.num_kv_pairs", f"{d.num_kv_pairs} needles do not fit train.seq_len={t.seq_len}")
+    if d.source == "segment_recall":
+        if d.num_kv_pairs < 1:
+            _fail("data.num_kv_pairs", f"must be >= 1 (facts per segment), got {d.num_kv_pairs}")
+        for f in ("segment_len", "distance", "max_distance"):
+            if d[f] < 0:
+                _fail(f"data.{f}", f"must be >= 0, got {d[f]}")
+        if d.segment_len == 0:
+            seg = c.model.get("segments") if "model" in c else None
+            length = seg.get("length") if isinstance(seg, ConfigDict) else None
+            if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+                _fail("data.segment_len", "0 takes model.segments.length, but the model has no "
+                                          "segments; set the segment length")
+            d.segment_len = length
+        try:
+            check_segment_recall_args(d.vocab_size, t.seq_len, d.segment_len, d.num_kv_pairs,
+                                      d.distance or None, d.max_distance or None)
+        except ValueError as e:
+            arg = re.search(r"`(\w+)`", str(e))[1]
+            arg = {"facts_per_segment": "num_kv_pairs"}.get(arg, arg)
+            _fail(f"{'train' if arg == 'seq_len' else 'data'}.{arg}", str(e))
     if d.source == "copy" and 2 * d.copy_length + 2 > t.seq_len:
         _fail("data.copy_length", f"{d.copy_length} needs seq_len >= {2 * d.copy_length + 2}, "
                                   f"got train.seq_len={t.seq_len}")

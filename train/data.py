@@ -17,6 +17,9 @@ Sources:
     copy          copy a random string after a separator
     assoc_recall  key-value pairs, then queried keys followed by their values
     niah          needle in a haystack on a synthetic vocabulary (`train.tasks.niah.make_niah`)
+    segment_recall  key-value facts, asked a set number of segments later
+                  (`train.tasks.segment_recall.make_segment_recall`; data.segment_len,
+                  data.distance, data.max_distance, data.num_kv_pairs facts per segment)
 Text is tokenized (bytes by default, a HF `tokenizers` tokenizer.json as an option),
 concatenated and cut into rows of seq_len + 1 tokens; segment ids mark the documents inside a
 row, and targets that cross a document boundary get weight 0.
@@ -36,8 +39,9 @@ import numpy as np
 
 from train.tasks.mqar import make_mqar, mqar_seed
 from train.tasks.niah import make_niah
+from train.tasks.segment_recall import make_segment_recall, segment_recall_seed
 
-SYNTHETIC = ("mqar", "copy", "assoc_recall", "niah")
+SYNTHETIC = ("mqar", "copy", "assoc_recall", "niah", "segment_recall")
 _SPLIT_ID = {"train": 0, "val": 1}
 _INFINITE = 1 << 40
 
@@ -259,6 +263,13 @@ class SyntheticTask:
             inputs, labels, _ = make_niah(1, V, T, num_needles=c.num_kv_pairs,
                                           seed=(int(self.seed), _SPLIT_ID[self.split], int(index),
                                                 0x4E494148))
+            return _from_labels(inputs[0], labels[0])
+        if c.source == "segment_recall":
+            split = "train" if self.split == "train" else "test"
+            inputs, labels, _ = make_segment_recall(
+                1, V, T, c.segment_len, c.num_kv_pairs, distance=c.distance or None,
+                max_distance=c.max_distance or None,
+                seed=(*segment_recall_seed(self.seed, split), int(index)))
             return _from_labels(inputs[0], labels[0])
         raise ValueError(f"data.source: unknown synthetic task {c.source!r}")
 

@@ -2,9 +2,9 @@
 logits at positions <= t unchanged, for every registered token mixer (with its defaults, so a
 new mechanism is tested by registering) and for the settings that change which keys a query
 sees: top-k blocks with each score, sliding windows, NSA with a selection that selects, MoM
-with a capacity, short convs, memory layers in the MLP slot, packed documents, and the
-cascading cache (which acts only with a cache: there the prompt goes through the cache in one
-call).
+with a capacity, short convs, memory layers and the sparse MoE in the MLP slot, packed
+documents, and the cascading cache (which acts only with a cache: there the prompt goes through
+the cache in one call).
 
 Each case is one model and one compiled call, fed a batch that stacks the sequence and its
 perturbations (several per cut, so that a leak through a discrete choice, such as a block
@@ -87,6 +87,17 @@ CASES = [case(m, (m,), {m: ACTIVE.get(m, {})}) for m in token_mixers()] + [
           "nsa": {**ACTIVE["nsa"], "selection": "block", "short_conv": True},
           "pkm": MEMORY, "memory_plus": MEMORY}, channels=("pkm", "memory_plus", "swiglu"),
          packed=True),
+    # The sparse MoE in the MLP slot (a per-token routing: no token's experts depend on
+    # another's), with both routers.
+    case("moe-packed", ("gdn", "swa"),
+         {"swa": ACTIVE["swa"], "moe": {"num_experts": 4, "top_k": 2, "d_expert": 8,
+                                         "d_shared": 8, "shared_gate": True}},
+         channels=("moe",), packed=True),
+    case("moe-sigmoid", ("swa",),
+         {"swa": ACTIVE["swa"], "moe": {"num_experts": 8, "top_k": 2, "d_expert": 8,
+                                         "router": "sigmoid", "score_correction_bias": True,
+                                         "n_group": 4, "topk_group": 2}},
+         channels=("moe",)),
     case("short-convs", _short_conv_off(),
          {m: {**ACTIVE.get(m, {}), "short_conv": True} for m in _short_conv_off()}, slow=True),
     case("every-mixer-packed", token_mixers(), {m: ACTIVE.get(m, {}) for m in token_mixers()},
@@ -95,6 +106,10 @@ CASES = [case(m, (m,), {m: ACTIVE.get(m, {})}) for m in token_mixers()] + [
     # memory carrying each segment's tokens to the next ones.
     case("rmt-gdn-swa", ("gdn", "swa"), {"swa": ACTIVE["swa"]},
          segments={"kind": "rmt", "length": 5, "memory_tokens": 2}),
+    # ARMT over attention: every layer's associative memory written at the memory tokens
+    # after each segment of 5 and read by every token of the later ones.
+    case("armt-attn", ("attn",), segments={"kind": "armt", "length": 5, "memory_tokens": 2,
+                                           "d_mem": 4, "nu": 2}),
 ]
 
 
@@ -106,10 +121,6 @@ def _batch(rng, vocab):
     for t in CUTS:
         for _ in range(PERTURBATIONS):
             y = x.copy()
-    # ARMT over attention: every layer's associative memory written at the memory tokens
-    # after each segment of 5 and read by every token of the later ones.
-    case("armt-attn", ("attn",), segments={"kind": "armt", "length": 5, "memory_tokens": 2,
-                                           "d_mem": 4, "nu": 2}),
             y[t + 1:] = (x[t + 1:] + rng.integers(1, vocab, T - t - 1)) % vocab
             rows.append(y)
     return jnp.asarray(np.stack(rows), jnp.int32)

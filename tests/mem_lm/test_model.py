@@ -56,6 +56,25 @@ SLOW_HYBRIDS = (("gdn", "swa", "attn"),)
     for p, c in CASES])
 def test_cached_decoding_and_packing_match_full_forward(pattern, short_conv, rng):
     cfg = tiny(pattern, mixers=None if short_conv is None else every_mixer(short_conv=short_conv))
+    _check_decoding_and_packing(cfg, rng)
+
+
+# Channel mixers beyond the default swiglu, with settings that use all their parts.
+CHANNELS = {
+    # Sigmoid router with the correction bias and groups, a gated shared expert.
+    "moe": {"num_experts": 8, "top_k": 2, "d_expert": 8, "router": "sigmoid",
+            "score_correction_bias": True, "n_group": 4, "topk_group": 2, "d_shared": 8,
+            "shared_gate": True},
+}
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_channel_mixer_decoding_and_packing_match_full_forward(channel, rng):
+    _check_decoding_and_packing(tiny(("gdn", "swa"), channel_pattern=(channel,),
+                                     mixers={channel: CHANNELS[channel]}), rng)
+
+
+def _check_decoding_and_packing(cfg, rng):
     model, params = _init(cfg)
     fwd = jax.jit(model.apply)
     B, T0, T = 2, 6, 15
@@ -178,6 +197,11 @@ def documented_param_count(cfg: ModelConfig) -> int:
         if name == "none":
             return 0
         s = cfg.settings(name)
+        if name == "moe":      # mlp_norm, router, experts, score bias, shared expert + gate
+            E = s["num_experts"]
+            F = s["d_expert"] or -(-int(np.ceil(8 * d / 3 / s["top_k"])) // 8) * 8
+            return (d + d * E + 3 * E * d * F + E * s["score_correction_bias"]
+                    + 3 * d * s["d_shared"] + d * s["shared_gate"])
         d_ff = s["d_ff"] or -(-int(np.ceil(s["mlp_ratio"] * d)) // 8) * 8
         return d + 3 * d * d_ff                                        # mlp_norm + SwiGLU
 
@@ -198,7 +222,13 @@ def documented_param_count(cfg: ModelConfig) -> int:
     # (tracing is the cost here; a period of 3 would triple the model to 3 * len(ALL) layers).
     dict(mixers=every_mixer(short_conv=False),
          channel_pattern=tuple("none" if i % 3 == 1 else "swiglu" for i in range(len(ALL)))),
-], ids=["plain", "scan-untied-nomlp", "gqa-sinks-expandv-taylor-conv", "noconv-channels"])
+    # MoE beside SwiGLU: every moe parameter (default expert width, score bias, shared
+    # expert and its gate).
+    dict(channel_pattern=tuple(("moe", "swiglu")[i % 2] for i in range(len(ALL))),
+         mixers={"moe": dict(top_k=3, router="sigmoid", score_correction_bias=True, n_group=2,
+                             d_shared=8, shared_gate=True)}),
+], ids=["plain", "scan-untied-nomlp", "gqa-sinks-expandv-taylor-conv", "noconv-channels",
+        "moe"])
 def test_logical_axes_and_param_count(kw):
     layers = math.lcm(len(ALL), len(kw.get("channel_pattern", ())) or 1)
     cfg = ModelConfig(num_layers=layers, pattern=ALL, **{**TINY, **kw})
