@@ -5,6 +5,14 @@ jnp, any backend), pallas.py (the kernels), and the public dispatcher. The kerne
 scaffolding: chunk_math.py (the math of one chunk), scan_parallel.py (the chunk-parallel
 kernels), scan_tpu.py / scan_gpu.py (each backend's sequential state pass) and pallas_scan.py
 (phases, custom_vjp, block policy).
+
+Context parallelism (`context_parallel.py`): `linear_attention` and `gated_delta_rule` take
+`context_axis=` (a mesh axis name). Called inside `jax.shard_map` with T split contiguously
+over that axis, initial_state and cu_seqlens (global offsets) replicated, each device returns
+its slice of o and every device the state after the whole sequence, equal (with gradients) to
+the unsharded op; every impl and gate, packed documents included. The devices exchange only
+state maps, N·H·K·(K+V) floats each (an all-gather, plus a psum for the final state), never
+tokens; the local op runs at value width V + K. `context_parallel` explains the method.
 """
 
 from .gated_delta_rule import gated_delta_rule, gated_delta_rule_step

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import ChunkLayout, acc_dtype, chunk_layout, fitted_chunk
+from pallas_kernels.common import ChunkLayout, acc_dtype, chunk_layout, fitted_chunk, match_vma
 
 Intra = Callable[[Mapping[str, jax.Array]], tuple]
 
@@ -105,6 +105,7 @@ def _chunk_scan_impl(intra, group, inputs, h0, reset, load, store):
         return (S_out, final.at[store_c].set(S_out, mode="drop")), S_in
 
     init = (jnp.zeros(reset.shape[1:] + h0.shape[1:], h0.dtype), h0)
+    init = match_vma(init, M, B, h0, reset, load, store)  # inside shard_map: see match_vma
     (_, final), S_in = lax.scan(step, init, (_rows(M, NC), _rows(B, NC), reset, load, store))
     S_in = S_in.reshape((-1,) + S_in.shape[2:])
     o = O + jnp.einsum("nck,nkv->ncv", Qeff, S_in)
@@ -140,12 +141,15 @@ def _chunk_scan_bwd(intra, group, res, cts):
     # Final states never overwritten (empty sequences) are the initial states themselves.
     kept = jnp.ones(NH, bool).at[store.ravel()].set(False, mode="drop")
     init = (jnp.zeros_like(dS_o[0]), jnp.where(kept[:, None, None], dfinal, 0))
+    init = match_vma(init, M, dS_o, dfinal, reset, load, store)
     (_, dh0), dS_out = lax.scan(step, init, (_rows(M, NC), dS_o, reset, load, store),
                                 reverse=True)
 
     def chunk_vjp(xs):
         x, S_in_c, dS_out_c, do_c = xs
-        (M_c, _, _, _), vjp = jax.vjp(intra, x)
+        # A constant output (M of ungated linear attention) varies with its cotangents
+        # inside shard_map (see match_vma).
+        (M_c, _, _, _), vjp = jax.vjp(lambda x: match_vma(intra(x), x, S_in_c, do_c), x)
         return vjp((_outer_like(M_c, dS_out_c, S_in_c), dS_out_c,
                     jnp.einsum("cv,kv->ck", do_c, S_in_c), do_c))[0]
 

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
+import inspect
 import math
 import operator
 from typing import Callable, Optional, Sequence
@@ -304,6 +305,64 @@ def empty_result(q, shape: Sequence[int], num_states: int, initial_state) -> tup
     return jnp.zeros((B, T, H, V), q.dtype), state
 
 
+def _vma(x) -> frozenset:
+    """The mesh axes over which `x` varies inside `jax.shard_map` (replication typing: the
+    aval's `vma`, `manual_axis_type.varying` in newer JAX); empty outside shard_map, with
+    check_vma=False, or on a JAX without it."""
+    try:
+        aval = jax.typeof(x)
+    except Exception:
+        return frozenset()
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return frozenset(vma or ())
+
+
+def match_vma(init, *refs):
+    """`init` (a pytree, e.g. a scan's initial carry built from constants) marked as varying
+    over every mesh axis that any array in `refs` varies over. Inside `jax.shard_map` with
+    replication checks, a carry that starts replicated but meets per-device inputs in the
+    body must start varying too; outside shard_map this returns `init` unchanged."""
+    axes = frozenset().union(*(_vma(r) for r in jax.tree.leaves(refs)))
+    if not axes:
+        return init
+
+    def cast(x):
+        missing = tuple(a for a in axes if a not in _vma(x))
+        if not missing:
+            return x
+        pcast = getattr(jax.lax, "pcast", None)
+        return (pcast(x, missing, to="varying") if pcast is not None
+                else jax.lax.pvary(x, missing))
+    return jax.tree.map(cast, init)
+
+
+def varying_call(call, out_shape, *args):
+    """`call(out_shape, *args)` (a `pl.pallas_call` and its operands) inside `jax.shard_map`
+    with replication checks: the output `ShapeDtypeStruct`s vary over every mesh axis any
+    operand varies over (JAX asks a Pallas call's outputs to say how they vary:
+    `manual_axis_type`, `vma` in older JAX). Outside shard_map it is the plain call.
+
+    Pallas' interpret mode (CPU) does not support replication checks (JAX 0.10: its
+    interpreter mixes its invariant grid indices with varying blocks, a "requires varying
+    manual axes to match" error): there, run the op under `shard_map(..., check_vma=False)`.
+    """
+    axes = frozenset().union(*(_vma(a) for a in jax.tree.leaves(args)))
+    if not axes:
+        return call(out_shape, *args)
+    params = inspect.signature(jax.ShapeDtypeStruct).parameters
+    if "manual_axis_type" in params:
+        mat = jax.sharding.ManualAxisType(varying=axes)
+        kw = {"manual_axis_type": mat}
+    else:
+        kw = {"vma": axes}
+    out_shape = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, **kw), out_shape,
+        is_leaf=lambda s: isinstance(s, jax.ShapeDtypeStruct))
+    return call(out_shape, *args)
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """x / sqrt(sum(x**2) + eps) over the last axis, computed in acc_dtype, returned in x's."""
     xf = x.astype(acc_dtype(x))
@@ -367,9 +426,8 @@ def token_scan(update: Callable, xs: tuple, state_shape: Sequence[int], dtype,
         return (S, final), o
 
     S0 = jnp.zeros((B,) + tuple(state_shape), dtype) if varlen else init
-    (S, final), o = jax.lax.scan(
-        body, (S0, init if varlen else None),
-        (xs, layout.is_start.T, layout.seq.T))
+    carry = match_vma((S0, init if varlen else None), xs, init, layout.is_start, layout.seq)
+    (S, final), o = jax.lax.scan(body, carry, (xs, layout.is_start.T, layout.seq.T))
     return jnp.moveaxis(o, 0, 1), final if varlen else S
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from . import chunk_math, scan_io
+from . import chunk_math, common, scan_io
 from .chunk_math import div, rem
 
 
@@ -57,13 +57,13 @@ def _chunk_at(cfg, r_ref, s_ref, bh, c):
 def _call(cfg, kernel, name, ins, outs, h0_rows, reset, hidx):
     BH, T_pad, _ = ins[0][0].shape
     sp = _specs(cfg, T_pad, h0_rows, reset.shape[0])
-    return pl.pallas_call(
+    return common.varying_call(lambda out_shape, *args: pl.pallas_call(
         kernel, grid=(BH, cfg.Vp // cfg.BV_seq), compiler_params=_params(cfg),
         interpret=cfg.interpret,
         in_specs=[sp["idx"], sp["idx"]] + [sp[kind] for _, kind in ins],
-        out_specs=[sp[kind] for _, kind in outs], out_shape=[s for s, _ in outs],
+        out_specs=[sp[kind] for _, kind in outs], out_shape=out_shape,
         name=f"{'gdn' if cfg.spec.delta else 'la'}_{name}_gpu",
-    )(reset, hidx, *[x for x, _ in ins])
+    )(*args), [s for s, _ in outs], reset, hidx, *[x for x, _ in ins])
 
 
 def state_forward(cfg, k, u, w, extras, h0, reset, hidx):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import chunk_math
+from . import chunk_math, common
 
 
 def compiler_params(cfg, ndim: int):
@@ -47,10 +47,11 @@ def _specs(cfg, tiled: bool):
 def _call(cfg, kernel, name, tiled, in_specs, out_specs, out_shape, *args):
     BH, T_pad, _ = args[0].shape
     grid = (BH, cfg.NC, cfg.Vp // cfg.BV) if tiled else (BH, cfg.NC)
-    return pl.pallas_call(
+    return common.varying_call(lambda out_shape, *args: pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=compiler_params(cfg, len(grid)), interpret=cfg.interpret,
-        name=f"{'gdn' if cfg.spec.delta else 'la'}_{name}_{cfg.backend}")(*args)
+        name=f"{'gdn' if cfg.spec.delta else 'la'}_{name}_{cfg.backend}")(*args),
+        out_shape, *args)
 
 
 def _load(acc):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import chunk_math, scan_io
+from . import chunk_math, common, scan_io
 from .chunk_math import div, rem
 
 
@@ -59,11 +59,10 @@ def _call(cfg, kernel, name, ins, outs, reverse, reset, hidx):
         num_scalar_prefetch=2, grid=(BH, cfg.Vp // cfg.BV_seq, cfg.NC),
         in_specs=[sp[kind] for _, kind in ins], out_specs=[sp[kind] for _, kind in outs],
         scratch_shapes=[pltpu.VMEM((cfg.Kp, cfg.BV_seq), jnp.dtype(cfg.acc))])
-    return pl.pallas_call(
+    return common.varying_call(lambda out_shape, *args: pl.pallas_call(
         kernel, grid_spec=grid_spec, compiler_params=params, interpret=cfg.interpret,
-        out_shape=[s for s, _ in outs],
-        name=f"{'gdn' if cfg.spec.delta else 'la'}_{name}_tpu",
-    )(reset, hidx, *[x for x, _ in ins])
+        out_shape=out_shape, name=f"{'gdn' if cfg.spec.delta else 'la'}_{name}_tpu",
+    )(*args), [s for s, _ in outs], reset, hidx, *[x for x, _ in ins])
 
 
 def state_forward(cfg, k, u, w, extras, h0, reset, hidx):
