@@ -126,6 +126,19 @@ def test_gradients_cross_exactly_bptt_transitions_at_the_end(kind, bptt, rng):
     np.testing.assert_array_equal(fwd(LanguageModel(full)), fwd(model))
 
 
+def test_rmt_without_memory_tokens_is_segment_local(rng):
+    """memory_tokens 0: no memory parameter, and each segment's logits are the unsegmented
+    model's on that segment alone (the baseline of eval.segment_recall)."""
+    cfg = tiny({"length": 4, "memory_tokens": 0})
+    model, params = init(cfg, T=12)
+    assert "segment_memory" not in params
+    tokens = jnp.asarray(rng.integers(0, VOCAB, (1, 12)), jnp.int32)
+    got = jax.jit(lambda t: model.apply({"params": params}, t))(tokens)
+    alone = jax.jit(lambda t: LanguageModel(tiny(None)).apply({"params": params}, t))(
+        tokens.reshape(3, 4))
+    np.testing.assert_allclose(got.reshape(3, 4, VOCAB), alone, atol=1e-5, rtol=1e-5)
+
+
 def test_causal_within_and_across_segments(rng):
     cfg = tiny({"length": 4, "memory_tokens": 2}, ("gdn", "swa"),
                mixers={"swa": {"window": 3}})
