@@ -11,3 +11,4 @@ from layers import moe  # noqa: F401
 from layers import nsa  # noqa: F401
 from layers import titans  # noqa: F401
 from layers import brt  # noqa: F401
+from layers import mla  # noqa: F401

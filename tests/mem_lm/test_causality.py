@@ -73,6 +73,8 @@ CASES = [case(m, (m,), {m: ACTIVE.get(m, {})}) for m in token_mixers()] + [
     case("attn-cascade-prefill", ("attn",),
          {"attn": {"cache": "cascade", "cache_size": 8, "cache_sinks": 1, "cascades": 2}},
          cached=True),
+    # mla (default: Kimi's NoPE above) in DeepSeek's form, the prompt through its latent cache.
+    case("mla-rope-prefill", ("mla",), {"mla": {"rope": True, "q_lora_rank": 4}}, cached=True),
     case("mom-defaults", ("mom",), slow=True),
     # fla's variants: q convolved over each memory's own tokens; NSA with mean-pooled
     # compression, one k/v for the branches and no window branch.

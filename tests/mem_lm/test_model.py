@@ -22,7 +22,9 @@ TINY = dict(vocab_size=37, d_model=16, num_heads=2, chunk_size=4)
 
 def tiny(pattern, num_layers=None, mixers=None, **kw):
     # brt: windows and a state small enough that T = 15 crosses several state updates.
-    mixers = {"swa": {"window": 3}, "brt": {"window": 4, "state_size": 4}, **(mixers or {})}
+    mixers = {"swa": {"window": 3}, "brt": {"window": 4, "state_size": 4},
+              # mla in DeepSeek's form (RoPE, low-rank query); Kimi's NoPE in test_mla.py.
+              "mla": {"rope": True, "q_lora_rank": 6}, **(mixers or {})}
     return ModelConfig(num_layers=num_layers or len(pattern), pattern=pattern, mixers=mixers,
                        **{**TINY, **kw})
 
@@ -151,6 +153,12 @@ def documented_param_count(cfg: ModelConfig) -> int:
             # (a bias, or LSTM forget and input kernels + biases).
             gate = d if s["gate"] == "fixed" else 2 * (2 * HD * d + d)
             return 2 * (4 * d * HD + 2 * H + 2 * HD * d) + 2 * s["state_size"] * d + d + gate
+        if mixer == "mla":     # q (direct, or down + norm + up), latent down + norm, up, o
+            Hm, rq, b = s["heads"] or H, s["q_lora_rank"], s["attention_bias"]
+            R, dn, dv = s["kv_lora_rank"] or 4 * D, s["qk_nope_head_dim"] or D, s["v_head_dim"] or D
+            dr = D // 2 if s["qk_rope_head_dim"] is None else s["qk_rope_head_dim"]
+            q = d * Hm * (dn + dr) if rq is None else (d + b + 1) * rq + rq * Hm * (dn + dr)
+            return q + (d + b) * (R + dr) + R + R * Hm * (dn + dv) + Hm * dv * d + d * b
         conv = s["conv_size"] if s["short_conv"] else 0     # per q/k/v channel
         if mixer == "ssd":     # z, x, B, C, dt; x/B/C convs + biases; dt_bias, A_log, D;
             GN = s["ngroups"] * s["d_state"]                  # o_norm, o_proj

@@ -31,7 +31,8 @@ def test_no_weight_decay_on_norms_biases_gates_and_vectors():
 
 # What every mixer's parameters are, by the name inside a block: never decayed (norm scales,
 # biases, per-head gate parameters, the decay/step gate projections) or decayed (the matrices).
-NO_DECAY = re.compile(r"(^|/)(final_norm|mixer_norm|mlp_norm|o_norm)/scale$|/bias$|"
+NO_DECAY = re.compile(r"(^|/)(final_norm|mixer_norm|mlp_norm|o_norm|q_norm|kv_norm)/scale$|"
+                      r"/bias$|"
                       r"/mixer/(A_log|D|dt_bias|sinks|lr_bias|momentum_bias|decay_bias)$|"
                       r"/mixer/(memory_w1|memory_w2)$|"   # titans' learned initial memory
                       # brt's attention temperatures, state norm, gate biases, learned
@@ -43,7 +44,8 @@ NO_DECAY = re.compile(r"(^|/)(final_norm|mixer_norm|mlp_norm|o_norm)/scale$|/bia
 DECAY = re.compile(r"^embed/embedding$|^lm_head/kernel$|/mlp/(w_gate|w_up|w_out)/kernel$|"
                    r"/mixer/(shared_)?(q_proj|k_proj|v_proj|o_proj|g_proj|q_conv|k_conv|v_conv|"
                    r"k_branches_conv|v_branches_conv|router|z_proj|x_proj|B_proj|C_proj|x_conv|"
-                   r"B_conv|C_conv|q2_proj)/kernel$|"
+                   r"B_conv|C_conv|q2_proj|q_down_proj|q_up_proj|kv_down_proj|kv_up_proj)"
+                   r"/kernel$|"
                    r"/mixer/(state_q|state_k|state_v|state_q2|state_out|forget_gate|input_gate)$")
 
 
