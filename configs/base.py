@@ -140,13 +140,14 @@ def get_config() -> ConfigDict:
         # gradients vanish); brt's attention scales (attn_scale, ...: the temperatures of its
         # normalised q/k), learned initial state and state position embeddings (initial_state,
         # state_pos: decay would pull the S state vectors together); RMT's learned first
-        # memory (segment_memory: decay would pull the m vectors to zero and together).
+        # memory (segment_memory: decay would pull the m vectors to zero and together);
+        # Titans MAG/MAC's persistent memory tokens (persistent_k, persistent_v: likewise).
         # Decayed: embeddings, lm_head, q/k/v/o/g projections (brt's state_q/k/v/q2/out and
         # LSTM gate kernels), MLPs, short-conv kernels. A new parameter that must not decay
         # needs a pattern here.
         no_decay_patterns="norm,bias,A_log,(^|/)D$,sinks,a_proj/,b_proj/,dt_proj/,gk_proj,"
                           "lr_proj/,momentum_proj/,decay_proj/,memory_w[12]$,_scale$,"
-                          "initial_state$,state_pos$,(^|/)segment_memory$",
+                          "initial_state$,state_pos$,(^|/)segment_memory$,persistent_[kv]$",
         # Memory layers' value tables (pkm's per-layer `mlp/values`, memory_plus's shared
         # `memory_values`; the params whose path matches one of the comma-separated regexes):
         # their own AdamW, by default as the Memory+ reference code (facebookresearch/memory)

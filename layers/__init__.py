@@ -10,5 +10,7 @@ from layers import memory  # noqa: F401
 from layers import moe  # noqa: F401
 from layers import nsa  # noqa: F401
 from layers import titans  # noqa: F401
+from layers import titans_mag  # noqa: F401
+from layers import titans_mac  # noqa: F401
 from layers import brt  # noqa: F401
 from layers import mla  # noqa: F401

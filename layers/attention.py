@@ -15,6 +15,11 @@ Decode cache (`init_cache`), by the `cache` setting:
     cache, prompt tokens included, attends to what the cache holds at its turn; the cache
     takes q and k before RoPE and places them itself (`cache_positions`).
 
+`persistent_tokens` P > 0 (a module field, set by `titans_mag`): P learned keys and values per
+kv head that every query sees beside its window (Titans' persistent memory; no RoPE), through
+the op's prefix keys, in the forward and with the window cache (not with the cascading cache or
+top-k blocks).
+
 `topk_blocks` n > 0 (attn only) switches a trained layer to training-free top-k block
 attention (`layers/topk_attention.py`): each query token sees its own block, the last
 `topk_window` tokens and the n earlier key blocks of `topk_block_size` tokens that score best
@@ -73,6 +78,7 @@ class Attention(nn.Module):
     topk_block_size: int = 64
     topk_window: Optional[int] = 64
     topk_score: str = "bound"
+    persistent_tokens: int = 0
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
@@ -112,11 +118,20 @@ class Attention(nn.Module):
         if self.use_sinks:
             # N(0, init_std²) as gpt-oss (transformers' GptOssPreTrainedModel._init_weights).
             sinks = self.param("sinks", init(self.init_std, ("heads",)), (H,), jnp.float32)
+        prefix = {}
+        if self.persistent_tokens:
+            if self.cache_policy == "cascade" or self.topk_blocks:
+                raise ValueError("persistent_tokens need the window cache and dense attention")
+            shape = (self.persistent_tokens, Hkv, D)
+            prefix = {f"prefix_{n}": self.param(f"persistent_{n}",
+                                                init(self.init_std, (None, "heads", "kv")),
+                                                shape, jnp.float32) for n in "kv"}
         # A named library kernel (cudnn, splash) takes no explicit positions, which decode
-        # caches pass: with a cache, "auto" uses it where it can and the XLA path elsewhere.
-        impl = "auto" if cache is not None and self.impl in ("cudnn", "splash") else self.impl
+        # caches pass, nor prefix keys: there "auto" uses it where it can and XLA elsewhere.
+        impl = ("auto" if (cache is not None or prefix) and self.impl in ("cudnn", "splash")
+                else self.impl)
         attn = lambda q, k, v, **a: attention(q, k, v, window=self.window, sinks=sinks,
-                                              impl=impl, **a)
+                                              impl=impl, **prefix, **a)
         new_cache = None
         if cache is None:
             segment_ids = None if segment_ids is None else document_ids(segment_ids)

@@ -139,7 +139,8 @@ def blocked_token_scan(token, carry, xs, T: int):
     [B, T, ...] arrays, None allowed), in blocks of about sqrt(T) tokens that are each
     rematerialised, so a backward pass holds O(sqrt(T)) carries rather than one per token.
     The last block is zero-padded: `token` sees zeros there, its outputs are dropped, and a
-    carry that must survive the padding is for `token` to keep. Returns (carry, y [B, T, ...])."""
+    carry that must survive the padding is for `token` to keep. Returns (carry, y [B, T, ...]),
+    y a pytree as `token` returns it."""
     n = math.isqrt(max(T - 1, 0)) + 1
     nb = -(-T // n)
 
@@ -149,7 +150,8 @@ def blocked_token_scan(token, carry, xs, T: int):
 
     block = jax.checkpoint(lambda c, xb: jax.lax.scan(token, c, xb))
     carry, y = jax.lax.scan(block, carry, jax.tree.map(blocks, xs))
-    return carry, jnp.moveaxis(y, 2, 0).reshape((y.shape[2], nb * n) + y.shape[3:])[:, :T]
+    unblock = lambda y: jnp.moveaxis(y, 2, 0).reshape((y.shape[2], nb * n) + y.shape[3:])[:, :T]
+    return carry, jax.tree.map(unblock, y)
 
 
 def restarting_scan(step_op, args, starts: jax.Array, **kw) -> jax.Array:

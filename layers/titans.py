@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from layers.common import (blocked_token_scan, constrain, dense, docs_per_row, pack_rows,
                            packed_or_scanned)
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
-from layers.norm import GatedRMSNorm
+from layers.norm import GatedRMSNorm, RMSNorm
 from layers.registry import (Mechanism, Setting, SettingError, Shared, positive_int, register,
                              width_multiplier)
 from pallas_kernels.common import l2_normalize
@@ -51,6 +51,103 @@ def _impl(impl: str) -> str:
 
 def _select(mask, new, old):
     return jax.tree.map(lambda n, o: jnp.where(_rows(mask, o), n, o), new, old)
+
+
+def memory_shapes(lead: tuple, head_dim: int, hidden: int, depth: int) -> tuple:
+    """Shapes of the memory's arrays with leading dims `lead`: ([..., D, D],) or
+    ([..., D, E], [..., E, D])."""
+    D = head_dim
+    return (lead + (D, D),) if depth == 1 else (lead + (D, hidden), lead + (hidden, D))
+
+
+def memory_structure(leaves, depth: int):
+    """Tuple of memory arrays -> the op's structure (an array for depth 1)."""
+    return leaves[0] if depth == 1 else tuple(leaves)
+
+
+def zero_memory(lead: tuple, head_dim: int, hidden: int, depth: int):
+    return memory_structure([jnp.zeros(s, jnp.float32)
+                             for s in memory_shapes(lead, head_dim, hidden, depth)], depth)
+
+
+def initial_memory(module: nn.Module, num_heads: int, head_dim: int, hidden: int, depth: int):
+    """The learned initial memory per head (depth 2: params `memory_w1`, `memory_w2` of
+    `module`, xavier-uniform as lucidrains' MemoryMLP), or zeros (depth 1): leaves [H, ...]."""
+    if depth == 1:
+        return zero_memory((num_heads,), head_dim, hidden, depth)
+    init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
+    s1, s2 = memory_shapes((num_heads,), head_dim, hidden, depth)
+    W1 = module.param("memory_w1", nn.with_logical_partitioning(init, ("heads", "kv", None)),
+                      s1, jnp.float32)
+    W2 = module.param("memory_w2", nn.with_logical_partitioning(init, ("heads", None, "kv")),
+                      s2, jnp.float32)
+    return W1, W2
+
+
+def broadcast_rows(tree, rows: int):
+    """Per-head arrays [H, ...] -> [rows, H, ...]."""
+    return jax.tree.map(lambda w: jnp.broadcast_to(w, (rows,) + w.shape), tree)
+
+
+class MemoryInputs(nn.Module):
+    """The memory's inputs from x [B, T, d]: q, k, v = SiLU(conv(W x)) (SiLU(W x) without
+    short convs), q and k L2-normalised per head; θ = lr_max · sigmoid(W_θ x + b_θ),
+    η = sigmoid(W_η x + b_η), α = sigmoid(W_α x + b_α) (biases 0, 0, −4 at init). Returns
+    ((q, k, v, θ, η, α), the conv cache entries). `titans` shares its scope (its parameter
+    names are these modules'); `titans_mac` uses it on the attention output."""
+    num_heads: int
+    head_dim: int
+    lr_max: float = 1.0
+    use_short_conv: bool = True
+    conv_size: int = 4
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, segment_ids=None, cache=None):
+        H, D = self.num_heads, self.head_dim
+        kw = dict(std=self.init_std, dtype=self.dtype)
+        qkv = {n: dense((H, D), ("embed", "heads", "kv"), name=f"{n}_proj", **kw)(x)
+               for n in "qkv"}
+        if self.use_short_conv:
+            qkv, new_cache = short_conv_qkv(qkv, self.conv_size, segment_ids, cache, self.dtype,
+                                            std=self.init_std)
+        else:
+            qkv, new_cache = {n: jax.nn.silu(t) for n, t in qkv.items()}, {}
+        q, k, v = (constrain(qkv[n], ("batch", "length", "heads", "kv")) for n in "qkv")
+        q, k = l2_normalize(q), l2_normalize(k)
+
+        def gate(name, bias):
+            w = dense((H,), ("embed", "heads"), name=f"{name}_proj", **kw)(x).astype(jnp.float32)
+            b = self.param(f"{name}_bias", nn.with_logical_partitioning(
+                nn.initializers.constant(bias), ("heads",)), (H,), jnp.float32)
+            return jax.nn.sigmoid(w + b)
+
+        lr = self.lr_max * gate("lr", 0.0)
+        return (q, k, v, lr, gate("momentum", 0.0), gate("decay", -4.0)), new_cache
+
+
+def memory_step(xs, carry, chunk_size: int, depth: int):
+    """One token of the op under its chunk rule (`neural_memory_step`): xs = (q, k, v, θ, η,
+    α) of the token ([B, H, ...]), carry = (memory, momentum, the memory of the last chunk
+    boundary, position [B] counted from where chunks start). Returns (o, the next carry)."""
+    memory, momentum, chunk_memory, pos = carry
+    chunk_memory = _select(pos % chunk_size == 0, memory, chunk_memory)
+    o, (memory, momentum) = neural_memory_step(*xs, depth=depth, scale=1.0,
+                                               state=(memory, momentum),
+                                               chunk_memory=chunk_memory)
+    return o, (memory, momentum, chunk_memory, pos + 1)
+
+
+def gate_outputs(y, m, eps: float, dtype):
+    """MAG's and MAC's combination of the attention output y and the memory output m (both
+    [B, T, d]): RMSNorm(y) ⊙ sigmoid(RMSNorm(m)), each norm with its own learned scale (the
+    paper's "normalize the outputs y and M(x̃) using learnable vector-valued weights, followed
+    by a non-linearity σ"), through norms `attn_out_norm`, `memory_out_norm` of the calling
+    (compact) module."""
+    y = RMSNorm(eps, dtype, name="attn_out_norm")(y).astype(jnp.float32)
+    m = RMSNorm(eps, dtype, name="memory_out_norm")(m).astype(jnp.float32)
+    return (y * jax.nn.sigmoid(m)).astype(dtype)
 
 
 class Titans(nn.Module):
@@ -73,39 +170,14 @@ class Titans(nn.Module):
     def hidden(self) -> int:
         return int(round(self.head_dim * self.expansion))
 
-    def _memory_shapes(self, lead: tuple) -> tuple:
-        D = self.head_dim
-        if self.depth == 1:
-            return (lead + (D, D),)
-        return lead + (D, self.hidden), lead + (self.hidden, D)
-
-    def _structure(self, leaves):
-        """Tuple of memory arrays -> the op's structure (an array for depth 1)."""
-        return leaves[0] if self.depth == 1 else tuple(leaves)
-
     def init_cache(self, batch: int, max_len: int) -> dict:
         H, D = self.num_heads, self.head_dim
-        zeros = lambda: self._structure([jnp.zeros(s, jnp.float32)
-                                         for s in self._memory_shapes((batch, H))])
+        zeros = lambda: zero_memory((batch, H), D, self.hidden, self.depth)
         cache = {"state": {"memory": zeros(), "momentum": zeros(), "chunk_memory": zeros()}}
         if self.use_short_conv:
             cache.update(qkv_conv_cache(batch, {n: (H, D) for n in "qkv"}, self.conv_size,
                                         self.dtype))
         return cache
-
-    def _initial_memory(self):
-        """The learned initial memory per head (depth 2), or zeros (depth 1): leaves [H, ...]."""
-        H = self.num_heads
-        if self.depth == 1:
-            return self._structure([jnp.zeros(s, jnp.float32)
-                                    for s in self._memory_shapes((H,))])
-        init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
-        s1, s2 = self._memory_shapes((H,))
-        W1 = self.param("memory_w1", nn.with_logical_partitioning(init, ("heads", "kv", None)),
-                        s1, jnp.float32)
-        W2 = self.param("memory_w2", nn.with_logical_partitioning(init, ("heads", None, "kv")),
-                        s2, jnp.float32)
-        return W1, W2
 
     @nn.compact
     def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None,
@@ -113,33 +185,17 @@ class Titans(nn.Module):
         B, T = x.shape[:2]
         H, D = self.num_heads, self.head_dim
         kw = dict(std=self.init_std, dtype=self.dtype)
-        qkv = {n: dense((H, D), ("embed", "heads", "kv"), name=f"{n}_proj", **kw)(x)
-               for n in "qkv"}
-        if self.use_short_conv:
-            qkv, new_cache = short_conv_qkv(qkv, self.conv_size, segment_ids, cache, self.dtype,
-                                            std=self.init_std)
-        else:
-            qkv, new_cache = {n: jax.nn.silu(t) for n, t in qkv.items()}, {}
-        q, k, v = (constrain(qkv[n], ("batch", "length", "heads", "kv")) for n in "qkv")
-        q, k = l2_normalize(q), l2_normalize(k)
-
-        def gate(name, bias):
-            w = dense((H,), ("embed", "heads"), name=f"{name}_proj", **kw)(x).astype(jnp.float32)
-            b = self.param(f"{name}_bias", nn.with_logical_partitioning(
-                nn.initializers.constant(bias), ("heads",)), (H,), jnp.float32)
-            return jax.nn.sigmoid(w + b)
-
-        lr = self.lr_max * gate("lr", 0.0)
-        eta = gate("momentum", 0.0)
-        alpha = gate("decay", -4.0)
-        init = self._initial_memory()
-        args = (q, k, v, lr, eta, alpha)
+        inputs = MemoryInputs(H, D, self.lr_max, self.use_short_conv, self.conv_size,
+                              self.init_std, self.dtype, name="inputs")
+        nn.share_scope(self, inputs)    # its parameters are this layer's (q_proj, lr_bias, ...)
+        args, new_cache = inputs(x, segment_ids, cache)
+        init = initial_memory(self, H, D, self.hidden, self.depth)
 
         state = None
         if segment_ids is not None:
             o = self._documents(args, init, segment_ids)
         elif cache is None:
-            o = self._op(args, jax.tree.map(lambda w: jnp.broadcast_to(w, (B,) + w.shape), init))
+            o = self._op(args, broadcast_rows(init, B))
         else:
             o, state = self._cached(args, init, cache["state"], cache_pos)
         g = (dense((H, D), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
@@ -165,12 +221,12 @@ class Titans(nn.Module):
         N = rows.cu_seqlens.shape[1] - 1
 
         def row(cu, *xs):
-            memory = jax.tree.map(lambda w: jnp.broadcast_to(w, (N,) + w.shape), init)
+            memory = broadcast_rows(init, N)
             return self._op(tuple(x[None] for x in xs), memory, cu_seqlens=cu)[0]
 
         def scan(a):
             B = a[0].shape[0]
-            memory = jax.tree.map(lambda w: jnp.broadcast_to(w, (B,) + w.shape), init)
+            memory = broadcast_rows(init, B)
             zeros = jax.tree.map(jnp.zeros_like, memory)
             o, _ = self._token_scan(a, (memory, zeros, memory, jnp.zeros((B,), jnp.int32)),
                                     starts=rows.starts, init=(memory, zeros))
@@ -184,7 +240,7 @@ class Titans(nn.Module):
         B, T = args[0].shape[:2]
         C = self.chunk_size
         fresh = jnp.asarray(cache_pos) == 0
-        init_b = jax.tree.map(lambda w: jnp.broadcast_to(w, (B,) + w.shape), init)
+        init_b = broadcast_rows(init, B)
         memory = jax.tree.map(lambda i, m: jnp.where(fresh, i, m), init_b, state["memory"])
         momentum = jax.tree.map(lambda m: jnp.where(fresh, 0, m), state["momentum"])
         chunk_memory = jax.tree.map(lambda i, m: jnp.where(fresh, i, m), init_b,
@@ -229,12 +285,9 @@ class Titans(nn.Module):
             if init is not None:
                 memory, momentum = _select(start, init, (memory, momentum))
                 pos = jnp.where(start, 0, pos)
-            chunk_memory = _select(pos % C == 0, memory, chunk_memory)
-            o, (memory, momentum) = neural_memory_step(
-                *xs, depth=self.depth, scale=1.0, state=(memory, momentum),
-                chunk_memory=chunk_memory)
+            o, new = memory_step(xs, (memory, momentum, chunk_memory, pos), C, self.depth)
             # The padding after the last token leaves the carry as it is.
-            return _select(real, (memory, momentum, chunk_memory, pos + 1), carry), o
+            return _select(real, new, carry), o
 
         carry, o = blocked_token_scan(token, carry, (tuple(args), starts, jnp.ones((B, T), bool)),
                                      T)

@@ -17,7 +17,8 @@ tokens; the local op runs at value width V + K. `context_parallel` explains the 
 
 from .gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 from .linear_attention import linear_attention, linear_attention_step
-from .neural_memory import neural_memory, neural_memory_step
+from .neural_memory import neural_memory, neural_memory_read, neural_memory_step
 
 __all__ = ["linear_attention", "linear_attention_step", "gated_delta_rule",
-           "gated_delta_rule_step", "neural_memory", "neural_memory_step"]
+           "gated_delta_rule_step", "neural_memory", "neural_memory_read",
+           "neural_memory_step"]

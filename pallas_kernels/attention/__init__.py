@@ -3,7 +3,7 @@
 ```python
 o = attention(q, k, v, *, scale=None, causal=True, window=None, sinks=None,
               segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None,
-              impl="auto", block_q=512)
+              prefix_k=None, prefix_v=None, impl="auto", block_q=512)
 ```
 q [B, Tq, H, D]; k [B, Tk, Hkv, D]; v [B, Tk, Hkv, Dv]; H % Hkv == 0 (GQA / MQA).
 
@@ -17,6 +17,10 @@ Which keys a query sees is decided by positions (int32 [B, T] or [T]):
     Tq == Tk): a query sees only keys with the same id (packed documents).
   * `sinks` [H]: a learned logit per head that joins the softmax denominator with a zero
     value (attention may put its mass "nowhere").
+  * `prefix_k` [P, Hkv, D], `prefix_v` [P, Hkv, Dv]: P keys/values, the same for every batch
+    row, that every query sees whatever the mask says (Titans' persistent memory tokens: the
+    paper's "attention with prefix"); no position of their own (the caller rotates them or
+    not). They join each query's softmax with its masked keys.
 A query that sees no key returns zeros. Accumulation is float32 (float64 for float64 input);
 `o` has q's dtype.
 
@@ -59,7 +63,8 @@ def _positions(name, pos, B, T):
 
 def attention(q, k, v, *, scale: Optional[float] = None, causal: bool = True,
               window: Optional[int] = None, sinks=None, segment_ids=None, kv_segment_ids=None,
-              q_positions=None, kv_positions=None, impl: str = "auto", block_q: int = 512):
+              q_positions=None, kv_positions=None, prefix_k=None, prefix_v=None,
+              impl: str = "auto", block_q: int = 512):
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_rank(name, x, 4)
     B, Tq, H, D = q.shape
@@ -79,6 +84,17 @@ def attention(q, k, v, *, scale: Optional[float] = None, causal: bool = True,
         raise ValueError(f"`sinks` must have shape [H] = ({H},), got {tuple(sinks.shape)}")
     if impl not in IMPLS:
         raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}")
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError("`prefix_k` and `prefix_v` go together: got only "
+                         f"`{'prefix_k' if prefix_v is None else 'prefix_v'}`")
+    if prefix_k is not None:
+        P = prefix_k.shape[0] if prefix_k.ndim == 3 else None
+        if prefix_k.ndim != 3 or tuple(prefix_k.shape[1:]) != (Hkv, D):
+            raise ValueError(f"`prefix_k` must have shape [P, Hkv, D] = [P, {Hkv}, {D}], "
+                             f"got {tuple(prefix_k.shape)}")
+        if tuple(prefix_v.shape) != (P, Hkv, v.shape[-1]):
+            raise ValueError(f"`prefix_v` must have shape [P, Hkv, Dv] = "
+                             f"{(P, Hkv, v.shape[-1])}, got {tuple(prefix_v.shape)}")
     if segment_ids is not None:
         if tuple(segment_ids.shape) != (B, Tq):
             raise ValueError(f"`segment_ids` must have shape [B, Tq] = ({B}, {Tq}), "
@@ -97,7 +113,7 @@ def attention(q, k, v, *, scale: Optional[float] = None, causal: bool = True,
     explicit_positions = q_positions is not None or kv_positions is not None
     spec = library.CallSpec.of(q, k, v, causal=causal, window=window, sinks=sinks,
                                segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                               positions=explicit_positions)
+                               positions=explicit_positions, prefix=prefix_k is not None)
     impl = library.resolve_impl(impl, spec)
 
     scale = D ** -0.5 if scale is None else float(scale)
@@ -115,7 +131,8 @@ def attention(q, k, v, *, scale: Optional[float] = None, causal: bool = True,
     if kv_pos is None:
         kv_pos = jnp.arange(Tk, dtype=jnp.int32)[None]
     kw = dict(scale=scale, causal=causal, window=window, sinks=sinks, q_seg=segment_ids,
-              kv_seg=kv_segment_ids, q_pos=q_pos, kv_pos=kv_pos)
+              kv_seg=kv_segment_ids, q_pos=q_pos, kv_pos=kv_pos, prefix_k=prefix_k,
+              prefix_v=prefix_v)
     if impl == "reference":
         return attention_reference(q, k, v, **kw)
     return attention_xla(q, k, v, default_positions=default_positions, block_q=block_q, **kw)

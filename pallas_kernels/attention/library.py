@@ -50,22 +50,27 @@ class CallSpec:
     sinks: bool = False
     segment_ids: str = "none"
     positions: bool = False
+    prefix: bool = False
 
     @classmethod
-    def of(cls, q, k, v, *, causal, window, sinks, segment_ids, kv_segment_ids, positions):
+    def of(cls, q, k, v, *, causal, window, sinks, segment_ids, kv_segment_ids, positions,
+           prefix=False):
         # The dispatcher passes kv_segment_ids = segment_ids when only one set was given.
         segments = ("none" if segment_ids is None else
                     "same" if kv_segment_ids is segment_ids else "separate")
         return cls(dtypes=(jnp.dtype(q.dtype), jnp.dtype(k.dtype), jnp.dtype(v.dtype)),
                    q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[-1],
                    v_head_dim=v.shape[-1], causal=causal, window=window,
-                   sinks=sinks is not None, segment_ids=segments, positions=positions)
+                   sinks=sinks is not None, segment_ids=segments, positions=positions,
+                   prefix=prefix)
 
 
 def _common_reason(spec: CallSpec) -> Optional[str]:
     """What neither library kernel serves: our position semantics beyond self-attention."""
     if spec.positions:
         return "explicit q_positions / kv_positions (decode caches) are served by xla"
+    if spec.prefix:
+        return "prefix keys/values (persistent memory tokens) are served by xla"
     if spec.q_len != spec.kv_len:
         return (f"Tq ({spec.q_len}) != Tk ({spec.kv_len}): the library masks align queries "
                 "with the first keys, ours with the last")

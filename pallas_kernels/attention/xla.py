@@ -4,7 +4,8 @@ GQA without repeating kv. Long inputs are processed `block_q` queries at a time 
 `jax.checkpoint`, so the score matrix held at once is [B, H, block_q, Tk] in the forward and
 the backward: memory grows as O(T · block_q), not O(T²). For a sliding window with the default
 (contiguous) positions — the queries being the last Tq of the Tk keys — each query block only
-reads the `block_q + window - 1` keys it can see.
+reads the `block_q + window - 1` keys it can see. Prefix keys/values (seen by every query)
+join each block's keys.
 """
 from __future__ import annotations
 
@@ -15,16 +16,25 @@ import jax.numpy as jnp
 from pallas_kernels.attention.mask import attention_mask
 
 
-def _attend(q, k, v, *, scale, causal, window, sinks, q_seg, kv_seg, q_pos, kv_pos):
-    """Grouped attention of q [B,Tq,H,D] against k/v [B,Tk,Hkv,D]."""
+def _attend(q, k, v, *, scale, causal, window, sinks, q_seg, kv_seg, q_pos, kv_pos,
+            prefix_k=None, prefix_v=None):
+    """Grouped attention of q [B,Tq,H,D] against k/v [B,Tk,Hkv,D] (and the prefix [P,Hkv,D],
+    visible to every query, in front)."""
     acc = jnp.promote_types(q.dtype, jnp.float32)
     B, Tq, H, D = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
     qg = q.reshape(B, Tq, Hkv, G, D)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=acc) * scale
     mask = attention_mask(q_pos, kv_pos, causal=causal, window=window, q_seg=q_seg,
                           kv_seg=kv_seg)[:, None, None]
+    if prefix_k is not None:
+        P = prefix_k.shape[0]
+        k = jnp.concatenate([jnp.broadcast_to(prefix_k.astype(k.dtype), (B,) + prefix_k.shape),
+                             k], axis=1)
+        v = jnp.concatenate([jnp.broadcast_to(prefix_v.astype(v.dtype), (B,) + prefix_v.shape),
+                             v], axis=1)
+        mask = jnp.concatenate([jnp.ones(mask.shape[:4] + (P,), bool), mask], axis=-1)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=acc) * scale
     s = jnp.where(mask, s, jnp.finfo(acc).min)
     m = jnp.max(s, axis=-1, keepdims=True)
     if sinks is not None:
@@ -41,10 +51,12 @@ def _attend(q, k, v, *, scale, causal, window, sinks, q_seg, kv_seg, q_pos, kv_p
 
 
 def attention_xla(q, k, v, *, scale, causal, window, sinks, q_seg, kv_seg, q_pos, kv_pos,
-                  default_positions: bool = False, block_q: int = 512):
+                  prefix_k=None, prefix_v=None, default_positions: bool = False,
+                  block_q: int = 512):
     B, Tq = q.shape[:2]
     Tk = k.shape[1]
-    kw = dict(scale=scale, causal=causal, window=window, sinks=sinks)
+    kw = dict(scale=scale, causal=causal, window=window, sinks=sinks, prefix_k=prefix_k,
+              prefix_v=prefix_v)
     if Tq <= block_q:
         return _attend(q, k, v, q_seg=q_seg, kv_seg=kv_seg, q_pos=q_pos, kv_pos=kv_pos, **kw)
 

@@ -1,5 +1,6 @@
 """Titans' neural long-term memory (Behrouz et al. 2025): `neural_memory` over a sequence,
-`neural_memory_step` for decoding.
+`neural_memory_step` for decoding, `neural_memory_read` for reads of a given memory without
+a write (Titans MAC's M*(q)).
 
 The memory of each head is a small network trained while it reads, by gradient descent with
 momentum and forgetting on an associative loss (θ = lr, η = momentum, α = decay, [B, T, H],
@@ -192,4 +193,24 @@ def neural_memory_step(q, k, v, lr, momentum, decay, *, depth, scale=1.0, state,
     return o.astype(out_dtype), _public((params, mom))
 
 
-__all__ = ["neural_memory", "neural_memory_step"]
+def neural_memory_read(q, memory, *, scale=1.0):
+    """M(scale · q) of a given memory, no write: q [B, T, H, K], memory [B, H, K, V] (depth 1)
+    or (W1 [B, H, K, E], W2 [B, H, E, V]) (depth 2) -> [B, T, H, V] in q's dtype (computed in
+    float32, float64 for float64 q). The read of `neural_memory` and `neural_memory_step`."""
+    q = common.as_input("q", q)
+    B, T, H, K = common.check_rank("q", q, 4)
+    depth = 2 if isinstance(memory, (tuple, list)) else 1
+    V = 1   # a depth-2 memory that is not a pair fails in _memory_leaves, which says so
+    if depth == 1 or len(memory) == 2:
+        name = "memory" if depth == 1 else "memory[1] (W2)"
+        V = common.check_rank(name, common.as_input(name, memory if depth == 1 else memory[1]),
+                              4)[-1]
+    leaves = _memory_leaves("memory", memory, depth, B, H, K, V)
+    scale = common.check_scale(scale, K)
+    q = common.to_jax(q)[0]
+    acc = common.acc_dtype(q)
+    params = tuple(jnp.asarray(p).astype(acc)[:, None] for p in leaves)   # [B, 1, H, ...]
+    return memory_read(params, scale * q.astype(acc)).astype(q.dtype)
+
+
+__all__ = ["neural_memory", "neural_memory_read", "neural_memory_step"]

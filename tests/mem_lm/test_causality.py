@@ -42,6 +42,10 @@ ACTIVE = {
     # Windows of 4: cuts inside a window, at its last token and after it; state updates at
     # 3, 7, 11.
     "brt": {"window": 4, "state_size": 4},
+    # Titans MAG: a window of 3 beside the memory; MAC: segments of 4 (cuts inside segments,
+    # at a segment's last token and after it), chunks of 2.
+    "titans_mag": {"window": 3, "memory_chunk": 2},
+    "titans_mac": {"segment_length": 4, "memory_chunk": 2},
 }
 # 4 blocks of 4 tokens, one selected, a one-token window.
 TOPK = {"topk_blocks": 1, "topk_block_size": 4, "topk_window": 1}

@@ -21,8 +21,11 @@ TINY = dict(vocab_size=37, d_model=16, num_heads=2, chunk_size=4)
 
 
 def tiny(pattern, num_layers=None, mixers=None, **kw):
-    # brt: windows and a state small enough that T = 15 crosses several state updates.
+    # brt: windows and a state small enough that T = 15 crosses several state updates; titans
+    # MAC: segments of 4 in chunks of 2 (the decode steps cross segments and chunks).
     mixers = {"swa": {"window": 3}, "brt": {"window": 4, "state_size": 4},
+              "titans_mag": {"window": 3, "memory_chunk": 2},
+              "titans_mac": {"segment_length": 4, "memory_chunk": 2},
               # mla in DeepSeek's form (RoPE, low-rank query); Kimi's NoPE in test_mla.py.
               "mla": {"rope": True, "q_lora_rank": 6}, **(mixers or {})}
     return ModelConfig(num_layers=num_layers or len(pattern), pattern=pattern, mixers=mixers,
@@ -177,11 +180,20 @@ def documented_param_count(cfg: ModelConfig) -> int:
             n = d * M + d * HD + conv * (2 * HD + V) + 2 * H   # router, q, convs, A_log, dt_bias
             n += (M + s["shared_memory"]) * memory
             return n + d * V + V // H + V * d                          # gate, o_norm, o_proj
-        if mixer == "titans":  # q, k, v, convs, θ/η/α projections + biases, the learned
-            E = int(round(D * s["expansion"]))           # initial MLP memory, gate, o_norm, o_proj
-            n = 3 * d * HD + conv * 3 * HD + 3 * (d * H + H)
-            n += 2 * H * D * E if s["depth"] == 2 else 0
+        E = int(round(D * s.get("expansion", 0)))
+        memory = 2 * H * D * E if s.get("depth") == 2 else 0     # the learned initial MLP
+        inputs = 3 * d * HD + 3 * (d * H + H)       # q, k, v, θ/η/α projections + biases
+        persistent = 2 * s.get("persistent_tokens", 0) * HD
+        if mixer == "titans":  # + convs, gate, o_norm, o_proj
+            n = inputs + conv * 3 * HD + memory
             return n + (d * HD if s["use_gate"] else 0) + D + HD * d
+        if mixer == "titans_mag":   # swa (q, k, v, o) + persistent tokens, titans, gate norms
+            titans = inputs + conv * 3 * HD + memory + (d * HD if s["use_gate"] else 0) + D
+            return 4 * d * HD + persistent + titans + HD * d + 2 * d
+        if mixer == "titans_mac":   # read query + conv, memory, attention q/k/v/o, read-out
+            # norm + projection, persistent tokens, memory inputs from y, o_norm, o_proj, gate
+            return (d * HD + conv * HD + memory + 4 * d * HD + D + HD * d + persistent + inputs
+                    + D + HD * d + 2 * d)
         if mixer in ("gdn", "deltanet"):
             V = H * int(round(D * s["expand_v"]))
             n = 2 * d * HD + d * V + conv * (2 * HD + V) + d * H      # q, k, v, convs, β

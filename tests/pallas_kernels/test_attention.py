@@ -14,8 +14,9 @@ from pallas_kernels.attention import attention, library
 
 
 def loop_reference(q, k, v, *, causal=True, window=None, sinks=None, seg=None, q_pos=None,
-                   kv_pos=None):
-    """Independent float64 numpy reference, one query at a time."""
+                   kv_pos=None, prefix=None):
+    """Independent float64 numpy reference, one query at a time. `prefix` (pk [P, Hkv, D],
+    pv [P, Hkv, Dv]): keys every query sees."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
@@ -33,14 +34,18 @@ def loop_reference(q, k, v, *, causal=True, window=None, sinks=None, seg=None, q
                     ok &= q_pos[t] - kv_pos < window
                 if seg is not None:
                     ok &= seg[b] == seg[b, t]
-                s = k[b, :, hk] @ q[b, t, h] / np.sqrt(D)
-                logits = list(s[ok]) + ([float(sinks[h])] if sinks is not None else [])
+                keys, vals = k[b, ok, hk], v[b, ok, hk]
+                if prefix is not None:
+                    keys = np.concatenate([prefix[0][:, hk], keys])
+                    vals = np.concatenate([prefix[1][:, hk], vals])
+                s = keys @ q[b, t, h] / np.sqrt(D)
+                logits = list(s) + ([float(sinks[h])] if sinks is not None else [])
                 if not logits:
                     continue
                 m = max(logits)
-                w = np.exp(s[ok] - m)
+                w = np.exp(s - m)
                 den = w.sum() + (np.exp(float(sinks[h]) - m) if sinks is not None else 0.0)
-                o[b, t, h] = (w / den) @ v[b, ok, hk]
+                o[b, t, h] = (w / den) @ vals
     return o
 
 
@@ -96,6 +101,42 @@ def test_positions_and_empty_slots(x64, rng):
     np.testing.assert_array_equal(np.asarray(o), 0.0)
 
 
+def test_prefix_keys_seen_by_every_query(x64, rng):
+    """Prefix keys/values (Titans' persistent memory) join every query's softmax beside its
+    window (sliced keys in the xla impl's query blocks), segment ids and sinks; a decode-style
+    call with explicit positions and empty slots too; gradients of the prefix agree."""
+    B, T, H, Hkv, D, P = 2, 13, 4, 2, 8, 3
+    q, k, v = _qkv(rng, B, T, T, H, Hkv, D)
+    pk, pv = rng.standard_normal((P, Hkv, D)), rng.standard_normal((P, Hkv, D))
+    seg = np.array([[1] * 4 + [2] * 6 + [3] * 3, [0] * 2 + [5] * 11], np.int32)
+    sinks = rng.standard_normal(H)
+    kw = dict(window=3, segment_ids=jnp.asarray(seg), sinks=jnp.asarray(sinks), block_q=4,
+              prefix_k=jnp.asarray(pk), prefix_v=jnp.asarray(pv))
+    ref = loop_reference(q, k, v, window=3, seg=seg, sinks=sinks, prefix=(pk, pv))
+    for impl in ("reference", "xla"):
+        o = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl=impl, **kw)
+        np.testing.assert_allclose(np.asarray(o), ref, atol=1e-10, err_msg=impl)
+    # A query whose window holds no key still sees the prefix (not zeros).
+    kv_pos, q_pos = np.array([4, -1, 6]), np.array([1, 6])
+    o = attention(jnp.asarray(q[:, :2]), jnp.asarray(k[:, :3]), jnp.asarray(v[:, :3]),
+                  q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(kv_pos),
+                  prefix_k=jnp.asarray(pk), prefix_v=jnp.asarray(pv))
+    np.testing.assert_allclose(np.asarray(o), loop_reference(
+        q[:, :2], k[:, :3], v[:, :3], q_pos=q_pos, kv_pos=kv_pos, prefix=(pk, pv)), atol=1e-10)
+    w = jnp.asarray(rng.standard_normal((B, T, H, D)))
+    grads = [jax.grad(lambda a, b: jnp.sum(w * attention(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl=impl,
+        **{**kw, "prefix_k": a, "prefix_v": b})), argnums=(0, 1))(jnp.asarray(pk), jnp.asarray(pv))
+             for impl in ("reference", "xla")]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-10)
+    with pytest.raises(ValueError, match="prefix_v"):
+        attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), prefix_k=jnp.asarray(pk))
+    with pytest.raises(ValueError, match=r"`prefix_k` must have shape \[P, Hkv, D\]"):
+        attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), prefix_k=jnp.asarray(pk[:, :1]),
+                  prefix_v=jnp.asarray(pv))
+
+
 def test_gradients_xla_vs_reference(x64, rng):
     q, k, v = (jnp.asarray(a) for a in _qkv(rng, 1, 11, 11, 4, 2, 8))
     sinks = jnp.asarray(rng.standard_normal(4))
@@ -149,6 +190,7 @@ F32, F16 = (jnp.dtype(jnp.float32),) * 3, (jnp.dtype(jnp.float16),) * 3
     ("cuda", dict(sinks=True), 128, "xla"),
     ("cuda", dict(segment_ids="same"), 128, "xla"),          # no segment ids in jax's API
     ("cuda", dict(positions=True), 128, "xla"),              # decode caches
+    ("cuda", dict(prefix=True), 128, "xla"),                 # persistent memory tokens
     ("cuda", dict(q_len=1), 128, "xla"),                     # Tq != Tk
     ("cuda", dict(window=32, causal=False), 128, "xla"),
     ("cuda", dict(head_dim=60, v_head_dim=60), 128, "xla"),
@@ -163,6 +205,7 @@ F32, F16 = (jnp.dtype(jnp.float32),) * 3, (jnp.dtype(jnp.float16),) * 3
     ("tpu", dict(dtypes=F16), 128, "xla"),
     ("tpu", dict(q_len=200, kv_len=200), 128, "xla"),        # splash blocks: T % 128 == 0
     ("tpu", dict(positions=True), 128, "xla"),
+    ("tpu", dict(prefix=True), 128, "xla"),
     ("tpu", dict(segment_ids="separate"), 128, "xla"),
     ("tpu", dict(q_len=128), 128, "xla"),
     ("cpu", {}, 128, "xla"),

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import gated_delta_rule, neural_memory, neural_memory_step
+from pallas_kernels import (gated_delta_rule, neural_memory, neural_memory_read,
+                            neural_memory_step)
 from recurrent_testing import assert_close
 
 H, K, V, E = 2, 4, 3, 5   # K != V != E
@@ -230,6 +231,26 @@ def test_step_decoding_matches_full_op(x64, rng, depth, chunk):
         assert_close(o_t, o[:, t], 1e-12, f"o_{t}")
     for x, y in zip(leaves(state), leaves(final)):
         assert_close(x, y, 1e-12, "state")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_read_without_write(x64, rng, depth):
+    """neural_memory_read: M(scale · q) of the given memory per row and head (the NumPy read),
+    the op's read where nothing has been written yet (a chunk covering every token); named
+    errors for a memory of the wrong shape."""
+    args = make_inputs(rng, 2, 5, depth)
+    memory = args["initial_state"][0]
+    P = [np.asarray(x) for x in leaves(memory)]
+    o = neural_memory_read(args["q"], memory, scale=0.7)
+    ref = np.array([[[np_read_and_grad([p[b, h] for p in P], np.zeros(K), 0.7 * q_th,
+                                       np.zeros(V))[0]
+                      for h, q_th in enumerate(q_t)] for q_t in args["q"][b]] for b in range(2)])
+    assert_close(o, ref, 1e-12, "read")
+    o_op, _ = neural_memory(**args, depth=depth, chunk_size=5, scale=0.7)
+    assert_close(o, o_op, 1e-12, "the op's first-chunk read")
+    bad = P[0][:, :, :-1] if depth == 1 else (P[0], P[1][:, :, :-1])
+    with pytest.raises(ValueError, match="`memory"):
+        neural_memory_read(args["q"], bad)
 
 
 def test_dtypes_numpy_inputs_and_empty(rng):

@@ -31,21 +31,24 @@ def test_no_weight_decay_on_norms_biases_gates_and_vectors():
 
 # What every mixer's parameters are, by the name inside a block: never decayed (norm scales,
 # biases, per-head gate parameters, the decay/step gate projections) or decayed (the matrices).
-NO_DECAY = re.compile(r"(^|/)(final_norm|mixer_norm|mlp_norm|o_norm|q_norm|kv_norm)/scale$|"
-                      r"/bias$|"
-                      r"/mixer/(A_log|D|dt_bias|sinks|lr_bias|momentum_bias|decay_bias)$|"
-                      r"/mixer/(memory_w1|memory_w2)$|"   # titans' learned initial memory
+# Titans MAG / MAC keep parts in submodules: mixer/attn, mixer/memory, mixer/cell(/memory).
+SUB = r"((attn|memory|cell|cell/memory)/)?"
+NO_DECAY = re.compile(r"(^|/)(final_norm|mixer_norm|mlp_norm|o_norm|attn_out_norm|"
+                      r"memory_out_norm|read_norm|q_norm|kv_norm)/scale$|/bias$|"
+                      rf"/mixer/{SUB}(A_log|D|dt_bias|sinks|lr_bias|momentum_bias|decay_bias)$|"
+                      rf"/mixer/{SUB}(memory_w1|memory_w2)$|"   # titans' learned initial memory
+                      rf"/mixer/{SUB}(persistent_k|persistent_v)$|"   # its persistent tokens
                       # brt's attention temperatures, state norm, gate biases, learned
                       # initial state and state position embeddings
                       r"/mixer/((state_)?(attn|cross)_scale|state_norm|(gate|forget|input)_bias|"
                       r"initial_state|state_pos)$|"
-                      r"/mixer/(shared_)?(a_proj|b_proj|dt_proj|gk_proj_a|gk_proj_b|lr_proj|"
-                      r"momentum_proj|decay_proj)/kernel$")
+                      rf"/mixer/{SUB}(shared_)?(a_proj|b_proj|dt_proj|gk_proj_a|gk_proj_b|"
+                      r"lr_proj|momentum_proj|decay_proj)/kernel$")
 DECAY = re.compile(r"^embed/embedding$|^lm_head/kernel$|/mlp/(w_gate|w_up|w_out)/kernel$|"
-                   r"/mixer/(shared_)?(q_proj|k_proj|v_proj|o_proj|g_proj|q_conv|k_conv|v_conv|"
-                   r"k_branches_conv|v_branches_conv|router|z_proj|x_proj|B_proj|C_proj|x_conv|"
-                   r"B_conv|C_conv|q2_proj|q_down_proj|q_up_proj|kv_down_proj|kv_up_proj)"
-                   r"/kernel$|"
+                   rf"/mixer/{SUB}(shared_)?(q_proj|k_proj|v_proj|o_proj|g_proj|q_conv|k_conv|"
+                   r"v_conv|k_branches_conv|v_branches_conv|router|z_proj|x_proj|B_proj|C_proj|"
+                   r"x_conv|B_conv|C_conv|q2_proj|read_q_proj|read_conv|read_proj|"
+                   r"q_down_proj|q_up_proj|kv_down_proj|kv_up_proj)/kernel$|"
                    r"/mixer/(state_q|state_k|state_v|state_q2|state_out|forget_gate|input_gate)$")
 
 
