@@ -6,21 +6,27 @@ peers a user would otherwise pick (fla's Triton kernels, torch's flash attention
                              [--time_budget SECONDS] [--out out/bench_ops]
 
 Ops: the gated delta rule with g and β (`gdn`), linear attention with a per-head decay g
-(`la_g`) and with per-key decays gk (`la_gk`, GLA), and causal softmax attention (`attn`,
-`pallas_kernels.attention.attention`). Impls: those each op's package lists at run time
-(`pallas_kernels.common.IMPLS`, `pallas_kernels.attention.IMPLS`) less "auto"; "reference"
-only on CPU (it keeps a state per token, or all T² scores); no kernel where it would run in
-interpret mode (pallas on CPU, splash off TPU) and no cuDNN off GPU (ELSEWHERE). --impls
-names others explicitly. An impl that fails (cannot serve the call, out of memory) is
-reported with its error, and the run goes on.
+(`la_g`) and with per-key decays gk (`la_gk`, GLA), causal softmax attention (`attn`,
+`pallas_kernels.attention.attention`), and Titans' neural memory (`pallas_kernels.
+neural_memory`) with a matrix memory (`nm1`, depth 1) and an MLP memory (`nm2`, depth 2,
+hidden width E = 4K as the `titans` layer's default expansion), both at the layer's default
+memory chunk of 8 tokens (the chunk is part of that op's function) from a given initial memory.
+Impls: those each op's package lists at run time (`pallas_kernels.common.IMPLS`,
+`pallas_kernels.attention.IMPLS`) less "auto" and less those the op has not (MISSING: the
+neural memory has no Pallas kernel yet); "reference" only on CPU (it keeps a state per token,
+or all T² scores); no kernel where it would run in interpret mode (pallas on CPU, splash off
+TPU) and no cuDNN off GPU (ELSEWHERE). --impls names others explicitly. An impl that fails
+(cannot serve the call, out of memory) is reported with its error, and the run goes on.
 
 Defaults per backend (each flag overrides):
 
-    cpu       ops la_g la_gk gdn; B=1, T = 1024 4096 16384 (--quick: 256 1024), H=4,
+    cpu       ops la_g la_gk gdn nm1 nm2; B=1, T = 1024 4096 16384 (--quick: 256 1024), H=4,
               K=V=64, float32, 3 reps
-    gpu, tpu  ops gdn la_g la_gk attn; (B, T) = (4, 4096) and (1, 32768), H=16, K=V=128,
-              bfloat16, 10 reps; on GPU also the peers (python -m eval.bench_fla, run first
-              in its own process, given --peer_budget seconds)
+    gpu, tpu  ops gdn la_g la_gk attn nm1 nm2; (B, T) = (4, 4096) and (1, 32768), H=16,
+              K=V=128, bfloat16, 10 reps; on GPU also the peers of the ops that have one
+              (python -m eval.bench_fla, run first in its own process, given --peer_budget
+              seconds; the neural memory has none: fla's titans op is marked broken in its
+              own tests)
 
 Measured per cell (op, shape, impl):
 
@@ -51,6 +57,10 @@ per multiply-add:
                      + C²K + C²V [P·W, P·U] + CK² + CKV [Kdᵀ·W, Kdᵀ·U] + K²V [state pass]
                      + CKV [read-out])
     attn:         2·T²·K per head and sequence (QKᵀ and PV, causal: half of each)
+    nm1, nm2:     per token and head (the chunk does not change the count): nm1
+                  2·4·KV [errors K·M, the two weighted gradient sums (memory and momentum),
+                  the read]; nm2 2·(4·KE + 5·EV) [K·W1, a·W2, e·W2ᵀ, the two weighted sums
+                  for W1 and for W2, the read q·W1 and GELU(·)·W2]
 
 (elementwise work — decays, masks, the C×C unit-triangular inverse, the softmax — is not
 counted), and fwd+bwd = 3 × fwd. The token scan (`reference`) does fewer FLOPs (O(K·V) per
@@ -80,13 +90,18 @@ import numpy as np
 from eval import common
 from eval.bench_fla import PEER, error_text, parse_shape
 
-OPS = ("gdn", "la_g", "la_gk", "attn")
+OPS = ("gdn", "la_g", "la_gk", "attn", "nm1", "nm2")
 C_NOMINAL = 64
+NM_CHUNK, NM_EXPANSION = 8, 4       # the titans layer's default memory_chunk and expansion
+NM_DEPTH = {"nm1": 1, "nm2": 2}
+MISSING = {"nm1": {"pallas"}, "nm2": {"pallas"}}   # impls an op does not have (yet)
 PRESETS = {
-    "cpu": dict(ops=("la_g", "la_gk", "gdn"), shapes=[(1, 1024), (1, 4096), (1, 16384)],
+    "cpu": dict(ops=("la_g", "la_gk", "gdn", "nm1", "nm2"),
+                shapes=[(1, 1024), (1, 4096), (1, 16384)],
                 quick_shapes=[(1, 256), (1, 1024)], heads=4, head_dim=64, dtype="float32",
                 reps=3, matmul_n=2048),
-    "gpu": dict(ops=("gdn", "la_g", "la_gk", "attn"), shapes=[(4, 4096), (1, 32768)],
+    "gpu": dict(ops=("gdn", "la_g", "la_gk", "attn", "nm1", "nm2"),
+                shapes=[(4, 4096), (1, 32768)],
                 quick_shapes=[(1, 2048)], heads=16, head_dim=128, dtype="bfloat16", reps=10,
                 matmul_n=8192),
 }
@@ -104,6 +119,10 @@ def nominal_flops(op: str, B: int, T: int, H: int, K: int, V: int,
     C = C_NOMINAL
     if op == "attn":
         fwd = 2.0 * T * T * K * B * H
+    elif op in NM_DEPTH:
+        E = NM_EXPANSION * K
+        per_token = 4 * K * V if op == "nm1" else 4 * K * E + 5 * E * V
+        fwd = 2.0 * per_token * T * B * H
     else:
         if op in ("la_g", "la_gk"):
             per_chunk = C * C * K + C * C * V + 2 * C * K * V
@@ -133,6 +152,20 @@ def make_inputs(op: str, B: int, T: int, H: int, K: int, dtype, seed: int = 0,
         x["g"] = log_decay((B, T, H))
     if op == "gdn":
         x["beta"] = jax.random.uniform(kb, (B, T, H), jnp.float32)
+    if op in NM_DEPTH:      # θ, η, α of a memory that neither explodes nor forgets at once
+        del x["g"]
+        u = lambda key, lo, hi: jax.random.uniform(key, (B, T, H), jnp.float32, lo, hi)
+        kl, km, kd, k1, k2 = jax.random.split(kb, 5)
+        x.update(lr=u(kl, 0.0, 0.1), momentum=u(km, 0.5, 0.9), decay=u(kd, 0.0, 0.05))
+        V_ = V or K
+        if op == "nm1":
+            x["memory"] = normal(k1, (B, H, K, V_)) * K ** -0.5
+        else:
+            E = NM_EXPANSION * K
+            x["memory"] = (normal(k1, (B, H, K, E)) * K ** -0.5,
+                           normal(k2, (B, H, E, V_)) * E ** -0.5)
+        # The state is float32 in the op whatever the inputs' dtype.
+        return {name: (a if name == "memory" else a.astype(dtype)) for name, a in x.items()}
     return {name: a.astype(dtype) for name, a in x.items()}
 
 
@@ -145,10 +178,15 @@ def make_fns(op: str, impl: str, inputs: dict) -> tuple:
     from pallas_kernels.attention import attention
     from pallas_kernels.gated_delta_rule import gated_delta_rule
     from pallas_kernels.linear_attention import linear_attention
+    from pallas_kernels.neural_memory import neural_memory
 
     def forward(x):
         if op == "attn":
             return attention(x["q"], x["k"], x["v"], causal=True, impl=impl)
+        if op in NM_DEPTH:
+            return neural_memory(x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["decay"],
+                                 depth=NM_DEPTH[op], chunk_size=NM_CHUNK,
+                                 initial_state=(x["memory"], None), impl=impl)[0]
         if op == "gdn":
             return gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], impl=impl)[0]
         return linear_attention(x["q"], x["k"], x["v"], x.get("g"), x.get("gk"), impl=impl)[0]
@@ -261,8 +299,11 @@ def rss_growth_mb(spec: dict, backend: str) -> Optional[float]:
 # ----------------------------------------------------------------------------- peers
 def run_peers(args, budget: float, log) -> list:
     """The peer cells from `python -m eval.bench_fla` in its own process, killed at `budget`
-    seconds; a cell it did not report is recorded as skipped."""
-    cmd = [sys.executable, "-m", "eval.bench_fla", "--ops", *args.ops,
+    seconds; a cell it did not report is recorded as skipped. Ops without a peer have none."""
+    ops = [op for op in args.ops if op in PEER]
+    if not ops:
+        return []
+    cmd = [sys.executable, "-m", "eval.bench_fla", "--ops", *ops,
            "--shapes", *[f"{B}x{T}" for B, T in args.shapes], "--heads", str(args.heads),
            "--head_dim", str(args.head_dim), "--dtype", args.dtype, "--reps", str(args.reps),
            "--time_budget", str(max(budget - 30.0, 0.0))]   # leaves its last cell 30 s
@@ -291,7 +332,7 @@ def run_peers(args, budget: float, log) -> list:
         elif "op" in obj:
             got[(obj["op"], obj["B"], obj["T"])] = obj
     rows = []
-    for op in args.ops:
+    for op in ops:
         for B, T in args.shapes:
             r = got.get((op, B, T)) or {"op": op, "B": B, "T": T, "impl": PEER[op],
                                         "skipped": why_missing}
@@ -305,7 +346,7 @@ def run_peers(args, budget: float, log) -> list:
 # ----------------------------------------------------------------------------- main
 def op_impls(op: str, backend: str, requested: Optional[Sequence[str]]) -> list:
     """The impls to run for `op`: its package's IMPLS (read at run time) less "auto";
-    by default none of ELSEWHERE[backend], and the reference only on CPU."""
+    by default none of ELSEWHERE[backend] or MISSING[op], and the reference only on CPU."""
     if op == "attn":
         from pallas_kernels.attention import IMPLS
     else:
@@ -313,7 +354,8 @@ def op_impls(op: str, backend: str, requested: Optional[Sequence[str]]) -> list:
     known = [i for i in IMPLS if i != "auto"]
     if requested:
         return [i for i in requested if i in known]
-    drop = ELSEWHERE[backend] | (set() if backend == "cpu" else {"reference"})
+    drop = (ELSEWHERE[backend] | MISSING.get(op, set())
+            | (set() if backend == "cpu" else {"reference"}))
     return [i for i in known if i not in drop]
 
 
@@ -466,7 +508,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     title = (f"{args.dtype}, H={H} K=V={K}; %mm = share of {mm:.0f} GFLOP/s {args.dtype} "
              f"matmul; XLA MB = temp+output of the compiled fwd+bwd; peer = fla "
              f"(gdn: chunk_gated_delta_rule, la_g: chunk_simple_gla, la_gk: chunk_gla) or "
-             f"torch SDPA flash (attn); / peer = our time over the peer's")
+             f"torch SDPA flash (attn); / peer = our time over the peer's; nm1 / nm2 = "
+             f"neural_memory depth 1 / 2 (E = {NM_EXPANSION}K), chunk {NM_CHUNK}")
     table = common.print_table(rows, floatfmt=",.3g", title=title)
     for n in notes:
         print(n)
