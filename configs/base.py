@@ -26,7 +26,7 @@ from ml_collections import ConfigDict, config_dict
 # Logical axis names used by the model's parameters and activations (DESIGN.md).
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "memory", "expert")
 MESH_AXES = ("data", "fsdp", "tensor")
-DATA_SOURCES = ("stdlib", "text", "mqar", "copy", "assoc_recall", "niah")
+DATA_SOURCES = ("stdlib", "text", "mqar", "copy", "assoc_recall", "niah", "segment_recall")
 
 
 _OPTIONAL_TYPES = {f"Optional[{t.__name__}]": t for t in (int, float, bool, str)}
@@ -102,7 +102,8 @@ def get_config() -> ConfigDict:
     c.model = model_config(d_model=64, num_layers=2, num_heads=2, pattern=("gdn", "swa"))
 
     c.data = ConfigDict(dict(
-        source="stdlib",          # stdlib | text | mqar | copy | assoc_recall | niah
+        source="stdlib",          # stdlib | text | mqar | copy | assoc_recall | niah |
+                                  # segment_recall
         paths="",                 # text: comma-separated files, directories or globs (.txt/.py/.md/.jsonl ...)
         val_paths="",             # text: validation files; "" = split `paths` by file name
         val_fraction=0.02,        # share of files (by a hash of the name) held out for validation
@@ -112,10 +113,15 @@ def get_config() -> ConfigDict:
         shuffle=True,
         # synthetic tasks (generated from (seed, index), so any batch can be regenerated)
         vocab_size=8192,          # synthetic vocabulary
-        num_kv_pairs=16,          # mqar / assoc_recall; niah: needles per sequence
+        num_kv_pairs=16,          # mqar / assoc_recall; niah: needles per sequence;
+                                  # segment_recall: facts per segment
         power_a=0.01,             # mqar: query-position distribution
         random_non_queries=True,  # mqar
         copy_length=16,           # copy: tokens to copy
+        segment_len=0,            # segment_recall: tokens per segment; 0 = model.segments.length
+        distance=0,               # segment_recall: segments from a fact to its question;
+                                  # 0 = drawn per segment, uniform in 1 .. max_distance
+        max_distance=0,           # segment_recall: largest drawn distance; 0 = segments - 1
         num_workers=0,            # grain: prefetch threads (0 = in the main thread)
     ))
 
