@@ -1,6 +1,7 @@
 """Generation through an explicit cache: one prefill over the prompt, then one O(1) step per
 token for recurrent mixers (a ring buffer of `window` entries for swa, a preallocated buffer
-for full attention).
+for full attention). Segment-recurrent models (RMT, ARMT) hold the memory and one segment's
+cache, and run the write pass at each segment boundary (mem_lm/segments.py, "Decoding").
 
     out = generate(model, variables, prompt, max_new_tokens, temperature=0.0,
                    top_k=None, top_p=None, rng=None)       # [B, T0 + max_new_tokens]

@@ -20,6 +20,8 @@ it is isolated like a document, and its logits are meaningless (mask them out of
 
 The cache (see `init_cache`) is {"pos": int32 scalar (tokens seen), "layers": [...]}:
 one dict per layer, or with scan_layers one dict per group position stacked over groups.
+Under segment recurrence it also holds the memory, and "layers" covers the current segment only
+(mem_lm/segments.py, "Decoding").
 """
 from __future__ import annotations
 
@@ -73,7 +75,17 @@ def shared_params(cfg: ModelConfig) -> dict:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
-    """An empty decode cache for `batch` rows and at most `max_len` tokens in total."""
+    """An empty decode cache for `batch` rows and at most `max_len` tokens in total. Under
+    segment recurrence (`cfg.segments`) the cache of mem_lm.segments.init_segment_cache: the
+    memory and one segment's block-stack cache, whatever `max_len`."""
+    if cfg.segments is not None:
+        from mem_lm.segments import init_segment_cache
+        return init_segment_cache(cfg, batch, max_len)
+    return {"pos": jnp.zeros((), jnp.int32), "layers": stack_cache(cfg, batch, max_len)}
+
+
+def stack_cache(cfg: ModelConfig, batch: int, max_len: int) -> list:
+    """The block stack's empty decode cache ("layers" of `init_cache`)."""
     per_pos = [make_mixer(cfg, cfg.layer_kinds(j)[0]).init_cache(batch, max_len)
                for j in range(cfg.group_size)]
     if cfg.scan_layers:
@@ -81,14 +93,15 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
                   for c in per_pos]
     else:
         layers = [per_pos[i % cfg.group_size] for i in range(cfg.num_layers)]
-    return {"pos": jnp.zeros((), jnp.int32), "layers": layers}
+    return layers
 
 
 class Block(nn.Module):
     """One pre-norm block. With `assoc` (ARMT's per-layer associative memory, segment
-    recurrence only, never with a cache: mem_lm/segments.py) the block reads the memory into its
-    input first and writes its output at the memory-token positions into it after, and returns
-    the updated memory in place of the cache; `assoc_ctx` holds what all layers share."""
+    recurrence only: mem_lm/segments.py) the block reads the memory into its input first and
+    writes its output at the memory-token positions into it after (unless `assoc_ctx["write"]`
+    is False: a decode step of segment tokens), and returns the updated memory in place of the
+    cache, or (new cache, memory) with a cache; `assoc_ctx` holds what all layers share."""
     cfg: ModelConfig
     layer: int          # position in the group: chooses the token and channel mixer
 
@@ -113,7 +126,9 @@ class Block(nn.Module):
             x = x + mlp(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x), **kw).astype(x.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         if assoc is not None:
-            return x, memory.write(x, assoc, assoc_ctx)
+            if assoc_ctx.get("write", True):
+                assoc = memory.write(x, assoc, assoc_ctx)
+            return x, (assoc if cache is None else (new_cache, assoc))
         return x, new_cache
 
 
@@ -148,15 +163,13 @@ class Stack(nn.Module):
 
     `assoc` (ARMT, segment recurrence only): each layer's associative memory, laid out as the
     cache (a list over layers, or over group positions stacked over groups under scan_layers);
-    the second output is then the updated memories instead of the new cache."""
+    the second output is then the updated memories instead of the new cache, or with a cache
+    (decoding) per layer the pair (new cache, memory)."""
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache_pos, layers_cache, shared,
                  assoc=None, assoc_ctx=None):
-        if assoc is not None and layers_cache is not None:
-            raise ValueError("Stack: an associative memory (ARMT) is for the full forward, "
-                             "not with a decode cache")
         cfg = self.cfg
         dt = compute_dtype(cfg)
         if cfg.scan_layers:
@@ -212,18 +225,19 @@ class LanguageModel(nn.Module):
         shared = {n: self.param(n, fn, shape, jnp.float32)
                   for n, (fn, shape) in shared_params(cfg).items()}
         layers_cache = None if cache is None else cache["layers"]
+        new_cache = None
         if cfg.segments is not None:
-            if cache is not None:
-                raise NotImplementedError(
-                    "decoding (prefill / decode_step / generate with a cache) is not built for "
-                    "models with ModelConfig.segments; run the full forward instead")
-            from mem_lm.segments import segment_forward
-            x = segment_forward(self, cfg, x, segment_ids, shared)
-            new_layers = None
+            from mem_lm.segments import segment_decode, segment_forward
+            if cache is None or self.is_initializing():
+                x = segment_forward(self, cfg, x, segment_ids, shared)
+            if cache is not None:       # the segment's cache, the memory (mem_lm/segments.py)
+                x, new_cache = segment_decode(cfg, self.variables["params"], x, cache, shared)
         else:
             stack = Stack(cfg, name="stack")
             nn.share_scope(self, stack)
             x, new_layers = stack(x, positions, segment_ids, cache_pos, layers_cache, shared)
+            if cache is not None:
+                new_cache = {"pos": cache_pos + T, "layers": new_layers}
 
         if cfg.tie_embeddings:
             logits = embed.attend(x)
@@ -235,7 +249,7 @@ class LanguageModel(nn.Module):
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is None:
             return logits
-        return logits, {"pos": cache_pos + T, "layers": new_layers}
+        return logits, new_cache
 
 
 @functools.lru_cache(maxsize=256)

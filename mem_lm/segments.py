@@ -79,6 +79,36 @@ ARMT
   document starts inside the segment, the write starts from an empty memory (as a first
   segment), so no document reads another's memory.
 
+Decoding
+--------
+`mem_lm.prefill` / `decode_step` / `generate` (and `model.apply(..., cache=cache)`) decode both
+kinds. The cache (`init_segment_cache`, what `mem_lm.init_cache` returns for these configs):
+
+    {"pos":    int32 scalar, tokens seen (the offset in the current segment is pos % S),
+     "memory": rmt: the read memory of the current segment [B, m, d] (compute dtype; at pos 0
+               the cache holds zeros and M0 is used); armt: every layer's {A, z}, laid out as
+               the segment scan's carry (a list over layers, stacked over groups under
+               scan_layers),
+     "layers": the block stack's ordinary decode cache for the current segment only, sized for
+               2m + S (rmt) or S + m (armt) tokens, whatever max_len}
+
+so generation holds O(S + m) tokens of cache (plus the memory) at any length. A segment's
+prefix in "layers" is [read memory; the segment's tokens so far] (rmt; the read memory is fed
+with the segment's first token) or [the segment's tokens so far] (armt, every layer reading its
+A, z before the block), at the positions the forward gives them (rmt: m + i; armt: i). When a
+token completes its segment's S tokens, the write pass runs once: rmt feeds the write memory
+tokens (the same read memory) at positions m + S .. 2m + S - 1 and the final-norm outputs there
+are the next memory; armt feeds the memory tokens M at S .. S + m - 1 and every layer writes
+its A, z from its outputs there (a first write in segment 0). Then "layers" is reset to an empty
+cache. A call with a traced position runs one token at a time (the write pass under lax.cond;
+several tokens: a lax.scan of such steps); a call whose position is concrete when traced (a
+prefill from `init_cache`, which keeps "pos" a NumPy scalar) runs the rest of the current
+segment through the cache, whole segments by the training forward's segment scan (which
+returns the memory), and a last partial segment through the fresh cache. Decoding equals the
+full forward (tested to float32 rounding, prompts ending inside a segment and on a boundary,
+generation across boundaries). A decode row holds one document: packed rows (`segment_ids`)
+are for the full forward only.
+
 Replay (`"replay": True`, both kinds): each segment step runs under jax.checkpoint, so the
 backward pass stores only the carry entering each segment (the memory; ARMT's A, z) and the
 segment inputs, and recomputes one segment's activations at a time: activation memory
@@ -92,6 +122,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from layers.common import Dense, init
 
@@ -265,6 +296,13 @@ def _batch_shape(cfg, a):
 def segment_forward(parent: nn.Module, cfg, x, segment_ids, shared):
     """The normed hidden states [B, T, d] of embeddings x [B, T, d] under segment recurrence
     (called by LanguageModel inside its compact __call__; parameters in its scope)."""
+    return segment_scan(parent, cfg, x, segment_ids, shared)[0]
+
+
+def segment_scan(parent: nn.Module, cfg, x, segment_ids, shared, carry0=None, i0: int = 0):
+    """(hidden states [B, T, d], the carry after the last segment) of embeddings x from the carry
+    `carry0` (None: M0, or ARMT's empty memories); `i0` is the index of x's first segment in
+    the row (ARMT's first write is onto an empty memory; bptt counts from it)."""
     from mem_lm.model import AUX_COLLECTIONS
     s = cfg.segment_settings
     S, m = s["length"], s["memory_tokens"]
@@ -291,11 +329,174 @@ def segment_forward(parent: nn.Module, cfg, x, segment_ids, shared):
                    split_rngs={"params": False},
                    variable_axes={c: 0 for c in AUX_COLLECTIONS},
                    in_axes=(0, nn.broadcast, nn.broadcast), length=n)
-    step = Scan(cfg, n, name="segment_scan")
+    step = Scan(cfg, i0 + n, name="segment_scan")
     nn.share_scope(parent, step)
-    if s["kind"] == "armt":
+    if carry0 is None and s["kind"] == "armt":
         carry0 = armt_initial_state(cfg, B)
-    else:
+    elif carry0 is None:
         carry0 = jnp.broadcast_to(m0.astype(x.dtype)[None], (B, m, d))
-    _, hs = step(carry0, (xs, jnp.arange(n, dtype=jnp.int32), ids, reset), m0, shared)
-    return hs.swapaxes(0, 1).reshape(B, n * S, d)[:, :T]
+    carry, hs = step(carry0, (xs, i0 + jnp.arange(n, dtype=jnp.int32), ids, reset), m0, shared)
+    return hs.swapaxes(0, 1).reshape(B, n * S, d)[:, :T], carry
+
+
+# ----------------------------------------------------------------------------- decoding
+def segment_len(cfg) -> int:
+    """Tokens the block stack sees per segment: 2m + S (rmt: read memory, segment, write
+    memory) or S + m (armt: segment, memory tokens); the size of the decode cache's "layers"."""
+    s = cfg.segment_settings
+    return s["length"] + s["memory_tokens"] * (2 if s["kind"] == "rmt" else 1)
+
+
+def init_segment_cache(cfg, batch: int, max_len: int) -> dict:
+    """The empty decode cache of a segment-recurrent model (see "Decoding" above). `max_len` does
+    not size it: generation holds one segment and the memory, O(S + m), at any length. "pos" is
+    a NumPy scalar, so a call that starts from this cache inside `jit` sees a concrete position
+    and takes the static path (full segments by the segment scan)."""
+    from mem_lm.model import compute_dtype, stack_cache
+    s = cfg.segment_settings
+    if s["kind"] == "armt":
+        memory = armt_initial_state(cfg, batch)
+    else:
+        memory = jnp.zeros((batch, s["memory_tokens"], cfg.d_model), compute_dtype(cfg))
+    return {"pos": np.zeros((), np.int32), "memory": memory,
+            "layers": stack_cache(cfg, batch, segment_len(cfg))}
+
+
+class _Segments(nn.Module):
+    """Whole segments by the training forward's segment scan, from a given carry: the prefill's
+    full segments. Its parameters are LanguageModel's (same paths)."""
+    cfg: object
+
+    @nn.compact
+    def __call__(self, x, carry0, i0: int, shared):
+        return segment_scan(self, self.cfg, x, None, shared, carry0, i0)
+
+
+class _Decoder:
+    """Pure functions of the model's params for decoding a segment-recurrent model: the block
+    stack through the segment's cache, the write pass at a boundary, whole segments."""
+
+    def __init__(self, cfg, params, shared):
+        from mem_lm.model import Stack, compute_dtype
+        self.cfg, self.params, self.shared = cfg, nn.meta.unbox(params), shared
+        s = cfg.segment_settings
+        self.kind, self.S, self.m = s["kind"], s["length"], s["memory_tokens"]
+        self.dt = compute_dtype(cfg)
+        self.stack = Stack(cfg)
+
+    def run(self, x, cache_pos, layers, assoc=None, write=False, first=None):
+        """The stack on x [B, L, d] at segment positions cache_pos .. cache_pos + L - 1 through
+        the segment cache -> (normed hidden [B, L, d], new layers, new memories (armt))."""
+        positions = (cache_pos + jnp.arange(x.shape[1], dtype=jnp.int32))[None]
+        ctx = None
+        if assoc is not None:
+            B = x.shape[0]
+            ctx = {"first": jnp.broadcast_to(first, (B,)) if write else jnp.zeros((B,), bool),
+                   "fresh": jnp.zeros((B,), bool), "read_mask": None, "write": write}
+        h, new = self.stack.apply({"params": self.params}, x, positions, None, cache_pos,
+                                  layers, self.shared, assoc, ctx)
+        if assoc is None:
+            return h, new, None
+        return h, [c for c, _ in new], [a for _, a in new]
+
+    def m0(self, B):
+        M = self.params["segment_memory"].astype(self.dt)
+        return jnp.broadcast_to(M[None], (B,) + M.shape)
+
+    def fresh(self, B):
+        from mem_lm.model import stack_cache
+        return stack_cache(self.cfg, B, segment_len(self.cfg))
+
+    def feed(self, x, r, memory, layers, read: bool):
+        """Segment tokens x [B, L, d] at in-segment offset r (rmt: after the read memory, which
+        `read` feeds first: a segment's first tokens) -> (hidden [B, L, d], layers)."""
+        if self.kind == "armt":
+            h, layers, _ = self.run(x, r, layers, memory)
+            return h, layers
+        if read and self.m:
+            h, layers, _ = self.run(jnp.concatenate([memory.astype(x.dtype), x], axis=1), 0,
+                                    layers)
+            return h[:, self.m:], layers
+        h, layers, _ = self.run(x, self.m + r, layers)
+        return h, layers
+
+    def boundary(self, memory, layers, k, B: int):
+        """The write pass at the end of segment k (its S tokens in the cache) -> (the next
+        segment's memory, a fresh segment cache)."""
+        if self.kind == "armt":
+            _, _, memory = self.run(self.m0(B), self.S, layers, memory, write=True,
+                                    first=k == 0)
+        elif self.m:
+            memory, _, _ = self.run(memory, self.m + self.S, layers)
+        return memory, self.fresh(B)
+
+    def segments(self, x, memory, i0: int):
+        """Whole segments x [B, n·S, d] from `memory` -> (hidden, memory after them)."""
+        return _Segments(self.cfg).apply({"params": self.params}, x, memory, i0, self.shared)
+
+
+def segment_decode(cfg, params, x, cache, shared):
+    """Embeddings x [B, T, d] through the decode cache of a segment-recurrent model ->
+    (normed hidden states [B, T, d], the new cache). Called by LanguageModel with its params."""
+    dec = _Decoder(cfg, params, shared)
+    pos = cache["pos"]
+    if not isinstance(pos, jax.core.Tracer):
+        return _static_decode(dec, x, int(pos), cache)
+    if x.shape[1] == 1:
+        return _step(dec, x, cache)
+    # A traced position and several tokens: one token at a time (the split into segments
+    # depends on the position's value).
+    def body(c, xt):
+        h, c = _step(dec, xt[:, None], c)
+        return c, h[:, 0]
+    cache = dict(cache, pos=jnp.asarray(pos, jnp.int32))
+    cache, hs = jax.lax.scan(body, cache, x.swapaxes(0, 1))
+    return hs.swapaxes(0, 1), cache
+
+
+def _static_decode(dec, x, pos: int, cache):
+    """A call whose starting position is known when tracing: the rest of the current segment
+    through its cache (and the write pass if it completes), whole segments by the segment scan
+    (from the memory; their write passes included), the tokens of a last, partial segment
+    through a fresh segment cache."""
+    S = dec.S
+    B, T, _ = x.shape
+    r, k = pos % S, pos // S
+    memory, layers = cache["memory"], cache["layers"]
+    if pos == 0 and dec.kind == "rmt" and dec.m:
+        memory = dec.m0(B)
+    outs, t = [], 0
+    if r:
+        t = min(T, S - r)
+        h, layers = dec.feed(x[:, :t], r, memory, layers, read=False)
+        outs.append(h)
+        if r + t == S:
+            memory, layers = dec.boundary(memory, layers, k, B)
+            k += 1
+    n = (T - t) // S
+    if n:
+        h, memory = dec.segments(x[:, t:t + n * S], memory, k)
+        outs.append(h)
+        t += n * S
+    if t < T:
+        h, layers = dec.feed(x[:, t:], 0, memory, layers, read=True)
+        outs.append(h)
+    hidden = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    return hidden, {"pos": np.asarray(pos + T, np.int32), "memory": memory, "layers": layers}
+
+
+def _step(dec, x, cache):
+    """One token x [B, 1, d] at a traced position: rmt feeds the read memory first at a
+    segment's start; the write pass runs (lax.cond) when the token completes its segment."""
+    S, m = dec.S, dec.m
+    B = x.shape[0]
+    pos = cache["pos"]
+    r, k = pos % S, pos // S
+    memory, layers = cache["memory"], cache["layers"]
+    if dec.kind == "rmt" and m:
+        memory = jnp.where(pos == 0, dec.m0(B), memory)
+        layers = jax.lax.cond(r == 0, lambda l: dec.run(memory, 0, l)[1], lambda l: l, layers)
+    h, layers = dec.feed(x, r, memory, layers, read=False)
+    memory, layers = jax.lax.cond(r == S - 1, lambda a, l: dec.boundary(a, l, k, B),
+                                  lambda a, l: (a, l), memory, layers)
+    return h, {"pos": pos + 1, "memory": memory, "layers": layers}

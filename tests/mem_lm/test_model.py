@@ -79,8 +79,31 @@ def test_channel_mixer_decoding_and_packing_match_full_forward(channel, rng):
                                      mixers={channel: CHANNELS[channel]}), rng)
 
 
-def _check_decoding_and_packing(cfg, rng):
+# Segment recurrence (mem_lm/segments.py) around a hybrid and around attention: the prompt (6)
+# ends inside a segment and the decode steps cross segment boundaries (the write pass). No
+# packing check: a document that starts mid-segment is not the same as alone (by design; see
+# test_segments.py), and a decode row holds one document.
+SEGMENT_CASES = {
+    "rmt-gdn-swa": (("gdn", "swa"), {"kind": "rmt", "length": 4, "memory_tokens": 2}),
+    "armt-attn": (("attn",), {"kind": "armt", "length": 5, "memory_tokens": 2, "d_mem": 3,
+                              "nu": 2}),
+}
+
+
+@pytest.mark.parametrize("case", SEGMENT_CASES)
+def test_segment_recurrent_decoding_matches_full_forward(case, rng):
+    pattern, segments = SEGMENT_CASES[case]
+    # ARMT's W_mv starts at zero (an empty memory): random values make the memory carry.
+    fill = lambda path, a: (jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype)
+                            if "W_mv" in jax.tree_util.keystr(path) else a)
+    _check_decoding_and_packing(tiny(pattern, segments=segments), rng, packing=False,
+                                tweak=lambda p: jax.tree_util.tree_map_with_path(fill, p))
+
+
+def _check_decoding_and_packing(cfg, rng, packing=True, tweak=None):
     model, params = _init(cfg)
+    if tweak is not None:
+        params = tweak(params)
     fwd = jax.jit(model.apply)
     B, T0, T = 2, 6, 15
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
@@ -101,6 +124,8 @@ def _check_decoding_and_packing(cfg, rng):
     np.testing.assert_allclose(cached, full[:B, T0 - 1:], atol=2e-4, rtol=2e-4)
     assert (jnp.argmax(cached, -1) == jnp.argmax(full[:B, T0 - 1:], -1)).all()
     assert int(cache["pos"]) == T
+    if not packing:
+        return
 
     # Packed rows with segment ids == each document alone (padded at the end, causal).
     seg = np.array([[1] * 5 + [2] * 7 + [3] * 3, [4] * 9 + [0] * 6], np.int32)

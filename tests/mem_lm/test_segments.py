@@ -3,7 +3,8 @@
 RMT: the scanned model equals a plain Python loop over segments that calls the block stack on
 [memory; segment; memory] and passes the memory on; gradients cross exactly `bptt` transitions
 at the end of the input; causality within and across segments; packed rows with documents at
-segment starts equal separate runs; named config errors; a hybrid backbone; training steps.
+segment starts equal separate runs; named config errors; a hybrid backbone; training steps;
+decoding through the cache (one segment's cache and the memory) equals the full forward.
 
 ARMT: its rules (DPFP, the read, the delta-rule write with the gamma-corrected normaliser)
 against a float64 NumPy oracle written from the reference's AssociativeLayerWrapper; the model
@@ -22,7 +23,7 @@ import optax
 import pytest
 
 from layers.norm import RMSNorm
-from mem_lm import LanguageModel, ModelConfig
+from mem_lm import LanguageModel, ModelConfig, generate
 from mem_lm.model import Block, Stack, apply_with_aux, init_cache
 from mem_lm.segments import associative_read, associative_write, dpfp
 
@@ -214,12 +215,46 @@ def test_config_errors_defaults_and_round_trip():
     assert ModelConfig.from_dict(old) == plain
 
 
-def test_decoding_is_not_built_and_says_so():
-    cfg = tiny({"length": 4, "memory_tokens": 2})
-    model, params = init(cfg)
-    cache = init_cache(cfg, 1, 8)
-    with pytest.raises(NotImplementedError, match="segments"):
-        model.apply({"params": params}, jnp.zeros((1, 2), jnp.int32), cache=cache)
+DECODE_CASES = {
+    "rmt-attn": ({"kind": "rmt", "length": 4, "memory_tokens": 2}, {}),
+    "armt-attn-scan": ({"kind": "armt", "length": 4, "memory_tokens": 2, "d_mem": 3, "nu": 2},
+                       {"scan_layers": True}),
+    "rmt-nomemory": ({"kind": "rmt", "length": 4, "memory_tokens": 0}, {}),
+}
+
+
+@pytest.mark.parametrize("case", [
+    "rmt-attn", "armt-attn-scan", pytest.param("rmt-nomemory", marks=pytest.mark.slow)])
+def test_decoding_matches_the_full_forward(case, rng):
+    """Through the cache (mem_lm/segments.py, "Decoding"): a prompt of two whole segments (the
+    segment scan, ending on a boundary) with every position's logits, then S + 2 more tokens in
+    one call from the traced cache (one token at a time, the write pass at the boundary crossed);
+    `generate` from a prompt ending inside a segment (prefill through the cache, steps crossing
+    two boundaries) is greedy on the full forward. The cache holds one segment, not max_len.
+    (tests/mem_lm/test_model.py: prefill + decode_step, prompts ending inside a segment.)"""
+    segments, kw = DECODE_CASES[case]
+    cfg = tiny(segments, num_layers=1, **kw)
+    S, m = segments["length"], segments["memory_tokens"]
+    T = 3 * S + 2
+    model, params = init(cfg, T=T)
+    variables = {"params": activate(params, rng)}
+    tokens = jnp.asarray(rng.integers(0, VOCAB, (2, T)), jnp.int32)
+    full = jax.jit(model.apply)(variables, tokens)
+
+    prefill = jax.jit(lambda v, t: model.apply(v, t, cache=init_cache(cfg, 2, T)))
+    first, cache = prefill(variables, tokens[:, :2 * S])
+    buffers = [a.shape[-3] for a in jax.tree.leaves(cache["layers"]) if a.ndim >= 4]
+    assert buffers and max(buffers) <= S + 2 * m < T, buffers      # attn's K/V: one segment
+    rest, cache = jax.jit(lambda v, t, c: model.apply(v, t, cache=c))(
+        variables, tokens[:, 2 * S:], cache)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), full, atol=2e-5,
+                               rtol=2e-5)
+    assert int(cache["pos"]) == T
+
+    out = generate(model, variables, tokens[:, :S + 1], T - S - 1)
+    np.testing.assert_array_equal(out[:, :S + 1], tokens[:, :S + 1])
+    np.testing.assert_array_equal(jnp.argmax(jax.jit(model.apply)(variables, out)[:, S:-1], -1),
+                                  out[:, S + 1:])
 
 
 def test_trains_a_few_steps(rng):
