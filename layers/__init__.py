@@ -4,6 +4,7 @@ from layers import attention  # noqa: F401
 from layers import linear_attention  # noqa: F401
 from layers import ssd  # noqa: F401
 from layers import gated_deltanet  # noqa: F401
+from layers import kda  # noqa: F401
 from layers import mlp  # noqa: F401
 from layers import mom  # noqa: F401
 from layers import memory  # noqa: F401

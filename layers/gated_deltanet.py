@@ -14,6 +14,9 @@ as in the Gated DeltaNet reference code (fla's GatedDeltaNet layer):
 
 Decode cache: the [B, Hv, K, V] float32 state and the last conv_size − 1 inputs of each conv
 (when there are convs).
+
+Kimi Delta Attention (`layers/kda.py`) is this layer with another `decay` (per key) and
+`output_gate` (low rank, sigmoid).
 """
 from __future__ import annotations
 
@@ -85,19 +88,36 @@ class GatedDeltaNet(nn.Module):
                               .astype(jnp.float32))
         if self.allow_neg_eigval:
             beta = 2.0 * beta
-        g = None
-        if self.use_decay:
-            a = dense((Hv,), ("embed", "heads"), name="a_proj", **kw)(x).astype(jnp.float32)
-            dt = jax.nn.softplus(a + head_param(self, "dt_bias", dt_bias_init, Hv))
-            g = -jnp.exp(head_param(self, "A_log", a_log_init, Hv)) * dt
-        o, state = step_or_chunk(gated_delta_rule, gated_delta_rule_step, q, k, v, beta, g,
+        g, gk = self.decay(x)
+        o, state = step_or_chunk(gated_delta_rule, gated_delta_rule_step, q, k, v, beta, g, gk,
                                  state=None if cache is None else cache["state"],
                                  segment_ids=segment_ids, use_qk_l2norm=True, impl=self.impl,
                                  chunk_size=self.chunk_size)
-        gate = (dense((Hv, V), ("embed", "heads", "kv"), name="g_proj", **kw)(x)
-                if self.use_gate else None)
-        o = GatedRMSNorm(self.norm_eps, self.dtype, name="o_norm")(o, gate)
+        o = GatedRMSNorm(self.norm_eps, self.dtype, activation=self.gate_activation,
+                         name="o_norm")(o, self.output_gate(x))
         return project_out_with_state(o, self.d_model, state, cache, new_cache, **kw)
+
+    # What the variants of the delta rule change (called inside the compact __call__, so they
+    # may create parameters): the decay and the output gate.
+    gate_activation = "silu"
+
+    def decay(self, x):
+        """(g [B, T, Hv] | None, gk [B, T, Hv, K] | None): Gated DeltaNet's per-head decay
+        g = −exp(A_log) · softplus(W_a x + dt_bias), or none (DeltaNet)."""
+        if not self.use_decay:
+            return None, None
+        Hv = self.value_heads
+        a = dense((Hv,), ("embed", "heads"), name="a_proj", std=self.init_std,
+                  dtype=self.dtype)(x).astype(jnp.float32)
+        dt = jax.nn.softplus(a + head_param(self, "dt_bias", dt_bias_init, Hv))
+        return -jnp.exp(head_param(self, "A_log", a_log_init, Hv)) * dt, None
+
+    def output_gate(self, x):
+        """The gate of the output norm, [B, T, Hv, V] (None without use_gate): W_g x."""
+        if not self.use_gate:
+            return None
+        return dense((self.value_heads, self.value_dim), ("embed", "heads", "kv"), name="g_proj",
+                     std=self.init_std, dtype=self.dtype)(x)
 
 
 _SETTINGS = {

@@ -26,11 +26,13 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """y = RMSNorm(o) · SiLU(gate), per head over the last axis (the GDN output norm; Mamba2 gates
-    first and normalises over groups of heads: layers/ssd.py GroupGatedRMSNorm)."""
+    """y = RMSNorm(o) · act(gate), per head over the last axis, act SiLU (the GDN output norm)
+    or sigmoid (KDA's: fla's FusedRMSNormGated with activation 'sigmoid'); Mamba2 gates first
+    and normalises over groups of heads: layers/ssd.py GroupGatedRMSNorm."""
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     axis_name: str = "kv"
+    activation: str = "silu"    # "silu" | "sigmoid"
 
     @nn.compact
     def __call__(self, x, gate=None):
@@ -39,5 +41,6 @@ class GatedRMSNorm(nn.Module):
                            (x.shape[-1],), jnp.float32)
         y = _rms(x, self.eps) * scale
         if gate is not None:
-            y = y * jax.nn.silu(gate.astype(jnp.float32))
+            act = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid}[self.activation]
+            y = y * act(gate.astype(jnp.float32))
         return y.astype(self.dtype)

@@ -7,7 +7,8 @@ as within-chunk cumulative log decays A (G [C, 1] per head, Gk [C, K] per key, o
     Qe = q ⊙ e^A  (`query_gate`);   Ks = k ⊙ e^(A_C − A),  d = e^(A_C)  (`key_decay`)
     P  = lower(Σ_k q_ik k_jk e^(A_ik − A_jk))  (diagonal kept)   (`intra_scores`)
     gated delta rule only (`ut_transform`):
-        T = (I + strict_lower(diag(β) (Γ ⊙ K Kᵀ)))⁻¹,  W = T (β e^G ⊙ K),  U = T (β ⊙ V)
+        T = (I + strict_lower(diag(β) Γ(K, K)))⁻¹,  W = T (β e^A ⊙ K),  U = T (β ⊙ V)
+        with Γ(K, K)_ij = Σ_k k_ik k_jk e^(A_ik − A_jk) (per-key A: KDA)
         (T is kept from the forward for the backward, which needs only its closed-form vjp)
     vn = U − W S_in  (delta rule)   or   vn = V  (linear attention)
     o     = Qe S_in + P vn
@@ -255,12 +256,18 @@ def ut_transform(gt: Gates, k, v, cd, T=None):
     mm = matmul(diff)
     C = k.shape[0]
     i, j = _iota((C, C), 0), _iota((C, C), 1)
-    kk = mm(k, k, cd, tb=True)
-    if gt.G is not None:
-        gam = _masked_exp(gt.G - _row(gt.G), i >= j)
-        kb = k * (gt.beta * jnp.exp(gt.G))
+    if gt.Gk is not None:
+        # Per-key decays (KDA): Σ_k k_ik k_jk e^(A_ik − A_jk), the masked elementwise form of
+        # `intra_scores` (the per-key chunk is small, SUB).
+        kk, gam = intra_scores(gt, k, k, cd, mm), 1.0
+        kb = k * (gt.beta * jnp.exp(_decays(gt)[0]))
     else:
-        gam, kb = 1.0, k * gt.beta
+        kk = mm(k, k, cd, tb=True)
+        if gt.G is not None:
+            gam = _masked_exp(gt.G - _row(gt.G), i >= j)
+            kb = k * (gt.beta * jnp.exp(gt.G))
+        else:
+            gam, kb = 1.0, k * gt.beta
     L = jnp.where(i > j, gt.beta * kk * gam, 0)
     precise = jnp.dtype(cd) != jnp.bfloat16
     T = reuse_inverse(L, T, precise) if diff else ut_inverse(L, SUB, precise)

@@ -73,6 +73,74 @@ def _outer_like(M: jax.Array, dS: jax.Array, S: jax.Array) -> jax.Array:
     return jnp.sum(dS * S, axis=(-2, -1))
 
 
+# ----------------------------------------------------------------------------- per-key decays
+# With per-key decays (GLA's gk, KDA's), exp(A_i)·exp(−A_j) would overflow (gk = −20 per
+# token gives A ≈ −1280 over a chunk), so the chunk is cut into sub-chunks of `SUB` tokens:
+# a query block against earlier blocks uses the block's first position r as reference,
+# q_i e^{A_i − r} · k_j e^{r − A_j} (both factors ≤ 1), and the diagonal blocks use the
+# masked elementwise form Σ_k q_ik k_jk e^{A_ik − A_jk}.
+SUB = 16  # sub-chunk length for per-key decays
+GROUP_GK = 16  # chunks per batched call with per-key decays: XLA keeps [SUB, SUB, K] products
+
+
+def _decay(A: jax.Array) -> tuple:
+    """(causal mask [s, s], E [..., s, s, K] = exp(A_ik − A_jk) for i ≥ j, 1 above)."""
+    s = A.shape[-2]
+    causal = jnp.tril(jnp.ones((s, s), A.dtype))
+    return causal, jnp.exp((A[..., :, None, :] - A[..., None, :, :]) * causal[:, :, None])
+
+
+@jax.custom_vjp
+def _diag_scores(q: jax.Array, k: jax.Array, A: jax.Array) -> jax.Array:
+    """D_ij = Σ_k q_ik k_jk exp(A_ik − A_jk) for i ≥ j (0 above), q, k, A: [..., s, K].
+
+    The mask multiplies the exponent (masked entries are exp(0), zeroed afterwards): XLA fuses
+    the exp into the product and the reduction, so no [s, s, K] array is stored, here or in the
+    hand-written backward (autodiff would keep several)."""
+    causal, E = _decay(A)
+    return causal * jnp.sum(q[..., :, None, :] * k[..., None, :, :] * E, axis=-1)
+
+
+def _diag_scores_fwd(q, k, A):
+    return _diag_scores(q, k, A), (q, k, A)
+
+
+def _diag_scores_bwd(res, dD):
+    q, k, A = res
+    causal, E = _decay(A)
+    G = (dD * causal)[..., None]                                 # [.., s, s, 1]
+    dq = jnp.sum(G * k[..., None, :, :] * E, axis=-2)
+    dk = jnp.sum(G * q[..., :, None, :] * E, axis=-3)
+    W = G * q[..., :, None, :] * k[..., None, :, :] * E          # d D_ij / d A_ik, per k
+    dA = jnp.sum(W, axis=-2) - jnp.sum(W, axis=-3)
+    return dq, dk, dA
+
+
+_diag_scores.defvjp(_diag_scores_fwd, _diag_scores_bwd)
+
+
+def per_key_scores(q: jax.Array, k: jax.Array, A: jax.Array, sub: int) -> jax.Array:
+    """P_ij = Σ_k q_ik k_jk exp(A_ik − A_jk) for i ≥ j, 0 above; q, k, A: [..., C, K]."""
+    *lead, C, K = q.shape
+    s = min(sub, C)
+    n = C // s
+    qb = q.reshape(*lead, n, s, K)
+    Ab = A.reshape(*lead, n, s, K)
+    r = Ab[..., :, :1, :]                                       # [.., n, 1, K] block references
+    # Masks multiply the exponent (0 where masked: exp(0) = 1, zeroed afterwards) rather than
+    # selecting -inf: XLA fuses the product into the exp and the reduction, not the select.
+    # Earlier blocks: q_i e^{A_i − r_a} · k_j e^{r_a − A_j}, j before block a (exponents ≤ 0).
+    before = (jnp.arange(C)[None, :] < (jnp.arange(n) * s)[:, None]).astype(q.dtype)[:, :, None]
+    k_ref = k[..., None, :, :] * jnp.exp((r - A[..., None, :, :]) * before) * before
+    off = jnp.einsum("...aik,...ajk->...aij", qb * jnp.exp(Ab - r), k_ref)  # [.., n, s, C]
+    # Diagonal blocks: the masked elementwise form, one fused multiply-exp-reduce.
+    diag = _diag_scores(qb, k.reshape(*lead, n, s, K), Ab)
+    eye = jnp.eye(n, dtype=q.dtype)
+    off = off.reshape(*lead, n, s, n, s) + diag[..., :, :, None, :] * eye[:, None, :, None]
+    return off.reshape(*lead, C, C)
+
+
+
 # ----------------------------------------------------------------------------- the chunk scan
 # States are rows of B·H (batch × head) matrices. Chunk c of row r loads row load[c, r] of the
 # initial states h0 [N·H, K, V] when reset[c, r], and its outgoing state becomes row

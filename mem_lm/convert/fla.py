@@ -8,8 +8,10 @@ as `fla.models.*ForCausalLM.save_pretrained` writes them.
     python -m mem_lm.convert --from fla PATH --out WORKDIR   # a workdir load_pretrained reads
     python -m mem_lm.convert --to fla WORKDIR --out PATH     # (the CLI: mem_lm/convert/__init__.py)
 
-Kinds (fla `model_type`): gated_deltanet -> `gdn`, delta_net -> `deltanet`, gla -> `gla`, each
-with fla's hybrid `attn` layers -> `attn` (full) or `swa` (window_size); mom -> `mom` with
+Kinds (fla `model_type`): gated_deltanet -> `gdn`, delta_net -> `deltanet`, gla -> `gla`,
+kda -> `kda` (lower_bound mapped; safe_gate only picks fla's kernel and its A_log init, and is
+exported as lower_bound in [-5, 0)), each with fla's hybrid `attn` layers -> `attn` (full) or
+`swa` (window_size); mom -> `mom` with
 q_conv_per_memory (fla's MomAttention convolves q over each memory's tokens), no hybrid layers
 (fla's MomBlock cannot run its attention layers); nsa -> `nsa` in fla's variant (compress
 "mean", shared_kv, cmp_block = cmp_stride = sel_block = block_size, sel_blocks = block_counts,
@@ -53,7 +55,10 @@ _NO_EFFECT_OF = {"delta_net": {"use_output_norm"}, "gla": {"use_gk", "use_gv"},
                  # fla's NSA model builds its norms without reading it.
                  "nsa": {"elementwise_affine"},
                  # fla's RetNetBlock does not pass them to its MultiScaleRetention: no convs.
-                 "retnet": {"use_short_conv", "conv_size"}}
+                 "retnet": {"use_short_conv", "conv_size"},
+                 # A kernel switch (fla's M=16 TensorCore path for gates bounded by
+                 # lower_bound) and A_log's init: the gate is lower_bound's choice.
+                 "kda": {"safe_gate"}}
 
 # fla's defaults (fla-core 0.6.0 configuration_*.py) for fields a config.json may omit.
 _COMMON_DEFAULTS = dict(hidden_ratio=4, intermediate_size=None, hidden_act="swish",
@@ -64,6 +69,9 @@ _DEFAULTS = {
                            use_short_conv=True, allow_neg_eigval=False, conv_size=4,
                            head_dim=256, num_heads=6, num_v_heads=None, num_hidden_layers=21,
                            output_gate_activation="swish"),
+    "kda": dict(_COMMON_DEFAULTS, hidden_size=2048, expand_v=1.0, use_short_conv=True,
+                allow_neg_eigval=False, safe_gate=False, lower_bound=None, conv_size=4,
+                head_dim=128, num_heads=16, num_v_heads=None, num_hidden_layers=24),
     "delta_net": dict(_COMMON_DEFAULTS, hidden_size=2048, expand_k=1.0, expand_v=1.0,
                       use_gate=False, use_short_conv=True, allow_neg_eigval=False, conv_size=4,
                       use_beta=True, num_heads=16, qk_norm="l2", qk_activation="silu",
@@ -89,11 +97,12 @@ _DEFAULTS = {
                         norm_q=False, norm_k=False, norm_feature_map=False,
                         elementwise_affine=True),
 }
-_ARCHITECTURES = {"gated_deltanet": "GatedDeltaNetForCausalLM",
+_ARCHITECTURES = {"gated_deltanet": "GatedDeltaNetForCausalLM", "kda": "KDAForCausalLM",
                   "delta_net": "DeltaNetForCausalLM", "gla": "GLAForCausalLM",
                   "mom": "MomForCausalLM", "nsa": "NSAForCausalLM",
                   "retnet": "RetNetForCausalLM", "linear_attn": "LinearAttentionForCausalLM"}
-_MIXER_OF = {"gated_deltanet": "gdn", "delta_net": "deltanet", "gla": "gla", "mom": "mom",
+_MIXER_OF = {"gated_deltanet": "gdn", "kda": "kda", "delta_net": "deltanet", "gla": "gla",
+             "mom": "mom",
              "nsa": "nsa", "retnet": "retnet", "linear_attn": "la"}
 _TYPE_OF = {m: t for t, m in _MIXER_OF.items()}
 _ATTENTION = ("attn", "swa")
@@ -185,6 +194,12 @@ def config_from_fla(fla: Mapping[str, Any]) -> ModelConfig:
         settings = dict(conv, expand_v=float(c["expand_v"]), use_gate=bool(c["use_gate"]),
                         allow_neg_eigval=bool(c["allow_neg_eigval"]),
                         num_v_heads=None if hv in (None, H) else hv)
+    elif model_type == "kda":
+        head_dim, hv, lb = c["head_dim"], c["num_v_heads"], c["lower_bound"]
+        settings = dict(conv, expand_v=float(c["expand_v"]),
+                        allow_neg_eigval=bool(c["allow_neg_eigval"]),
+                        num_v_heads=None if hv in (None, H) else hv,
+                        lower_bound=None if lb is None else float(lb))
     elif model_type == "mom":
         head_dim, settings = c["head_dim"], _mom_settings(c, conv, require)
     elif model_type in ("retnet", "linear_attn"):
@@ -386,6 +401,11 @@ def config_to_fla(cfg: ModelConfig) -> dict:
     elif mixer == "gdn":
         out.update(head_dim=K, expand_v=s["expand_v"], use_gate=s["use_gate"],
                    allow_neg_eigval=s["allow_neg_eigval"], num_v_heads=s["num_v_heads"])
+    elif mixer == "kda":
+        lb = s["lower_bound"]
+        out.update(head_dim=K, expand_v=s["expand_v"], allow_neg_eigval=s["allow_neg_eigval"],
+                   num_v_heads=s["num_v_heads"], lower_bound=lb,
+                   safe_gate=lb is not None and -5 <= lb < 0)
     elif mixer == "mom":
         out.update(head_dim=K, **_mom_to_fla(s, problems))
         if set(cfg.layer_mixers) != {"mom"}:
@@ -448,6 +468,25 @@ def _mom_entries(cfg: ModelConfig) -> list:
                   ("o_proj.weight", ("o_proj", "kernel"), ("dense", 2))]
 
 
+def _kda_entries(cfg: ModelConfig) -> list:
+    """`_mixer_entries` of fla's KimiDeltaAttention: its low-rank decay `f_proj` (0: d_model ->
+    value head width, 1: -> Hv·K) and output gate `g_proj` (the same ranks, 1 with a bias),
+    A_log [Hv], dt_bias [Hv·K]."""
+    D1 = ("dense", 1)
+    out = [(f"{n}_proj.weight", (f"{n}_proj", "kernel"), D1) for n in "qkv"]
+    if cfg.settings("kda")["short_conv"]:
+        out += [(f"{n}_conv1d.weight", (f"{n}_conv", "kernel"), "conv") for n in "qkv"]
+    return out + [("b_proj.weight", ("b_proj", "kernel"), D1),
+                  ("f_proj.0.weight", ("gk_proj_a", "kernel"), D1),
+                  ("f_proj.1.weight", ("gk_proj_b", "kernel"), D1),
+                  ("A_log", ("A_log",), "flat"), ("dt_bias", ("dt_bias",), "flat"),
+                  ("g_proj.0.weight", ("g_proj_a", "kernel"), D1),
+                  ("g_proj.1.weight", ("g_proj_b", "kernel"), D1),
+                  ("g_proj.1.bias", ("g_proj_b", "bias"), "flat"),
+                  ("o_norm.weight", ("o_norm", "scale"), "flat"),
+                  ("o_proj.weight", ("o_proj", "kernel"), ("dense", 2))]
+
+
 _MEMORY_PROJ = re.compile(r"^(model\.layers\.\d+\.attn\.[kvba]_proj)\.(\d+)\.weight$")
 _JOINED_PROJ = re.compile(r"^(model\.layers\.\d+\.attn\.[kvba]_proj)\.weight$")
 
@@ -500,6 +539,8 @@ def _mixer_entries(cfg: ModelConfig, name: str) -> list:
     D1, D2 = ("dense", 1), ("dense", 2)
     if name == "mom":
         return _mom_entries(cfg)
+    if name == "kda":
+        return _kda_entries(cfg)
     if name in ("retnet", "la"):
         return _retnet_la_entries(name)
     if name == "nsa":   # fla's NativeSparseAttention: one k / v ([d, 1, Hkv, D] here), gates

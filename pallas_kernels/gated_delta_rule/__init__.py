@@ -1,9 +1,15 @@
 """The gated delta rule: `gated_delta_rule` over a sequence, `gated_delta_rule_step` for decoding.
 
-    S_t = exp(g_t) (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,    o_t = S_tᵀ (scale · q_t)
+    S_t = (I − β_t k_t k_tᵀ) D_t S_{t-1} + β_t k_t v_tᵀ,    o_t = S_tᵀ (scale · q_t)
+    D_t = exp(g_t) · Diag(exp(gk_t))
 
-g [B,T,H] is a natural-log decay (≤ 0; None gives DeltaNet), β [B,T,H] the write strength in
-[0, 1]. With use_qk_l2norm, q and k are L2-normalised over K first (as Gated DeltaNet does).
+g [B,T,H] is a per-head natural-log decay (Gated DeltaNet), gk [B,T,H,K] a per-key one (Kimi
+Delta Attention, KDA: fla's chunk_kda / naive_recurrent_kda with its gate already applied);
+both ≤ 0, either, both (their sum) or neither (DeltaNet). The state decays first and the delta
+update then reads the decayed state. β [B,T,H] is the write strength in [0, 1] (fla's
+allow_neg_eigval: [0, 2]). With use_qk_l2norm, q and k are L2-normalised over K first (as
+Gated DeltaNet and KDA do). Every impl takes gk; the chunked ones put the per-key decays
+inside the UT transform (see `xla`), and the Pallas kernels run gk in chunks of 16 tokens.
 
 Inputs and bad values: as for every recurrent op, see `pallas_kernels.common.INPUT_CONTRACT`.
 Arrays may be JAX (traced or not) or NumPy, eager or under jit; a bad rank, shape or dtype is
@@ -18,17 +24,17 @@ from .reference import gated_delta_rule_update
 
 
 # The array arguments that may be None.
-_OPTIONAL = ("g", "initial_state", "cu_seqlens")
+_OPTIONAL = ("g", "gk", "initial_state", "cu_seqlens")
 
 
-def gated_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
+def gated_delta_rule(q, k, v, beta, g=None, gk=None, *, scale=None, initial_state=None,
                      output_final_state=False, cu_seqlens=None, use_qk_l2norm=False,
                      impl="auto", chunk_size=64, context_axis=None):
     """o [B,T,H,V] (q's dtype), and the final state [N,H,K,V] (float32) if output_final_state.
 
-    q, k [B,T,H,K]; v [B,T,H,V]; beta, g [B,T,H]; initial_state [N,H,K,V] with N = B, or N
-    packed sequences given by cu_seqlens int [N+1] in a B == 1 batch (concrete offsets must
-    satisfy 0 = cu[0] <= ... <= cu[N] <= T; tokens past cu[N] get o = 0).
+    q, k [B,T,H,K]; v [B,T,H,V]; beta, g [B,T,H]; gk [B,T,H,K]; initial_state [N,H,K,V] with
+    N = B, or N packed sequences given by cu_seqlens int [N+1] in a B == 1 batch (concrete
+    offsets must satisfy 0 = cu[0] <= ... <= cu[N] <= T; tokens past cu[N] get o = 0).
     impl: "auto" | "reference" | "xla" | "pallas".
 
     Context parallelism: with `context_axis` (a mesh axis name), call the op inside
@@ -42,12 +48,13 @@ def gated_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     in interpret mode (CPU) needs shard_map(..., check_vma=False): JAX's interpreter does
     not support replication checks.
     """
-    q, k, v, beta, g, initial_state, cu_seqlens = common.as_inputs(
-        _OPTIONAL,
-        q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    q, k, v, beta, g, gk, initial_state, cu_seqlens = common.as_inputs(
+        _OPTIONAL, q=q, k=k, v=v, beta=beta, g=g, gk=gk, initial_state=initial_state,
+        cu_seqlens=cu_seqlens)
     B, T, H, K, V = common.check_qkv(q, k, v)
     common.check_array("beta", beta, (B, T, H), "[B, T, H]")
     common.check_array("g", g, (B, T, H), "[B, T, H]", allow_none=True)
+    common.check_array("gk", gk, (B, T, H, K), "[B, T, H, K]", allow_none=True)
     D = context_parallel.context_size(context_axis) or 1
     N = common.check_cu_seqlens(cu_seqlens, B, T * D) or B
     common.check_initial_state(initial_state, N, H, K, V)
@@ -56,8 +63,8 @@ def gated_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     output_final_state = common.check_flag("output_final_state", output_final_state)
     use_qk_l2norm = common.check_flag("use_qk_l2norm", use_qk_l2norm)
     fn = common.select_impl(__name__, "gated_delta_rule", impl, chunk_size)
-    q, k, v, beta, g, initial_state, cu_seqlens = common.to_jax(
-        q, k, v, beta, g, initial_state, cu_seqlens)
+    q, k, v, beta, g, gk, initial_state, cu_seqlens = common.to_jax(
+        q, k, v, beta, g, gk, initial_state, cu_seqlens)
     if B * T == 0:
         o, state = common.empty_result(q, (B, T, H, K, V), N, initial_state)
         return o, (state if output_final_state else None)
@@ -65,7 +72,7 @@ def gated_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
         q, k = common.l2_normalize(q), common.l2_normalize(k)
 
     def run(v, initial_state, cu_seqlens):
-        return fn(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+        return fn(q, k, v, beta, g, gk, scale=scale, initial_state=initial_state,
                   cu_seqlens=cu_seqlens)
 
     if context_axis is not None:
@@ -76,22 +83,25 @@ def gated_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     return o, (state if output_final_state else None)
 
 
-def gated_delta_rule_step(q, k, v, beta, g=None, *, scale=None, state, use_qk_l2norm=False):
-    """One decoding token: q, k [B,H,K], v [B,H,V], beta, g [B,H], state [B,H,K,V]
+def gated_delta_rule_step(q, k, v, beta, g=None, gk=None, *, scale=None, state,
+                          use_qk_l2norm=False):
+    """One decoding token: q, k [B,H,K], v [B,H,V], beta, g [B,H], gk [B,H,K], state [B,H,K,V]
     -> (o [B,H,V] in q's dtype, new state [B,H,K,V] in float32)."""
-    q, k, v, beta, g, state = common.as_inputs(
-        _OPTIONAL, q=q, k=k, v=v, beta=beta, g=g, state=state)
+    q, k, v, beta, g, gk, state = common.as_inputs(
+        _OPTIONAL, q=q, k=k, v=v, beta=beta, g=g, gk=gk, state=state)
     B, H, K, V = common.check_qkv(q, k, v, step=True)
     common.check_array("beta", beta, (B, H), "[B, H]")
     common.check_array("g", g, (B, H), "[B, H]", allow_none=True)
+    common.check_array("gk", gk, (B, H, K), "[B, H, K]", allow_none=True)
     common.check_array("state", state, (B, H, K, V), "[B, H, K, V]")
     scale = common.check_scale(scale, K)
     use_qk_l2norm = common.check_flag("use_qk_l2norm", use_qk_l2norm)
-    q, k, v, beta, g, state = common.to_jax(q, k, v, beta, g, state)
+    q, k, v, beta, g, gk, state = common.to_jax(q, k, v, beta, g, gk, state)
     if use_qk_l2norm:
         q, k = common.l2_normalize(q), common.l2_normalize(k)
     acc = common.acc_dtype(q)
-    o, state = gated_delta_rule_update(*common.cast(acc, state, q, k, v, beta, g), scale=scale)
+    o, state = gated_delta_rule_update(*common.cast(acc, state, q, k, v, beta, g, gk),
+                                       scale=scale)
     return o.astype(q.dtype), state
 
 

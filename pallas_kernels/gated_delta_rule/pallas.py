@@ -1,4 +1,4 @@
-"""`impl="pallas"`: the gated delta rule (g = None: DeltaNet),
+"""`impl="pallas"`: the gated delta rule (g = None: DeltaNet; per-key gk: KDA),
 as Pallas kernels for the device at hand, forward and backward.
 
 TPU: Mosaic kernels; GPU: Pallas' Triton backend; elsewhere (CPU) the TPU layout runs in
@@ -15,10 +15,13 @@ from typing import Optional
 from .. import pallas_scan
 
 
-def gated_delta_rule_pallas(q, k, v, beta, g, *, scale, initial_state, cu_seqlens, chunk_size,
-                            backend: Optional[str] = None, interpret: Optional[bool] = None):
-    """Validated inputs as for the other impls -> (o in q's dtype, final state [N, H, K, V])."""
+def gated_delta_rule_pallas(q, k, v, beta, g, gk=None, *, scale, initial_state, cu_seqlens,
+                            chunk_size, backend: Optional[str] = None,
+                            interpret: Optional[bool] = None):
+    """Validated inputs as for the other impls -> (o in q's dtype, final state [N, H, K, V]).
+    With per-key gates gk the chunks are `chunk_math.SUB` tokens (the kernels form
+    [C, C, K] decay blocks), as for linear attention's gk."""
     return pallas_scan.chunked_scan(
-        "gdn", q, k, v, beta=beta, g=g, scale=scale, initial_state=initial_state,
+        "gdn", q, k, v, beta=beta, g=g, gk=gk, scale=scale, initial_state=initial_state,
         cu_seqlens=cu_seqlens, chunk_size=chunk_size, blocks=pallas_scan.blocks_for(backend),
         interpret=interpret)

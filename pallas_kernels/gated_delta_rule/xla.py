@@ -1,27 +1,33 @@
 """Chunked gated delta rule in plain jnp (any backend), via the WY / UT transform.
 
-Write the recurrence S_t = e^{g_t}(I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ as
-S_t = e^{g_t} S_{t−1} + k_t u_tᵀ with u_t = β_t (v_t − k_tᵀ e^{g_t} S_{t−1}). Inside a chunk with
-within-chunk cumulative log gates G_i and Γ_ij = exp(G_i − G_j) (i ≥ j, masked before exp):
+Write the recurrence S_t = (I − β_t k_t k_tᵀ) D_t S_{t−1} + β_t k_t v_tᵀ, with the decay
+D_t = Diag(e^{a_t}) (a_t = g_t for every key, gk_t per key (KDA), or their sum), as
+S_t = D_t S_{t−1} + k_t u_tᵀ with u_t = β_t (v_t − k_tᵀ D_t S_{t−1}). Inside a chunk, with the
+within-chunk cumulative log decays A_i = Σ_{t≤i} a_t ([C] per head or [C, K] per key) and the
+decayed inner products Γ(X, Y)_ij = Σ_k x_ik y_jk e^{A_ik − A_jk} (i ≥ j; for a per-head decay
+(X Yᵀ) ⊙ exp(G_i − G_j), masked before exp):
 
-    (I + L) U = diag(β) V − diag(β e^{G}) K S_in,   L = strictly_lower(diag(β) (Γ ⊙ K Kᵀ))
+    (I + L) U = diag(β) V − diag(β) (K ⊙ e^{A}) S_in,   L = strictly_lower(diag(β) Γ(K, K))
 
-so U = Ũ − W S_in with [Ũ, W] = (I + L)⁻¹ [β ⊙ V, β e^{G} ⊙ K] (the unit lower inverse by
-recursive doubling, see `unit_lower_inverse`), and then, with P = lower(Γ ⊙ Q Kᵀ) (diagonal
-included) and Kd = K ⊙ e^{G_C − G}:
+so U = Ũ − W S_in with [Ũ, W] = (I + L)⁻¹ [β ⊙ V, β ⊙ K ⊙ e^{A}] (the unit lower inverse by
+recursive doubling, see `unit_lower_inverse`), and then, with P = Γ(Q, K) (diagonal
+included) and Kd = K ⊙ e^{A_C − A}:
 
-    o     = (Q ⊙ e^{G} − P W) S_in + P Ũ
-    S_out = (e^{G_C} I − Kdᵀ W) S_in + Kdᵀ Ũ
+    o     = (Q ⊙ e^{A} − P W) S_in + P Ũ
+    S_out = (Diag(e^{A_C}) − Kdᵀ W) S_in + Kdᵀ Ũ
 
 an affine map of the incoming state, which `pallas_kernels.chunked` scans over chunks (with the
-custom backward that recomputes inside chunks). g = None is DeltaNet (no decay).
+custom backward that recomputes inside chunks). Per-key decays put the decay inside the UT
+transform (L and W, as fla's chunk_kda); their Γ comes from `chunked.per_key_scores`
+(sub-chunks of 16 tokens, each against its own reference position, so no exponent is
+positive). g = gk = None is DeltaNet (no decay).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunked import masked_decay, run_chunked
+from pallas_kernels.chunked import GROUP_GK, SUB, masked_decay, per_key_scores, run_chunked
 
 
 def _diag_blocks(X: jax.Array, b: int) -> jax.Array:
@@ -69,6 +75,8 @@ unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 def _intra(x):
     """Per-chunk affine map (M, B, Qeff, O) of the gated delta rule; x holds one chunk [C, ...]."""
+    if "gk" in x:
+        return _intra_per_key(x)
     q, k, v, beta = x["q"], x["k"], x["v"], x["beta"]
     C, K = k.shape
     if "g" in x:
@@ -96,8 +104,30 @@ def _intra(x):
     return M, Bst, Qeff, O
 
 
-def gated_delta_rule_xla(q, k, v, beta, g, *, scale, initial_state, cu_seqlens, chunk_size):
+def _intra_per_key(x, sub: int = SUB):
+    """`_intra` with per-key log decays gk [C, K] (plus a per-head g [C] if given): KDA."""
+    q, k, v, beta = x["q"], x["k"], x["v"], x["beta"]
+    C, K = k.shape
+    a = x["gk"] + (x["g"][:, None] if "g" in x else 0.0)
+    A = jnp.cumsum(a, axis=0)                                    # [C, K]
+    strict = jnp.tril(jnp.ones((C, C), k.dtype), -1)
+    L = (beta[:, None] * strict) * per_key_scores(k, k, A, sub)
+    rhs = jnp.concatenate([beta[:, None] * v, beta[:, None] * jnp.exp(A) * k], axis=-1)
+    sol = unit_lower_inverse(L) @ rhs                            # [Ũ, W]: [C, V + K]
+    P = per_key_scores(q, k, A, sub)
+    PS, KS = P @ sol, (k * jnp.exp(A[-1:] - A)).T @ sol
+    V = v.shape[-1]
+    Qeff = q * jnp.exp(A) - PS[:, V:]
+    O = PS[:, :V]
+    M = jnp.diag(jnp.exp(A[-1])) - KS[:, V:]
+    Bst = KS[:, :V]
+    return M, Bst, Qeff, O
+
+
+def gated_delta_rule_xla(q, k, v, beta, g, gk=None, *, scale, initial_state, cu_seqlens,
+                         chunk_size):
     """Chunked gated delta rule; arguments already validated. Returns (o, final_state [N,H,K,V])."""
-    return run_chunked(_intra, {"q": q, "k": k, "v": v, "beta": beta, "g": g}, q=q, scale=scale,
-                       value_dim=v.shape[-1], initial_state=initial_state,
-                       cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    return run_chunked(_intra, {"q": q, "k": k, "v": v, "beta": beta, "g": g, "gk": gk}, q=q,
+                       scale=scale, value_dim=v.shape[-1], initial_state=initial_state,
+                       cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                       **({} if gk is None else {"group": GROUP_GK}))

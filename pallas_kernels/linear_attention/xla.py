@@ -8,79 +8,17 @@ and their within-chunk cumulative sums A_i = Σ_{t≤i} a_t (A ≤ 0, decreasing
 
 Every exponent above is ≤ 0. The intra-chunk scores P_ij (i ≥ j) are, for a per-head decay,
 (Q Kᵀ) ⊙ exp(masked(G_i − G_j)). With per-key decays, exp(A_i)·exp(−A_j) would overflow
-(gk = −20 per token gives A ≈ −1280 over a chunk), so the chunk is cut into sub-chunks of `SUB`
-tokens: a query block against earlier blocks uses the block's first position r as reference,
-q_i e^{A_i − r} · k_j e^{r − A_j} (both factors ≤ 1), and the diagonal blocks use the masked
-elementwise form Σ_k q_ik k_jk e^{A_ik − A_jk}.
+(gk = −20 per token gives A ≈ −1280 over a chunk), so the scores come from
+`pallas_kernels.chunked.per_key_scores` (sub-chunks with a reference point each).
 
 The chunk scan, the custom backward and the sequence bookkeeping are in `pallas_kernels.chunked`.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunked import masked_decay, run_chunked
-
-SUB = 16  # sub-chunk length for per-key decays
-GROUP_GK = 16  # chunks per batched call with per-key decays: XLA keeps [SUB, SUB, K] products
-
-
-def _decay(A: jax.Array) -> tuple:
-    """(causal mask [s, s], E [..., s, s, K] = exp(A_ik − A_jk) for i ≥ j, 1 above)."""
-    s = A.shape[-2]
-    causal = jnp.tril(jnp.ones((s, s), A.dtype))
-    return causal, jnp.exp((A[..., :, None, :] - A[..., None, :, :]) * causal[:, :, None])
-
-
-@jax.custom_vjp
-def _diag_scores(q: jax.Array, k: jax.Array, A: jax.Array) -> jax.Array:
-    """D_ij = Σ_k q_ik k_jk exp(A_ik − A_jk) for i ≥ j (0 above), q, k, A: [..., s, K].
-
-    The mask multiplies the exponent (masked entries are exp(0), zeroed afterwards): XLA fuses
-    the exp into the product and the reduction, so no [s, s, K] array is stored, here or in the
-    hand-written backward (autodiff would keep several)."""
-    causal, E = _decay(A)
-    return causal * jnp.sum(q[..., :, None, :] * k[..., None, :, :] * E, axis=-1)
-
-
-def _diag_scores_fwd(q, k, A):
-    return _diag_scores(q, k, A), (q, k, A)
-
-
-def _diag_scores_bwd(res, dD):
-    q, k, A = res
-    causal, E = _decay(A)
-    G = (dD * causal)[..., None]                                 # [.., s, s, 1]
-    dq = jnp.sum(G * k[..., None, :, :] * E, axis=-2)
-    dk = jnp.sum(G * q[..., :, None, :] * E, axis=-3)
-    W = G * q[..., :, None, :] * k[..., None, :, :] * E          # d D_ij / d A_ik, per k
-    dA = jnp.sum(W, axis=-2) - jnp.sum(W, axis=-3)
-    return dq, dk, dA
-
-
-_diag_scores.defvjp(_diag_scores_fwd, _diag_scores_bwd)
-
-
-def _per_key_scores(q: jax.Array, k: jax.Array, A: jax.Array, sub: int) -> jax.Array:
-    """P_ij = Σ_k q_ik k_jk exp(A_ik − A_jk) for i ≥ j, 0 above; q, k, A: [..., C, K]."""
-    *lead, C, K = q.shape
-    s = min(sub, C)
-    n = C // s
-    qb = q.reshape(*lead, n, s, K)
-    Ab = A.reshape(*lead, n, s, K)
-    r = Ab[..., :, :1, :]                                       # [.., n, 1, K] block references
-    # Masks multiply the exponent (0 where masked: exp(0) = 1, zeroed afterwards) rather than
-    # selecting -inf: XLA fuses the product into the exp and the reduction, not the select.
-    # Earlier blocks: q_i e^{A_i − r_a} · k_j e^{r_a − A_j}, j before block a (exponents ≤ 0).
-    before = (jnp.arange(C)[None, :] < (jnp.arange(n) * s)[:, None]).astype(q.dtype)[:, :, None]
-    k_ref = k[..., None, :, :] * jnp.exp((r - A[..., None, :, :]) * before) * before
-    off = jnp.einsum("...aik,...ajk->...aij", qb * jnp.exp(Ab - r), k_ref)  # [.., n, s, C]
-    # Diagonal blocks: the masked elementwise form, one fused multiply-exp-reduce.
-    diag = _diag_scores(qb, k.reshape(*lead, n, s, K), Ab)
-    eye = jnp.eye(n, dtype=q.dtype)
-    off = off.reshape(*lead, n, s, n, s) + diag[..., :, :, None, :] * eye[:, None, :, None]
-    return off.reshape(*lead, C, C)
+from pallas_kernels.chunked import (GROUP_GK, SUB, masked_decay, per_key_scores,
+                                    run_chunked)
 
 
 def _intra(x, sub: int = SUB):
@@ -89,7 +27,7 @@ def _intra(x, sub: int = SUB):
     if "gk" in x:
         a = x["gk"] + (x["g"][..., None] if "g" in x else 0.0)
         A = jnp.cumsum(a, axis=-2)                               # [.., C, K]
-        P = _per_key_scores(q, k, A, sub)
+        P = per_key_scores(q, k, A, sub)
         Qeff = q * jnp.exp(A)
         M = jnp.exp(A[..., -1, :])                               # diagonal transition [.., K]
         Kd = k * jnp.exp(A[..., -1:, :] - A)

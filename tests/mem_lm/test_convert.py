@@ -1,6 +1,7 @@
 """mem_lm.convert against fla's own modelling code: the fixtures (tests/fixtures/fla/, made by
-tests/fixtures/make_fla_fixtures.py with torch + flash-linear-attention 0.6.0) hold tiny random
-fla checkpoints of each kind and the logits fla computed for fixed prompts. No torch here."""
+tests/fixtures/make_fla_fixtures.py and make_fla_kda_fixtures.py with torch +
+flash-linear-attention 0.6.0) hold tiny random fla checkpoints of each kind and the logits fla
+computed for fixed prompts. No torch here."""
 import dataclasses
 import json
 import os
@@ -18,7 +19,7 @@ from mem_lm.convert import (ConversionError, config_from_fla, config_to_fla, exp
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "fla")
 KINDS = ("gdn", "gdn_nogate", "gdn_gva", "gdn_negeig", "deltanet", "gla", "gdn_attn", "mom",
-         "mom_noshared", "nsa")
+         "mom_noshared", "nsa", "kda", "kda_gva")
 TOL = 1e-4
 
 
@@ -82,6 +83,13 @@ def test_expected_fla_config_fields():
     assert config_from_fla(fla_config("gdn_nogate")).tie_embeddings
     gla = config_from_fla(fla_config("gla"))
     assert (gla.resolved_head_dim, gla.settings("gla")["expand_v"]) == (8, 2.0)
+    kda = config_from_fla(fla_config("kda"))
+    assert kda.pattern == ("kda",) and kda.settings("kda")["expand_v"] == 2.0
+    kda = config_from_fla(fla_config("kda_gva"))
+    assert {k: kda.settings("kda")[k] for k in ("num_v_heads", "lower_bound", "allow_neg_eigval",
+                                                 "short_conv")} == \
+        dict(num_v_heads=4, lower_bound=-5.0, allow_neg_eigval=True, short_conv=False)
+    assert config_to_fla(kda)["safe_gate"] is True    # fla's fast kernel for bounded gates
 
 
 def test_mlp_width_rule_matches_fla():
@@ -92,11 +100,13 @@ def test_mlp_width_rule_matches_fla():
             == c["width"], c
 
 
-def test_decoding_continues_like_fla():
+@pytest.mark.parametrize("kind", ["gdn_attn", "kda", "kda_gva"])
+def test_decoding_continues_like_fla(kind):
     """Prefill 8 tokens, then decode the rest one at a time: every step's logits are fla's
     (the hybrid: GDN with grouped value heads; sliding-window attention with its own heads,
-    biases and RoPE base; full attention with its own head width)."""
-    path, tokens, expected = fixture("gdn_attn")
+    biases and RoPE base; full attention with its own head width. KDA: per-key decays in the
+    state and the conv caches; with grouped value heads and fla's bounded gate)."""
+    path, tokens, expected = fixture(kind)
     cfg, params = import_fla(path)
     model, variables = LanguageModel(dataclasses.replace(cfg, impl="reference")), \
         {"params": params}

@@ -225,6 +225,12 @@ def documented_param_count(cfg: ModelConfig) -> int:
             if mixer == "gdn":
                 n += d * H + 2 * H                                     # a_proj, A_log, dt_bias
             return n + d * V * s["use_gate"] + V // H + V * d          # gate, o_norm, o_proj
+        if mixer == "kda":     # as gdn, the decay and gate low-rank (rank Vh = value head width)
+            Vh = int(round(D * s["expand_v"]))
+            V = H * Vh
+            n = 2 * d * HD + d * V + conv * (2 * HD + V) + d * H      # q, k, v, convs, β
+            n += d * Vh + Vh * HD + HD + H                 # gk_proj_a, gk_proj_b, dt_bias, A_log
+            return n + d * Vh + Vh * V + V + Vh + V * d    # g_proj_a/_b + bias, o_norm, o_proj
         V = H * int(round(D * s.get("expand_v", 1.0)))                 # value width
         if mixer == "la" and s["feature_map"] == "taylor":
             f = s["feature_dim"]
@@ -307,6 +313,8 @@ def test_logical_axes_and_param_count(kw):
     ("mixers.gdn.short_conv", dict(mixers={"gdn": {"short_conv": "yes"}})),
     ("mixers.gdn.expand_v", dict(mixers={"gdn": {"expand_v": 0.3}})),
     ("mixers.gdn.expnd_v", dict(mixers={"gdn": {"expnd_v": 2.0}})),
+    ("mixers.kda.lower_bound", dict(pattern=("kda",), mixers={"kda": {"lower_bound": 0.0}})),
+    ("mixers.kda.num_v_heads", dict(pattern=("kda",), mixers={"kda": {"num_v_heads": 3}})),
     ("mixers", dict(mixers={"mamba7": {}})),
     ("mixers", dict(mixers=[1, 2])),
     ("head_dim", dict(pattern=("attn",), head_dim=3)),

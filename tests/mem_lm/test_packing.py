@@ -116,14 +116,19 @@ def _op_inputs(gates, B, rng):
     q, k, v = f32(B, T, H, K), f32(B, T, H, K), f32(B, T, H, K)
     if gates == "gdn":   # q, k, v, beta, g
         return (q, k, v, jax.nn.sigmoid(f32(B, T, H)), -jax.nn.softplus(f32(B, T, H)))
+    if gates == "kda":   # q, k, v, beta, g, gk
+        return (q, k, v, jax.nn.sigmoid(f32(B, T, H)), None, -jax.nn.softplus(f32(B, T, H, K)))
     return (q, k, v, None, -jax.nn.softplus(f32(B, T, H, K)))   # gla: q, k, v, g, gk
 
 
 OPS = {"gdn": (gated_delta_rule, gated_delta_rule_step, dict(use_qk_l2norm=True)),
+       "kda": (gated_delta_rule, gated_delta_rule_step, dict(use_qk_l2norm=True)),
        "gla": (linear_attention, linear_attention_step, {})}
 
 
-@pytest.mark.parametrize("name", OPS)
+# kda under -m slow: gdn's restart paths, its per-key gates tested by the op's own tests.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n == "kda" else [])
+                                  for n in OPS])
 def test_step_or_chunk_restarts_documents_with_gradients(name, rng):
     """Outputs and the gradients of every input, through lax.cond, checkpoint and vmap, on
     both paths (one compile serves both layouts)."""

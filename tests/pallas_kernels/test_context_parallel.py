@@ -1,11 +1,12 @@
 """Context parallelism of the recurrent ops (`context_axis=`): on 4 simulated CPU devices, with
 T split over a mesh axis inside `jax.shard_map`, every impl of linear_attention (no gate, g,
-gk, both) and gated_delta_rule (DeltaNet, gated) returns the unsharded op's outputs, final
-state and gradients (q, k, v, gates, β, initial_state), also with packed documents crossing
-device boundaries; the compiled program's collectives move only state-sized operands; and the
-Pallas kernels (not interpret mode) lower for CUDA and TPU under shard_map with replication
-checks. shard_map runs with check_vma=True except for impl "pallas" (interpret mode here, which
-JAX cannot type-check: `common.varying_call`), which so also covers check_vma=False.
+gk, both) and gated_delta_rule (DeltaNet, gated, per-key gk = KDA, both; gk under -m slow)
+returns the unsharded op's outputs, final state and gradients (q, k, v, gates, β,
+initial_state), also with packed documents crossing device boundaries; the compiled
+program's collectives move only state-sized operands; and the Pallas kernels (not interpret
+mode) lower for CUDA and TPU under shard_map with replication checks. shard_map runs with
+check_vma=True except for impl "pallas" (interpret mode here, which JAX cannot type-check:
+`common.varying_call`), which so also covers check_vma=False.
 
 The devices need XLA_FLAGS before JAX starts, so the checks run this file as a subprocess
 (`tests/layers/simulated_devices.py`), one per test: the fast cases in one, the rest `slow`.
@@ -37,7 +38,7 @@ HLO_T = 4096     # the collectives check compiles (never runs) a longer sequence
 FAST = [("la", "g+gk", "xla", True), ("gdn", "g", "xla", False),
         ("la", "g", "reference", True), ("gdn", "g", "pallas", True)]
 SLOW = [(op, gates, impl, packed)
-        for op, gl in (("la", ("", "g", "gk", "g+gk")), ("gdn", ("", "g")))
+        for op, gl in (("la", ("", "g", "gk", "g+gk")), ("gdn", ("", "g", "gk", "g+gk")))
         for gates in gl for impl in ("reference", "xla", "pallas") for packed in (False, True)]
 SLOW = [c for c in SLOW if c not in FAST]
 
@@ -77,7 +78,7 @@ def op_call(op, impl, cu, context_axis):
                   chunk_size=8, context_axis=context_axis)
         if op == "la":
             return pk.linear_attention(x["q"], x["k"], x["v"], x.get("g"), x.get("gk"), **kw)
-        return pk.gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x.get("g"),
+        return pk.gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x.get("g"), x.get("gk"),
                                    use_qk_l2norm=True, **kw)
     return call
 

@@ -3,8 +3,9 @@
 
 Each example is one random call of `linear_attention` / `gated_delta_rule` (or of its `_step`)
 with tiny shapes (B or T sometimes 0): NumPy, JAX or nested-list arrays; float32 / bfloat16 /
-float16 inputs, mixed; with or without gates (decays, strong decays down to -40, positive
-gates up to +0.3, zeros), initial state, packed offsets (`cu_seqlens`, int32 or int64, NumPy
+float16 inputs, mixed; with or without gates (per head g, per key gk -- KDA for the gated
+delta rule --, either or both; decays, strong decays down to -40, positive gates up to +0.3,
+zeros), initial state, packed offsets (`cu_seqlens`, int32 or int64, NumPy
 or JAX, with empty sequences and dropped tail tokens), l2-norm, scale; impl "xla",
 "reference" or "auto" with chunk sizes 1 to 64; called eagerly, under `jit` with the arrays
 traced, or under `jit` with the arrays closed over as constants. Every call must
@@ -79,7 +80,7 @@ NONFINITE = (np.nan, np.inf, -np.inf)
 
 
 def _seq_arrays(op):
-    return (("q", "k", "v", "beta", "g") if op == "gdn" else ("q", "k", "v", "g", "gk")) + (
+    return (("q", "k", "v", "beta", "g", "gk") if op == "gdn" else ("q", "k", "v", "g", "gk")) + (
         "initial_state", "cu_seqlens")
 
 
@@ -228,7 +229,7 @@ def draw_seq_call(draw, op):
         x["beta"] = rng.uniform(0, 1, (B, T, H))
     if draw(st.booleans()) or op == "gdn" and draw(st.booleans()):
         x["g"] = _gate_values(draw, rng, (B, T, H))
-    if op == "la" and draw(st.booleans()):
+    if draw(st.booleans()):
         x["gk"] = _gate_values(draw, rng, (B, T, H, K))
     if draw(st.booleans()):
         x["initial_state"] = rng.standard_normal((N, H, K, V))
@@ -523,12 +524,12 @@ def draw_step_call(draw, op):
         x["beta"] = rng.uniform(0, 1, (B, H))
     if draw(st.booleans()):
         x["g"] = _gate_values(draw, rng, (B, H))
-    if op == "la" and draw(st.booleans()):
+    if draw(st.booleans()):
         x["gk"] = _gate_values(draw, rng, (B, H, K))
     lists = draw(st.integers(0, 3)) == 3
     arrays = {n: _container(draw, a, dq if n in ("q", "k", "v") else dr, lists)
               for n, a in x.items()}
-    for n in ("g",) + (("gk",) if op == "la" else ()):
+    for n in ("g", "gk"):
         arrays.setdefault(n, None)
     static = dict(scale=draw(st.sampled_from([None, 0.7])))
     if op == "gdn":
@@ -539,7 +540,7 @@ def draw_step_call(draw, op):
 def corrupt_step(draw, op, arrays, static, struct):
     d = struct["dims"]
     B, H, K, V = d["B"], d["H"], d["K"], d["V"]
-    names = ["q", "k", "v", "state", "g"] + (["beta"] if op == "gdn" else ["gk"])
+    names = ["q", "k", "v", "state", "g", "gk"] + (["beta"] if op == "gdn" else [])
     kind = draw(st.sampled_from(["rank", "dim", "dtype", "garbage", "scale", "flag"]))
     if kind in ("rank", "dim", "dtype", "garbage"):
         name = draw(st.sampled_from(names))

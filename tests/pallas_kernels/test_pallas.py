@@ -25,11 +25,13 @@ VARIANTS = {
     "la_gk": (linear_attention_reference, linear_attention_pallas, ("g", "gk")),
     "deltanet": (gated_delta_rule_reference, gated_delta_rule_pallas, ("beta",)),
     "gdn": (gated_delta_rule_reference, gated_delta_rule_pallas, ("beta", "g")),
+    "kda": (gated_delta_rule_reference, gated_delta_rule_pallas, ("beta", "gk")),
 }
 
 
 def make_inputs(rng, variant, B, T, H, K, V, N, dtype, h0=True):
-    """Positional args of the op (q, k, v, g, gk) or (q, k, v, beta, g), and initial_state."""
+    """Positional args of the op (q, k, v, g, gk) or (q, k, v, beta, g, gk), and
+    initial_state."""
     names = VARIANTS[variant][2]
 
     def arr(*shape, lo=None, hi=None):
@@ -41,7 +43,7 @@ def make_inputs(rng, variant, B, T, H, K, V, N, dtype, h0=True):
     gk = arr(B, T, H, K, lo=-0.4, hi=0.0) if "gk" in names else None
     beta = arr(B, T, H, lo=0.0, hi=1.0) if "beta" in names else None
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    args = (q, k, v, beta, g) if "beta" in names else (q, k, v, g, gk)
+    args = (q, k, v, beta, g, gk) if "beta" in names else (q, k, v, g, gk)
     init = arr(N, H, K, V) if h0 else None
     return args, init
 
@@ -91,7 +93,9 @@ def test_matches_reference(x64, rng, variant):
         assert_close(grads, grads_ref, 1e-9, f"{variant}/{layout} gradients")
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+# kda's packed case runs under -m slow: its packing is gdn's, its gates la_gk's.
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=[pytest.mark.slow] if v == "kda"
+                                                  else []) for v in sorted(VARIANTS)])
 def test_packed_sequences(x64, rng, variant):
     """cu_seqlens with an empty sequence and boundaries inside chunks; layouts alternate."""
     ref, pal, _ = VARIANTS[variant]
@@ -156,7 +160,7 @@ def test_public_dispatch(rng, monkeypatch):
     Undifferentiated calls take the kernels' forward-only variant (only the last state kept)."""
     from pallas_kernels import gated_delta_rule, linear_attention
     args, _ = make_inputs(rng, "gdn", B=1, T=9, H=1, K=16, V=16, N=1, dtype=jnp.float32)
-    q, k, v, beta, g = args
+    q, k, v, beta, g, _ = args
     want = gated_delta_rule(q, k, v, beta, g, impl="reference", output_final_state=True)
     got = gated_delta_rule(q, k, v, beta, g, impl="pallas", output_final_state=True)
     assert_close(got, want, 1e-5, "public gated_delta_rule impl=pallas (TPU layout)")

@@ -35,6 +35,7 @@ OPS = {
     "deltanet": (gated_delta_rule, ("beta",)),
     "la_g": (linear_attention, ("g",)),
     "la_gk": (linear_attention, ("g", "gk")),
+    "kda": (gated_delta_rule, ("beta", "gk")),
 }
 # The remat policies of mem_lm.model._REMAT_POLICIES ("full" is policy=None). Spelled out here
 # because tests of pallas_kernels do not import the packages above it.
@@ -52,11 +53,14 @@ TRANSFORMS = ("grad", "jit_grad", "grad_jit", *(f"remat_{p}" for p in REMAT), "s
 # Compile time dominates this file, so the full matrix runs on one op of each family with
 # every gate it takes (gdn: β and g; la_gk: g and gk). DeltaNet (g=None) and linear attention
 # with g only differ in which inputs are None, which matters to the custom_vjp's residuals and
-# to batching: they get the remat and vmap cases of the two chunked impls. The GPU layout
-# shares the custom_vjp glue with the TPU one, so it gets the cases that reach the kernels
-# differently (batching of another grid; the kernels' fwd rule under scan + remat).
+# to batching: they get the remat and vmap cases of the two chunked impls, as does the gated
+# delta rule with per-key gates (KDA: gk among the kernels' inputs, per-key chunk math; its
+# pallas cases under -m slow). The GPU layout shares the custom_vjp glue with the TPU one, so
+# it gets the cases that reach the kernels differently (batching of another grid; the
+# kernels' fwd rule under scan + remat).
 FULL = ("gdn", "la_gk")
-PARTIAL = {"deltanet": ("remat_dots", "vmap"), "la_g": ("remat_dots", "vmap")}
+PARTIAL = {"deltanet": ("remat_dots", "vmap"), "la_g": ("remat_dots", "vmap"),
+           "kda": ("remat_dots", "vmap")}
 GPU_CASES = {"gdn": ("vmap", "scan_of_jit_grad_remat"), "la_gk": ("vmap", "remat_dots")}
 
 
@@ -80,9 +84,12 @@ IN_MAKE_TEST = {
 
 def _in_make_test(variant, impl, transform):
     """`make test` runs every transform through gdn's pallas impl, the IN_MAKE_TEST cases of
-    gdn's xla and la_gk's pallas impls, and every partial and GPU-layout case; the plain
-    lax.scan reference, la_gk's xla matrix and the other cases run under -m slow."""
+    gdn's xla and la_gk's pallas impls, and every partial and GPU-layout case but kda's
+    pallas ones (test_pallas checks its kernels' gradients); the plain lax.scan reference,
+    la_gk's xla matrix and the other cases run under -m slow."""
     if impl == "reference" or (variant == "la_gk" and impl == "xla"):
+        return False
+    if variant == "kda" and impl != "xla":
         return False
     return transform in IN_MAKE_TEST.get((variant, impl), (transform,))
 
@@ -98,7 +105,7 @@ def run_op(variant, impl, args):
     op, gates = OPS[variant]
     if impl != "pallas_gpu":
         return op(**args, impl=impl, chunk_size=CHUNK, output_final_state=True)
-    pos = ("beta", "g") if "beta" in gates else ("g", "gk")
+    pos = ("beta", "g", "gk") if "beta" in gates else ("g", "gk")
     return VARIANTS[variant][1](args["q"], args["k"], args["v"],
                                 *(args.get(n) for n in pos),
                                 scale=K ** -0.5, initial_state=args["initial_state"],
@@ -119,7 +126,7 @@ def inputs(variant):
     every case of a variant (seeded by its name) so the references are computed once."""
     rng = np.random.default_rng(zlib.crc32(variant.encode()))
     pos, init = make_inputs(rng, variant, B=B, T=T, H=H, K=K, V=V, N=B, dtype=jnp.float64)
-    names = ("q", "k", "v") + (("beta", "g") if "beta" in OPS[variant][1] else ("g", "gk"))
+    names = ("q", "k", "v") + (("beta", "g", "gk") if "beta" in OPS[variant][1] else ("g", "gk"))
     args = {n: x for n, x in zip(names, pos) if x is not None}
     args["initial_state"] = init
     assert set(args) == {"q", "k", "v", "initial_state", *OPS[variant][1]}

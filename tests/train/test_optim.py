@@ -45,7 +45,8 @@ NO_DECAY = re.compile(r"(^|/)(final_norm|mixer_norm|mlp_norm|o_norm|attn_out_nor
                       rf"/mixer/{SUB}(shared_)?(a_proj|b_proj|dt_proj|gk_proj_a|gk_proj_b|"
                       r"lr_proj|momentum_proj|decay_proj)/kernel$")
 DECAY = re.compile(r"^embed/embedding$|^lm_head/kernel$|/mlp/(w_gate|w_up|w_out)/kernel$|"
-                   rf"/mixer/{SUB}(shared_)?(q_proj|k_proj|v_proj|o_proj|g_proj|q_conv|k_conv|"
+                   rf"/mixer/{SUB}(shared_)?(q_proj|k_proj|v_proj|o_proj|g_proj|g_proj_a|g_proj_b|"
+                   r"q_conv|k_conv|"
                    r"v_conv|k_branches_conv|v_branches_conv|router|z_proj|x_proj|B_proj|C_proj|"
                    r"x_conv|B_conv|C_conv|q2_proj|read_q_proj|read_conv|read_proj|"
                    r"q_down_proj|q_up_proj|kv_down_proj|kv_up_proj)/kernel$|"
