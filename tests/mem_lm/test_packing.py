@@ -167,7 +167,9 @@ def test_step_or_chunk_restarts_documents_with_gradients(name, rng):
 def _config(mixer, **kw):
     return ModelConfig(vocab_size=VOCAB, d_model=16, num_layers=2, num_heads=2,
                        pattern=(mixer,), chunk_size=CHUNK,
-                       mixers={"swa": {"window": 5}, "brt": {"window": 4, "state_size": 4}},
+                       mixers={"swa": {"window": 5}, "brt": {"window": 4, "state_size": 4},
+                               "titans_mag": {"window": 5},
+                               "titans_mac": {"segment_length": 8, "memory_chunk": 4}},
                        **{"impl": "xla", **kw})
 
 
