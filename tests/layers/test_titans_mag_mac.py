@@ -2,7 +2,8 @@
 written from the paper's equations (Behrouz et al. 2025, Eq. 21–28, with this project's
 documented causal choices: MAC's read-outs at their tokens' positions and reads at the chunk
 start; the neural memory rule token by token with gradients written out), on random inputs and
-random parameters; MAC's two packed paths and its prefills that start inside a segment; the
+random parameters; MAC's restarting token scan for packed rows and its prefills that start
+inside a segment; the
 settings' named errors. Decoding == forward, packed == separate and causality through the
 whole model are the model-wide tests' (tests/mem_lm/test_model.py, test_causality.py)."""
 import math
@@ -225,38 +226,39 @@ def test_mac_matches_float64_oracle(x64, rng, depth):
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_mac_packed_paths_and_prefills_equal_the_forward(rng, monkeypatch):
-    """Documents of 4, 5 and 2 tokens (segments of 3: documents that start inside a segment of
-    the row): the segment scan of realigned documents (room for every document) and the
-    restarting token scan (room for one) both give each document alone; through the cache,
-    prefills of 3, 4, 2 tokens (two start inside a segment) then single tokens give the forward."""
+def test_mac_token_scan_packing_and_prefills_equal_the_forward(rng, monkeypatch):
+    """Documents of 4, 5 and 2 tokens in segments of 3 (documents that start inside a segment
+    of the row), with room for one document a row: the restarting token scan gives each
+    document alone (the realigned segment scan, room for all, is the model-wide packing test's
+    path). Through the cache, prefills of 4, 4, 3 tokens (the second and third start inside a
+    segment) give the forward (single decode tokens: the model-wide decode test)."""
     layer = TitansMAC(**SMALL, segment_length=3)
     x = jnp.asarray(rng.standard_normal((B, T, D_MODEL)), jnp.float32)
     params = random_params(layer, rng, x)
-    fwd = jax.jit(lambda p, x, pos, seg: layer.apply(p, x, positions=pos, segment_ids=seg)[0])
     seg = jnp.asarray([[1] * 4 + [2] * 5 + [3] * 2] * B, jnp.int32)
     starts = (0, 4, 9, T)
     pos = jnp.asarray(np.concatenate([np.arange(e - s) for s, e in zip(starts, starts[1:])]))
-    # Each document alone, at the start of its own row padded after it (causal): one call.
+    # Each document alone, at the start of its own row padded after it (causal), and the
+    # rows themselves: one call.
     docs = jnp.concatenate([jnp.pad(x[:, s:e], ((0, 0), (0, T - e + s), (0, 0)))
-                            for s, e in zip(starts, starts[1:])])
-    full = jax.jit(lambda p, x: layer.apply(p, x, positions=jnp.arange(T)[None])[0])
-    alone = full(params, docs).reshape(3, B, T, -1)
-    for capacity in (T, 1):
-        monkeypatch.setattr(titans_mac, "docs_per_row", lambda length, chunk: capacity)
-        packed = fwd(params, x, jnp.broadcast_to(pos, (B, T)), seg)
-        for i, (s, e) in enumerate(zip(starts, starts[1:])):
-            np.testing.assert_allclose(packed[:, s:e], alone[i, :, :e - s], atol=2e-5,
-                                       rtol=2e-5, err_msg=f"capacity {capacity}, document {i}")
+                            for s, e in zip(starts, starts[1:])] + [x])
+    out = jax.jit(lambda p, x: layer.apply(p, x, positions=jnp.arange(T)[None])[0])(params, docs)
+    alone, full = out[:3 * B].reshape(3, B, T, -1), out[3 * B:]
+    monkeypatch.setattr(titans_mac, "docs_per_row", lambda length, chunk: 1)
+    packed = jax.jit(lambda p, x, pos, seg: layer.apply(p, x, positions=pos, segment_ids=seg)[0])(
+        params, x, jnp.broadcast_to(pos, (B, T)), seg)
+    for i, (s, e) in enumerate(zip(starts, starts[1:])):
+        np.testing.assert_allclose(packed[:, s:e], alone[i, :, :e - s], atol=2e-5, rtol=2e-5,
+                                   err_msg=f"document {i}")
     cache = layer.init_cache(B, T)
     step = jax.jit(lambda p, x, c, at: layer.apply(
         p, x, positions=(at + jnp.arange(x.shape[1]))[None], cache=c, cache_pos=at))
     outs, at = [], 0
-    for n in (3, 4, 2, 1, 1):
+    for n in (4, 4, 3):
         y, cache = step(params, x[:, at:at + n], cache, jnp.int32(at))
         outs.append(y)
         at += n
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full(params, x), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("mixer, setting, value", [
