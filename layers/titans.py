@@ -22,6 +22,10 @@ reloads the initial state at each start when a row holds more documents than
 boundary (the reads use it until the chunk ends), and the conv inputs; the position inside the
 chunk is the model's cache position. A prefill that starts on a chunk boundary runs the
 chunked op; one that starts inside a chunk, and single decode tokens, run the op's step.
+
+`MemoryInputs` (the projections, convs and gates above), `initial_memory`, `memory_step` (one
+token under the chunk rule) and `gate_outputs` (RMSNorm(y) ⊙ sigmoid(RMSNorm(m))) also build
+Titans MAG (layers/titans_mag.py) and MAC (layers/titans_mac.py).
 """
 from __future__ import annotations
 
