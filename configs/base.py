@@ -10,7 +10,9 @@ Groups (the trainer rejects any field that is not listed here, naming it):
               files/dirs/globs/JSONL, or a synthetic memory task (mqar, copy, assoc_recall, niah)
   optim       AdamW, warmup + cosine decay, global-norm clipping, weight-decay exclusions
   train       steps, batch_size, seq_len, intervals, seed, dtypes, gradient accumulation
-  mesh        device mesh ("data", "fsdp", "tensor"); -1 fills with the remaining devices
+  mesh        device mesh ("data", "fsdp", "tensor", "context"); -1 fills with the remaining
+              devices; context > 1 splits every sequence over that many devices (context
+              parallelism: layers/common.py `over_context`)
   rules       logical axis name -> mesh axes ("data,fsdp" for two, "" for replicated)
   checkpoint  orbax CheckpointManager options
   logging     progress bar, TensorBoard, metrics.jsonl, MFU peak
@@ -25,7 +27,7 @@ from ml_collections import ConfigDict, config_dict
 
 # Logical axis names used by the model's parameters and activations (DESIGN.md).
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "memory", "expert")
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 DATA_SOURCES = ("stdlib", "text", "mqar", "copy", "assoc_recall", "niah", "segment_recall")
 
 
@@ -187,11 +189,17 @@ def get_config() -> ConfigDict:
                                   # start a new run (e.g. from `python -m mem_lm.convert`)
     ))
 
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # context: devices that split each sequence (T) into contiguous slices. The token mixers
+    # that support it (Mechanism.context_parallel: gdn, deltanet, kda, la, gla, retnet,
+    # lightning, ssd, attn, swa, mla) exchange only what crosses a slice boundary: the
+    # recurrent ops' state maps, the short convs' last inputs, sliding windows' last keys;
+    # full attention all-gathers K/V (mla its latents). train.seq_len must split evenly;
+    # rules.length must be "context"; the other mixers and segment recurrence are errors.
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
 
     c.rules = ConfigDict(dict(
         batch="data,fsdp",
-        length="",
+        length="context",         # activations' (and batches') T axis: mesh.context splits it
         embed="fsdp",
         heads="tensor",
         kv="",

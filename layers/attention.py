@@ -35,7 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import constrain, dense, document_ids, init
+from layers.common import (constrain, context_attention, context_size, dense, document_ids,
+                           init)
 from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.kv_cache import (CASCADE_KEYS, FILLS, POSITIONS, cascade_attention, cascade_layout,
                              init_cascade_cache)
@@ -135,8 +136,12 @@ class Attention(nn.Module):
         new_cache = None
         if cache is None:
             segment_ids = None if segment_ids is None else document_ids(segment_ids)
-            o = (self._topk(q, k, v, segment_ids) if self.topk_blocks
-                 else attn(q, k, v, segment_ids=segment_ids))
+            if self.topk_blocks:
+                o = self._topk(q, k, v, segment_ids)
+            elif context_size(q.shape[1]) > 1:   # T split over the mesh's context axis
+                o = self._over_context(q, k, v, segment_ids, sinks, prefix)
+            else:
+                o = attn(q, k, v, segment_ids=segment_ids)
         elif self.cache_policy == "cascade":
             kv = {n: cache[n] for n in CASCADE_KEYS}     # without the conv entries
             o, new_cache = cascade_attention(q_raw, k_raw, v, kv, cache_pos,
@@ -166,6 +171,20 @@ class Attention(nn.Module):
         if new_cache is not None:
             new_cache.update(conv_cache)
         return y, new_cache
+
+    def _over_context(self, q, k, v, doc_ids, sinks, prefix):
+        """The full forward with T split over the context axis (`common.context_attention`):
+        sliding windows up to a slice long take the previous device's last window − 1 keys,
+        everything else all-gathers K/V. The queries' positions are explicit there, which the
+        library kernels (cudnn, splash) do not take: "auto" instead."""
+        impl = "auto" if self.impl in ("cudnn", "splash") else self.impl
+
+        def attend(q, k, v, sinks, prefix, **mask):
+            return attention(q, k, v, window=self.window, sinks=sinks, impl=impl, **prefix,
+                             **mask)
+
+        return context_attention(attend, q, (k, v), doc_ids, window=self.window,
+                                 replicated=(sinks, prefix))
 
     def _topk(self, q, k, v, segment_ids):
         return topk_block_attention(q, k, v, self.topk_blocks, block_size=self.topk_block_size,
@@ -374,9 +393,18 @@ def _build_attention(shared: Shared, s, name):
                      name=name)
 
 
+def _context_parallel(s) -> Optional[str]:
+    """Whether the full forward can split T over the context axis: dense attention can
+    (`Attention._over_context`), top-k block attention cannot."""
+    if s.get("topk_blocks"):
+        return "top-k block attention (topk_blocks) has no context-parallel path"
+    return None
+
+
 register(Mechanism("attn", "token", _build_attention, _attention_settings(False),
                    _check_attention, "causal softmax attention (RoPE, GQA)",
-                   attention_span=lambda s, T: T))
+                   attention_span=lambda s, T: T, context_parallel=_context_parallel))
 register(Mechanism("swa", "token", _build_attention, _attention_settings(True),
                    _check_attention, "sliding-window softmax attention",
-                   attention_span=lambda s, T: min(s["window"], T)))
+                   attention_span=lambda s, T: min(s["window"], T),
+                   context_parallel=_context_parallel))

@@ -121,16 +121,18 @@ def pack_rows(segment_ids: jax.Array, capacity: int) -> PackedRows:
     return PackedRows(cu, jnp.all(jnp.sum(starts, axis=1) <= capacity), starts)
 
 
-def packed_or_scanned(rows: PackedRows, row, scan, args):
+def packed_or_scanned(rows: PackedRows, row, scan, args, *, batched: bool = False):
     """o of a recurrent op restarted at every document: `row(cu_seqlens, *xs)` on each row as
     one packed sequence (vmapped over rows, so the batch axis stays a batch axis for sharding
     and for the ops' parallelism) when `rows.fits`, else `scan(args)`, a token scan exact for
     any number of documents. The predicate is one scalar for the whole batch, so lax.cond runs
     one branch (a per-row one would turn into a select of both). Both branches are
     checkpointed: differentiating lax.cond keeps the residuals of both branches (zeros for the
-    one not taken), so each keeps only its inputs instead."""
+    one not taken), so each keeps only its inputs instead. `batched`: `row` takes every row
+    at once (cu_seqlens [B, n + 1], xs [B, T, ...]) and does its own vmap."""
+    rows_fn = row if batched else jax.vmap(row)
     return jax.lax.cond(rows.fits,
-                        jax.checkpoint(lambda a: jax.vmap(row)(rows.cu_seqlens, *a)),
+                        jax.checkpoint(lambda a: rows_fn(rows.cu_seqlens, *a)),
                         jax.checkpoint(scan), args)
 
 
@@ -201,6 +203,9 @@ def step_or_chunk(op, step_op, *args, state, segment_ids=None, **kw):
             raise ValueError("segment_ids are for training on packed rows, not with a state")
         return _documents(op, step_op, args, segment_ids, kw, chunk_kw), None
     if state is None:
+        if context_size(args[0].shape[1]) > 1:   # T split over the mesh's context axis
+            run = lambda *xs: op(*xs, **kw, **chunk_kw, context_axis=CONTEXT_AXIS)[0]
+            return over_context(run, (TOKENS,) * len(args), TOKENS)(*args), None
         o, _ = op(*args, **kw, **chunk_kw)
         return o, None
     if args[0].shape[1] == 1:
@@ -213,11 +218,121 @@ def _documents(op, step_op, args, segment_ids, kw, chunk_kw):
     """o of the op from a zero state at every document (`packed_or_scanned`, with
     `restarting_scan` when some row holds more documents than `docs_per_row` allows)."""
     rows = pack_rows(segment_ids, docs_per_row(segment_ids.shape[1], chunk_kw["chunk_size"]))
+    cp = context_size(segment_ids.shape[1]) > 1
 
     def row(cu, *xs):
         o, _ = op(*(None if x is None else x[None] for x in xs), cu_seqlens=cu, **kw,
-                  **chunk_kw)
+                  **chunk_kw, **({"context_axis": CONTEXT_AXIS} if cp else {}))
         return o[0]
 
-    return packed_or_scanned(rows, row, lambda a: restarting_scan(step_op, a, rows.starts, **kw),
-                             args)
+    # With T split over the context axis, the offsets (from the global segment ids) are global
+    # and replicated, as the ops take them there; the token-scan fallback (a row of more
+    # documents than docs_per_row) stays under XLA's automatic sharding: exact, not parallel.
+    rows_fn = (over_context(lambda cu, *xs: jax.vmap(row)(cu, *xs),
+                            (REPLICATED,) + (TOKENS,) * len(args), TOKENS) if cp else row)
+    return packed_or_scanned(rows, rows_fn,
+                             lambda a: restarting_scan(step_op, a, rows.starts, **kw), args,
+                             batched=cp)
+
+
+# ------------------------------------------------------------------------ context parallelism
+# The mesh axis that splits the sequence (configs/base.py MESH_AXES; layers never import configs).
+CONTEXT_AXIS = "context"
+# shard_map specs: [B, T, ...] arrays split over T; arrays every device holds whole.
+TOKENS = jax.sharding.PartitionSpec(None, CONTEXT_AXIS)
+REPLICATED = jax.sharding.PartitionSpec()
+
+
+def context_size(T: Optional[int] = None) -> int:
+    """D, the devices that split T in this full forward: the size of the `context` axis of the
+    mesh being traced under (`jax.set_mesh`, as the trainer does). 1 without a mesh or that
+    axis, inside a shard_map already manual over it, or when T (if given) does not split into
+    D equal slices: the layer then runs as on one device and XLA's automatic sharding keeps the
+    result exact (for arbitrary T, e.g. a library caller's, not the trainer's: its seq_len is
+    checked to split).
+
+    Layers with `Mechanism.context_parallel` run their sequence-mixing ops inside
+    `over_context` when this is > 1 (the full forward only: decoding with a cache never
+    splits T); everything else in the model (projections, norms, MLPs, the loss) is per token
+    and stays under XLA's automatic sharding with the activations' `length` logical axis on
+    `context`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or CONTEXT_AXIS not in mesh.axis_names or CONTEXT_AXIS in mesh.manual_axes:
+        return 1
+    D = int(mesh.shape[CONTEXT_AXIS])
+    return 1 if T is not None and T % D else D
+
+
+def over_context(fn: Callable, in_specs, out_specs) -> Callable:
+    """`fn` under `jax.shard_map` manual over the context axis only (data, fsdp and tensor stay
+    automatic, so the batch and head shardings carry through unchanged). Specs: `TOKENS` for
+    [B, T, ...] arrays split contiguously over T (device d holds tokens [d·T/D, (d+1)·T/D)),
+    `REPLICATED` for what every device needs whole (parameters, global cu_seqlens); a spec
+    may stand for a whole subtree, None leaves included. Inside, `CONTEXT_AXIS` is bound: the
+    ops take `context_axis=CONTEXT_AXIS`. check_vma=False: Pallas' interpret mode (impl
+    "pallas" on CPU) cannot run under JAX's replication checks; gradients of replicated inputs
+    are still summed over the axis."""
+    return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs,
+                         out_specs=out_specs, axis_names=frozenset({CONTEXT_AXIS}),
+                         check_vma=False)
+
+
+def context_halo(x: jax.Array, n: int, fill=0) -> jax.Array:
+    """Inside `over_context`: [B, n, ...], the n tokens just before this device's slice x
+    [B, T, ...] (the previous devices' last tokens), `fill` before the sequence start (device
+    0). One `ppermute` of n tokens when n <= T (short convolutions, sliding windows up to a
+    slice); an all-gather otherwise."""
+    T = x.shape[1]
+    if n == 0:
+        return x[:, :0]
+    D = jax.lax.axis_size(CONTEXT_AXIS)
+    d = jax.lax.axis_index(CONTEXT_AXIS)
+    if n <= T:
+        prev = jax.lax.ppermute(x[:, T - n:], CONTEXT_AXIS, [(i, i + 1) for i in range(D - 1)])
+        return jnp.where(d == 0, jnp.full_like(prev, fill), prev)
+    full = jax.lax.all_gather(x, CONTEXT_AXIS, axis=1, tiled=True)
+    full = jnp.pad(full, [(0, 0), (n, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jax.lax.dynamic_slice_in_dim(full, d * T, n, axis=1)
+
+
+def context_attention(attend: Callable, q, kv: tuple, doc_ids=None, *, window=None,
+                      replicated=()):
+    """Causal softmax attention of the full forward with T split over the context axis.
+
+    attend(q, *kv, *replicated, segment_ids=, kv_segment_ids=, q_positions=, kv_positions=)
+    -> o is the attention op (positions are global token indices) on this device's T/D
+    queries and the keys they can see:
+      * a window W with W − 1 <= T/D (sliding-window attention): the previous device's last
+        W − 1 keys/values (`context_halo`, one ppermute) before its own; device 0's are empty
+        slots (position −1);
+      * otherwise (full causal attention, or a window longer than a slice): every key/value,
+        all-gathered over the axis. Each device then holds the whole sequence's K/V (not its
+        queries, scores or outputs): right while the K/V of a sequence fit one device, which
+        is what the all-gather needs; ring attention (K/V blocks passed round with ppermute,
+        an online softmax) is the scalable alternative, not built.
+    kv: the [B, T, ...] arrays the keys come from (exchanged as they are: pass the smallest
+    form, e.g. MLA's latents, and expand inside `attend`); doc_ids [B, T] (document ids,
+    `document_ids`) or None; replicated: parameters `attend` takes (sinks, prefix keys)."""
+
+    def local(q, kv, doc, rep):
+        T = q.shape[1]
+        D = jax.lax.axis_size(CONTEXT_AXIS)
+        d = jax.lax.axis_index(CONTEXT_AXIS)
+        q_pos = d * T + jnp.arange(T, dtype=jnp.int32)
+        if window is not None and window - 1 <= T:
+            n = window - 1
+            kv = tuple(jnp.concatenate([context_halo(x, n), x], axis=1) for x in kv)
+            kv_pos = d * T - n + jnp.arange(T + n, dtype=jnp.int32)
+            kv_pos = jnp.where(kv_pos < 0, -1, kv_pos)
+            kv_doc = None if doc is None else jnp.concatenate(
+                [context_halo(doc, n, fill=-1), doc], axis=1)
+        else:
+            kv = tuple(jax.lax.all_gather(x, CONTEXT_AXIS, axis=1, tiled=True) for x in kv)
+            kv_pos = jnp.arange(D * T, dtype=jnp.int32)
+            kv_doc = None if doc is None else jax.lax.all_gather(doc, CONTEXT_AXIS, axis=1,
+                                                                 tiled=True)
+        return attend(q, *kv, *rep, segment_ids=doc, kv_segment_ids=kv_doc, q_positions=q_pos,
+                      kv_positions=kv_pos)
+
+    return over_context(local, (TOKENS, TOKENS, TOKENS, REPLICATED), TOKENS)(
+        q, tuple(kv), doc_ids, tuple(replicated))

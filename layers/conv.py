@@ -4,9 +4,12 @@ y_t = act(Σ_{i<W} w_i · x_{t-W+1+i} (+ b)) over each channel (the bias b, zero
 with `use_bias`: Mamba2's conv1d has one). Inputs of an earlier document (one that
 ended where the segment id last changed) count as zeros, so nothing leaks across packed
 documents. The cache is the last W−1 inputs [B, W−1, *channels]; `init_cache` makes an empty
-one. The kernel starts N(0, std²) (std = the model's init_std, 0.02 by default), as fla's models
-re-initialise every Conv1d, its ShortConvolution included (`_init_weights`); PyTorch's own
-default, uniform ±1/√W, has a standard deviation 14× that at W = 4.
+one. With T split over a mesh's context axis (`layers.common.context_size` > 1, the full
+forward), each device takes the W−1 inputs before its slice from the previous device (one
+ppermute, `context_halo`). The kernel starts N(0, std²) (std = the model's init_std, 0.02 by
+default), as fla's models re-initialise every Conv1d, its ShortConvolution included
+(`_init_weights`); PyTorch's own default, uniform ±1/√W, has a standard deviation 14× that at
+W = 4.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import document_ids, init
+from layers.common import (REPLICATED, TOKENS, context_halo, context_size, document_ids,
+                           init, over_context)
 from layers.registry import Setting
 
 
@@ -40,20 +44,24 @@ class ShortConv(nn.Module):
         w = self.param("kernel", init(self.std, (None,) + tuple(self.axes)), (W,) + C,
                        jnp.float32)
         x = x.astype(self.dtype)
-        if cache is None:
-            xp = jnp.pad(x, [(0, 0), (W - 1, 0)] + [(0, 0)] * len(C))
+        doc = None if segment_ids is None else document_ids(segment_ids)
+        if cache is None and context_size(T) > 1:
+            # T split over the mesh's context axis: each device's slice needs the W − 1 inputs
+            # (and document ids) before it, the previous device's last ones (zeros and no
+            # document before the sequence start).
+            def local(x, doc, w):
+                xp = jnp.concatenate([context_halo(x, W - 1), x], axis=1)
+                sp = None if doc is None else jnp.concatenate(
+                    [context_halo(doc, W - 1, fill=-1), doc], axis=1)
+                return _causal_conv(xp, sp, doc, w)
+            y = over_context(local, (TOKENS, TOKENS, REPLICATED), TOKENS)(x, doc, w)
         else:
-            xp = jnp.concatenate([cache.astype(self.dtype), x], axis=1)
-        if segment_ids is not None:
-            segment_ids = document_ids(segment_ids)
-            sp = jnp.pad(segment_ids, ((0, 0), (W - 1, 0)), constant_values=-1)
-        y = jnp.zeros(x.shape, jnp.float32)
-        for i in range(W):
-            term = xp[:, i:i + T].astype(jnp.float32) * w[i]
-            if segment_ids is not None and i < W - 1:
-                same = sp[:, i:i + T] == segment_ids
-                term = term * same.reshape(same.shape + (1,) * len(C))
-            y = y + term
+            if cache is None:
+                xp = jnp.pad(x, [(0, 0), (W - 1, 0)] + [(0, 0)] * len(C))
+            else:
+                xp = jnp.concatenate([cache.astype(self.dtype), x], axis=1)
+            sp = None if doc is None else jnp.pad(doc, ((0, 0), (W - 1, 0)), constant_values=-1)
+            y = _causal_conv(xp, sp, doc, w)
         if self.use_bias:
             y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                     tuple(self.axes)),
@@ -62,6 +70,23 @@ class ShortConv(nn.Module):
             y = jax.nn.silu(y)
         new_cache = None if cache is None else xp[:, -(W - 1):]
         return y.astype(self.dtype), new_cache
+
+
+def _causal_conv(xp, sp, doc, w):
+    """Σ_i w_i · x_{t-W+1+i} in float32 from xp [B, W−1+T, *C] (the W − 1 inputs before the
+    T outputs' first, then theirs); a term from another document is dropped when doc [B, T]
+    (with sp [B, W−1+T], the document ids of xp) is given."""
+    W = w.shape[0]
+    T = xp.shape[1] - (W - 1)
+    nc = xp.ndim - 2
+    y = jnp.zeros(xp[:, W - 1:].shape, jnp.float32)
+    for i in range(W):
+        term = xp[:, i:i + T].astype(jnp.float32) * w[i]
+        if doc is not None and i < W - 1:
+            same = sp[:, i:i + T] == doc
+            term = term * same.reshape(same.shape + (1,) * nc)
+        y = y + term
+    return y
 
 
 def qkv_conv_cache(batch: int, channels: dict, width: int, dtype) -> dict:

@@ -156,6 +156,8 @@ def _builder(use_decay: bool):
 
 
 register(Mechanism("gdn", "token", _builder(True), _SETTINGS, _check,
-                   "Gated DeltaNet: delta rule with a Mamba2 scalar decay", recurrent=True))
+                   "Gated DeltaNet: delta rule with a Mamba2 scalar decay", recurrent=True,
+                   context_parallel=True))
 register(Mechanism("deltanet", "token", _builder(False), _DELTANET_SETTINGS, _check,
-                   "DeltaNet: the delta rule without decay", recurrent=True))
+                   "DeltaNet: the delta rule without decay", recurrent=True,
+                   context_parallel=True))

@@ -86,4 +86,4 @@ def _build(shared: Shared, s, name):
 
 register(Mechanism("kda", "token", _build, _SETTINGS, _check,
                    "Kimi Delta Attention: delta rule with a per-key (channel-wise) decay",
-                   recurrent=True))
+                   recurrent=True, context_parallel=True))

@@ -233,4 +233,4 @@ _SUMMARIES = {
 for _kind in KINDS:
     register(Mechanism(_kind, "token", _builder(_kind), _settings(_kind),
                        _check_rope if _kind == "retnet" else _check, _SUMMARIES[_kind],
-                       recurrent=True))
+                       recurrent=True, context_parallel=True))

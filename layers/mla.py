@@ -40,7 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.common import constrain, dense, document_ids, init
+from layers.common import (constrain, context_attention, context_size, dense, document_ids,
+                           init)
 from layers.norm import RMSNorm
 from layers.registry import (MAX_INT, Mechanism, Setting, SettingError, Shared, positive_int,
                              register)
@@ -125,9 +126,12 @@ class MLA(nn.Module):
 
         new_cache = None
         if cache is None:
-            k, v = self._expand(latent, w_up)
             seg = None if segment_ids is None else document_ids(segment_ids)
-            o = attn(q, k, v, segment_ids=seg)
+            if context_size(T) > 1:   # T split over the mesh's context axis
+                o = self._over_context(q, latent, w_up, seg)
+            else:
+                k, v = self._expand(latent, w_up)
+                o = attn(q, k, v, segment_ids=seg)
         else:
             L = cache["latent"].shape[1]
             cl = jax.lax.dynamic_update_slice_in_dim(
@@ -152,15 +156,33 @@ class MLA(nn.Module):
                   use_bias=self.attention_bias, **kw)(o)
         return y, new_cache
 
-    def _expand(self, latent, w_up):
-        """Per-head keys [k_nope ; k_rope] and values of latents [B, L, R + dr]."""
+    def _expand(self, latent, w_up, constrained=True):
+        """Per-head keys [k_nope ; k_rope] and values of latents [B, L, R + dr] (with their
+        logical constraints unless not `constrained`: inside a shard_map over the context
+        axis)."""
         R, dn = self.kv_lora_rank, self.qk_nope_head_dim
         kv = jnp.einsum("blr,rhe->blhe", latent[..., :R], w_up)
         k_rope = latent[:, :, None, R:]
         k = jnp.concatenate([kv[..., :dn], jnp.broadcast_to(
             k_rope, k_rope.shape[:2] + (self.num_heads, k_rope.shape[-1]))], -1)
+        if not constrained:
+            return k, kv[..., dn:]
         return (constrain(k, ("batch", "length", "heads", "kv")),
                 constrain(kv[..., dn:], ("batch", "length", "heads", "kv")))
+
+    def _over_context(self, q, latent, w_up, doc_ids):
+        """The full forward with T split over the context axis (`common.context_attention`):
+        the devices all-gather the latents [B, T, kv_lora_rank + qk_rope_head_dim], not the
+        per-head keys and values (H · (dn + dr + dv) per token), and each up-projects them.
+        The queries' positions are explicit there, which the library kernels (cudnn, splash)
+        do not take: "auto" instead."""
+        impl = "auto" if self.impl in ("cudnn", "splash") else self.impl
+
+        def attend(q, latent, w_up, **mask):
+            k, v = self._expand(latent, w_up, constrained=False)
+            return attention(q, k, v, scale=self.scale, impl=impl, **mask)
+
+        return context_attention(attend, q, (latent,), doc_ids, replicated=(w_up,))
 
 
 # ----------------------------------------------------------------------------- registration
@@ -232,4 +254,4 @@ def _build(shared: Shared, s, name):
 register(Mechanism("mla", "token", _build, SETTINGS, _check,
                    "multi-head latent attention (DeepSeek-V2; Kimi Linear's NoPE form): a "
                    "compressed latent KV cache, absorbed decode",
-                   attention_span=lambda s, T: T))
+                   attention_span=lambda s, T: T, context_parallel=True))

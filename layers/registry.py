@@ -97,6 +97,11 @@ class Mechanism:
         (FLOP estimates); None for the rest.
     pooled_losses {name: fn(settings, stats [layers, n]) -> scalar}: the losses formed from the
         AUX_POOLED statistics its layers sow under that name, over all layers together.
+    context_parallel (token mixers): whether the full forward runs with T split over the
+        mesh's `context` axis (mesh.context > 1; the layer's sequence-mixing ops run inside
+        `layers.common.over_context`): True, False (config validation then names the
+        mechanism), or fn(settings) -> None when supported, else why not (a str) for settings
+        that cannot. Channel mixers are per token and need nothing.
     """
     name: str
     slot: str
@@ -108,6 +113,17 @@ class Mechanism:
     attention_span: Optional[Callable[[Mapping[str, Any], int], int]] = None
     pooled_losses: Mapping[str, Callable[[Mapping[str, Any], Any], Any]] = dataclasses.field(
         default_factory=dict)
+    context_parallel: Any = False
+
+    def context_parallel_error(self, settings: Mapping[str, Any]) -> Optional[str]:
+        """None when this mechanism with these settings runs with T split over the context
+        axis; else why not."""
+        if self.slot == "channel":
+            return None
+        cp = self.context_parallel
+        if callable(cp):
+            return cp(settings)
+        return None if cp else "its layer has no context-parallel path (Mechanism.context_parallel)"
 
     def defaults(self) -> dict:
         return {k: s.default for k, s in self.settings.items()}

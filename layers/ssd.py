@@ -137,4 +137,4 @@ def _build(shared: Shared, s, name):
 
 register(Mechanism("ssd", "token", _build, _SETTINGS, _check,
                    "Mamba2: scalar data-dependent decay, B/C shared per group, gated group "
-                   "norm", recurrent=True))
+                   "norm", recurrent=True, context_parallel=True))

@@ -195,6 +195,22 @@ class ModelConfig:
         """The token mixer of every layer."""
         return tuple(self.layer_kinds(i)[0] for i in range(self.num_layers))
 
+    def context_parallel_errors(self) -> tuple:
+        """((field, why), ...): the parts of this model that cannot run with T split over a
+        mesh's `context` axis (context parallelism, `layers.common.over_context`): token
+        mixers whose `Mechanism.context_parallel` says no for their settings
+        (`mixers.<name>`), and segment recurrence (`segments`, whose scan over segments would
+        cross the devices' slices). Empty when the whole model can."""
+        out = []
+        for name in dict.fromkeys(self.pattern + self.channel_pattern):
+            why = registry.get(name).context_parallel_error(self.settings(name))
+            if why is not None:
+                out.append((f"mixers.{name}", why))
+        if self.segments is not None:
+            out.append(("segments", "segment recurrence scans over the segments of the whole "
+                                    "sequence; it has no context-parallel path"))
+        return tuple(out)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["pattern"], d["channel_pattern"] = list(self.pattern), list(self.channel_pattern)

@@ -142,7 +142,8 @@ def logical_axis_rules(config: ConfigDict) -> tuple[tuple[str, Any], ...]:
     return tuple((name, parse_rule(config.rules[name])) for name in names)
 
 
-def resolve_mesh_shape(mesh_cfg, num_devices: int, process_count: int = 1) -> tuple[int, int, int]:
+def resolve_mesh_shape(mesh_cfg, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
+    """(data, fsdp, tensor, context) with -1 filled."""
     sizes = {a: int(mesh_cfg[a]) for a in base_config.MESH_AXES}
     for a, s in sizes.items():
         if s == 0 or s < -1:
@@ -159,7 +160,8 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int, process_count: int = 1) -> tu
     total = math.prod(sizes.values())
     shape = tuple(sizes[a] for a in base_config.MESH_AXES)
     if total > num_devices:
-        _fail("mesh", f"shape (data, fsdp, tensor) = {shape} needs {total} devices, only {num_devices} exist")
+        _fail("mesh", f"shape ({', '.join(base_config.MESH_AXES)}) = {shape} needs {total} devices, "
+                      f"only {num_devices} exist")
     if process_count > 1 and total != num_devices:
         _fail("mesh", f"shape {shape} uses {total} of {num_devices} devices; a multi-process run must "
                       f"use them all")
@@ -361,7 +363,7 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
 
     if num_devices is not None:
         shape = resolve_mesh_shape(c.mesh, num_devices, process_count)
-        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.context = shape
         batch_axes = parse_rule(c.rules.batch)
         batch_axes = (batch_axes,) if isinstance(batch_axes, str) else (batch_axes or ())
         dp = math.prod(dict(zip(base_config.MESH_AXES, shape))[a] for a in batch_axes)
@@ -373,13 +375,14 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
                                       f"{'*'.join(f'mesh.{a}' for a in batch_axes)} = {dp}")
 
     try:
-        model_config_from(c)
+        model_cfg = model_config_from(c)
     except ValueError as e:
         # ModelConfig names the field as "ModelConfig.<path>: ..."; here it is config.model.<path>.
         field, _, msg = str(e).partition(": ")
         if field.startswith("ModelConfig."):
             _fail("model." + field[len("ModelConfig."):], msg)
         _fail("model", str(e))
+    _check_context(c, model_cfg)
     if t.init_from:
         _check_init_from(t.init_from, model_config_from(c))
 
@@ -402,6 +405,28 @@ def resolve(config: ConfigDict, num_devices: int | None = None, process_count: i
         if not 1 <= s.top_k <= c.model.vocab_size:
             _fail("sample.top_k", f"must be in [1, model.vocab_size = {c.model.vocab_size}], got {s.top_k}")
     return c
+
+
+def _check_context(c: ConfigDict, model_cfg) -> None:
+    """mesh.context > 1 (T split over that many devices): the sequence splits into equal
+    slices, the batches' and activations' T axis (rules.length) is the context axis, and every
+    part of the model has a context-parallel path (Mechanism.context_parallel)."""
+    context = c.mesh.context
+    if not isinstance(context, int) or isinstance(context, bool):
+        return      # the mesh checks name it
+    as_axes = lambda r: (r,) if isinstance(r, str) else tuple(r or ())
+    if "context" in as_axes(parse_rule(c.rules.batch)):
+        _fail("rules.batch", "'context' is the sequence axis (rules.length), not a batch axis")
+    if context <= 1:
+        return      # -1 resolves once the device count is known; bad sizes: resolve_mesh_shape
+    if as_axes(parse_rule(c.rules.length)) != ("context",):
+        _fail("rules.length", f"must be 'context' when mesh.context = {context} > 1 (the "
+                              f"batches' T axis is split over it), got {c.rules.length!r}")
+    if c.train.seq_len % context:
+        _fail("train.seq_len", f"{c.train.seq_len} is not divisible by mesh.context = {context} "
+                               f"(each device takes an equal contiguous slice)")
+    for field, why in model_cfg.context_parallel_errors():
+        _fail(f"model.{field}", f"does not support mesh.context > 1 ({why})")
 
 
 def to_json(config: ConfigDict) -> str:

@@ -114,7 +114,8 @@ class Trainer:
         self.model = LanguageModel(model_cfg)
         self.tx = make_optimizer(config.optim)
         self.schedule = learning_rate_schedule(config.optim)
-        self.mesh = make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+        self.mesh = make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                               config.mesh.context))
         self.rules = logical_axis_rules(config)
         self.batch_sharding = batch_sharding(config, self.mesh)
         self.packed = config.data.source not in data_lib.SYNTHETIC
@@ -214,7 +215,12 @@ class Trainer:
 
     # -- host side ---------------------------------------------------------------------------
     def global_batch(self, local: dict) -> dict:
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+        """This process's rows (whole sequences) as global arrays. The global shape is given:
+        a process holds its rows' every token even where T is split over devices (mesh.context
+        > 1), so only the batch dimension is split by process."""
+        pc = jax.process_count()
+        return {k: jax.make_array_from_process_local_data(
+                    self.batch_sharding, np.asarray(v), (np.shape(v)[0] * pc,) + np.shape(v)[1:])
                 for k, v in local.items()}
 
     def load_params(self, path: str):

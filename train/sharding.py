@@ -1,4 +1,6 @@
-"""The device mesh ("data", "fsdp", "tensor") and the shardings derived from logical axis names."""
+"""The device mesh ("data", "fsdp", "tensor", "context") and the shardings derived from logical
+axis names. "context" splits the sequence (T): batches [B, T] are sharded over the batch rule's
+axes and the length rule's (configs/base.py: "data,fsdp" and "context")."""
 from __future__ import annotations
 
 import math
@@ -12,8 +14,10 @@ from configs.base import MESH_AXES
 from train.config import logical_axis_rules, parse_rule
 
 
-def make_mesh(shape: tuple[int, int, int], devices=None) -> Mesh:
-    """A mesh of `prod(shape)` devices (the first ones when fewer than all are asked for)."""
+def make_mesh(shape: tuple[int, ...], devices=None) -> Mesh:
+    """A mesh of `prod(shape)` devices (the first ones when fewer than all are asked for), axes
+    MESH_AXES; a (data, fsdp, tensor) shape gets context 1."""
+    shape = tuple(shape) + (1,) * (len(MESH_AXES) - len(shape))
     devices = list(devices if devices is not None else jax.devices())
     n = math.prod(shape)
     if n == len(devices) and jax.process_count() == 1 and devices[0].platform == "tpu":
@@ -28,15 +32,21 @@ def make_mesh(shape: tuple[int, int, int], devices=None) -> Mesh:
         return Mesh(grid, MESH_AXES)
 
 
-def batch_axes(config) -> tuple[str, ...]:
-    r = parse_rule(config.rules.batch)
+def rule_axes(config, name: str) -> tuple[str, ...]:
+    """The mesh axes of the logical axis `name` under the config's rules."""
+    r = parse_rule(config.rules[name])
     return (r,) if isinstance(r, str) else tuple(r or ())
 
 
+def batch_axes(config) -> tuple[str, ...]:
+    return rule_axes(config, "batch")
+
+
 def batch_sharding(config, mesh: Mesh) -> NamedSharding:
-    """[batch, length] arrays: the batch dimension over the rule's mesh axes."""
-    axes = batch_axes(config)
-    return NamedSharding(mesh, P(axes if axes else None, None))
+    """[batch, length] arrays: the batch dimension over the batch rule's mesh axes, T over the
+    length rule's ("context": split when mesh.context > 1)."""
+    axes, length = batch_axes(config), rule_axes(config, "length")
+    return NamedSharding(mesh, P(axes or None, length or None))
 
 
 def logical_to_shardings(boxed_tree, mesh: Mesh, config):

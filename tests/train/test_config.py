@@ -23,7 +23,7 @@ def _err(mutate, num_devices=8, process_count=1):
     (lambda c: c.mesh.update(tensor=0), "config.mesh.tensor: must be a positive size or -1"),
     (lambda c: c.mesh.update(data=-1, fsdp=-1), "config.mesh.fsdp: only one mesh axis may be -1"),
     (lambda c: c.mesh.update(data=-1, fsdp=3), "config.mesh.data: -1 cannot fill"),
-    (lambda c: c.mesh.update(data=4, tensor=4), "config.mesh: shape (data, fsdp, tensor) = (4, 1, 4) needs 16 devices, only 8 exist"),
+    (lambda c: c.mesh.update(data=4, tensor=4), "config.mesh: shape (data, fsdp, tensor, context) = (4, 1, 4, 1) needs 16 devices, only 8 exist"),
     (lambda c: c.train.update(batch_size=12), "config.train.batch_size: train.batch_size is not divisible by the batch axes mesh.data*mesh.fsdp = 8"),
     (lambda c: c.train.update(batch_size=16, grad_accum_steps=4), "config.train.batch_size: train.batch_size / train.grad_accum_steps = 4"),
     (lambda c: c.train.update(grad_accum_steps=3), "config.train.batch_size: 8 is not divisible by train.grad_accum_steps=3"),
