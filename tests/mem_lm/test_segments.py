@@ -224,7 +224,9 @@ DECODE_CASES = {
 
 
 @pytest.mark.parametrize("case", [
-    "rmt-attn", "armt-attn-scan", pytest.param("rmt-nomemory", marks=pytest.mark.slow)])
+    # armt's decoding is also in test_model's fast decode test (without scan_layers).
+    "rmt-attn", pytest.param("armt-attn-scan", marks=pytest.mark.slow),
+    pytest.param("rmt-nomemory", marks=pytest.mark.slow)])
 def test_decoding_matches_the_full_forward(case, rng):
     """Through the cache (mem_lm/segments.py, "Decoding"): a prompt of two whole segments (the
     segment scan, ending on a boundary) with every position's logits, then S + 2 more tokens in
@@ -282,6 +284,7 @@ def test_trains_a_few_steps(rng):
     assert jnp.abs(g["segment_memory"]).max() > 0
 
 
+@pytest.mark.slow   # 12 s: the slowest segments test; aux averaging is shared code (apply_with_aux)
 def test_aux_outputs_average_over_segments(rng):
     """Sowed losses and metrics come out per layer, as without segments (averaged over the
     segments the scan stacks them over), under scan_layers."""

@@ -42,8 +42,10 @@ MANY_DOCS = [[1] * 3 + [2] * 7 + [3] * 2 + [4] * 9 + [5] * 4 + [6] * 7,
 FAST = [dict(name="gdn_attn_swa_la", pattern=("gdn", "attn", "swa", "la"),
              mixers={"attn": {"num_kv_heads": 1, "sinks": True}, "swa": {"window": 6},
                      "la": {"short_conv": True}},
-             context=4, segments=[None, SEGMENTS])]
-SLOW = [dict(name="recurrent_family",
+             context=4, segments=[SEGMENTS])]
+SLOW = [dict(name="gdn_attn_swa_la_unpacked", pattern=("gdn", "attn", "swa", "la"),
+             mixers=FAST[0]["mixers"], context=4, segments=[None]),
+        dict(name="recurrent_family",
              pattern=("deltanet", "gla", "retnet", "lightning", "ssd", "kda"),
              mixers={"ssd": {"d_state": 8}, "gla": {"short_conv": True}}, context=4,
              segments=[None, SEGMENTS, MANY_DOCS],
