@@ -57,6 +57,7 @@ def _run(tmp_path, models, extra=()):
     return json.loads((tmp_path / "segment_recall.json").read_text())
 
 
+@pytest.mark.slow   # 7 s of training through train.run; the scoring is tested above
 def test_quick_run_and_reuse(tmp_path, capsys):
     r = _run(tmp_path, ["armt"])
     (row,) = r["results"]

@@ -85,11 +85,11 @@ IN_MAKE_TEST = {
 def _in_make_test(variant, impl, transform):
     """`make test` runs every transform through gdn's pallas impl, the IN_MAKE_TEST cases of
     gdn's xla and la_gk's pallas impls, and every partial and GPU-layout case but kda's
-    pallas ones (test_pallas checks its kernels' gradients); the plain lax.scan reference,
+    pallas ones (test_pallas checks its kernels' gradients) and its xla remat case; the plain lax.scan reference,
     la_gk's xla matrix and the other cases run under -m slow."""
     if impl == "reference" or (variant == "la_gk" and impl == "xla"):
         return False
-    if variant == "kda" and impl != "xla":
+    if variant == "kda" and (impl != "xla" or transform != "vmap"):
         return False
     return transform in IN_MAKE_TEST.get((variant, impl), (transform,))
 
