@@ -40,6 +40,24 @@ def fail(message: str) -> NoReturn:
     raise EvalError(message)
 
 
+def kept_row(cached: Path, key, label: str, *, fresh: bool, reuse_only: bool,
+             field: str = "key"):
+    """(row, done) for one run of a sweep whose finished runs are kept in `cached`
+    (OUT/runs/NAME/result.json, written as {field: key, "row": row}): the kept row when it was
+    written with this `key` (the resolved config and anything else that decides the result)
+    and not `fresh`; else (None, True) under `reuse_only` (the run is left out), or
+    (None, False): train it."""
+    if cached.is_file() and not fresh:
+        prev = json.loads(cached.read_text())
+        if prev.get(field) == key:
+            print(f"{label}: reusing {cached}", flush=True)
+            return prev["row"], True
+    if reuse_only:
+        print(f"{label}: no finished run, left out (--reuse_only)", flush=True)
+        return None, True
+    return None, False
+
+
 def train_model(cfg, workdir, **kwargs) -> dict:
     """`train.run` for scripts that train several models in a row: when a run is stopped by
     SIGTERM (it has saved a checkpoint), the script stops too (exit 143) instead of going on

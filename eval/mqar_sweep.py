@@ -74,14 +74,10 @@ def train_or_reuse(args, out, mixer: str, width: int, lr: float, counter: str) -
     workdir = out / "runs" / name
     cached = workdir / "result.json"
     key = json.loads(json.dumps(resolved.to_dict(), default=str))
-    if cached.is_file() and not args.fresh:
-        prev = json.loads(cached.read_text())
-        if prev.get("config") == key:
-            print(f"{counter} {name}: reusing {cached}", flush=True)
-            return prev["row"]
-    if args.reuse_only:
-        print(f"{counter} {name}: no finished run, left out (--reuse_only)", flush=True)
-        return None
+    kept, done = common.kept_row(cached, key, f"{counter} {name}", fresh=args.fresh,
+                                 reuse_only=args.reuse_only, field="config")
+    if done:
+        return kept
     print(f"{counter} training {name} ({args.steps} steps)", flush=True)
     row = {"mixer": mixer, "d_model": width, "lr": lr,
            "state_size": state_size(model_cfg, args.seq_len)}

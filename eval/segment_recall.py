@@ -145,14 +145,10 @@ def train_and_score(name: str, args, out, distances, counter: str) -> Optional[d
     cached = workdir / "result.json"
     key = json.loads(json.dumps({"config": resolved.to_dict(), "distances": list(distances),
                                  "eval_examples": args.eval_examples}, default=str))
-    if cached.is_file() and not args.fresh:
-        prev = json.loads(cached.read_text())
-        if prev.get("key") == key:
-            print(f"{counter} {name}: reusing {cached}", flush=True)
-            return prev["row"]
-    if args.reuse_only:
-        print(f"{counter} {name}: no finished run, left out (--reuse_only)", flush=True)
-        return None
+    kept, done = common.kept_row(cached, key, f"{counter} {name}", fresh=args.fresh,
+                                 reuse_only=args.reuse_only)
+    if done:
+        return kept
     print(f"{counter} training {name} ({args.steps} steps)", flush=True)
     row = {"model": name, "pattern": list(model_cfg.pattern),
            "segments": model_cfg.segment_settings,
