@@ -1,6 +1,8 @@
 """eval.bench_context: the HLO collective parser on a fixed snippet, and a --quick run (gdn,
 D in {1, 2}, two short lengths; the script re-runs itself with 2 simulated CPU devices)."""
 import json
+
+import pytest
 import os
 import subprocess
 import sys
@@ -41,6 +43,7 @@ def test_parse_collectives_fixed_snippet():
     assert s["collective_ops"] == 6
 
 
+@pytest.mark.slow   # 20 s of compiling in a subprocess; the parser is tested above
 def test_quick_run(tmp_path):
     env = dict(os.environ, MEMLM_NO_PROGRESS="1")
     env.pop("XLA_FLAGS", None)
