@@ -1,12 +1,12 @@
 """eval.bench_context: the HLO collective parser on a fixed snippet, and a --quick run (gdn,
 D in {1, 2}, two short lengths; the script re-runs itself with 2 simulated CPU devices)."""
 import json
-
-import pytest
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from eval.bench_context import parse_collectives, summarize_collectives
 
