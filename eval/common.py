@@ -40,6 +40,13 @@ def fail(message: str) -> NoReturn:
     raise EvalError(message)
 
 
+def add_reuse_flags(ap) -> None:
+    """`--fresh` and `--reuse_only`, the options `kept_row` reads, on a sweep's parser."""
+    ap.add_argument("--fresh", action="store_true", help="retrain runs that already have results")
+    ap.add_argument("--reuse_only", action="store_true",
+                    help="train nothing: table and plot from the runs that finished")
+
+
 def kept_row(cached: Path, key, label: str, *, fresh: bool, reuse_only: bool,
              field: str = "key"):
     """(row, done) for one run of a sweep whose finished runs are kept in `cached`
@@ -260,7 +267,12 @@ def load_config_file(path, overrides: Sequence[str] = ()):
         fail(f"--config {path}: cannot import it ({type(e).__name__}: {e})")
     if not hasattr(module, "get_config"):
         fail(f"--config {path}: has no get_config()")
-    config = module.get_config()
+    return apply_overrides(module.get_config(), overrides)
+
+
+def apply_overrides(config, overrides: Sequence[str], flag: str = "override"):
+    """`config` (a ConfigDict) with each FIELD=VALUE of `overrides` set in place; a field the
+    config does not have is a named error (`flag` names the option in it)."""
     for item in overrides:
         key, value = _override(item)
         node = config
@@ -272,7 +284,7 @@ def load_config_file(path, overrides: Sequence[str] = ()):
                 raise KeyError(leaf)
             node[leaf] = value
         except (KeyError, TypeError, AttributeError):
-            fail(f"override {item!r}: the config has no field {key!r}")
+            fail(f"{flag} {item!r}: the config has no field {key!r}")
     return config
 
 

@@ -135,9 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: widths 16, seq_len 32, 4 pairs, vocab 64, 10 steps, "
                          "one learning rate")
-    ap.add_argument("--fresh", action="store_true", help="retrain runs that already have results")
-    ap.add_argument("--reuse_only", action="store_true",
-                    help="train nothing: table and plot from the runs that finished")
+    common.add_reuse_flags(ap)
     ap.add_argument("--out", default="out/mqar_sweep")
     args = ap.parse_args(argv)
     if args.quick:

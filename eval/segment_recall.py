@@ -101,19 +101,7 @@ def run_config(name: str, args):
     cfg.checkpoint.enabled = False
     cfg.logging.update(tensorboard=False, progress_bar=False)
     cfg.sample.enabled = False
-    for item in args.override:
-        key, value = common._override(item)
-        node = cfg
-        *parents, leaf = key.split(".")
-        try:
-            for p in parents:
-                node = node[p]
-            if leaf not in node:
-                raise KeyError(leaf)
-            node[leaf] = value
-        except (KeyError, TypeError, AttributeError):
-            common.fail(f"--override {item!r}: the config has no field {key!r}")
-    return cfg
+    return common.apply_overrides(cfg, args.override, flag="--override")
 
 
 def accuracy_by_distance(model, variables, distances: Sequence[int], args) -> dict:
@@ -208,9 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     help="more config overrides for every run (e.g. optim.weight_decay=0)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 3 segments of 12 tokens, width 16, 2 steps")
-    ap.add_argument("--fresh", action="store_true", help="retrain runs that have results")
-    ap.add_argument("--reuse_only", action="store_true",
-                    help="train nothing: table and plot from the runs that finished")
+    common.add_reuse_flags(ap)
     ap.add_argument("--out", default="out/segment_recall")
     args = ap.parse_args(argv)
     if args.quick:
