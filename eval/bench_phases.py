@@ -1,11 +1,11 @@
 """Where the time of the Pallas chunked scans goes: every phase timed on its own, for several
-block policies side by side (the tuning table behind `pallas_scan.GPU_BLOCKS` / `TPU_BLOCKS`).
+block policies side by side (the tuning table behind `pallas_kernels.scan.phases.GPU_BLOCKS` / `TPU_BLOCKS`).
 
     python -m eval.bench_phases [--ops gdn la_g la_gk] [--B 4 --T 4096 --H 16 --K 128 --V 128]
                                 [--dtype bfloat16] [--variants default warps8 tile32 ...]
                                 [--reps 10] [--out out/bench_phases]
 
-Phases (see `pallas_kernels.pallas_scan`): forward `ut` (W, U; delta rule only), `state_fwd`,
+Phases (see `pallas_kernels.scan.phases`): forward `ut` (W, U; delta rule only), `state_fwd`,
 `output`; backward `dv_intra` (delta rule only), `state_bwd`, `chunk_vjp`. Each is jitted alone
 on the same inputs; ms is the median of `--reps` calls after a warm-up, compile s the time of
 lowering + compiling it. A table per op, results.json, and phases.png (stacked bars per
@@ -39,9 +39,9 @@ def run_phases(cfg, args, reps):
     """name -> (median ms, compile s) of every phase, in execution order, on the prepared
     inputs; each phase is compiled (timed) before it first runs, then feeds the next."""
     import jax
-    from pallas_kernels import pallas_scan, scan_parallel
+    from pallas_kernels.scan import parallel, phases
 
-    seq = pallas_scan.sequential(cfg)
+    seq = phases.sequential(cfg)
     q, k, v, extras, h0, reset, hidx = args
     delta = cfg.spec.delta
     cells = {}
@@ -59,18 +59,18 @@ def run_phases(cfg, args, reps):
         cells[name] = (float(np.median(times)) * 1e3, compile_s)
         return out
 
-    w, u, tri = (stage("ut", lambda k, v, e: scan_parallel.ut_transform(cfg, k, v, e),
+    w, u, tri = (stage("ut", lambda k, v, e: parallel.ut_transform(cfg, k, v, e),
                        k, v, extras) if delta else (None, v, None))
     h, vn, fin = stage("state_fwd", lambda k, u, w, e, h0: seq.state_forward(
         cfg, k, u, w, e, h0, reset, hidx), k, u, w, extras, h0)
-    stage("output", lambda q, k, vn, e, h: scan_parallel.output(cfg, q, k, vn, e, h),
+    stage("output", lambda q, k, vn, e, h: parallel.output(cfg, q, k, vn, e, h),
           q, k, vn, extras, h)
     do = v.astype(cfg.out)  # any cotangent of o's shape: the timing does not depend on it
-    dvo = (stage("dv_intra", lambda q, k, do, e: scan_parallel.intra_dv(cfg, q, k, do, e),
+    dvo = (stage("dv_intra", lambda q, k, do, e: parallel.intra_dv(cfg, q, k, do, e),
                  q, k, do, extras) if delta else None)
     dh, _ = stage("state_bwd", lambda q, k, w, e, do, dvo, fin: seq.state_backward(
         cfg, q, k, w, e, do, dvo, fin, h0, reset, hidx), q, k, w, extras, do, dvo, fin)
-    stage("chunk_vjp", lambda q, k, v, e, h, tri, do, dh: scan_parallel.chunk_vjp(
+    stage("chunk_vjp", lambda q, k, v, e, h, tri, do, dh: parallel.chunk_vjp(
         cfg, q, k, v, e, h, tri, do, dh), q, k, v, extras, h, tri, do, dh)
     return cells
 
@@ -78,10 +78,10 @@ def run_phases(cfg, args, reps):
 def run(args):
     import jax
     import jax.numpy as jnp
-    from pallas_kernels import pallas_scan
+    from pallas_kernels.scan import phases
 
     os.makedirs(args.out, exist_ok=True)
-    base = pallas_scan.blocks_for(args.backend)
+    base = phases.blocks_for(args.backend)
     results = []
     for op in args.ops:
         x = bench_ops.make_inputs(op, args.B, args.T, args.H, args.K, jnp.dtype(args.dtype),
@@ -90,7 +90,7 @@ def run(args):
         for name in args.variants:
             blocks = dataclasses.replace(base, **VARIANTS[name])
             try:
-                cfg, kargs, _ = pallas_scan.prepare(
+                cfg, kargs, _ = phases.prepare(
                     family, x["q"], x["k"], x["v"], beta=x.get("beta"), g=x.get("g"),
                     gk=x.get("gk"), scale=args.K ** -0.5, chunk_size=64, blocks=blocks)
                 cells = run_phases(cfg, kargs, args.reps)

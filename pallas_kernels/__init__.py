@@ -1,12 +1,11 @@
 """Framework-free memory ops (pure functions of arrays): see DESIGN.md, "The op contract".
 
 One folder per op family: reference.py (the recurrence, plain and slow), xla.py (chunked,
-jnp, any backend), pallas.py (the kernels), and the public dispatcher. The kernels' shared
-scaffolding: chunk_math.py (the math of one chunk), scan_parallel.py (the chunk-parallel
-kernels), scan_tpu.py / scan_gpu.py (each backend's sequential state pass) and pallas_scan.py
-(phases, custom_vjp, block policy).
+jnp, any backend), pallas.py (the kernels), and the public dispatcher; `common` holds what every
+family shares. The chunked-scan machinery of the recurrent families is the `scan` package
+(chunk math, chunk-parallel kernels, each backend's sequential pass, phases + custom_vjp).
 
-Context parallelism (`context_parallel.py`): `linear_attention` and `gated_delta_rule` take
+Context parallelism (`scan/context_parallel.py`): `linear_attention` and `gated_delta_rule` take
 `context_axis=` (a mesh axis name). Called inside `jax.shard_map` with T split contiguously
 over that axis, initial_state and cu_seqlens (global offsets) replicated, each device returns
 its slice of o and every device the state after the whole sequence, equal (with gradients) to

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 IMPLS = ("auto", "reference", "xla", "pallas")
@@ -531,3 +532,25 @@ def chunk_layout(batch: int, T: int, chunk: int, cu_seqlens=None) -> ChunkLayout
     last_chunk = (starts[1:] // chunk - 1).astype(jnp.int32)
     return ChunkLayout(chunk, T, T_pad, reset[None], chunk_seq_c[None], N,
                        last_chunk=last_chunk, empty=lengths <= 0, dest=dest)
+
+
+# ----------------------------------------------------------------------------- Pallas platform
+def default_backend() -> str:
+    """'tpu' or 'gpu' kernel layout for the current default device ('tpu' layout on CPU)."""
+    plat = jax.default_backend()
+    return "gpu" if plat in ("gpu", "cuda", "rocm") else "tpu"
+
+
+def default_interpret() -> bool:
+    """Interpret mode unless a TPU or GPU is the default device."""
+    return jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm")
+
+
+def div(a, n):
+    """a // n for non-negative integer a (plain truncating division: Mosaic lowers `//` on
+    signed ints through `sign`, which needs a TPU to be present)."""
+    return lax.div(a, jnp.asarray(n, jnp.asarray(a).dtype))
+
+
+def rem(a, n):
+    return lax.rem(a, jnp.asarray(n, jnp.asarray(a).dtype))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ..pallas_scan import default_backend, default_interpret
+from ..common import default_backend, default_interpret
 from . import xla
 
 BLOCK_TOKENS_GPU = 32

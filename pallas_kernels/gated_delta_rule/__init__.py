@@ -19,7 +19,8 @@ propagate within their own sequence only.
 """
 from __future__ import annotations
 
-from .. import common, context_parallel
+from .. import common
+from ..scan import context_parallel
 from .reference import gated_delta_rule_update
 
 

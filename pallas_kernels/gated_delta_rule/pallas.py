@@ -3,8 +3,8 @@ as Pallas kernels for the device at hand, forward and backward.
 
 TPU: Mosaic kernels; GPU: Pallas' Triton backend; elsewhere (CPU) the TPU layout runs in
 interpret mode. Chunk-parallel phases around one sequential state pass (`pallas_kernels.
-pallas_scan`); the chunk math is shared (`chunk_math`); only the memory layout and block
-shapes differ (`pallas_scan.TPU_BLOCKS` / `GPU_BLOCKS`). `backend`
+phases`); the chunk math is shared (`chunk_math`); only the memory layout and block
+shapes differ (`phases.TPU_BLOCKS` / `GPU_BLOCKS`). `backend`
 ("tpu" | "gpu") and `interpret` override the choice (the tests run both layouts in interpret
 mode and lower both for their hardware).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .. import pallas_scan
+from ..scan import phases
 
 
 def gated_delta_rule_pallas(q, k, v, beta, g, gk=None, *, scale, initial_state, cu_seqlens,
@@ -21,7 +21,7 @@ def gated_delta_rule_pallas(q, k, v, beta, g, gk=None, *, scale, initial_state, 
     """Validated inputs as for the other impls -> (o in q's dtype, final state [N, H, K, V]).
     With per-key gates gk the chunks are `chunk_math.SUB` tokens (the kernels form
     [C, C, K] decay blocks), as for linear attention's gk."""
-    return pallas_scan.chunked_scan(
+    return phases.chunked_scan(
         "gdn", q, k, v, beta=beta, g=g, gk=gk, scale=scale, initial_state=initial_state,
-        cu_seqlens=cu_seqlens, chunk_size=chunk_size, blocks=pallas_scan.blocks_for(backend),
+        cu_seqlens=cu_seqlens, chunk_size=chunk_size, blocks=phases.blocks_for(backend),
         interpret=interpret)

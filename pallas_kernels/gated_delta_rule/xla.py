@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunked import GROUP_GK, SUB, masked_decay, per_key_scores, run_chunked
+from pallas_kernels.scan.chunked import GROUP_GK, SUB, masked_decay, per_key_scores, run_chunked
 
 
 def _diag_blocks(X: jax.Array, b: int) -> jax.Array:

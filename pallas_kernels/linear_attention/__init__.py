@@ -13,7 +13,8 @@ propagate within their own sequence only.
 """
 from __future__ import annotations
 
-from .. import common, context_parallel
+from .. import common
+from ..scan import context_parallel
 from .reference import linear_attention_update
 
 

@@ -3,8 +3,8 @@ as Pallas kernels for the device at hand, forward and backward.
 
 TPU: Mosaic kernels; GPU: Pallas' Triton backend; elsewhere (CPU) the TPU layout runs in
 interpret mode. Chunk-parallel phases around one sequential state pass (`pallas_kernels.
-pallas_scan`); the chunk math is shared (`chunk_math`); only the memory layout and block
-shapes differ (`pallas_scan.TPU_BLOCKS` / `GPU_BLOCKS`). `backend`
+phases`); the chunk math is shared (`chunk_math`); only the memory layout and block
+shapes differ (`phases.TPU_BLOCKS` / `GPU_BLOCKS`). `backend`
 ("tpu" | "gpu") and `interpret` override the choice (the tests run both layouts in interpret
 mode and lower both for their hardware).
 """
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .. import pallas_scan
+from ..scan import phases
 
 
 def linear_attention_pallas(q, k, v, g, gk, *, scale, initial_state, cu_seqlens, chunk_size,
                             backend: Optional[str] = None, interpret: Optional[bool] = None):
     """Validated inputs as for the other impls -> (o in q's dtype, final state [N, H, K, V])."""
-    return pallas_scan.chunked_scan(
+    return phases.chunked_scan(
         "la", q, k, v, g=g, gk=gk, scale=scale, initial_state=initial_state,
-        cu_seqlens=cu_seqlens, chunk_size=chunk_size, blocks=pallas_scan.blocks_for(backend),
+        cu_seqlens=cu_seqlens, chunk_size=chunk_size, blocks=phases.blocks_for(backend),
         interpret=interpret)

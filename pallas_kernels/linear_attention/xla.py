@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.chunked import (GROUP_GK, SUB, masked_decay, per_key_scores,
+from pallas_kernels.scan.chunked import (GROUP_GK, SUB, masked_decay, per_key_scores,
                                     run_chunked)
 
 

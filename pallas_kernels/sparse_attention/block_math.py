@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ..chunk_math import rem
+from ..common import rem
 
 # Masked scores: finite, so that exp(NEG - NEG) of a row that has seen nothing yet is 1, not NaN
 # (the mask then zeroes it); any real score exceeds it.

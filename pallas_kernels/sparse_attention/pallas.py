@@ -52,8 +52,7 @@ from jax.experimental import pallas as pl
 
 from . import block_math as bm
 from .blocks import blocked, transposed_table
-from ..chunk_math import div, rem
-from ..pallas_scan import default_backend, default_interpret
+from ..common import default_backend, default_interpret, div, rem
 
 GPU_WARPS = 4
 GPU_ROWS = 128  # query rows per GPU program (a tile of a query block's G·bs rows)

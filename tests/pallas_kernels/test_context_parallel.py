@@ -176,7 +176,7 @@ def lower_for(platform, mesh):
     from jax.experimental import pallas as pl
     from jax.sharding import PartitionSpec as P
 
-    from pallas_kernels import context_parallel
+    from pallas_kernels.scan import context_parallel
     from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
 
     def trivial(x):

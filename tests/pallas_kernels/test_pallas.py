@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import chunk_math, common, pallas_scan
+from pallas_kernels import common
+from pallas_kernels.scan import chunk_math
 from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from pallas_kernels.linear_attention.pallas import linear_attention_pallas
@@ -178,5 +179,5 @@ def test_public_dispatch(rng, monkeypatch):
         monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
         fn = common.select_impl(pkg, "linear_attention", "auto", 64)
         assert fn.func.__name__ == "linear_attention_pallas"
-        assert pallas_scan.default_backend() == layout
-        assert not pallas_scan.default_interpret()
+        assert common.default_backend() == layout
+        assert not common.default_interpret()

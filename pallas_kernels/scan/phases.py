@@ -1,20 +1,20 @@
 """The Pallas chunked scans as one differentiable function: phases, custom_vjp, block policy,
 and the token <-> kernel layout. The chunk math is in `chunk_math`; the kernels that run over
-all chunks at once in `scan_parallel` (the same code for both backends); the sequential state
-passes in `scan_tpu` (Mosaic) and `scan_gpu` (Pallas' Triton backend).
+all chunks at once in `parallel` (the same code for both backends); the sequential state
+passes in `sequential_tpu` (Mosaic) and `sequential_gpu` (Pallas' Triton backend).
 
 Chunk-parallel: the sequential dimension carries only the state recurrence.
 
   forward   1. W, U (and the UT inverse T) for every chunk at once (delta rule only)
-                                                                      scan_parallel.ut_transform
+                                                                      parallel.ut_transform
             2. one pass over chunks per (batch·head, value tile):
                S_in -> h[c];  vn = U − W S_in;  S <- d S + Ksᵀ vn     scan_*.state_forward
-            3. o = Qe h[c] + P vn for every chunk at once             scan_parallel.output
-  backward  1. Pᵀ do for every chunk at once (delta rule only)        scan_parallel.intra_dv
+            3. o = Qe h[c] + P vn for every chunk at once             parallel.output
+  backward  1. Pᵀ do for every chunk at once (delta rule only)        parallel.intra_dv
             2. one reverse pass: dS_in = d dS + Qeᵀ do − Wᵀ(Pᵀdo + Ks dS),
                writing the cotangent of every chunk's outgoing state  scan_*.state_backward
             3. every chunk's input gradients at once: `jax.vjp` of the chunk function at
-               (h[c], T, chunk inputs) with cotangents (do, dS_out[c]) scan_parallel.chunk_vjp
+               (h[c], T, chunk inputs) with cotangents (do, dS_out[c]) parallel.chunk_vjp
 
 The forward keeps the chunk-boundary states h [BH, NC, K, V] (in the matmul dtype), W, the UT
 inverses [BH, T, C] and the inputs as residuals, never a state per token.
@@ -29,20 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import common, scan_gpu, scan_parallel, scan_tpu
+from .. import common
+from . import parallel, sequential_gpu, sequential_tpu
 from .chunk_math import SUB, Spec
-
-
-# ----------------------------------------------------------------------------- platform
-def default_backend() -> str:
-    """'tpu' or 'gpu' kernel layout for the current default device ('tpu' layout on CPU)."""
-    plat = jax.default_backend()
-    return "gpu" if plat in ("gpu", "cuda", "rocm") else "tpu"
-
-
-def default_interpret() -> bool:
-    """Interpret mode unless a TPU or GPU is the default device."""
-    return jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm")
 
 
 # ----------------------------------------------------------------------------- config
@@ -75,16 +64,16 @@ class ScanConfig:
 
 
 def sequential(cfg):
-    """The module of `cfg`'s backend with the sequential passes (scan_tpu or scan_gpu)."""
-    return scan_tpu if cfg.backend == "tpu" else scan_gpu
+    """The module of `cfg`'s backend with the sequential passes (sequential_tpu or sequential_gpu)."""
+    return sequential_tpu if cfg.backend == "tpu" else sequential_gpu
 
 
 def _forward(cfg, q, k, v, extras, h0, reset, hidx):
     """(o, final states, residuals (h, W, the chunks' UT inverses))."""
-    w, u, tri = (scan_parallel.ut_transform(cfg, k, v, extras) if cfg.spec.delta
+    w, u, tri = (parallel.ut_transform(cfg, k, v, extras) if cfg.spec.delta
                  else (None, v, None))
     h, vn, fin = sequential(cfg).state_forward(cfg, k, u, w, extras, h0, reset, hidx)
-    o = scan_parallel.output(cfg, q, k, vn, extras, h)
+    o = parallel.output(cfg, q, k, vn, extras, h)
     return o, fin, (h, w, tri)
 
 
@@ -103,10 +92,10 @@ def _scan_bwd(cfg, res, cts):
     q, k, v, extras, h0, reset, hidx, h, w, tri = res
     do, dfin = cts
     do = do.astype(cfg.out)
-    dvo = scan_parallel.intra_dv(cfg, q, k, do, extras) if cfg.spec.delta else None
+    dvo = parallel.intra_dv(cfg, q, k, do, extras) if cfg.spec.delta else None
     dh, dh0 = sequential(cfg).state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0,
                                               reset, hidx)
-    dq, dk, dv, dex = scan_parallel.chunk_vjp(cfg, q, k, v, extras, h, tri, do, dh)
+    dq, dk, dv, dex = parallel.chunk_vjp(cfg, q, k, v, extras, h, tri, do, dh)
     dex = tuple(d.astype(e.dtype) for d, e in zip(dex, extras))
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dex,
             dh0.astype(h0.dtype), None, None)
@@ -148,7 +137,7 @@ BLOCKS = {"tpu": TPU_BLOCKS, "gpu": GPU_BLOCKS}
 
 def blocks_for(backend: Optional[str]) -> Blocks:
     """The block policy of `backend` ("tpu" | "gpu"; None: the default device's layout)."""
-    backend = backend or default_backend()
+    backend = backend or common.default_backend()
     if backend not in BLOCKS:
         raise ValueError(f"`backend` must be 'tpu' or 'gpu', got {backend!r}")
     return BLOCKS[backend]
@@ -178,7 +167,7 @@ def prepare(family: str, q, k, v, *, beta=None, g=None, gk=None, scale: float,
 
     family: "la" (linear attention) or "gdn" (gated delta rule)."""
     if interpret is None:
-        interpret = default_interpret()
+        interpret = common.default_interpret()
     B, T, H, K = q.shape
     V = v.shape[-1]
     acc = common.acc_dtype(q)

@@ -14,7 +14,7 @@ as within-chunk cumulative log decays A (G [C, 1] per head, Gk [C, K] per key, o
     o     = Qe S_in + P vn
     S_out = d ⊙ S_in + Ksᵀ vn
 
-The kernels split this into phases (see `pallas_scan`): W, U for all chunks at once; one
+The kernels split this into phases (see `phases`): W, U for all chunks at once; one
 sequential pass that only carries S (`state_step`, and `state_step_bwd` backwards); outputs
 (`chunk_output`) and gradients (`jax.vjp` of `chunk_fn`) for all chunks at once.
 
@@ -32,20 +32,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..common import div, rem
+
 SUB = 16  # block of the UT forward substitution, and the chunk used with per-key gates
 
 
 # ----------------------------------------------------------------------------- small ops
-def div(a, n):
-    """a // n for non-negative integer a (plain truncating division: Mosaic lowers `//` on
-    signed ints through `sign`, which needs a TPU to be present)."""
-    return lax.div(a, jnp.asarray(n, jnp.asarray(a).dtype))
-
-
-def rem(a, n):
-    return lax.rem(a, jnp.asarray(n, jnp.asarray(a).dtype))
-
-
 def _iota(shape, dim):
     return lax.broadcasted_iota(jnp.int32, shape, dim)
 

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import chunk_math, common
+from .. import common
+from . import chunk_math
 
 
 def compiler_params(cfg, ndim: int):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import ChunkLayout, acc_dtype, chunk_layout, fitted_chunk, match_vma
+from ..common import ChunkLayout, acc_dtype, chunk_layout, fitted_chunk, match_vma
 
 Intra = Callable[[Mapping[str, jax.Array]], tuple]
 

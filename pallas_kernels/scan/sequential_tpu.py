@@ -3,7 +3,7 @@
 Grid (batch·head, value tiles, chunks) with the chunk axis "arbitrary" (sequential): the
 float32 state [K, BV] lives in a VMEM scratch across it, and each grid step does only the
 state recurrence of one chunk (`chunk_math.state_step` / `state_step_bwd`); everything else
-runs chunk-parallel (`scan_parallel`). Per-chunk reset flags and initial-state rows are
+runs chunk-parallel (`parallel`). Per-chunk reset flags and initial-state rows are
 scalar-prefetched into SMEM and steer the index maps.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import chunk_math, common, scan_io
-from .chunk_math import div, rem
+from .. import common
+from ..common import div, rem
+from . import chunk_math, operands
 
 
 def _params():
@@ -66,12 +67,12 @@ def _call(cfg, kernel, name, ins, outs, reverse, reset, hidx):
 
 
 def state_forward(cfg, k, u, w, extras, h0, reset, hidx):
-    """As `scan_gpu.state_forward`."""
+    """As `sequential_gpu.state_forward`."""
     acc, delta = jnp.dtype(cfg.acc), cfg.spec.delta
     ld = lambda r: r[...].astype(acc)
 
     def kernel(r_ref, s_ref, *refs):
-        R, S_scr = scan_io.forward_refs(cfg, refs[:-1]), refs[-1]
+        R, S_scr = operands.forward_refs(cfg, refs[:-1]), refs[-1]
 
         @pl.when(_resets(cfg, r_ref, reverse=False))
         def _():
@@ -86,18 +87,18 @@ def state_forward(cfg, k, u, w, extras, h0, reset, hidx):
         S_scr[...] = S
         R.fin[...] = S
 
-    ins, outs = scan_io.forward_io(cfg, k, u, w, extras, h0)
+    ins, outs = operands.forward_io(cfg, k, u, w, extras, h0)
     outs = _call(cfg, kernel, "state_fwd", ins, outs, False, reset, hidx)
-    return scan_io.forward_results(cfg, outs, u)
+    return operands.forward_results(cfg, outs, u)
 
 
 def state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0, reset, hidx):
-    """As `scan_gpu.state_backward`."""
+    """As `sequential_gpu.state_backward`."""
     acc, delta = jnp.dtype(cfg.acc), cfg.spec.delta
     ld = lambda r: r[...].astype(acc)
 
     def kernel(r_ref, s_ref, *refs):
-        R, dS_scr = scan_io.backward_refs(cfg, refs[:-1]), refs[-1]
+        R, dS_scr = operands.backward_refs(cfg, refs[:-1]), refs[-1]
         flag = _resets(cfg, r_ref, reverse=True)
 
         @pl.when(pl.program_id(2) == 0)
@@ -115,5 +116,5 @@ def state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0, reset, hidx):
         def _():
             R.dh0[...] = dS_in
 
-    ins, outs = scan_io.backward_io(cfg, q, k, w, extras, do, dvo, dfin, h0)
+    ins, outs = operands.backward_io(cfg, q, k, w, extras, do, dvo, dfin, h0)
     return _call(cfg, kernel, "state_bwd", ins, outs, True, reset, hidx)

@@ -2,7 +2,7 @@
 
 One program per (batch·head, value tile) loops over the chunks (`fori_loop`) with the float32
 state [K, BV] as the loop carry; each step does only the state recurrence (`chunk_math.
-state_step` / `state_step_bwd`), everything else runs chunk-parallel (`scan_parallel`). A
+state_step` / `state_step_bwd`), everything else runs chunk-parallel (`parallel`). A
 whole sequence is one block (a pointer into global memory; each step loads one chunk of it).
 Per-chunk reset flags and initial-state rows arrive as small int32 arrays.
 """
@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from . import chunk_math, common, scan_io
-from .chunk_math import div, rem
+from .. import common
+from ..common import div, rem
+from . import chunk_math, operands
 
 
 def _params(cfg):
@@ -74,7 +75,7 @@ def state_forward(cfg, k, u, w, extras, h0, reset, hidx):
     load_extras = _chunk_loader(cfg, acc)
 
     def kernel(r_ref, s_ref, *refs):
-        R = scan_io.forward_refs(cfg, refs)
+        R = operands.forward_refs(cfg, refs)
         bh = pl.program_id(0)
 
         def body(c, S):
@@ -94,9 +95,9 @@ def state_forward(cfg, k, u, w, extras, h0, reset, hidx):
         if not cfg.varlen:
             R.fin[0] = S
 
-    ins, outs = scan_io.forward_io(cfg, k, u, w, extras, h0)
+    ins, outs = operands.forward_io(cfg, k, u, w, extras, h0)
     outs = _call(cfg, kernel, "state_fwd", ins, outs, h0.shape[0], reset, hidx)
-    return scan_io.forward_results(cfg, outs, u)
+    return operands.forward_results(cfg, outs, u)
 
 
 def state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0, reset, hidx):
@@ -107,7 +108,7 @@ def state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0, reset, hidx):
     load_extras = _chunk_loader(cfg, acc)
 
     def kernel(r_ref, s_ref, *refs):
-        R = scan_io.backward_refs(cfg, refs)
+        R = operands.backward_refs(cfg, refs)
         bh = pl.program_id(0)
 
         def body(j, dS):
@@ -132,5 +133,5 @@ def state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0, reset, hidx):
                 else R.dfin[0].astype(acc))
         lax.fori_loop(0, NC, body, init)
 
-    ins, outs = scan_io.backward_io(cfg, q, k, w, extras, do, dvo, dfin, h0)
+    ins, outs = operands.backward_io(cfg, q, k, w, extras, do, dvo, dfin, h0)
     return _call(cfg, kernel, "state_bwd", ins, outs, h0.shape[0], reset, hidx)

@@ -1,5 +1,5 @@
-"""The operands of the sequential state passes, in one order for both backends (`scan_tpu`,
-`scan_gpu`): what goes in and comes out, each with its block kind (which the backend maps to
+"""The operands of the sequential state passes, in one order for both backends (`sequential_tpu`,
+`sequential_gpu`): what goes in and comes out, each with its block kind (which the backend maps to
 its own BlockSpec), and how a kernel names its refs. Kinds: "key" [BH, T_pad, Kp], "val"
 [BH, T_pad, BV tile], "col" / "kcol" (gates, `Spec.kinds`), "h0" (initial states), "states"
 [BH, NC, Kp, Vp] (one per chunk), "fin" (final states: one per chunk with packed sequences).
