@@ -4,6 +4,16 @@ that lets a single layer bind a key to the token after it), packed documents thr
 Heads, head width and RoPE base default to the model's; a hybrid's attention layers may set their
 own (as fla's `attn` layers of a linear-attention model do), and q/k/v biases (`qkv_bias`).
 
+Qwen3-Next's gated attention (transformers' Qwen3NextAttention) is three options:
+  * `output_gate`: q_proj also yields a gate per head, laid out [q_h | gate_h] per head (the
+    kernel is [d, heads, 2 · head_width], as transformers' q_proj rows viewed [heads, 2 · D]);
+    the attention output is o ⊙ σ(gate) before o_proj;
+  * `qk_norm`: RMSNorm over each head's width on q and k (one scale [head_width] each, eps the
+    model's norm_eps) before RoPE; with the model's `zero_centred_norms` it scales by (1 + w);
+  * `rope_fraction`: partial RoPE, rotating the first int(head_width · fraction) dims of each
+    head (rotate-half within them) and passing the rest through, as transformers'
+    partial_rotary_factor.
+
 Decode cache (`init_cache`), by the `cache` setting:
   * "window" (default), full attention: a preallocated buffer of `max_len` keys/values,
     filled at `pos`;
@@ -42,7 +52,8 @@ from layers.kv_cache import (CASCADE_KEYS, FILLS, POSITIONS, cascade_attention, 
                              init_cascade_cache)
 from layers.registry import (MAX_INT, Mechanism, Setting, SettingError, Shared, positive_int,
                              register)
-from layers.rope import apply_rope, check_rope_head_dim
+from layers.norm import RMSNorm
+from layers.rope import apply_rope, check_rope_head_dim, rotary_dims
 from layers.topk_attention import SCORES, decode_kv_positions, topk_block_attention
 from pallas_kernels.attention import attention
 
@@ -80,6 +91,11 @@ class Attention(nn.Module):
     topk_window: Optional[int] = 64
     topk_score: str = "bound"
     persistent_tokens: int = 0
+    output_gate: bool = False
+    qk_norm: bool = False
+    zero_centred_norms: bool = False
+    norm_eps: float = 1e-6
+    rotary_dim: Optional[int] = None     # None: all of head_dim
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
@@ -103,17 +119,25 @@ class Attention(nn.Module):
                  layer_idx=None):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         kw = dict(std=self.init_std, dtype=self.dtype)
-        q, k, v = (dense((h, D), ("embed", "heads", "kv"), name=f"{n}_proj",
-                         use_bias=self.qkv_bias, **kw)(x)
+        q, k, v = (dense((h, D * (2 if n == "q" and self.output_gate else 1)),
+                         ("embed", "heads", "kv"), name=f"{n}_proj", use_bias=self.qkv_bias,
+                         **kw)(x)
                    for n, h in (("q", H), ("k", Hkv), ("v", Hkv)))
+        gate = None
+        if self.output_gate:
+            q, gate = q[..., :D], q[..., D:]
+        if self.qk_norm:
+            norm = lambda name: RMSNorm(self.norm_eps, self.dtype, axis_name="kv",
+                                        zero_centred=self.zero_centred_norms, name=name)
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
         conv_cache = {}
         if self.use_short_conv:
             qkv, conv_cache = short_conv_qkv({"q": q, "k": k, "v": v}, self.conv_size,
                                              segment_ids, cache, self.dtype, std=self.init_std)
             q, k, v = qkv["q"], qkv["k"], qkv["v"]
         q_raw, k_raw = q, k           # for the cascading cache, which rotates them itself
-        q = apply_rope(q, positions, self.rope_theta)
-        k = apply_rope(k, positions, self.rope_theta)
+        q = apply_rope(q, positions, self.rope_theta, self.rotary_dim)
+        k = apply_rope(k, positions, self.rope_theta, self.rotary_dim)
         q = constrain(q, ("batch", "length", "heads", "kv"))
         sinks = None
         if self.use_sinks:
@@ -166,6 +190,8 @@ class Attention(nn.Module):
                 o = attn(q, ck_, cv_, q_positions=cache_pos + jnp.arange(T, dtype=jnp.int32),
                          kv_positions=jnp.where(slots < cache_pos + T, slots, -1))
             new_cache = {"k": ck, "v": cv}
+        if gate is not None:
+            o = o * jax.nn.sigmoid(gate.astype(jnp.float32)).astype(o.dtype)
         o = constrain(o, ("batch", "length", "heads", "kv"))
         y = dense(self.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **kw)(o)
         if new_cache is not None:
@@ -269,6 +295,13 @@ def _attention_settings(windowed: bool) -> dict:
          "rope_base": Setting(None, float, "RoPE base (None: the model's rope_theta)",
                               optional=True),
          "qkv_bias": Setting(False, bool, "biases on the q, k, v projections"),
+         "output_gate": Setting(False, bool, "a per-head output gate o ⊙ σ(gate), the gate "
+                                "from q_proj ([q | gate] per head; Qwen3-Next)"),
+         "qk_norm": Setting(False, bool, "RMSNorm of q and k over each head before RoPE "
+                            "(scale (1 + w) with the model's zero_centred_norms)"),
+         "rope_fraction": Setting(1.0, float, "partial RoPE: the fraction of each head's dims "
+                                  "rotated, the first int(head width · fraction) (Qwen3-Next: "
+                                  "0.25)"),
          "sinks": Setting(False, bool, "a learned sink logit per head"),
          "cache": Setting("window", str, "decode cache, one of ('window', 'cascade'): every "
                           "key (a ring of `window` for swa), or a fixed-size cascading cache"),
@@ -331,6 +364,16 @@ def check_own_heads(shared: Shared, s) -> None:
 def _check_attention(shared: Shared, s) -> None:
     positive_int(s, "conv_size", *(("window",) if "window" in s else ()))
     check_own_heads(shared, s)
+    if not 0 < s["rope_fraction"] <= 1:
+        raise SettingError("rope_fraction", f"must be in (0, 1], got {s['rope_fraction']}")
+    rot = rotary_dims(_own(shared, s).head_dim, s["rope_fraction"])
+    if rot < 2 or rot % 2:
+        raise SettingError("rope_fraction", f"rotates int({_own(shared, s).head_dim} · "
+                                            f"{s['rope_fraction']}) = {rot} dims: must be an "
+                                            f"even number >= 2")
+    if s["rope_fraction"] < 1 and s["cache"] == "cascade":
+        raise SettingError("rope_fraction", "partial RoPE with cache='cascade' is not built "
+                                            "(the cascading cache rotates whole heads itself)")
     if s["cache"] not in ("window", "cascade"):
         raise SettingError("cache", f"must be one of ('window', 'cascade'), got {s['cache']!r}")
     positive_int(s, "cascades", "cache_size")
@@ -386,7 +429,10 @@ def _build_attention(shared: Shared, s, name):
                      cache_size=_cache_size(s), cache_sinks=s["cache_sinks"],
                      cascades=s["cascades"], score_decay=s["score_decay"],
                      cache_positions=s["cache_positions"], cache_fill=s["cache_fill"],
-                     topk_blocks=s.get("topk_blocks") or 0,
+                     topk_blocks=s.get("topk_blocks") or 0, output_gate=s["output_gate"],
+                     qk_norm=s["qk_norm"], zero_centred_norms=shared.zero_centred_norms,
+                     norm_eps=shared.norm_eps,
+                     rotary_dim=rotary_dims(shared.head_dim, s["rope_fraction"]),
                      **{f: s[f] for f in ("topk_block_size", "topk_window", "topk_score")
                         if f in s},
                      init_std=shared.init_std, dtype=shared.dtype, impl=shared.attn_impl,

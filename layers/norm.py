@@ -12,17 +12,22 @@ def _rms(x, eps):
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) · scale over the last axis (computed in float32)."""
+    """y = x / rms(x) · scale over the last axis (computed in float32). `zero_centred`
+    (Qwen3-Next's norms, Gemma's): y = x / rms(x) · (1 + scale), the stored `scale` starting at
+    0, so that weight decay pulls it towards the identity; the parameter is then the offset
+    from 1, exactly what such a checkpoint stores."""
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     axis_name: str = "embed"
+    zero_centred: bool = False
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                                 (self.axis_name,)),
+        fill = nn.initializers.zeros if self.zero_centred else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(fill, (self.axis_name,)),
                            (x.shape[-1],), jnp.float32)
-        return (_rms(x, self.eps) * scale).astype(self.dtype)
+        return (_rms(x, self.eps) * (1.0 + scale if self.zero_centred else scale)
+                ).astype(self.dtype)
 
 
 class GatedRMSNorm(nn.Module):

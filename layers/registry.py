@@ -81,6 +81,7 @@ class Shared:
     attn_impl: str          # softmax attention impl
     chunk_size: int
     rope_theta: float
+    zero_centred_norms: bool = False   # RMSNorms scale by (1 + w), w from 0 (Qwen3-Next)
 
 
 Build = Callable[[Shared, Mapping[str, Any], Optional[str]], Any]

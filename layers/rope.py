@@ -1,5 +1,9 @@
-"""Rotary position embedding (rotate-half / GPT-NeoX convention)."""
+"""Rotary position embedding (rotate-half / GPT-NeoX convention), over the whole head or, partial
+RoPE (Qwen3-Next, GPT-NeoX's rotary_pct), over its first `rotary_dim` dims only: rotate-half
+within them, the rest passed through (transformers' `apply_rotary_pos_emb` with a shorter cos)."""
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +17,21 @@ def check_rope_head_dim(shared: Shared) -> None:
         raise SettingError("head_dim", f"must be even for RoPE, got {shared.head_dim}")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
-    """Rotate x [B, T, H, D] (D even) by positions [B|1, T]; computed in float32."""
-    D = x.shape[-1]
-    if D % 2:
-        raise ValueError(f"RoPE needs an even head dim, got x {x.shape}")
+def rotary_dims(head_dim: int, fraction: float) -> int:
+    """The dims partial RoPE rotates: int(head_dim · fraction), as transformers computes it."""
+    return int(head_dim * fraction)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
+               rotary_dim: Optional[int] = None) -> jax.Array:
+    """Rotate the first `rotary_dim` (default all; even) dims of x [B, T, H, D] by positions
+    [B|1, T]; computed in float32."""
+    D = x.shape[-1] if rotary_dim is None else rotary_dim
+    if D % 2 or D > x.shape[-1]:
+        raise ValueError(f"RoPE needs an even rotary dim <= the head dim, got {D} for x {x.shape}")
+    if D < x.shape[-1]:
+        rot = apply_rope(x[..., :D], positions, theta)
+        return jnp.concatenate([rot, x[..., D:]], axis=-1)
     half = D // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     ang = positions.astype(jnp.float32)[:, :, None, None] * freq  # [B, T, 1, D/2]

@@ -64,6 +64,9 @@ class ModelConfig:
                                            # cudnn (GPU) | splash (TPU)
     chunk_size: int = 64                   # chunk of the recurrent ops
     norm_eps: float = 1e-6
+    # The block, final and attention q/k RMSNorms scale by (1 + w), w stored and initialised
+    # at 0 (Qwen3-Next's Qwen3NextRMSNorm); False: by w, from 1.
+    zero_centred_norms: bool = False
     init_std: float = 0.02
     # Segment recurrence around the whole block stack (mem_lm/segments.py), e.g.
     # {"kind": "rmt", "length": 512, "memory_tokens": 10, "bptt": None, "replay": False} or
@@ -111,7 +114,7 @@ class ModelConfig:
             v = self.__dict__[f]
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
                  and v > 0, f, "must be a finite number > 0")
-        for f in ("tie_embeddings", "scan_layers"):
+        for f in ("tie_embeddings", "scan_layers", "zero_centred_norms"):
             need(isinstance(getattr(self, f), bool), f, "must be True or False")
         object.__setattr__(self, "mixers", self._resolve_mixers())
         object.__setattr__(self, "segments", _resolve_segments(self.segments))
@@ -168,7 +171,7 @@ class ModelConfig:
                       dtype=jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32,
                       init_std=self.init_std, norm_eps=self.norm_eps, impl=self.impl,
                       attn_impl=self.attn_impl, chunk_size=self.chunk_size,
-                      rope_theta=self.rope_theta)
+                      rope_theta=self.rope_theta, zero_centred_norms=self.zero_centred_norms)
 
     @property
     def segment_settings(self) -> Optional[dict]:

@@ -74,6 +74,12 @@ def shared_params(cfg: ModelConfig) -> dict:
     return out
 
 
+def block_norm(cfg: ModelConfig, name: str) -> RMSNorm:
+    """A norm of the residual stream (before each mixer, the final one)."""
+    return RMSNorm(cfg.norm_eps, compute_dtype(cfg), name=name,
+                   zero_centred=cfg.zero_centred_norms)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
     """An empty decode cache for `batch` rows and at most `max_len` tokens in total. Under
     segment recurrence (`cfg.segments`) the cache of mem_lm.segments.init_segment_cache: the
@@ -109,13 +115,12 @@ class Block(nn.Module):
     def __call__(self, x, positions, segment_ids, cache_pos, cache, layer_idx, shared,
                  assoc=None, assoc_ctx=None):
         cfg = self.cfg
-        dt = compute_dtype(cfg)
         token, channel = cfg.layer_kinds(self.layer)
         if assoc is not None:
             from mem_lm.segments import AssociativeMemory
             memory = AssociativeMemory(cfg, name="assoc")
             x = memory.read(x, assoc, assoc_ctx)
-        h = RMSNorm(cfg.norm_eps, dt, name="mixer_norm")(x)
+        h = block_norm(cfg, "mixer_norm")(x)
         y, new_cache = make_mixer(cfg, token, "mixer")(
             h, positions=positions, segment_ids=segment_ids, cache=cache, cache_pos=cache_pos,
             layer_idx=layer_idx)
@@ -123,7 +128,7 @@ class Block(nn.Module):
         mlp = make_mixer(cfg, channel, "mlp")
         if mlp is not None:
             kw = {n: shared[n] for n in getattr(mlp, "shared_params", dict)()}
-            x = x + mlp(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x), **kw).astype(x.dtype)
+            x = x + mlp(block_norm(cfg, "mlp_norm")(x), **kw).astype(x.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         if assoc is not None:
             if assoc_ctx.get("write", True):
@@ -171,7 +176,6 @@ class Stack(nn.Module):
     def __call__(self, x, positions, segment_ids, cache_pos, layers_cache, shared,
                  assoc=None, assoc_ctx=None):
         cfg = self.cfg
-        dt = compute_dtype(cfg)
         if cfg.scan_layers:
             Scanned = nn.scan(_maybe_remat(Group, cfg),
                               variable_axes={"params": 0, **{c: 0 for c in AUX_COLLECTIONS}},
@@ -192,7 +196,7 @@ class Stack(nn.Module):
                     None if layers_cache is None else layers_cache[i], jnp.int32(i), shared,
                     None if assoc is None else assoc[i], assoc_ctx)
                 new_layers.append(c)
-        x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
+        x = block_norm(cfg, "final_norm")(x)
         return x, new_layers
 
 

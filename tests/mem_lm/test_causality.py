@@ -77,6 +77,11 @@ CASES = [case(m, (m,), {m: ACTIVE.get(m, {})}) for m in token_mixers()] + [
     case("attn-cascade-prefill", ("attn",),
          {"attn": {"cache": "cascade", "cache_size": 8, "cache_sinks": 1, "cascades": 2}},
          cached=True),
+    # Qwen3-Next's gated attention (output gate, q/k norms with (1 + w) scales, partial RoPE)
+    # over packed documents.
+    case("attn-gated-packed", ("attn",),
+         {"attn": {"output_gate": True, "qk_norm": True, "rope_fraction": 0.5}}, packed=True,
+         zero_centred_norms=True),
     # mla (default: Kimi's NoPE above) in DeepSeek's form, the prompt through its latent cache.
     case("mla-rope-prefill", ("mla",), {"mla": {"rope": True, "q_lora_rank": 4}}, cached=True),
     case("mom-defaults", ("mom",), slow=True),

@@ -64,6 +64,27 @@ def test_cached_decoding_and_packing_match_full_forward(pattern, short_conv, rng
     _check_decoding_and_packing(cfg, rng)
 
 
+def test_gated_attention_decoding_and_packing_match_full_forward(rng):
+    """Qwen3-Next's attention options (output gate from q_proj, q/k norms, partial RoPE) and
+    zero-centred norms, with every norm scale moved off its start (the (1 + w) path acts)."""
+    cfg = tiny(("attn",), mixers={"attn": {"output_gate": True, "qk_norm": True,
+                                           "rope_fraction": 0.5, "num_kv_heads": 1}},
+               zero_centred_norms=True)
+    move = lambda p: jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.3 if path[-1].key == "scale" else a, p)
+    _check_decoding_and_packing(cfg, rng, tweak=move)
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(rope_fraction=0.0), "must be in \\(0, 1\\]"),
+    (dict(rope_fraction=0.1), "rotates int\\(8 · 0.1\\) = 0 dims"),
+    (dict(rope_fraction=0.375), "= 3 dims"),
+    (dict(rope_fraction=0.5, cache="cascade", cache_size=8), "cascading cache")])
+def test_partial_rope_settings_name_the_field(settings, named):
+    with pytest.raises(ValueError, match=f"mixers.attn.rope_fraction: .*{named}"):
+        tiny(("attn",), mixers={"attn": settings})
+
+
 # Channel mixers beyond the default swiglu, with settings that use all their parts.
 CHANNELS = {
     # Sigmoid router with the correction bias and groups, a gated shared expert.

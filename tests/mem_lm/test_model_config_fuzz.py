@@ -142,7 +142,7 @@ VALUES = {
     "pattern": pattern(TOKEN, CHANNEL), "channel_pattern": pattern(CHANNEL, TOKEN),
     "mixers": st.one_of(mixers_values(), mixers_values(), mixers_values(), JUNK),
     "rope_theta": floats, "norm_eps": floats, "init_std": floats,
-    "tie_embeddings": bools, "scan_layers": bools,
+    "tie_embeddings": bools, "scan_layers": bools, "zero_centred_norms": bools,
     "dtype": choices(DTYPES), "remat": choices(REMAT), "impl": choices(IMPLS),
     "attn_impl": choices(ATTN_IMPLS),
     # Segment recurrence: None (off), valid and bad settings, unknown keys, junk.
@@ -265,7 +265,8 @@ def extreme_valid_kwargs(draw):
                 chunk_size=draw(st.sampled_from([1, 2**30])),
                 rope_theta=draw(extremes[float]), norm_eps=draw(extremes[float]),
                 init_std=draw(extremes[float]), tie_embeddings=draw(st.booleans()),
-                scan_layers=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
+                scan_layers=draw(st.booleans()), zero_centred_norms=draw(st.booleans()),
+                dtype=draw(st.sampled_from(DTYPES)),
                 remat=draw(st.sampled_from(REMAT)), impl=draw(st.sampled_from(IMPLS)),
                 attn_impl=draw(st.sampled_from(["auto", "reference", "xla"])))
 
@@ -331,6 +332,7 @@ def tiny_valid_kwargs(draw):
                 mixers=mixers, chunk_size=draw(st.sampled_from([4, 64])),
                 rope_theta=draw(st.sampled_from([1.0, 10000.0, 1e6])),
                 tie_embeddings=draw(st.booleans()), scan_layers=draw(st.booleans()),
+                zero_centred_norms=draw(st.booleans()),
                 dtype=draw(st.sampled_from(DTYPES)), remat=draw(st.sampled_from(REMAT)),
                 impl=draw(st.sampled_from(["auto", "reference", "xla"])),
                 attn_impl=draw(st.sampled_from(["auto", "reference", "xla"])),
