@@ -27,6 +27,6 @@ def get_config():
     c.train.update(steps=2000, batch_size=32, seq_len=8 * SEGMENT, log_every=50,
                    eval_every=500, eval_batches=4, checkpoint_every=1000)
     c.optim.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)
-    # Segment models do not decode (no end-of-run sample); synthetic tasks have no text anyway.
+    # Synthetic tasks have no text to sample.
     c.sample.enabled = False
     return c
