@@ -30,10 +30,11 @@ zero MLP has zero gradients and never learns (the layer passes its learned initi
 The final state has the same structure: (memory, momentum) after each sequence's last token.
 
 Inputs and bad values: as for every recurrent op, see `pallas_kernels.common.INPUT_CONTRACT`
-(except that chunk_size may be any positive int). impl "xla" (chunked; the default) and
-"reference" (token by token); there is no Pallas kernel yet (impl="pallas" raises
-NotImplementedError). Gradients are JAX autodiff through either impl (the chunked one
-recomputes inside each chunk under jax.checkpoint); no hand-written custom_vjp yet.
+(except that chunk_size may be any positive int). impl "xla" (chunked; the default on CPU),
+"pallas" (the kernels; interpret mode on CPU) and "reference" (token by token). The chunked
+impls have a hand-written custom_vjp that recomputes inside each chunk from the saved
+chunk-boundary (memory, momentum): memory O(T·(K+V) + T/chunk·|memory|), never a memory per
+token; the reference is differentiated by JAX.
 """
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ from typing import Optional
 import jax.numpy as jnp
 
 from .. import common
+from . import chunk_math
 from .reference import memory_read, memory_update
-from .xla import chunk_gradient_sums
+from .xla import batched
 
 _OPTIONAL = ("cu_seqlens",)
 
@@ -185,11 +187,11 @@ def neural_memory_step(q, k, v, lr, momentum, decay, *, depth, scale=1.0, state,
     out_dtype = q.dtype
     q, k, v, lr, momentum, decay = common.cast(acc, q, k, v, lr, momentum, decay)
     o = memory_read(at, scale * q)
-    # The gradient as the chunked form writes it out (one token, weight 1).
-    grad = chunk_gradient_sums(at, k[..., None, :], v[..., None, :],
-                               jnp.ones(k.shape[:-1] + (1, 1), acc))
-    params, mom = memory_update(params, mom, tuple(g[..., 0, :, :] for g in grad), lr,
-                                momentum, decay)
+    # The gradient as the chunked form writes it out (a chunk of one token, weight 1).
+    one = jnp.ones(k.shape[:-1] + (1, 1), acc)
+    grad, _ = batched(chunk_math.gradient_sums)(at, k[..., None, :], v[..., None, :], one,
+                                                one)
+    params, mom = memory_update(params, mom, grad, lr, momentum, decay)
     return o.astype(out_dtype), _public((params, mom))
 
 

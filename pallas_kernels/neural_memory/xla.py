@@ -20,9 +20,11 @@ scan, and the sums Σ_s c_s U_s are one matmul per parameter (Kᵀ (c ⊙ e), ..
 M_{P₀}(scale · q) for the whole chunk, one batched matmul. The sequential part is a
 `lax.scan` over chunks that carries only (P, Z) at chunk boundaries.
 
-Gradients: JAX autodiff through the chunk scan, with the chunk body under `jax.checkpoint`
-(the backward recomputes inside each chunk and keeps only the boundary (P, Z) and the
-inputs: memory O(T·(K+V) + T/C·|P|)). A hand-written custom_vjp is not written yet.
+Gradients: a custom_vjp (`_chunk_scan`) whose backward is written out by hand
+(`chunk_math.chunk_vjp`): the forward keeps only the (P, Z) entering every chunk, and a reverse
+`lax.scan` over chunks carries their cotangents, recomputing inside each chunk what the vjp
+needs: memory O(T·(K+V) + T/C·|P|), never a memory per token. The coefficients (w, a, b, d)
+are cheap functions of θ, η, α [B, T, H]; JAX differentiates them.
 
 Packed sequences (cu_seqlens) use `common.chunk_layout`: every sequence starts on a chunk
 boundary, a chunk that starts one loads its initial state, and the padding tokens are
@@ -30,37 +32,19 @@ identity steps.
 """
 from __future__ import annotations
 
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from .. import common
-from .reference import memory_read
+from . import chunk_math
 
 
-def _gelu_and_grad(h):
-    """Exact GELU(h) = h Φ(h) and its derivative Φ(h) + h φ(h)."""
-    cdf = 0.5 * (1 + lax.erf(h * (1 / math.sqrt(2))))
-    pdf = jnp.exp(-0.5 * h * h) * (1 / math.sqrt(2 * math.pi))
-    return h * cdf, cdf + h * pdf
-
-
-def chunk_gradient_sums(params: tuple, k, v, weights):
-    """Σ_s c_s ∇ℓ_s(P) for each row c of weights [..., n, C] (n weightings at once): params
-    [..., *] (leading dims ...), k [..., C, K], v [..., C, V] -> tuple of [..., n, *]."""
-    if len(params) == 1:
-        e = jnp.einsum("...ck,...kv->...cv", k, params[0]) - v
-        return (jnp.einsum("...nc,...ck,...cv->...nkv", weights, k, e),)
-    W1, W2 = params
-    h = jnp.einsum("...ck,...ke->...ce", k, W1)
-    a, da_dh = _gelu_and_grad(h)
-    e = jnp.einsum("...ce,...ev->...cv", a, W2) - v
-    delta = jnp.einsum("...cv,...ev->...ce", e, W2) * da_dh
-    gW1 = jnp.einsum("...nc,...ck,...ce->...nke", weights, k, delta)
-    gW2 = jnp.einsum("...nc,...ce,...cv->...nev", weights, a, e)
-    return gW1, gW2
+def batched(fn):
+    """`fn` of one chunk and head (2-D arrays, chunk_math) over leading [B, H] axes."""
+    return jax.vmap(jax.vmap(fn))
 
 
 def _compose(later, earlier):
@@ -86,53 +70,106 @@ def chunk_coefficients(momentum, decay, valid):
     return (a[..., 0], b[..., 0], d[..., 0]), (Ra + Rb, Rd)
 
 
+def chunk_inputs(layout, q, k, v, lr, momentum, decay, scale, acc):
+    """The chunk-math inputs of every chunk: q (scaled), k, v [NC, B, H, C, D], the weights w0,
+    w1 [NC, B, H, C, 1] and the transitions a, b, d [NC, B, H, 1, 1]."""
+    def chunks(x):   # [B, T, H, ...] -> [NC, B, H, C, ...]
+        xc = layout.to_chunks(x.astype(acc))
+        return jnp.moveaxis(jnp.moveaxis(xc, 3, 2), 1, 0)
+
+    B, T, H = lr.shape
+    valid = chunks(jnp.ones((B, T, H), acc)) > 0          # padding tokens are identity steps
+    lr_c = jnp.where(valid, chunks(lr), 0)
+    (a, b, d), (cP, cZ) = chunk_coefficients(chunks(momentum), chunks(decay), valid)
+    col = lambda x: x[..., None]
+    return dict(q=chunks(q) * jnp.asarray(scale, acc), k=chunks(k), v=chunks(v),
+                w0=col(-lr_c * cP), w1=col(-lr_c * cZ), a=col(col(a)), b=col(col(b)),
+                d=col(col(d)))
+
+
+_ARGS = ("q", "k", "v", "w0", "w1", "a", "b", "d")
+
+
+def _entering(carry, init, reset, seq):
+    """The (P, Z) a chunk starts from: the carry, or its sequence's initial state at a reset."""
+    rows = lambda x: reset.reshape((-1,) + (1,) * (x.ndim - 1))
+    return jax.tree.map(lambda n, o: jnp.where(rows(o), n[seq], o), init, carry)
+
+
+def _forward(varlen: bool, keep: bool, xs, init, reset, seq):
+    """(o [NC, B, H, C, V], the states after every chunk (varlen) or the last, and (keep) the
+    (P, Z) entering every chunk)."""
+    step = batched(chunk_math.update)
+    read = batched(chunk_math.read)
+
+    def body(carry, inp):
+        x, r, s = inp
+        params, mom = _entering(carry, init, r, s)
+        new = step(params, mom, *(x[n] for n in _ARGS[1:]))
+        return new, (read(params, x["q"]), new if varlen else None,
+                     (params, mom) if keep else None)
+
+    B = reset.shape[1]
+    zeros = jax.tree.map(lambda p: jnp.zeros((B,) + p.shape[1:], p.dtype), init)
+    carry, (o, ends, h) = lax.scan(body, zeros, (xs, reset, seq))
+    return o, (ends if varlen else carry), h
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunk_scan(varlen, xs, init, reset, seq):
+    """The chunks in order from init = (params, mom) [N, H, ...]; reset, seq [NC, B]."""
+    o, states, _ = _forward(varlen, False, xs, init, reset, seq)
+    return o, states
+
+
+def _chunk_scan_fwd(varlen, xs, init, reset, seq):
+    o, states, h = _forward(varlen, True, xs, init, reset, seq)
+    return (o, states), (xs, init, reset, seq, h)
+
+
+def _chunk_scan_bwd(varlen, res, cts):
+    xs, init, reset, seq, h = res
+    do, dstates = cts
+    vjp = batched(chunk_math.chunk_vjp)
+
+    def body(carry, inp):
+        dS, dinit = carry
+        x, r, s, (params, mom), do_c, *dend = inp
+        if varlen:   # the cotangent of this chunk's outgoing state as a final state
+            dS = jax.tree.map(jnp.add, dS, dend[0])
+        dparams, dmom, *dx = vjp(params, mom, *(x[n] for n in _ARGS), do_c, *dS)
+        d_in = (dparams, dmom)
+        rows = lambda t: r.reshape((-1,) + (1,) * (t.ndim - 1))
+        dinit = jax.tree.map(lambda acc_, g: acc_.at[s].add(jnp.where(rows(g), g, 0)),
+                             dinit, d_in)
+        dS = jax.tree.map(lambda g: jnp.where(rows(g), 0, g), d_in)
+        return (dS, dinit), dict(zip(_ARGS, dx))
+
+    B = reset.shape[1]
+    zeros = jax.tree.map(lambda p: jnp.zeros((B,) + p.shape[1:], p.dtype), init)
+    carry = (zeros if varlen else dstates, jax.tree.map(jnp.zeros_like, init))
+    dends = (dstates,) if varlen else ()
+    (_, dinit), dxs = lax.scan(body, carry, (xs, reset, seq, h, do) + dends, reverse=True)
+    return dxs, dinit, None, None
+
+
+_chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
+
+
 def neural_memory_xla(q, k, v, lr, momentum, decay, *, depth, scale, initial_state,
                       cu_seqlens, chunk_size):
     """Chunked neural memory; arguments already validated (see reference.py for the rule).
     Returns (o [B,T,H,V] in q's dtype, (params, mom) of each sequence, tuples [N,H,...])."""
     del depth
-    B, T, H, K = q.shape
+    B, T = q.shape[:2]
     acc = common.acc_dtype(q)
     layout = common.chunk_layout(B, T, chunk_size, cu_seqlens)
-    NC, N = layout.num_chunks, layout.num_seqs
-    init_params, init_mom = jax.tree.map(lambda x: x.astype(acc), initial_state)
-
-    def chunks(x):   # [B, T, H, ...] -> [NC, B, H, C, ...]
-        xc = layout.to_chunks(x.astype(acc))
-        return jnp.moveaxis(jnp.moveaxis(xc, 3, 2), 1, 0)
-
-    valid = chunks(jnp.ones((B, T, H), acc)) > 0          # padding tokens are identity steps
-    lr_c = jnp.where(valid, chunks(lr), 0)
-    (a, b, d), (cP, cZ) = chunk_coefficients(chunks(momentum), chunks(decay), valid)
-    weights = -jnp.stack([lr_c * cP, lr_c * cZ], axis=-2)       # [NC, B, H, 2, C]
-    xs = dict(q=chunks(q) * jnp.asarray(scale, acc), k=chunks(k), v=chunks(v), w=weights,
-              a=a, b=b, d=d, reset=layout.reset.T, seq=layout.seq.T)
-
-    def rows(mask, x):   # [B] -> broadcastable against x [B, ...]
-        return mask.reshape((-1,) + (1,) * (x.ndim - 1))
-
-    def body(carry, x):
-        params, mom = carry
-        loaded = jax.tree.map(lambda p: p[x["seq"]], (init_params, init_mom))
-        params, mom = jax.tree.map(lambda n, o: jnp.where(rows(x["reset"], o), n, o),
-                                   loaded, (params, mom))
-        o = memory_read(tuple(p[:, :, None] for p in params), x["q"])
-        sums = chunk_gradient_sums(params, x["k"], x["v"], x["w"])
-        coef = lambda s, p: s.reshape(s.shape + (1,) * (p.ndim - s.ndim))
-        new_params = tuple(coef(x["a"], p) * p + coef(x["b"], z) * z + g[:, :, 0]
-                           for p, z, g in zip(params, mom, sums))
-        new_mom = tuple(coef(x["d"], z) * z + g[:, :, 1] for z, g in zip(mom, sums))
-        ends = (new_params, new_mom) if layout.last_chunk is not None else None
-        return (new_params, new_mom), (o, ends)
-
-    zeros = jax.tree.map(lambda p: jnp.zeros((B,) + p.shape[1:], acc), init_params)
-    carry = (zeros, jax.tree.map(jnp.zeros_like, zeros))
-    carry, (o, ends) = lax.scan(jax.checkpoint(body), carry, xs)
+    init = jax.tree.map(lambda x: x.astype(acc), initial_state)
+    xs = chunk_inputs(layout, q, k, v, lr, momentum, decay, scale, acc)
+    varlen = layout.last_chunk is not None
+    o, states = _chunk_scan(varlen, xs, init, layout.reset.T, layout.seq.T)
     o = layout.from_chunks(jnp.moveaxis(jnp.moveaxis(o, 0, 1), 3, 2))   # [B, T, H, V]
-    if ends is None:
-        final = carry
-    else:   # the state after each sequence's last chunk (an empty one keeps its initial)
-        final = jax.tree.map(
-            lambda s, h0: layout.final_states(jnp.moveaxis(s, 0, 1), h0),
-            ends, (init_params, init_mom))
-    return o.astype(q.dtype), final
+    if varlen:   # the state after each sequence's last chunk (an empty one keeps its initial)
+        states = jax.tree.map(lambda s, h0: layout.final_states(jnp.moveaxis(s, 0, 1), h0),
+                              states, init)
+    return o.astype(q.dtype), states
