@@ -16,16 +16,17 @@ as within-chunk cumulative log decays A (G [C, 1] per head, Gk [C, K] per key, o
 
 The kernels split this into phases (see `phases`): W, U for all chunks at once; one
 sequential pass that only carries S (`state_step`, and `state_step_bwd` backwards); outputs
-(`chunk_output`) and gradients (`jax.vjp` of `chunk_fn`) for all chunks at once.
+(`chunk_output`) and gradients (`chunk_grads`: the backward written out, matmuls and
+elementwise work only, from the forward's T and chunk states) for all chunks at once.
 
 Every exponent taken is of a non-positive number (differences A_i − A_j are masked to i ≥ j
 before `exp`). Matmul operands are cast to the compute dtype `cd` (bf16 for bf16 inputs) and
 accumulate in float32 (float64 for float64 inputs); elementwise work is in the accumulation
-dtype.
+dtype. float32 operands are multiplied at full precision unless `Spec.precise` is False (then
+at the backend's default: TF32 tensor cores on a GPU, as fla; see `phases.Blocks.tf32`).
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -50,35 +51,11 @@ def _dot(a, b, cd, ta, tb, precise=True):
                            preferred_element_type=acc)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _mm_vjp(a, b, cd, ta, tb):
-    return _dot(a, b, cd, ta, tb)
-
-
-def _mm_fwd(a, b, cd, ta, tb):
-    return _dot(a, b, cd, ta, tb), (a, b)
-
-
-def _mm_bwd(cd, ta, tb, res, dc):
-    # C = op(a) op(b): d op(a) = dC op(b)^T, d op(b) = op(a)^T dC, with the same operand dtype
-    # as the forward (Triton wants both operands of a dot in one dtype).
-    a, b = res
-    da = _dot(b, dc, cd, tb, True) if ta else _dot(dc, b, cd, False, not tb)
-    db = _dot(dc, a, cd, True, ta) if tb else _dot(a, dc, cd, not ta, False)
-    return da.astype(a.dtype), db.astype(b.dtype)
-
-
-_mm_vjp.defvjp(_mm_fwd, _mm_bwd)
-
-
-def matmul(diff: bool):
+def matmul(precise: bool = True):
     """a @ b (either transposed on request) with operands in `cd`, accumulated in float32 or
-    float64 (f32 operands at full precision, so a TPU does not round them to bf16).
-    `diff=True`: the variant for code that `jax.vjp` differentiates inside a kernel (its vjp
-    keeps both operands of every dot in `cd`); Triton cannot lower that one undifferentiated."""
-    if diff:
-        return lambda a, b, cd, ta=False, tb=False: _mm_vjp(a, b, jnp.dtype(cd), ta, tb)
-    return lambda a, b, cd, ta=False, tb=False: _dot(a, b, jnp.dtype(cd), ta, tb)
+    float64; float32 operands at full precision (so that neither a TPU rounds them to bf16 nor
+    a GPU to TF32) unless `precise=False`."""
+    return lambda a, b, cd, ta=False, tb=False: _dot(a, b, jnp.dtype(cd), ta, tb, precise)
 
 
 def _row(col):
@@ -108,8 +85,8 @@ def ut_inverse(L, block: int = SUB, precise: bool = True):
     (I + L)^-1 = (I + D L_o)^-1 D with D = (I + L_d)^-1, and N = -D L_o is block-nilpotent,
     so (I + D L_o)^-1 = prod_p (I + N^(2^p)). With `precise=False` the float32 matmuls run at
     the backend's default precision (TF32 tensor cores on a GPU): enough for bf16 inputs, and
-    several times faster than full float32 there. Not differentiable: the backward reuses the
-    forward's inverse (`reuse_inverse`).
+    several times faster than full float32 there. Not differentiated: the backward reuses the
+    forward's inverse (`inverse_bwd`).
     """
     C = L.shape[0]
     b = min(block, C)
@@ -140,26 +117,13 @@ def ut_inverse(L, block: int = SUB, precise: bool = True):
     return T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def reuse_inverse(L, T, precise: bool = True):
-    """T, given T = (I + L)^-1 computed already (by the forward kernel), as a function of L:
-    its gradient is the closed form dL = strict_lower(-Tᵀ dT Tᵀ), two matmuls, so the
-    backward neither recomputes nor differentiates the substitution loop."""
-    return T
-
-
-def _reuse_inverse_fwd(L, T, precise):
-    return T, T
-
-
-def _reuse_inverse_bwd(precise, T, dT):
+def inverse_bwd(T, dT, precise: bool = True):
+    """The cotangent of L, given that of T = (I + L)^-1 (L strictly lower): the closed form
+    dL = strict_lower(-Tᵀ dT Tᵀ), two matmuls; the backward never redoes the substitution."""
     C = T.shape[0]
     dt = T.dtype
     dL = -_dot(_dot(T, dT, dt, True, False, precise), T, dt, False, True, precise)
-    return jnp.where(_iota((C, C), 0) > _iota((C, C), 1), dL, 0), jnp.zeros_like(T)
-
-
-reuse_inverse.defvjp(_reuse_inverse_fwd, _reuse_inverse_bwd)
+    return jnp.where(_iota((C, C), 0) > _iota((C, C), 1), dL, 0)
 
 
 # ----------------------------------------------------------------------------- the chunk
@@ -181,6 +145,7 @@ class Spec(NamedTuple):
     has_gk: bool
     scale: float
     cd: str                # matmul operand dtype
+    precise: bool = True   # float32 operands at full precision (else TF32 on a GPU)
 
     @property
     def kinds(self) -> tuple:
@@ -222,7 +187,12 @@ def key_decay(gt: Gates, k):
     A, A_last = _decays(gt)
     if A is None:
         return k, jnp.ones((1, 1), k.dtype)
-    return k * jnp.exp(_last_row(A) - A), jnp.exp(A_last)
+    return k * _to_end(A), jnp.exp(A_last)
+
+
+def _to_end(A):
+    """e^(A_C − A) [C, K] or [C, 1]: the decay from each token to the chunk's end."""
+    return jnp.exp(_last_row(A) - A)
 
 
 def intra_scores(gt: Gates, q, k, cd, mm):
@@ -241,35 +211,30 @@ def intra_scores(gt: Gates, q, k, cd, mm):
     return jnp.where(causal, qk, 0)
 
 
-def ut_transform(gt: Gates, k, v, cd, T=None):
-    """(W [C, K], U [C, V], T [C, C]) of the gated delta rule's WY/UT form. Given T (the
-    forward's inverse), the form to differentiate: T enters through `reuse_inverse`."""
-    diff = T is not None
-    mm = matmul(diff)
+def _gammas(gt: Gates, k, cd, mm):
+    """Γ(K, K) [C, C], lower triangle with the diagonal: Σ_k k_ik k_jk e^(A_ik − A_jk)."""
+    return intra_scores(gt, k, k, cd, mm)
+
+
+def _keys_in(gt: Gates, k):
+    """k ⊙ e^A: each key as the UT transform takes it (before β)."""
+    A, _ = _decays(gt)
+    return k if A is None else k * jnp.exp(A)
+
+
+def ut_transform(spec: Spec, gt: Gates, k, v):
+    """(W [C, K], U [C, V], T [C, C]) of the gated delta rule's WY/UT form."""
+    mm, cd = matmul(spec.precise), spec.cd
     C = k.shape[0]
-    i, j = _iota((C, C), 0), _iota((C, C), 1)
-    if gt.Gk is not None:
-        # Per-key decays (KDA): Σ_k k_ik k_jk e^(A_ik − A_jk), the masked elementwise form of
-        # `intra_scores` (the per-key chunk is small, SUB).
-        kk, gam = intra_scores(gt, k, k, cd, mm), 1.0
-        kb = k * (gt.beta * jnp.exp(_decays(gt)[0]))
-    else:
-        kk = mm(k, k, cd, tb=True)
-        if gt.G is not None:
-            gam = _masked_exp(gt.G - _row(gt.G), i >= j)
-            kb = k * (gt.beta * jnp.exp(gt.G))
-        else:
-            gam, kb = 1.0, k * gt.beta
-    L = jnp.where(i > j, gt.beta * kk * gam, 0)
-    precise = jnp.dtype(cd) != jnp.bfloat16
-    T = reuse_inverse(L, T, precise) if diff else ut_inverse(L, SUB, precise)
-    return mm(T, kb, cd), mm(T, v * gt.beta, cd), T
+    L = jnp.where(_iota((C, C), 0) > _iota((C, C), 1), gt.beta * _gammas(gt, k, cd, mm), 0)
+    T = ut_inverse(L, SUB, jnp.dtype(cd) != jnp.bfloat16)
+    return mm(T, _keys_in(gt, k) * gt.beta, cd), mm(T, v * gt.beta, cd), T
 
 
 def state_step(spec: Spec, S, k, u, w, extras):
     """One step of the sequential pass: S [K, BV] entering the chunk -> (vn, S leaving it).
     u: U (delta rule) or V (linear attention) [C, BV]; w: W [C, K] or None."""
-    mm = matmul(False)
+    mm = matmul(spec.precise)
     Ks, d = key_decay(spec.gates(extras), k)
     vn = u - mm(w, S, spec.cd) if spec.delta else u
     return vn, d * S + mm(Ks, vn, spec.cd, ta=True)
@@ -278,7 +243,7 @@ def state_step(spec: Spec, S, k, u, w, extras):
 def state_step_bwd(spec: Spec, dS, q, k, w, do, dvo, extras):
     """One reverse step: the cotangent of the state leaving the chunk -> of the one entering.
     dvo [C, BV] = Pᵀ do (`intra_dv`), needed by the delta rule only."""
-    mm = matmul(False)
+    mm = matmul(spec.precise)
     gt = spec.gates(extras)
     Ks, d = key_decay(gt, k)
     dS_in = d * dS + mm(query_gate(gt, q * spec.scale), do, spec.cd, ta=True)
@@ -290,7 +255,7 @@ def state_step_bwd(spec: Spec, dS, q, k, w, do, dvo, extras):
 
 def chunk_output(spec: Spec, S, q, k, vn, extras):
     """o [C, BV] = Qe S_in + P vn."""
-    mm = matmul(False)
+    mm = matmul(spec.precise)
     gt = spec.gates(extras)
     q = q * spec.scale
     return mm(query_gate(gt, q), S, spec.cd) + mm(intra_scores(gt, q, k, spec.cd, mm), vn, spec.cd)
@@ -298,27 +263,101 @@ def chunk_output(spec: Spec, S, q, k, vn, extras):
 
 def intra_dv(spec: Spec, q, k, do, extras):
     """Pᵀ do [C, BV]: the read-out's share of the cotangent of vn."""
-    mm = matmul(False)
+    mm = matmul(spec.precise)
     P = intra_scores(spec.gates(extras), q * spec.scale, k, spec.cd, mm)
     return mm(P, do, spec.cd, ta=True)
 
 
-def chunk_fn(spec: Spec):
-    """The whole chunk, (S_in, T, q, k, v, *extras) -> (o, S_out), for `jax.vjp` in a kernel
-    (T: the forward's UT inverse of the chunk; None for linear attention)."""
-    mm = matmul(True)
-    cd = spec.cd
+# ----------------------------------------------------------------------------- the backward
+def intra_scores_bwd(gt: Gates, q, k, dP, cd, mm):
+    """(dq, dk) of P = `intra_scores`(q, k) under the cotangent dP [C, C] (entries above the
+    diagonal ignored). The gates' share needs no third product: P_ij's exponent is
+    A_i − A_j, so dA = q ⊙ dq − k ⊙ dk (per key; summed over keys for a scalar gate)."""
+    C = q.shape[0]
+    causal = _iota((C, C), 0) >= _iota((C, C), 1)
+    if gt.Gk is not None:  # the masked elementwise form, as in `intra_scores`
+        A, _ = _decays(gt)
+        dPE = dP[:, :, None] * _masked_exp(A[:, None, :] - A[None, :, :], causal[:, :, None])
+        return jnp.sum(dPE * k[None, :, :], axis=1), jnp.sum(dPE * q[:, None, :], axis=0)
+    if gt.G is not None:
+        dP = dP * _masked_exp(gt.G - _row(gt.G), causal)
+    else:
+        dP = jnp.where(causal, dP, 0)
+    return mm(dP, k, cd), mm(dP, q, cd, ta=True)
 
-    def fn(S, T, q, k, v, *extras):
-        gt = spec.gates(extras)
-        q = q * spec.scale
-        Ks, d = key_decay(gt, k)
-        if spec.delta:
-            W, U, _ = ut_transform(gt, k, v, cd, T)
-            vn = U - mm(W, S, cd)
-        else:
-            vn = v
-        o = mm(query_gate(gt, q), S, cd) + mm(intra_scores(gt, q, k, cd, mm), vn, cd)
-        return o, d * S + mm(Ks, vn, cd, ta=True)
 
-    return fn
+def _gate_grads(spec: Spec, gt: Gates, dA, dA_last_row, dA_C):
+    """The cotangents of the gate inputs (G, Gk, Gk_last; those the op has) from those of the
+    decays: dA [C, K] per key, dA_last_row [1, K] (through `_last_row(A)`), dA_C (through
+    A_C: [K, 1] with per-key gates, else [1, 1])."""
+    C = dA.shape[0]
+    last = _iota((C, 1), 0) == C - 1
+    dA = dA + jnp.where(_iota(dA.shape, 0) == C - 1, dA_last_row, 0)
+    out = []
+    if spec.has_g:  # A = G (+ Gk): G's cotangent sums the keys
+        dG = jnp.sum(dA, axis=1, keepdims=True)
+        out.append(dG + jnp.where(last, jnp.sum(dA_C, axis=0, keepdims=True), 0))
+    if spec.has_gk:
+        out += [dA, dA_C]
+    return out
+
+
+def chunk_grads(spec: Spec, S, dS, T, q, k, v, vn, do, dvo, extras):
+    """The chunk's backward written out: (dq, dk [C, K], dv [C, BV], the cotangents of the
+    extras in `kinds` order), given the state entering it S and the cotangent of the one
+    leaving it dS [K, BV], the forward's UT inverse T (delta rule; else None), vn (U − W S
+    for the delta rule, v for linear attention), and dvo = Pᵀ do (delta rule, from
+    `intra_dv`; None: computed here). With value tiles, dq, dk and the gates' cotangents are this tile's share (summed
+    over tiles by the caller); dv is whole.
+
+    Read-out and outgoing state: o = Qe S + P vn, S_out = d S + Ksᵀ vn give
+        dvn = Pᵀ do + Ks dS,  dQe = do Sᵀ,  dKs = vn dSᵀ,  dP = do vnᵀ,  dd = Σ_v dS ⊙ S.
+    Delta rule (vn = U − W S, W = T kb, U = T vb, kb = β e^A ⊙ k, vb = β ⊙ v, T = (I + L)⁻¹,
+    L = strict_lower(β Γ(K, K))):
+        dW = −dvn Sᵀ,  dkb = Tᵀ dW,  dvb = Tᵀ dvn,  dT = dW kbᵀ + dvn vbᵀ,
+        dL = strict_lower(−Tᵀ dT Tᵀ) (`inverse_bwd`),  dΓ = β ⊙ dL,
+        dβ = Σ_j dL ⊙ Γ + Σ_v dvb ⊙ v + Σ_k dkb ⊙ e^A k,  dv = β ⊙ dvb.
+    Gates: every decay factor is e^(A_i − A_j) or e^(±A), so each product's share of dA is
+    (its input) ⊙ (that input's cotangent), with the sign of the exponent."""
+    mm, cd = matmul(spec.precise), spec.cd
+    gt = spec.gates(extras)
+    A, _ = _decays(gt)
+    qs = q * spec.scale
+    Ks, d = key_decay(gt, k)
+    if dvo is None:
+        dvo = mm(intra_scores(gt, qs, k, cd, mm), do, cd, ta=True)
+    dvn = dvo + mm(Ks, dS, cd)
+    dq, dk = intra_scores_bwd(gt, qs, k, mm(do, vn, cd, tb=True), cd, mm)
+    dq_s, dk_s = mm(do, S, cd, tb=True), mm(vn, dS, cd, tb=True)   # dQe, dKs
+    if A is not None:
+        dA = qs * dq - k * dk
+        dq_s, dk_s = dq_s * jnp.exp(A), dk_s * _to_end(A)
+        dA = dA + qs * dq_s - k * dk_s
+        dA_last_row = jnp.sum(k * dk_s, axis=0, keepdims=True)
+        dd = jnp.sum(dS * S, axis=1, keepdims=True)
+        dA_C = d * (dd if spec.has_gk else jnp.sum(dd, axis=0, keepdims=True))
+    dq, dk = dq + dq_s, dk + dk_s
+    dex = []
+    if spec.delta:
+        kin = _keys_in(gt, k)
+        dW = -mm(dvn, S, cd, tb=True)
+        dkb, dvb = mm(T, dW, cd, ta=True), mm(T, dvn, cd, ta=True)
+        dT = mm(dW, kin * gt.beta, cd, tb=True) + mm(dvn, v * gt.beta, cd, tb=True)
+        dL = inverse_bwd(T, dT, jnp.dtype(cd) != jnp.bfloat16)
+        dkin = dkb * gt.beta
+        dk = dk + (dkin if A is None else dkin * jnp.exp(A))
+        dq_g, dk_g = intra_scores_bwd(gt, k, k, gt.beta * dL, cd, mm)
+        dk = dk + dq_g + dk_g
+        if A is not None:
+            dA = dA + kin * dkin + k * (dq_g - dk_g)
+        dbeta = (jnp.sum(dvb * v, axis=1, keepdims=True)
+                 + jnp.sum(dkb * kin, axis=1, keepdims=True)
+                 + jnp.sum(dL * _gammas(gt, k, cd, mm), axis=1, keepdims=True))
+        dex.append(dbeta)
+        dv = dvb * gt.beta
+    else:
+        dv = dvn
+    if A is None:
+        return dq * spec.scale, dk, dv, dex
+    dex += _gate_grads(spec, gt, dA, dA_last_row, dA_C)
+    return dq * spec.scale, dk, dv, dex

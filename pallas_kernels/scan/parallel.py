@@ -69,7 +69,7 @@ def ut_transform(cfg, k, v, extras):
     def kernel(k_ref, v_ref, *rest):
         ex_refs, (w_ref, u_ref, t_ref) = rest[:n], rest[n:]
         gt = cfg.spec.gates([ld(e) for e in ex_refs])
-        w, u, t = chunk_math.ut_transform(gt, ld(k_ref), ld(v_ref), cfg.spec.cd)
+        w, u, t = chunk_math.ut_transform(cfg.spec, gt, ld(k_ref), ld(v_ref))
         w_ref[...] = w.astype(w_ref.dtype)
         u_ref[...] = u.astype(u_ref.dtype)
         t_ref[...] = t
@@ -121,25 +121,28 @@ def intra_dv(cfg, q, k, do, extras):
                  q, k, do, *extras)
 
 
-def chunk_vjp(cfg, q, k, v, extras, h, tri, do, dh):
-    """Every chunk's input gradients at once: the vjp of the chunk function at its entering
-    state h[c] (and UT inverse tri, delta rule) with cotangents (do, dh[c] = that of its
-    outgoing state). Value tiles give partial dq, dk and gate gradients, summed here.
-    Returns (dq, dk, dv, dextras)."""
+def chunk_grads(cfg, q, k, v, extras, h, tri, vn, do, dvo, dh):
+    """Every chunk's input gradients at once, written out (`chunk_math.chunk_grads`): at its
+    entering state h[c], with the cotangent dh[c] of its outgoing state, the forward's UT
+    inverse tri and vn (delta rule: both residuals of the forward; dvo = Pᵀ do from
+    `intra_dv`), else vn = v and Pᵀ do formed here. Value tiles give partial dq, dk and gate
+    gradients, summed here. Returns (dq, dk, dv, dextras)."""
     sp = _specs(cfg, tiled=True)
     acc = jnp.dtype(cfg.acc)
     ld, n, delta = _load(acc), len(extras), cfg.spec.delta
-    fn = chunk_math.chunk_fn(cfg.spec)
 
     def kernel(q_ref, k_ref, v_ref, *rest):
         ex_refs, rest = rest[:n], rest[n:]
-        t_ref, rest = (rest[0], rest[1:]) if delta else (None, rest)
+        t_ref = vn_ref = dvo_ref = None
+        if delta:
+            (t_ref, vn_ref, dvo_ref), rest = rest[:3], rest[3:]
         h_ref, do_ref, dh_ref, dq_ref, dk_ref, dv_ref = rest[:6]
         dex_refs = rest[6:]
-        S, T = ld(h_ref), ld(t_ref) if delta else None
-        _, vjp = jax.vjp(lambda *x: fn(S, T, *x), ld(q_ref), ld(k_ref), ld(v_ref),
-                         *[ld(e) for e in ex_refs])
-        dq, dk, dv, *dex = vjp((ld(do_ref), ld(dh_ref)))
+        v = ld(v_ref)
+        dq, dk, dv, dex = chunk_math.chunk_grads(
+            cfg.spec, ld(h_ref), ld(dh_ref), ld(t_ref) if delta else None, ld(q_ref),
+            ld(k_ref), v, ld(vn_ref) if delta else v, ld(do_ref),
+            ld(dvo_ref) if delta else None, [ld(e) for e in ex_refs])
         dq_ref[...] = dq
         dk_ref[...] = dk
         dv_ref[...] = dv
@@ -149,14 +152,15 @@ def chunk_vjp(cfg, q, k, v, extras, h, tri, do, dh):
     BH, T_pad, _ = q.shape
     NV = cfg.Vp // cfg.BV
     outs = _call(
-        cfg, kernel, "chunk_vjp", True,
+        cfg, kernel, "chunk_grads", True,
         [sp["key"], sp["key"], sp["val"]] + [sp[kd] for kd in cfg.kinds]
-        + ([sp["tri"]] if delta else []) + [sp["state"], sp["val"], sp["state"]],
+        + ([sp["tri"], sp["val"], sp["val"]] if delta else [])
+        + [sp["state"], sp["val"], sp["state"]],
         [sp["part"]["key"]] * 2 + [sp["val"]] + [sp["part"][kd] for kd in cfg.kinds],
         [jax.ShapeDtypeStruct((NV, BH, T_pad, cfg.Kp), acc)] * 2
         + [jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), acc)]
         + [jax.ShapeDtypeStruct((NV,) + cfg.extra_shape(kd, BH, T_pad), acc)
            for kd in cfg.kinds],
-        q, k, v, *extras, *([tri] if delta else []), h, do, dh)
+        q, k, v, *extras, *([tri, vn, dvo] if delta else []), h, do, dh)
     dq, dk, dv, dex = outs[0].sum(0), outs[1].sum(0), outs[2], outs[3:]
     return dq, dk, dv, tuple(d.sum(0) for d in dex)

@@ -13,11 +13,13 @@ Chunk-parallel: the sequential dimension carries only the state recurrence.
   backward  1. Pᵀ do for every chunk at once (delta rule only)        parallel.intra_dv
             2. one reverse pass: dS_in = d dS + Qeᵀ do − Wᵀ(Pᵀdo + Ks dS),
                writing the cotangent of every chunk's outgoing state  scan_*.state_backward
-            3. every chunk's input gradients at once: `jax.vjp` of the chunk function at
-               (h[c], T, chunk inputs) with cotangents (do, dS_out[c]) parallel.chunk_vjp
+            3. every chunk's input gradients at once, written out (matmuls and elementwise
+               work, no autodiff in a kernel): dvn = Pᵀdo + Ks dS_out; dq, dk, dg from
+               the read-out, the outgoing state and P; for the delta rule dW, dU → through
+               the saved T (dL = −Tᵀ dT Tᵀ) → dk, dv, dβ, dg     parallel.chunk_grads
 
-The forward keeps the chunk-boundary states h [BH, NC, K, V] (in the matmul dtype), W, the UT
-inverses [BH, T, C] and the inputs as residuals, never a state per token.
+The forward keeps the chunk-boundary states h [BH, NC, K, V] (in the matmul dtype), W, vn =
+U − W S, the UT inverses [BH, T, C] and the inputs as residuals, never a state per token.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def _forward(cfg, q, k, v, extras, h0, reset, hidx):
                  else (None, v, None))
     h, vn, fin = sequential(cfg).state_forward(cfg, k, u, w, extras, h0, reset, hidx)
     o = parallel.output(cfg, q, k, vn, extras, h)
-    return o, fin, (h, w, tri)
+    return o, fin, (h, w, tri, vn if cfg.spec.delta else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -89,13 +91,13 @@ def _scan_fwd(cfg, q, k, v, extras, h0, reset, hidx):
 
 
 def _scan_bwd(cfg, res, cts):
-    q, k, v, extras, h0, reset, hidx, h, w, tri = res
+    q, k, v, extras, h0, reset, hidx, h, w, tri, vn = res
     do, dfin = cts
     do = do.astype(cfg.out)
     dvo = parallel.intra_dv(cfg, q, k, do, extras) if cfg.spec.delta else None
     dh, dh0 = sequential(cfg).state_backward(cfg, q, k, w, extras, do, dvo, dfin, h0,
                                               reset, hidx)
-    dq, dk, dv, dex = parallel.chunk_vjp(cfg, q, k, v, extras, h, tri, do, dh)
+    dq, dk, dv, dex = parallel.chunk_grads(cfg, q, k, v, extras, h, tri, vn, do, dvo, dh)
     dex = tuple(d.astype(e.dtype) for d, e in zip(dex, extras))
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dex,
             dh0.astype(h0.dtype), None, None)
