@@ -238,7 +238,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             series[f"{r['model']} ({r['state']:,} floats)"] = (distances, accs)
     common.plot_lines(out / "segment_recall.png", series,
                       xlabel="distance from fact to question (segments)", ylabel="accuracy",
-                      ylim=(-0.02, 1.02), title=title)
+                      ylim=(-0.02, 1.02),
+                      title=f"cross-segment recall: {n} segments of {args.segment_len} "
+                            f"(chance {1 / args.symbols:.2f})")
     print(f"wrote {out / 'segment_recall.json'} and {out / 'segment_recall.png'}")
     return result
 
