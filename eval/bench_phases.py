@@ -6,7 +6,8 @@ block policies side by side (the tuning table behind `pallas_kernels.scan.phases
                                 [--reps 10] [--out out/bench_phases]
 
 Phases (see `pallas_kernels.scan.phases`): forward `ut` (W, U; delta rule only), `state_fwd`,
-`output`; backward `dv_intra` (delta rule only), `state_bwd`, `chunk_vjp`. Each is jitted alone
+`output`; backward `dv_intra` (delta rule only), `state_bwd`, `chunk_grads` (the written-out
+gradients of every chunk). Each is jitted alone
 on the same inputs; ms is the median of `--reps` calls after a warm-up, compile s the time of
 lowering + compiling it. A table per op, results.json, and phases.png (stacked bars per
 variant). On CPU the kernels run in interpret mode: use tiny shapes there (the numbers only
@@ -32,6 +33,8 @@ VARIANTS = {
     "tile32": {"v_tile": 32, "v_tile_seq": 32},
     "tile128": {"v_tile": 128},
     "seq_tile32": {"v_tile_seq": 32},
+    "no_tile_rule": {"tile_rule": ()},     # the policy's tiles whatever the call's size
+    "f32_full": {"tf32": False},           # float32 inputs at full precision (GPU)
 }
 
 
@@ -70,8 +73,9 @@ def run_phases(cfg, args, reps):
                  q, k, do, extras) if delta else None)
     dh, _ = stage("state_bwd", lambda q, k, w, e, do, dvo, fin: seq.state_backward(
         cfg, q, k, w, e, do, dvo, fin, h0, reset, hidx), q, k, w, extras, do, dvo, fin)
-    stage("chunk_vjp", lambda q, k, v, e, h, tri, do, dh: parallel.chunk_vjp(
-        cfg, q, k, v, e, h, tri, do, dh), q, k, v, extras, h, tri, do, dh)
+    stage("chunk_grads", lambda q, k, v, e, h, tri, vn, do, dvo, dh: parallel.chunk_grads(
+        cfg, q, k, v, e, h, tri, vn, do, dvo, dh), q, k, v, extras, h, tri,
+        vn if delta else None, do, dvo, dh)
     return cells
 
 
@@ -100,9 +104,10 @@ def run(args):
                 continue
             row = {"op": op, "variant": name, "ms": {p: c[0] for p, c in cells.items()},
                    "compile_s": {p: c[1] for p, c in cells.items()},
+                   "tiles": {"BV": cfg.BV, "BV_seq": cfg.BV_seq},
                    "device": jax.devices()[0].device_kind}
             results.append(row)
-            print(f"{op:6s} {name:11s} " + "  ".join(
+            print(f"{op:6s} {name:12s} BV {cfg.BV:3d}/{cfg.BV_seq:3d} " + "  ".join(
                 f"{p} {c[0]:7.3f} ms ({c[1]:4.1f} s)" for p, c in cells.items())
                 + f"  total {sum(c[0] for c in cells.values()):7.3f} ms", flush=True)
             with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -16,9 +16,12 @@ from ..scan import phases
 
 
 def linear_attention_pallas(q, k, v, g, gk, *, scale, initial_state, cu_seqlens, chunk_size,
-                            backend: Optional[str] = None, interpret: Optional[bool] = None):
-    """Validated inputs as for the other impls -> (o in q's dtype, final state [N, H, K, V])."""
+                            backend: Optional[str] = None, interpret: Optional[bool] = None,
+                            tf32: Optional[bool] = None):
+    """Validated inputs as for the other impls -> (o in q's dtype, final state [N, H, K, V]).
+    `tf32`: float32 inputs as TF32 on a GPU (None: the backend's policy, `phases.Blocks.tf32`,
+    which states the tolerance; False: full float32)."""
     return phases.chunked_scan(
         "la", q, k, v, g=g, gk=gk, scale=scale, initial_state=initial_state,
-        cu_seqlens=cu_seqlens, chunk_size=chunk_size, blocks=phases.blocks_for(backend),
+        cu_seqlens=cu_seqlens, chunk_size=chunk_size, blocks=phases.blocks_for(backend, tf32),
         interpret=interpret)

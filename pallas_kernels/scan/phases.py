@@ -107,13 +107,34 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 # ----------------------------------------------------------------------------- block policy
+# The value tiles of one call, from its parallelism — the one table of the rule: a pass whose
+# grid would have fewer than `programs` programs at the policy's tile takes tiles `div` times
+# smaller (the first row that applies; never below the backend's `align`, so TPU tiles stay
+# 128 lanes). The sequential passes have B·H·(Vp / tile) programs, so this is where small
+# B·H shows (at B=1, H=16, V=128 the state passes ran 32 programs on an H200's 132 SMs; now
+# 128 with tiles of 16); the chunk-parallel kernels have B·H·NC·(Vp / tile), so short T at
+# small B·H. Rows chosen to reach about one program per SM of an H100/H200; not yet tuned
+# on one (`eval.bench_phases` times both passes' tiles).
+#            (programs below, tile divided by)
+TILE_RULE = ((48, 4),
+             (96, 2))
+
+
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     """A backend's block-shape policy: K and V are padded to multiples of `align` (and to a
-    power of two if `pow2`); value tiles of `v_tile` (chunk-parallel kernels) and `v_tile_seq`
-    (sequential passes), each halved for float32 inputs (`f32_halve`: the GPU's shared
-    memory holds half as many float32 operands); on GPU, `warps` / `warps_seq` warps per
-    program of the chunk-parallel kernels / sequential passes."""
+    power of two if `pow2`); value tiles of at most `v_tile` (chunk-parallel kernels) and
+    `v_tile_seq` (sequential passes), each halved for float32 inputs (`f32_halve`: the GPU's
+    shared memory holds half as many float32 operands) and made smaller for calls with few
+    programs (`tile_rule`: `TILE_RULE`, or () to keep them); on GPU, `warps` / `warps_seq`
+    warps per program of the chunk-parallel kernels / sequential passes.
+
+    `tf32`: float32 inputs are multiplied at the backend's default precision — TF32 tensor
+    cores on a GPU, as fla — instead of full float32 (the UT inverse stays at full precision
+    either way). TF32 keeps 10 of float32's 23 mantissa bits (each operand rounded to within
+    2^-11 ≈ 5e-4 relative), so outputs and gradients then match the float64 reference to about
+    1e-3 relative at T of a few thousand, against about 1e-5 at full precision (derived from
+    the rounding, not yet measured on a GPU). bfloat16 inputs are unaffected."""
     backend: str
     align: int
     v_tile: int
@@ -122,27 +143,34 @@ class Blocks:
     f32_halve: bool
     warps: int = 4
     warps_seq: int = 4
+    tf32: bool = False
+    tile_rule: tuple = TILE_RULE
 
 
 # TPU (Mosaic): K and V padded to multiples of 128 lanes, value tiles of 128; the sequential
 # passes walk the chunks as the last ("arbitrary") grid axis with the float32 state in VMEM.
+# float32 at full precision (the TPU's default would round operands to bfloat16).
 TPU_BLOCKS = Blocks("tpu", align=128, v_tile=128, v_tile_seq=128, pow2=False, f32_halve=False)
 # GPU (Pallas' Triton backend): K and V padded to powers of two >= 16 (Triton's tensor shapes);
 # the sequential passes loop over chunks inside one program per (batch·head, value tile of 64)
 # with the float32 state in registers; the chunk-parallel kernels take value tiles of 128 (on
 # an H200 at B=4, T=4096, H=16, K=V=128, bf16, the per-chunk vjp ran in 3.4 ms with 128 against
-# 5.8 ms with 64: it recomputes W for every value tile), 4 warps (8 were slower in every
-# phase but one): `python -m eval.bench_phases`.
-GPU_BLOCKS = Blocks("gpu", align=16, v_tile=128, v_tile_seq=64, pow2=True, f32_halve=True)
+# 5.8 ms with 64: it recomputed W for every value tile; the written-out backward still redoes
+# its key-side work per tile), 4 warps (8 were slower in every phase but one):
+# `python -m eval.bench_phases`. float32 inputs as TF32, as fla.
+GPU_BLOCKS = Blocks("gpu", align=16, v_tile=128, v_tile_seq=64, pow2=True, f32_halve=True,
+                    tf32=True)
 BLOCKS = {"tpu": TPU_BLOCKS, "gpu": GPU_BLOCKS}
 
 
-def blocks_for(backend: Optional[str]) -> Blocks:
-    """The block policy of `backend` ("tpu" | "gpu"; None: the default device's layout)."""
+def blocks_for(backend: Optional[str], tf32: Optional[bool] = None) -> Blocks:
+    """The block policy of `backend` ("tpu" | "gpu"; None: the default device's layout), with
+    `tf32` replaced where given."""
     backend = backend or common.default_backend()
     if backend not in BLOCKS:
         raise ValueError(f"`backend` must be 'tpu' or 'gpu', got {backend!r}")
-    return BLOCKS[backend]
+    blocks = BLOCKS[backend]
+    return blocks if tf32 is None else dataclasses.replace(blocks, tf32=bool(tf32))
 
 
 def _pad_dim(d: int, blocks: Blocks) -> int:
@@ -154,10 +182,18 @@ def _pad_dim(d: int, blocks: Blocks) -> int:
     return -(-d // blocks.align) * blocks.align
 
 
-def _tile(Vp: int, tile: int, blocks: Blocks, f32: bool) -> int:
+def value_tile(blocks: Blocks, tile: int, Vp: int, f32: bool, rows: Optional[int]) -> int:
+    """The value tile of a pass with `rows` programs per value tile (B·H for the sequential
+    passes, B·H·NC for the chunk-parallel ones) over padded values `Vp`, from the policy's
+    `tile` and its `tile_rule` (not applied when `rows` is None: interpret mode, which runs the
+    programs one after another, so that more of them would only cost time)."""
     if f32 and blocks.f32_halve:
         tile //= 2
-    return min(max(tile, blocks.align), Vp)
+    tile = min(max(tile, blocks.align), Vp)
+    for programs, div in blocks.tile_rule if rows is not None else ():
+        if rows * (Vp // tile) < programs:
+            return max(tile // div, blocks.align)
+    return tile
 
 
 # ----------------------------------------------------------------------------- the op wrapper
@@ -181,6 +217,8 @@ def prepare(family: str, q, k, v, *, beta=None, g=None, gk=None, scale: float,
     NC, T_pad, N = layout.num_chunks, layout.T_pad, layout.num_seqs
     Kp, Vp = _pad_dim(K, blocks), _pad_dim(V, blocks)
     f32 = jnp.dtype(cd).itemsize >= 4
+    # programs per value tile of the chunk-parallel kernels and of the sequential passes
+    rows, rows_seq = (None, None) if interpret else (B * H * NC, B * H)
 
     def tokens(x, width, dtype=None, cumsum=False):
         """[B, T, H(, D)] -> [B·H, T_pad, width]; gates become within-chunk cumulative sums."""
@@ -216,11 +254,12 @@ def prepare(family: str, q, k, v, *, beta=None, g=None, gk=None, scale: float,
     hidx = layout.seq.reshape(-1).astype(jnp.int32)
 
     spec = Spec(delta=family == "gdn", has_g=g is not None, has_gk=gk is not None,
-                scale=float(scale), cd=jnp.dtype(cd).name)
+                scale=float(scale), cd=jnp.dtype(cd).name, precise=not blocks.tf32)
     cfg = ScanConfig(
         spec=spec, acc=jnp.dtype(acc).name, out=jnp.dtype(q.dtype).name, H=H, C=C, NC=NC,
-        Kp=Kp, Vp=Vp, BV=_tile(Vp, blocks.v_tile, blocks, f32),
-        BV_seq=_tile(Vp, blocks.v_tile_seq, blocks, f32), backend=blocks.backend,
+        Kp=Kp, Vp=Vp, BV=value_tile(blocks, blocks.v_tile, Vp, f32, rows),
+        BV_seq=value_tile(blocks, blocks.v_tile_seq, Vp, f32, rows_seq),
+        backend=blocks.backend,
         interpret=bool(interpret), varlen=cu_seqlens is not None, warps=blocks.warps,
         warps_seq=blocks.warps_seq)
     args = (tokens(q, Kp), tokens(k, Kp), tokens(v, Vp), tuple(extras), h0, reset, hidx)

@@ -12,8 +12,8 @@ def test_every_phase_timed(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [(r["op"], r["variant"]) for r in rows] == [
         ("gdn", "default"), ("gdn", "tile32"), ("la_g", "default"), ("la_g", "tile32")]
-    phases = {"gdn": ["ut", "state_fwd", "output", "dv_intra", "state_bwd", "chunk_vjp"],
-              "la_g": ["state_fwd", "output", "state_bwd", "chunk_vjp"]}
+    phases = {"gdn": ["ut", "state_fwd", "output", "dv_intra", "state_bwd", "chunk_grads"],
+              "la_g": ["state_fwd", "output", "state_bwd", "chunk_grads"]}
     for r in rows:
         assert list(r["ms"]) == phases[r["op"]], r
         assert all(v > 0 for v in r["ms"].values()) and all(
