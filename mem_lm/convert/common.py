@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -31,7 +31,29 @@ def shortest_period(seq: tuple) -> tuple:
 # How a tensor changes between PyTorch and here: ("dense", n) for a Linear weight
 # [out, in] <-> a kernel [in (n axes)..., out...]; "conv" for a depthwise Conv1d weight
 # [C, 1, W] <-> [W, heads, width]; "flat" for a vector <-> any shape of as many values;
-# "same" for an identical array.
+# "same" for an identical array. ("dense", n, rows): a fused Linear whose rows interleave its
+# parts (Qwen3-Next's in_proj_qkvz, per key head [q | k | v | z]): `rows` is the order that
+# takes its rows to its parts stacked one after the other (w[rows]), the layout below.
+class Stacked(NamedTuple):
+    """One slice, [index], of a parameter stacked over its first axis (an expert of a MoE's
+    [E, ...] kernels), where the checkpoint keeps a tensor per slice."""
+    path: tuple
+    index: int
+
+
+def part_path(part) -> tuple:
+    return part.path if isinstance(part, Stacked) else part
+
+
+def part_shape(shapes: Mapping, part) -> tuple:
+    return shapes[part.path][1:] if isinstance(part, Stacked) else shapes[part]
+
+
+def row_order(how):
+    """The row order of a fused tensor's parts (None: stacked one after the other)."""
+    return how[2] if isinstance(how, tuple) and len(how) > 2 else None
+
+
 def to_ours(how, w: np.ndarray, shape: tuple) -> np.ndarray:
     if how == "conv":
         return w[:, 0, :].T.reshape(shape)
@@ -86,9 +108,11 @@ def set_path(tree: dict, path: tuple, value) -> None:
 
 def params_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], entries: list,
                         fmt: str, embedding: str) -> dict:
-    """Our params from a checkpoint's `tensors`, checked against `entries` (the format's
-    tensor map: (tensor name, our paths, layout); a tensor of several paths holds their
-    parts stacked by rows, in order). `fmt` names the format in errors, `embedding` is its
+    """Our params from a checkpoint's `tensors` (any mapping: a lazy one reads each tensor when
+    it is taken, once), checked against `entries` (the format's tensor map: (tensor name, our
+    parts, layout); a part is a path or a `Stacked` slice of one; a tensor of several parts
+    holds them stacked by rows, in order, or in `row_order(layout)`). `fmt` names the format in
+    errors, `embedding` is its
     input embedding's tensor (a tied `lm_head.weight` must equal it). Every tensor mapped,
     every parameter filled, floats of the expected shapes: else a ConversionError listing all
     that is wrong."""
@@ -100,34 +124,67 @@ def params_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], ent
                                   f"lm_head.weight differs from {embedding}")
         tensors = {n: w for n, w in tensors.items() if n != "lm_head.weight"}
     shapes = param_shapes(cfg)
+    names = {n for n, _, _ in entries}
     missing = [n for n, _, _ in entries if n not in tensors]
-    leftover = sorted(set(tensors) - {n for n, _, _ in entries})
+    leftover = sorted(n for n in tensors if n not in names)
     if missing or leftover:
         raise ConversionError(
             f"{fmt} checkpoint does not match its config:"
             + (f"\n  missing tensors: {missing}" if missing else "")
             + (f"\n  tensors left over (not mapped to any parameter): {leftover}"
                if leftover else ""))
-    params, wrong = {}, []
-    for name, paths, how in entries:
+    params, wrong, stacked = {}, [], {}
+    for name, parts, how in entries:
         w = np.asarray(tensors[name])
         if not np.issubdtype(w.dtype, np.floating) and w.dtype.name != "bfloat16":
             wrong.append(f"{name}: dtype {w.dtype}")
             continue
-        rows = [torch_shape(how, shapes[p])[0] for p in paths]
-        want = (sum(rows),) + torch_shape(how, shapes[paths[0]])[1:]
+        rows = [torch_shape(how, part_shape(shapes, p))[0] for p in parts]
+        want = (sum(rows),) + torch_shape(how, part_shape(shapes, parts[0]))[1:]
         if tuple(w.shape) != want:
             wrong.append(f"{name}: shape {tuple(w.shape)}, expected {want} for "
-                         + ", ".join(f"{'/'.join(p)} {shapes[p]}" for p in paths))
+                         + ", ".join(f"{'/'.join(part_path(p))} {part_shape(shapes, p)}"
+                                     for p in parts))
             continue
-        for p, start, n in zip(paths, np.cumsum([0] + rows), rows):
-            set_path(params, p, to_ours(how, w[start:start + n].astype(np.float32), shapes[p]))
-    unmapped = sorted(set(shapes) - {p for _, ps, _ in entries for p in ps})
+        if row_order(how) is not None:
+            w = w[row_order(how)]
+        for p, start, n in zip(parts, np.cumsum([0] + rows), rows):
+            a = to_ours(how, w[start:start + n].astype(np.float32), part_shape(shapes, p))
+            if isinstance(p, Stacked):
+                if p.path not in stacked:
+                    stacked[p.path] = np.zeros(shapes[p.path], np.float32)
+                    set_path(params, p.path, stacked[p.path])
+                stacked[p.path][p.index] = a
+            else:
+                set_path(params, p, a)
+    unmapped = sorted(set(shapes) - {part_path(p) for _, ps, _ in entries for p in ps})
     if wrong or unmapped:
         raise ConversionError(f"{fmt} checkpoint: " + "; ".join(wrong)
                               + (f"; parameters with no {fmt} tensor: {unmapped}"
                                  if unmapped else ""))
     return params
+
+
+def tensors_from_params(cfg: ModelConfig, params: Mapping, entries: list, fmt: str) -> dict:
+    """The checkpoint's {tensor name: float32 array} of our params (with or without
+    scan_layers) by the format's tensor map (the inverse of `params_from_tensors`)."""
+    get = layer_params(cfg, params)
+    unmapped = sorted(set(param_shapes(cfg))
+                      - {part_path(p) for _, ps, _ in entries for p in ps})
+    if unmapped:
+        raise ConversionError(f"export to {fmt}: parameters with no {fmt} name: {unmapped}")
+
+    def torch_part(how, p):
+        a = get(part_path(p)).astype(np.float32)
+        return to_torch(how, a[p.index] if isinstance(p, Stacked) else a)
+
+    out = {}
+    for name, parts, how in entries:
+        w = np.concatenate([torch_part(how, p) for p in parts], axis=0)
+        if row_order(how) is not None:
+            w = w[np.argsort(row_order(how))]
+        out[name] = np.ascontiguousarray(w)
+    return out
 
 
 def layer_params(cfg: ModelConfig, params: Mapping) -> Callable[[tuple], np.ndarray]:

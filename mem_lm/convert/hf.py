@@ -19,6 +19,21 @@ missing. Mamba2's fused tensors are split by rows: in_proj.weight [z | x | B | C
 z_proj, x_proj, B_proj, C_proj, dt_proj, and conv1d's channels [x | B | C] into the three convs
 and their biases (zeros when use_conv_bias is false; export always writes them, with
 use_conv_bias true).
+
+qwen3_next (`Qwen3NextForCausalLM`) -> layer_types (or full_attention_interval) as `pattern`:
+linear_attention -> `gdn` (the model's num_heads / head_dim are linear_num_key_heads /
+linear_key_head_dim; num_v_heads, expand_v = value / key head width, its conv), full_attention
+-> `attn` with its own heads, head_size, num_kv_heads, rope_base, rope_fraction
+(partial_rotary_factor), output_gate and qk_norm; the MLPs as `channel_pattern`: `moe`
+(softmax router, norm_topk_prob, the shared expert behind its sigmoid gate, aux_loss_weight =
+router_aux_loss_coef) where Qwen3NextDecoderLayer puts its sparse block (decoder_sparse_step,
+mlp_only_layers), `swiglu` (d_ff = intermediate_size) elsewhere; zero_centred_norms (its
+RMSNorms scale by 1 + w: the stored w is our scale, unchanged). Tensors: in_proj_qkvz and
+in_proj_ba are per key head [q | k | v | z] and [b | a]: row orders split them into our q, k,
+v, g (z) and b, a projections (`_qwen3_next_gdn`); the experts are one tensor per expert and
+projection, as save_pretrained and the releases store them (`Stacked` slices of our [E, ...]
+kernels). The release's multi-token-prediction tensors (mtp.*) are dropped, as transformers
+drops them. Export writes the same names, config.json with layer_types and mlp_only_layers.
 """
 from __future__ import annotations
 
@@ -30,8 +45,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from mem_lm.config import ModelConfig
-from mem_lm.convert.common import (ConversionError, layer_params, param_shapes,
-                                   params_from_tensors, read_hf_dir, to_torch)
+from mem_lm.model import make_mixer
+from mem_lm.convert.common import (ConversionError, Stacked, params_from_tensors,
+                                   read_hf_dir, shortest_period, tensors_from_params)
 
 # Fields of transformers' config.json that do not change the function the model computes:
 # bookkeeping, token ids, initialisation (initializer_range, rescale_prenorm_residual, the
@@ -46,6 +62,9 @@ _NO_EFFECT = {
     "output_hidden_states", "return_dict", "use_return_dict", "tie_encoder_decoder",
     "is_encoder_decoder", "chunk_size_feed_forward", "problem_type", "tokenizer_class",
     "id2label", "label2id", "_name_or_path", "name_or_path",
+    # Qwen3-Next: positions beyond max_position_embeddings are computed the same (default
+    # RoPE), dropout is off at inference, output_router_logits only returns the logits.
+    "max_position_embeddings", "attention_dropout", "output_router_logits",
 }
 # transformers 5.24's Mamba2Config defaults, for fields a config.json may omit.
 _DEFAULTS = {
@@ -55,7 +74,18 @@ _DEFAULTS = {
                    hidden_act="silu", time_step_limit=(0.0, math.inf),
                    tie_word_embeddings=False),
 }
-_ARCHITECTURES = {"mamba2": "Mamba2ForCausalLM"}
+_DEFAULTS["qwen3_next"] = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=48,
+    num_attention_heads=16, num_key_value_heads=2, hidden_act="silu", rms_norm_eps=1e-6,
+    tie_word_embeddings=False, rope_parameters=None, attention_bias=False, head_dim=256,
+    linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_num_key_heads=16, linear_num_value_heads=32, decoder_sparse_step=1,
+    moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts_per_tok=10,
+    num_experts=512, norm_topk_prob=True, router_aux_loss_coef=0.001, mlp_only_layers=None,
+    layer_types=None, full_attention_interval=4,
+    # transformers' older configs keep RoPE's settings flat; rope_parameters holds them now.
+    rope_theta=10000.0, partial_rotary_factor=0.25, rope_scaling=None)
+_ARCHITECTURES = {"mamba2": "Mamba2ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
 _DENSE, _DENSE2 = ("dense", 1), ("dense", 2)
 
 
@@ -85,29 +115,184 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
                                   f"supported (supported: {allowed})")
 
     require("hidden_act", c["hidden_act"] in ("silu", "swish"), "silu")
+    try:
+        return _CONFIG_FROM[model_type](c, require)
+    except ConversionError:
+        raise
+    except ValueError as e:
+        raise ConversionError(f"hf config ({model_type}): {e}") from None
+
+
+def _mamba2_config(c: dict, require) -> ModelConfig:
     require("use_bias", not c["use_bias"], "false: in_proj and out_proj without biases")
     limit = tuple(_float(v) for v in c["time_step_limit"])
     require("time_step_limit", limit == (0.0, math.inf),
             "(0.0, inf): dt is not clamped (transformers' one-token path ignores the limit)")
     d, H, P = c["hidden_size"], c["num_heads"], c["head_dim"]
     if d * c["expand"] != H * P:
-        raise ConversionError(f"hf config ({model_type}): hidden_size · expand = "
+        raise ConversionError(f"hf config (mamba2): hidden_size · expand = "
                               f"{d * c['expand']} must equal num_heads · head_dim = {H * P}")
     ssd = dict(d_state=c["state_size"], ngroups=c["n_groups"], conv_size=c["conv_kernel"],
                short_conv=True)
-    try:
-        return ModelConfig(vocab_size=c["vocab_size"], d_model=d,
-                           num_layers=c["num_hidden_layers"], num_heads=H, head_dim=P,
-                           pattern=("ssd",), channel_pattern=("none",), mixers={"ssd": ssd},
-                           tie_embeddings=bool(c["tie_word_embeddings"]),
-                           norm_eps=float(c["layer_norm_epsilon"]))
-    except ValueError as e:
-        raise ConversionError(f"hf config ({model_type}): {e}") from None
+    return ModelConfig(vocab_size=c["vocab_size"], d_model=d,
+                       num_layers=c["num_hidden_layers"], num_heads=H, head_dim=P,
+                       pattern=("ssd",), channel_pattern=("none",), mixers={"ssd": ssd},
+                       tie_embeddings=bool(c["tie_word_embeddings"]),
+                       norm_eps=float(c["layer_norm_epsilon"]))
+
+
+# Qwen3-Next's layer types, our token mixers.
+_QWEN3_NEXT_MIXERS = {"linear_attention": "gdn", "full_attention": "attn"}
+
+
+def _rope(c: dict) -> dict:
+    """RoPE's settings: rope_parameters (transformers 5), else the flat fields of older
+    configs (rope_theta, partial_rotary_factor, rope_scaling)."""
+    rope = dict(c["rope_parameters"] or {})
+    rope.setdefault("rope_type", (c["rope_scaling"] or {}).get("rope_type", "default"))
+    rope.setdefault("rope_theta", c["rope_theta"])
+    rope.setdefault("partial_rotary_factor", c["partial_rotary_factor"])
+    return rope
+
+
+def qwen3_next_layers(c: Mapping[str, Any]) -> tuple[tuple, tuple]:
+    """(token mixers, channel mixers), one per layer, of a Qwen3-Next config (defaults filled):
+    layer_types (or every full_attention_interval-th layer full attention); the MoE block in
+    layer i unless i is in mlp_only_layers, (i + 1) % decoder_sparse_step != 0 or there are no
+    experts, as Qwen3NextDecoderLayer decides."""
+    n = c["num_hidden_layers"]
+    types = c["layer_types"] or [
+        "linear_attention" if (i + 1) % c["full_attention_interval"] else "full_attention"
+        for i in range(n)]
+    if len(types) != n or set(types) - set(_QWEN3_NEXT_MIXERS):
+        raise ConversionError(f"hf config (qwen3_next): layer_types must list {n} of "
+                              f"{sorted(_QWEN3_NEXT_MIXERS)}, got {types}")
+    dense = set(c["mlp_only_layers"] or ())
+    channels = tuple("moe" if i not in dense and c["num_experts"] > 0
+                     and (i + 1) % c["decoder_sparse_step"] == 0 else "swiglu"
+                     for i in range(n))
+    return tuple(_QWEN3_NEXT_MIXERS[t] for t in types), channels
+
+
+def _qwen3_next_config(c: dict, require) -> ModelConfig:
+    require("attention_bias", not c["attention_bias"], "false: q/k/v/o without biases")
+    rope = _rope(c)
+    require("rope_parameters", rope["rope_type"] == "default", "rope_type 'default'")
+    mixers, channels = qwen3_next_layers(c)
+    K, V = c["linear_key_head_dim"], c["linear_value_head_dim"]
+    settings = {
+        "gdn": dict(num_v_heads=c["linear_num_value_heads"], expand_v=V / K, use_gate=True,
+                    allow_neg_eigval=False, short_conv=True,
+                    conv_size=c["linear_conv_kernel_dim"]),
+        "attn": dict(heads=c["num_attention_heads"], head_size=c["head_dim"],
+                     num_kv_heads=c["num_key_value_heads"], rope_base=float(rope["rope_theta"]),
+                     rope_fraction=float(rope["partial_rotary_factor"]), output_gate=True,
+                     qk_norm=True),
+        "moe": dict(num_experts=c["num_experts"], top_k=c["num_experts_per_tok"],
+                    d_expert=c["moe_intermediate_size"], router="softmax",
+                    norm_topk_prob=bool(c["norm_topk_prob"]),
+                    d_shared=c["shared_expert_intermediate_size"], shared_gate=True,
+                    aux_loss_weight=float(c["router_aux_loss_coef"])),
+        "swiglu": dict(d_ff=c["intermediate_size"]),
+    }
+    pattern, channel_pattern = shortest_period(mixers), shortest_period(channels)
+    return ModelConfig(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], num_layers=c["num_hidden_layers"],
+        num_heads=c["linear_num_key_heads"], head_dim=K, pattern=pattern,
+        channel_pattern=channel_pattern,
+        mixers={n: v for n, v in settings.items() if n in pattern + channel_pattern},
+        rope_theta=float(rope["rope_theta"]), tie_embeddings=bool(c["tie_word_embeddings"]),
+        norm_eps=float(c["rms_norm_eps"]), zero_centred_norms=True)
+
+
+_CONFIG_FROM = {"mamba2": _mamba2_config, "qwen3_next": _qwen3_next_config}
+
+
+def hf_kind(cfg: ModelConfig) -> str:
+    """The transformers model a ModelConfig exports as (by its token mixers)."""
+    if "ssd" in cfg.pattern:
+        return "mamba2"
+    if set(cfg.pattern) <= {"gdn", "attn"}:
+        return "qwen3_next"
+    raise ConversionError(f"export to hf: pattern {cfg.pattern} is none of transformers' "
+                          f"models here: Mamba2 (ssd), Qwen3-Next (gdn, attn)")
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """The transformers config.json (a dict) of a ModelConfig that Mamba2ForCausalLM can
-    express."""
+    """The transformers config.json (a dict) of a ModelConfig that Mamba2ForCausalLM or
+    Qwen3NextForCausalLM can express (`hf_kind`)."""
+    return _CONFIG_TO[hf_kind(cfg)](cfg)
+
+
+def _not_expressible(name: str, problems: list) -> None:
+    if problems:
+        raise ConversionError(f"export to hf: not expressible as {name}:\n  "
+                              + "\n  ".join(problems))
+
+
+def _differ(s: Mapping, want: Mapping, mixer: str) -> list:
+    return [f"{mixer} {k} = {s[k]!r}: {what}" for k, (v, what) in want.items() if s[k] != v]
+
+
+def _qwen3_next_to_hf(cfg: ModelConfig) -> dict:
+    problems = [] if cfg.zero_centred_norms else [
+        "zero_centred_norms = False: Qwen3-Next's norms scale by (1 + w)"]
+    bad = sorted(set(cfg.channel_pattern) - {"moe", "swiglu"})
+    if bad:
+        problems.append(f"channel mixers {bad}: Qwen3-Next's MLPs are moe or swiglu")
+    K, H = cfg.resolved_head_dim, cfg.num_heads
+    out = dict(model_type="qwen3_next", architectures=[_ARCHITECTURES["qwen3_next"]],
+               vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+               num_hidden_layers=cfg.num_layers, rms_norm_eps=cfg.norm_eps,
+               tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
+               attention_bias=False, decoder_sparse_step=1, linear_num_key_heads=H,
+               linear_key_head_dim=K, linear_value_head_dim=K, linear_num_value_heads=H,
+               layer_types=[{v: k for k, v in _QWEN3_NEXT_MIXERS.items()}[m]
+                            for m in cfg.layer_mixers],
+               mlp_only_layers=[i for i in range(cfg.num_layers)
+                                if cfg.layer_kinds(i)[1] == "swiglu"],
+               num_experts=0, rope_parameters=dict(rope_type="default",
+                                                   rope_theta=cfg.rope_theta,
+                                                   partial_rotary_factor=1.0))
+    if "gdn" in cfg.pattern:
+        s = cfg.settings("gdn")
+        problems += _differ(s, {"use_gate": (True, "Qwen3-Next gates its output norm"),
+                                "short_conv": (True, "Qwen3-Next always has its conv"),
+                                "allow_neg_eigval": (False, "Qwen3-Next's β = sigmoid")}, "gdn")
+        V = int(round(K * s["expand_v"]))
+        out.update(linear_value_head_dim=V, linear_num_value_heads=s["num_v_heads"] or H,
+                   linear_conv_kernel_dim=s["conv_size"])
+    if "attn" in cfg.pattern:
+        s = cfg.settings("attn")
+        problems += _differ(s, {"output_gate": (True, "Qwen3-Next gates attention's output"),
+                                "qk_norm": (True, "Qwen3-Next normalises q and k"),
+                                "qkv_bias": (False, "no biases"), "sinks": (False, "no sinks"),
+                                "short_conv": (False, "no convs"),
+                                "topk_blocks": (None, "dense attention")}, "attn")
+        heads = s["heads"] or cfg.num_heads
+        out.update(num_attention_heads=heads, head_dim=s["head_size"] or K,
+                   num_key_value_heads=s["num_kv_heads"] or heads)
+        out["rope_parameters"].update(rope_theta=s["rope_base"] or cfg.rope_theta,
+                                      partial_rotary_factor=s["rope_fraction"])
+    if "moe" in cfg.channel_pattern:
+        s = cfg.settings("moe")
+        problems += _differ(s, {"router": ("softmax", "Qwen3-Next routes by softmax"),
+                                "shared_gate": (True, "Qwen3-Next gates its shared expert"),
+                                "routed_scaling_factor": (1.0, "no scaling"),
+                                "score_correction_bias": (False, "no bias")}, "moe")
+        if s["d_shared"] < 1:
+            problems.append("moe d_shared = 0: Qwen3-Next's MoE has a shared expert")
+        out.update(num_experts=s["num_experts"], num_experts_per_tok=s["top_k"],
+                   moe_intermediate_size=make_mixer(cfg, "moe").d_expert,
+                   shared_expert_intermediate_size=s["d_shared"],
+                   norm_topk_prob=s["norm_topk_prob"], router_aux_loss_coef=s["aux_loss_weight"])
+    if "swiglu" in cfg.channel_pattern:
+        out["intermediate_size"] = make_mixer(cfg, "swiglu").d_ff
+    _not_expressible("Qwen3-Next", problems)
+    return out
+
+
+def _mamba2_to_hf(cfg: ModelConfig) -> dict:
     problems = []
     if set(cfg.pattern) != {"ssd"}:
         problems.append(f"pattern {cfg.pattern}: Mamba2 has ssd in every layer")
@@ -135,10 +320,84 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                 hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings)
 
 
+_CONFIG_TO = {"mamba2": _mamba2_to_hf, "qwen3_next": _qwen3_next_to_hf}
+
+
 # ------------------------------------------------------------------------------ tensors
 def tensor_map(cfg: ModelConfig) -> list:
-    """[(hf tensor name, [our param path (a tuple of keys, without scan_layers), ...], how)]:
-    each tensor is its parts' PyTorch forms concatenated along its first axis."""
+    """[(hf tensor name, [our parts: param paths (tuples of keys, without scan_layers) or
+    `Stacked` slices of them], how)]: each tensor is its parts' PyTorch forms concatenated
+    along its first axis (in the row order of `how`, if it has one)."""
+    return _TENSOR_MAP[hf_kind(cfg)](cfg)
+
+
+def _qwen3_next_tensors(cfg: ModelConfig) -> list:
+    out = [("model.embed_tokens.weight", [("embed", "embedding")], "same"),
+           ("model.norm.weight", [("final_norm", "scale")], "flat")]
+    if not cfg.tie_embeddings:
+        out.append(("lm_head.weight", [("lm_head", "kernel")], _DENSE))
+    for i in range(cfg.num_layers):
+        pre, layer = f"model.layers.{i}.", f"layer_{i}"
+        m, mlp = (layer, "mixer"), (layer, "mlp")
+        out += [(pre + "input_layernorm.weight", [(layer, "mixer_norm", "scale")], "flat"),
+                (pre + "post_attention_layernorm.weight", [(layer, "mlp_norm", "scale")],
+                 "flat")]
+        token, channel = cfg.layer_kinds(i)
+        if token == "gdn":
+            out += _qwen3_next_gdn(cfg, pre + "linear_attn.", m)
+        else:
+            a = pre + "self_attn."
+            out += [(a + f"{n}_proj.weight", [m + (f"{n}_proj", "kernel")], _DENSE)
+                    for n in "qkv"]
+            out += [(a + f"{n}_norm.weight", [m + (f"{n}_norm", "scale")], "flat") for n in "qk"]
+            out.append((a + "o_proj.weight", [m + ("o_proj", "kernel")], _DENSE2))
+        swiglu = lambda hf, ours: [(hf + f"{n}.weight", [ours + (w, "kernel")], _DENSE)
+                                   for n, w in _SWIGLU]
+        if channel == "swiglu":
+            out += swiglu(pre + "mlp.", mlp)
+            continue
+        out += [(pre + "mlp.gate.weight", [mlp + ("router", "kernel")], _DENSE),
+                (pre + "mlp.shared_expert_gate.weight", [mlp + ("shared_expert_gate", "kernel")],
+                 _DENSE)]
+        out += swiglu(pre + "mlp.shared_expert.", mlp + ("shared_expert",))
+        for e in range(cfg.settings("moe")["num_experts"]):
+            out += [(pre + f"mlp.experts.{e}.{n}.weight", [Stacked(mlp + (w,), e)], _DENSE)
+                    for n, w in _SWIGLU]
+    return out
+
+
+# transformers' SwiGLU Linear names, ours.
+_SWIGLU = (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_out"))
+
+
+def _qwen3_next_gdn(cfg: ModelConfig, pre: str, m: tuple) -> list:
+    """A GDN layer's tensors. in_proj_qkvz's rows are, per key head, [q (K) | k (K) | v (r·V) |
+    z (r·V)] (r = value heads per key head), in_proj_ba's [b (r) | a (r)]
+    (Qwen3NextGatedDeltaNet.fix_query_key_value_ordering): the row orders gather them into
+    q | k | v | z and b | a, which split into our q/k/v/g and b/a projections. The conv's
+    channels are q | k | v, as our three convs."""
+    H, K = cfg.num_heads, cfg.resolved_head_dim
+    s = cfg.settings("gdn")
+    Hv = s["num_v_heads"] or H
+    r, V = Hv // H, int(round(K * s["expand_v"]))
+    widths = (K, K, r * V, r * V)
+    starts = np.cumsum((0,) + widths[:-1])
+    qkvz = np.concatenate([h * sum(widths) + start + np.arange(w)
+                           for start, w in zip(starts, widths) for h in range(H)])
+    ba = np.concatenate([h * 2 * r + start + np.arange(r) for start in (0, r)
+                         for h in range(H)])
+    return [(pre + "in_proj_qkvz.weight", [m + (f"{n}_proj", "kernel") for n in "qkvg"],
+             _DENSE + (qkvz,)),
+            (pre + "in_proj_ba.weight", [m + (f"{n}_proj", "kernel") for n in "ba"],
+             _DENSE + (ba,)),
+            (pre + "conv1d.weight", [m + (f"{n}_conv", "kernel") for n in "qkv"], "conv"),
+            (pre + "norm.weight", [m + ("o_norm", "scale")], "flat"),
+            (pre + "out_proj.weight", [m + ("o_proj", "kernel")], _DENSE2),
+            (pre + "A_log", [m + ("A_log",)], "flat"),
+            (pre + "dt_bias", [m + ("dt_bias",)], "flat")]
+
+
+def _mamba2_tensors(cfg: ModelConfig) -> list:
     out = [("backbone.embeddings.weight", [("embed", "embedding")], "same"),
            ("backbone.norm_f.weight", [("final_norm", "scale")], "flat")]
     if not cfg.tie_embeddings:
@@ -157,6 +416,11 @@ def tensor_map(cfg: ModelConfig) -> list:
     return out
 
 
+_TENSOR_MAP = {"mamba2": _mamba2_tensors, "qwen3_next": _qwen3_next_tensors}
+# The input embedding's tensor (a tied lm_head.weight must equal it).
+_EMBEDDING = {"mamba2": "backbone.embeddings.weight", "qwen3_next": "model.embed_tokens.weight"}
+
+
 # ------------------------------------------------------------------------------ files
 def read_hf(path: str) -> tuple[dict, dict]:
     """(config.json as a dict, {tensor name: NumPy array}) of a transformers checkpoint
@@ -171,6 +435,11 @@ def import_hf(path: str) -> tuple[ModelConfig, dict]:
     cfg = config_from_hf(config)
     c = dict(_DEFAULTS[config["model_type"]], **config)
     tensors = dict(tensors)
+    if c["model_type"] == "qwen3_next":
+        # The release's multi-token-prediction head: transformers' model does not load it
+        # either (_keys_to_ignore_on_load_unexpected); it plays no part in the forward.
+        tensors = {n: w for n, w in tensors.items() if not n.startswith("mtp.")}
+        return cfg, params_from_hf(cfg, tensors)
     if "backbone.embedding.weight" in tensors:   # the original checkpoints' name
         tensors.setdefault("backbone.embeddings.weight", tensors.pop("backbone.embedding.weight"))
     if not c["use_conv_bias"]:                   # no bias: a zero one computes the same
@@ -183,7 +452,7 @@ def import_hf(path: str) -> tuple[ModelConfig, dict]:
 
 
 def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict:
-    return params_from_tensors(cfg, tensors, tensor_map(cfg), "hf", "backbone.embeddings.weight")
+    return params_from_tensors(cfg, tensors, tensor_map(cfg), "hf", _EMBEDDING[hf_kind(cfg)])
 
 
 def export_hf(cfg: ModelConfig, params: Mapping, path: str) -> None:
@@ -193,15 +462,7 @@ def export_hf(cfg: ModelConfig, params: Mapping, path: str) -> None:
     from safetensors.numpy import save_file
 
     hf_cfg = config_to_hf(cfg)
-    get = layer_params(cfg, params)
-    shapes = param_shapes(cfg)
-    entries = tensor_map(cfg)
-    unmapped = sorted(set(shapes) - {p for _, ps, _ in entries for p in ps})
-    if unmapped:
-        raise ConversionError(f"export to hf: parameters with no hf name: {unmapped}")
-    tensors = {n: np.ascontiguousarray(np.concatenate(
-        [to_torch(how, get(p).astype(np.float32)) for p in paths], axis=0))
-        for n, paths, how in entries}
+    tensors = tensors_from_params(cfg, params, tensor_map(cfg), "hf")
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
