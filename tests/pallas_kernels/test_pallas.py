@@ -6,6 +6,8 @@ outputs, final states and the gradients of every input (q, k, v, gates, β, init
 odd lengths, K ≠ V (V split into several tiles), with packed sequences (cu_seqlens, including an
 empty one), in bfloat16, and the impl="auto" dispatch.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,6 +155,31 @@ def test_ut_inverse_is_the_inverse(x64, rng):
     got = chunk_math.inverse_bwd(chunk_math.ut_inverse(L), ct)
     want = jax.grad(lambda L: jnp.sum(jnp.linalg.inv(jnp.eye(32) + L) * ct))(L)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want) * mask, atol=1e-9)
+
+
+def test_value_tiles_follow_the_rule():
+    """`phases.TILE_RULE`: smaller value tiles where a pass would have few programs, never
+    below the backend's alignment (TPU tiles stay 128), none in interpret mode."""
+    from pallas_kernels.scan import phases
+    gpu, tpu = phases.GPU_BLOCKS, phases.TPU_BLOCKS
+
+    def seq(blocks, BH, f32=False):
+        return phases.value_tile(blocks, blocks.v_tile_seq, 128, f32, BH)
+
+    # the sequential pass at V = 128: B·H = 16 -> 32 programs at 64 -> tiles of 16 (128)
+    assert [seq(gpu, bh) for bh in (1, 16, 32, 47, 48)] == [16, 16, 32, 32, 64]
+    assert seq(gpu, 16, f32=True) == 16 and seq(gpu, 64, f32=True) == 32
+    assert [seq(tpu, bh) for bh in (1, 16, 64)] == [128, 128, 128]
+    assert phases.value_tile(gpu, 64, 128, False, None) == 64       # interpret mode
+    assert phases.value_tile(gpu, 128, 128, False, 16 * 512) == 128  # B·H·NC at T=32k
+    no_rule = dataclasses.replace(gpu, tile_rule=())
+    assert seq(no_rule, 1) == 64
+    # and `prepare` takes both passes' tiles from it (B=1, H=4, T=256: 4 chunks of 64)
+    x = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
+    cfg, _, _ = phases.prepare("la", x, x, x, scale=1.0, blocks=gpu, interpret=False)
+    assert (cfg.BV, cfg.BV_seq) == (32, 16)
+    cfg, _, _ = phases.prepare("la", x, x, x, scale=1.0, blocks=gpu, interpret=True)
+    assert (cfg.BV, cfg.BV_seq) == (128, 64)
 
 
 def test_public_dispatch(rng, monkeypatch):

@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.interpreters import mlir
+from jax._src.lib import triton
+from jax._src.lib.mlir import ir
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
@@ -122,6 +125,45 @@ def test_lowers_packed_sequences(platform, variant):
     fwd, grad = forward_and_grad(op, layout, cu_seqlens=cu)
     assert lower(fwd, (args, h0), platform).count(target) == n_fwd
     assert lower(grad, (args, h0), platform).count(target) == n_both
+
+
+def triton_dots(lowered) -> list:
+    """The `tt.dot` lines of every Triton kernel in a lowered module (each kernel's Triton IR
+    travels as bytecode in its custom call's backend config)."""
+    blobs = []
+
+    def visit(op):
+        op = op.operation
+        if op.name == "stablehlo.custom_call" and "triton" in str(
+                op.attributes["call_target_name"]):
+            blobs.append(ir.DictAttr(op.attributes["mhlo.backend_config"])["ir"])
+        return ir.WalkResult.ADVANCE
+
+    lowered.compiler_ir("stablehlo").operation.walk(visit)
+    ctx = mlir.make_ir_context()
+    triton.dialect.register_dialect(ctx)
+    with ctx:
+        return [line for b in blobs
+                for line in str(ir.Module.parse(ir.StringAttr(b).value_bytes)).splitlines()
+                if "tt.dot" in line]
+
+
+def test_float32_dots_are_tf32_on_gpu_unless_asked():
+    """float32 GDN forward + backward for CUDA: TF32 dots by default (as fla; the UT inverse
+    stays IEEE), none with tf32=False, the same dots either way."""
+    reason = platform_unavailable("cuda")
+    if reason:
+        pytest.skip(reason)
+    args, h0 = inputs("gdn", jnp.float32)
+    counts = {}
+    for tf32 in (None, False):
+        op = functools.partial(gated_delta_rule_pallas, tf32=tf32)
+        _, grad = forward_and_grad(op, "gpu")
+        dots = triton_dots(jax.jit(grad).trace(args, h0).lower(lowering_platforms=("cuda",)))
+        counts[tf32] = (len(dots), sum("inputPrecision = tf32" in d for d in dots))
+    (n, n_tf32), (n_full, n_full_tf32) = counts[None], counts[False]
+    assert n == n_full > 0 and n_full_tf32 == 0
+    assert 0 < n_tf32 < n, counts  # all but the inverse's substitution and merge
 
 
 @pytest.mark.parametrize("platform", sorted(PLATFORMS))
