@@ -57,7 +57,32 @@ def read_meta(step_dir: str) -> dict:
     raise FileNotFoundError(f"{meta_dir} has no JSON metadata")
 
 
-def _load_step(step_dir: str, sharding=None):
+def param_shardings(model, mesh, rules):
+    """{param path: NamedSharding} of `model`'s parameters on `mesh` by their logical axis
+    names (layers.common) under `rules`, flax logical axis rules ((logical name, mesh axes or
+    None), ...), e.g. `train.config.logical_axis_rules(config)`; a logical name the rules do
+    not list is replicated, and so is an array axis its mesh axes do not divide (a released
+    model's 2 KV heads on a tensor axis of 4: whole copies rather than no load)."""
+    import math
+
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec
+    tokens = jax.ShapeDtypeStruct((1, 8), jax.numpy.int32)
+    boxed = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)["params"]
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+
+    def fit(spec, a):
+        size = lambda axes: math.prod(mesh.shape[n] for n in
+                                      ((axes,) if isinstance(axes, str) else axes))
+        return NamedSharding(mesh, PartitionSpec(*(
+            axes if axes is None or dim % size(axes) == 0 else None
+            for axes, dim in zip(tuple(spec) + (None,) * (a.ndim - len(spec)), a.shape))))
+
+    return jax.tree_util.tree_map(fit, specs, nn.meta.unbox(boxed),
+                                  is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _load_step(step_dir: str, sharding=None, mesh=None, rules=None):
     import orbax.checkpoint as ocp
     from flax.core import meta as flax_meta
 
@@ -66,26 +91,38 @@ def _load_step(step_dir: str, sharding=None):
     meta = read_meta(step_dir)
     cfg = ModelConfig.from_dict(meta["model_config"])
     model = LanguageModel(cfg)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     tokens = jax.ShapeDtypeStruct((1, 8), jax.numpy.int32)
     shapes = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)["params"]
     shapes = flax_meta.unbox(shapes)
+    if mesh is not None:
+        placed = param_shardings(model, mesh, rules)
+    else:
+        one = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        placed = jax.tree_util.tree_map(lambda _: one, shapes)
+    # orbax reads each array's shards straight onto their devices: no host-side full copy.
     abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, placed)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(os.path.abspath(step_dir), PARAMS_ITEM), abstract)
     return model, {"params": params}
 
 
-def load_pretrained(path: str, step: Optional[int] = None, sharding=None):
+def load_pretrained(path: str, step: Optional[int] = None, sharding=None, mesh=None,
+                    rules=None):
     """`(model, variables)` from a workdir (newest readable checkpoint, or `step`), a
     checkpoints directory, or one checkpoint step directory. Params land on `sharding`
-    (default: the first local device)."""
+    (default: the first local device), or with `mesh` (a jax.sharding.Mesh) sharded by the
+    model's logical axes under `rules` (flax logical axis rules; the trainer's are
+    `train.config.logical_axis_rules(config)`, e.g. experts over `tensor`): each device reads
+    only its shards."""
+    if mesh is not None and (rules is None or sharding is not None):
+        raise ValueError("load_pretrained: mesh= needs rules= (logical axis rules) and no "
+                         "sharding=")
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"load_pretrained: {path} does not exist")
     if _is_step_dir(path):
-        return _load_step(path, sharding)
+        return _load_step(path, sharding, mesh, rules)
     candidates = checkpoint_steps(path)
     if step is not None:
         candidates = [c for c in candidates if int(os.path.basename(c)) == int(step)]
@@ -95,7 +132,7 @@ def load_pretrained(path: str, step: Optional[int] = None, sharding=None):
     errors = []
     for c in candidates:
         try:
-            return _load_step(c, sharding)
+            return _load_step(c, sharding, mesh, rules)
         except Exception as e:  # noqa: BLE001 - fall back to an older checkpoint
             warnings.warn(f"load_pretrained: checkpoint {c} cannot be read ({type(e).__name__}: "
                           f"{str(e)[:200]}); trying an older one")

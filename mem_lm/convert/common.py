@@ -205,12 +205,43 @@ def layer_params(cfg: ModelConfig, params: Mapping) -> Callable[[tuple], np.ndar
 
 
 # ------------------------------------------------------------------------------ files
-def read_hf_dir(path: str, what: str) -> tuple[dict, dict]:
-    """(config.json as a dict, {tensor name: NumPy array}) of a Hugging Face checkpoint
-    directory (model.safetensors, or shards listed in model.safetensors.index.json); `what`
-    names the format in errors."""
-    from safetensors.numpy import load_file
+class SafetensorsDir(Mapping):
+    """{tensor name: NumPy array} over a checkpoint's safetensors files that reads a tensor
+    only when it is taken (`safe_open`, memory-mapped), so that a checkpoint larger than host
+    memory is never read whole: a converter takes each tensor once, converts it and lets it
+    go. `skip(name)` hides tensors (a release's extra heads)."""
 
+    def __init__(self, files: list, skip=None):
+        from safetensors import safe_open
+        self._files = {f: safe_open(f, framework="numpy") for f in files}
+        self._where = {n: f for f, h in self._files.items() for n in h.keys()
+                       if skip is None or not skip(n)}
+
+    def without(self, skip) -> "SafetensorsDir":
+        """This view without the tensors `skip(name)` names."""
+        view = object.__new__(SafetensorsDir)
+        view._files = self._files
+        view._where = {n: f for n, f in self._where.items() if not skip(n)}
+        return view
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._files[self._where[name]].get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
+
+
+def read_hf_dir(path: str, what: str) -> tuple[dict, "SafetensorsDir"]:
+    """(config.json as a dict, {tensor name: NumPy array}) of a Hugging Face checkpoint
+    directory (model.safetensors, or shards listed in model.safetensors.index.json); the
+    tensors are a `SafetensorsDir`, read one at a time when taken; `what` names the format in
+    errors."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{path}: no config.json (an {what} checkpoint directory holds "
@@ -228,10 +259,7 @@ def read_hf_dir(path: str, what: str) -> tuple[dict, dict]:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 f"(only safetensors checkpoints are read; save with "
                                 f"save_pretrained(..., safe_serialization=True))")
-    tensors = {}
-    for f in files:
-        tensors.update(load_file(f))
-    return config, tensors
+    return config, SafetensorsDir(files)
 
 
 _TRAIN_CONFIG = '''"""Continued training of {source} (written by python -m mem_lm.convert):

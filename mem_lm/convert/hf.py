@@ -434,12 +434,11 @@ def import_hf(path: str) -> tuple[ModelConfig, dict]:
     config, tensors = read_hf(path)
     cfg = config_from_hf(config)
     c = dict(_DEFAULTS[config["model_type"]], **config)
-    tensors = dict(tensors)
     if c["model_type"] == "qwen3_next":
         # The release's multi-token-prediction head: transformers' model does not load it
         # either (_keys_to_ignore_on_load_unexpected); it plays no part in the forward.
-        tensors = {n: w for n, w in tensors.items() if not n.startswith("mtp.")}
-        return cfg, params_from_hf(cfg, tensors)
+        return cfg, params_from_hf(cfg, tensors.without(lambda n: n.startswith("mtp.")))
+    tensors = dict(tensors)     # Mamba2's fix-ups below (its checkpoints are small)
     if "backbone.embedding.weight" in tensors:   # the original checkpoints' name
         tensors.setdefault("backbone.embeddings.weight", tensors.pop("backbone.embedding.weight"))
     if not c["use_conv_bias"]:                   # no bias: a zero one computes the same

@@ -16,7 +16,8 @@ from safetensors.numpy import load_file, save_file
 
 from mem_lm import LanguageModel, generate
 from mem_lm.convert import ConversionError, config_from_hf, config_to_hf, export_hf, import_hf
-from mem_lm.convert.hf import qwen3_next_layers
+from mem_lm.convert.common import SafetensorsDir
+from mem_lm.convert.hf import qwen3_next_layers, read_hf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
 REL_TOL = 1e-4      # max |logit diff| / max |logit|
@@ -144,3 +145,17 @@ def test_export_refuses_what_qwen3_next_cannot_express():
     with pytest.raises(ConversionError, match="pattern"):
         config_to_hf(dataclasses.replace(cfg, pattern=("gdn", "swa"),
                                          mixers={**mixers, "swa": {}}))
+
+
+def test_checkpoint_tensors_are_read_one_at_a_time():
+    """read_hf gives a lazy view of the safetensors files (each tensor read when taken, so a
+    checkpoint larger than host memory is never read whole), with the names and values of
+    the files."""
+    path, _ = fixture("qwen3_next")
+    _, tensors = read_hf(path)
+    whole = load_file(os.path.join(path, "model.safetensors"))
+    assert isinstance(tensors, SafetensorsDir) and set(tensors) == set(whole)
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    np.testing.assert_array_equal(tensors[name], whole[name])
+    view = tensors.without(lambda n: ".experts." in n)
+    assert name not in view and len(view) == len(whole) - 3 * 3 * 4
