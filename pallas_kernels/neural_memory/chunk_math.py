@@ -15,10 +15,12 @@ Per layer the gradient is written out: depth 1 x = k, ε = e = Mᵀk − v; dept
 a = GELU(h), e = W2ᵀa − v, δ = (W2 e) ⊙ GELU′(h)) layer 1 x = k, ε = δ, layer 2 x = a, ε = e.
 `chunk_vjp` is the backward of the whole chunk written out the same way (for depth 2 it holds
 the Hessian-vector product of the MLP loss: GELU″ appears), so no autodiff runs inside a chunk.
-Matmuls accumulate in float32 (float64 for float64 inputs) at full precision.
+Matmuls accumulate in float32 (float64 for float64 inputs) at full precision. Every function
+takes the `erf` it uses (`lax.erf`, or `erf_rational` where a compiler has no erf).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -29,9 +31,26 @@ from ..scan.chunk_math import matmul
 _mm = matmul()
 
 
-def gelu_and_grads(h):
+# Eigen's / XLA's float32 erf: x·P(x²)/Q(x²) on x clamped to [−4, 4].
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+
+
+def erf_rational(x):
+    """erf from multiplies and one division (Pallas' Triton lowering has no erf): within
+    7e-8 of erf in float64 arithmetic, 4e-7 in float32 (a few float32 ulps)."""
+    x = jnp.clip(x, -4.0, 4.0)
+    x2 = x * x
+    horner = lambda cs: functools.reduce(lambda acc, c: acc * x2 + c, cs, jnp.zeros_like(x))
+    return x * horner(_ERF_P) / horner(_ERF_Q)
+
+
+def gelu_and_grads(h, erf=lax.erf):
     """Exact GELU(h) = h Φ(h), GELU′(h) = Φ(h) + h φ(h) and GELU″(h) = φ(h) (2 − h²)."""
-    cdf = 0.5 * (1 + lax.erf(h * (1 / math.sqrt(2))))
+    cdf = 0.5 * (1 + erf(h * (1 / math.sqrt(2))))
     pdf = jnp.exp(-0.5 * h * h) * (1 / math.sqrt(2 * math.pi))
     return h * cdf, cdf + h * pdf, pdf * (2 - h * h)
 
@@ -45,35 +64,35 @@ def _total(x):
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
-def read(params: tuple, q):
+def read(params: tuple, q, erf=lax.erf):
     """M_P(q): q [C, K] -> [C, V]."""
     if len(params) == 1:
         return _dot(q, params[0])
     W1, W2 = params
-    return _dot(gelu_and_grads(_dot(q, W1))[0], W2)
+    return _dot(gelu_and_grads(_dot(q, W1), erf)[0], W2)
 
 
-def _layers(params: tuple, k, v):
+def _layers(params: tuple, k, v, erf):
     """(x, ε) per layer (∇ℓ_s of that layer's weight = x_s ε_sᵀ) and the depth-2 pre-activations
     with their GELU′ and GELU″ (None for depth 1)."""
     if len(params) == 1:
         return ((k, _dot(k, params[0]) - v),), None
     W1, W2 = params
     h = _dot(k, W1)
-    a, g1, g2 = gelu_and_grads(h)
+    a, g1, g2 = gelu_and_grads(h, erf)
     e = _dot(a, W2) - v
     return ((k, _dot(e, W2, tb=True) * g1), (a, e)), (e, g1, g2)
 
 
-def gradient_sums(params: tuple, k, v, w0, w1) -> tuple:
+def gradient_sums(params: tuple, k, v, w0, w1, erf=lax.erf) -> tuple:
     """(G_0, G_1): Σ_s w_j,s ∇ℓ_s(P) for the two weight columns w0, w1 [C, 1]."""
-    layers, _ = _layers(params, k, v)
+    layers, _ = _layers(params, k, v, erf)
     return tuple(tuple(_dot(x, w * eps, ta=True) for x, eps in layers) for w in (w0, w1))
 
 
-def update(params: tuple, mom: tuple, k, v, w0, w1, a, b, d) -> tuple:
+def update(params: tuple, mom: tuple, k, v, w0, w1, a, b, d, erf=lax.erf) -> tuple:
     """(P', Z') at the chunk's end."""
-    G0, G1 = gradient_sums(params, k, v, w0, w1)
+    G0, G1 = gradient_sums(params, k, v, w0, w1, erf)
     return (tuple(a * p + b * z + g for p, z, g in zip(params, mom, G0)),
             tuple(d * z + g for z, g in zip(mom, G1)))
 
@@ -87,11 +106,12 @@ def _weighted_sums_bwd(x, eps, w0, w1, dG0, dG1):
             jnp.sum(xdG1 * eps, axis=1, keepdims=True))
 
 
-def chunk_vjp(params: tuple, mom: tuple, q, k, v, w0, w1, a, b, d, do, dP: tuple, dZ: tuple):
+def chunk_vjp(params: tuple, mom: tuple, q, k, v, w0, w1, a, b, d, do, dP: tuple, dZ: tuple,
+              erf=lax.erf):
     """The vjp of (o, P', Z') w.r.t. everything, at the chunk's entering (P, Z), with
     cotangents do [C, V], dP, dZ (those of P', Z'). Returns (dparams, dmom, dq, dk, dv, dw0,
     dw1, da, db, dd)."""
-    layers, mid = _layers(params, k, v)
+    layers, mid = _layers(params, k, v, erf)
     da = sum(_total(p * g) for p, g in zip(params, dP))
     db = sum(_total(z * g) for z, g in zip(mom, dP))
     dd = sum(_total(z * g) for z, g in zip(mom, dZ))
@@ -122,7 +142,7 @@ def chunk_vjp(params: tuple, mom: tuple, q, k, v, w0, w1, a, b, d, do, dP: tuple
     dk = dk + _dot(dh, W1, tb=True)
     dW1 = a * dP[0] + _dot(k, dh, ta=True)
     # o = GELU(q W1) W2
-    aq, gq, _ = gelu_and_grads(_dot(q, W1))
+    aq, gq, _ = gelu_and_grads(_dot(q, W1), erf)
     dW2 = dW2 + _dot(aq, do, ta=True)
     dhq = _dot(do, W2, tb=True) * gq
     dW1 = dW1 + _dot(q, dhq, ta=True)

@@ -63,6 +63,13 @@ class Config:
     warps: int = 4         # GPU warps per program (`scan.parallel.compiler_params`)
 
     @property
+    def erf(self):
+        """Triton has no erf: compiled GPU kernels take `chunk_math.erf_rational`."""
+        if self.backend == "gpu" and not self.interpret:
+            return chunk_math.erf_rational
+        return lax.erf
+
+    @property
     def leaf_shapes(self) -> tuple:
         """Shapes of the parameter leaves; momentum has the same."""
         if self.depth == 1:
@@ -106,7 +113,7 @@ def _ld(cfg):
 def _chunk_vjp(cfg, S, q, k, v, coef, do, dS):
     P, Z = _split(cfg, S)
     dP, dZ = _split(cfg, dS)
-    return chunk_math.chunk_vjp(P, Z, q, k, v, *_coef(coef), do, dP, dZ)
+    return chunk_math.chunk_vjp(P, Z, q, k, v, *_coef(coef), do, dP, dZ, erf=cfg.erf)
 
 
 # ----------------------------------------------------------------------------- chunk-parallel
@@ -134,7 +141,7 @@ def _read(cfg, q, h):
 
     def kernel(q_ref, *refs):
         P, o_ref = refs[:d], refs[d]
-        o_ref[...] = chunk_math.read(tuple(ld(p[...]) for p in P), ld(q_ref[...]))
+        o_ref[...] = chunk_math.read(tuple(ld(p[...]) for p in P), ld(q_ref[...]), cfg.erf)
 
     BH, T_pad, _ = q.shape
     out = jax.ShapeDtypeStruct((BH, T_pad, cfg.Vp), jnp.dtype(cfg.acc))
@@ -240,7 +247,7 @@ def _state_forward(cfg, k, v, coef, h0, reset, hidx):
 
     def step(S, k, v, coef):
         P, Z = _split(cfg, S)
-        P, Z = chunk_math.update(P, Z, k, v, *_coef(coef))
+        P, Z = chunk_math.update(P, Z, k, v, *_coef(coef), erf=cfg.erf)
         return list(P) + list(Z)
 
     if cfg.backend == "tpu":

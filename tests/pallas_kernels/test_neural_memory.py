@@ -1,6 +1,8 @@
 """neural_memory (Titans' long-term memory) and its decoding step, in float64: the reference
-against a NumPy loop of the rule, the chunked form against the reference (outputs, final
-state, every gradient), the DeltaNet special case, decoding, packing and input errors."""
+against a NumPy loop of the rule, the chunked form (its hand-written custom_vjp) against the
+reference (outputs, final state, every gradient), the Pallas kernels (both layouts, interpret
+mode) against the chunked form and lowered for TPU and CUDA, the DeltaNet special case,
+decoding, packing and input errors."""
 
 import math
 
@@ -294,8 +296,6 @@ def test_named_input_errors(rng):
         neural_memory(**args, depth=2, chunk_size=0)
     with pytest.raises(ValueError, match="`initial_state\\[0\\]` of a depth-1 memory"):
         neural_memory(**args, depth=1, chunk_size=2)
-    with pytest.raises(NotImplementedError, match="pallas"):
-        neural_memory(**args, depth=2, chunk_size=2, impl="pallas")
     with pytest.raises(ValueError, match="`state` is required"):
         neural_memory_step(*(args[n][:, 0] for n in ("q", "k", "v", "lr", "momentum",
                                                       "decay")), depth=2, state=None)
@@ -303,3 +303,108 @@ def test_named_input_errors(rng):
         neural_memory_step(*(args[n][:, 0] for n in ("q", "k", "v", "lr", "momentum",
                                                       "decay")), depth=2,
                            state=args["initial_state"], chunk_memory=W1)
+
+
+# ----------------------------------------------------------------------------- impl="pallas"
+def _impl_vjp(fn, depth, chunk, cu_seqlens, **kw):
+    """jitted (outputs, gradients of every input) of an impl function under random cotangents,
+    the initial state in the impls' own (params, mom) tuple form."""
+    def op(a):
+        init = tuple(tuple(leaves(x)) for x in a["initial_state"])
+        rest = {n: x for n, x in a.items() if n != "initial_state"}
+        return fn(**rest, depth=depth, scale=0.7, initial_state=init, cu_seqlens=cu_seqlens,
+                  chunk_size=chunk, **kw)
+
+    def f(args, ct):
+        out, pull = jax.vjp(op, args)
+        return out, pull(ct)[0]
+    return jax.jit(f), op
+
+
+@pytest.mark.parametrize("depth, layout, chunk, packed", [
+    (2, "gpu", 3, False), (2, "tpu", 1, True),
+    pytest.param(1, "tpu", 4, False, marks=pytest.mark.slow),
+    pytest.param(1, "gpu", 4, True, marks=pytest.mark.slow),
+    pytest.param(1, "gpu", 1, False, marks=pytest.mark.slow),
+    pytest.param(2, "tpu", 4, False, marks=pytest.mark.slow),
+    pytest.param(1, "tpu", 4, True, marks=pytest.mark.slow),
+    pytest.param(2, "gpu", 4, True, marks=pytest.mark.slow)])
+def test_pallas_matches_xla_with_gradients(x64, rng, depth, layout, chunk, packed):
+    """The kernels in interpret mode (TPU layout: grid over chunks, VMEM state; GPU layout:
+    chunk loop) equal the chunked XLA form: o, final (memory, momentum) and the gradients of
+    q, k, v, lr, momentum, decay and the initial memory and momentum. Chunks of 3 and 1 pad
+    to the layout's row multiple; packed: lengths 3, 0, 6 and tokens past cu[N]."""
+    from pallas_kernels.neural_memory.pallas import neural_memory_pallas
+    from pallas_kernels.neural_memory.xla import neural_memory_xla
+    args, cu = packed_inputs(rng, depth) if packed else (make_inputs(rng, 2, 7, depth), None)
+    f_ref, op = _impl_vjp(neural_memory_xla, depth, chunk, cu)
+    ct = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype),
+                      jax.eval_shape(op, args))
+    out_ref, g_ref = f_ref(args, ct)
+    out, g = _impl_vjp(neural_memory_pallas, depth, chunk, cu, backend=layout)[0](args, ct)
+    for x, y in zip(leaves(out), leaves(out_ref)):
+        assert_close(x, y, 1e-12, "outputs")
+    for name in args:
+        for x, y in zip(leaves(g[name]), leaves(g_ref[name])):
+            assert_close(x, y, 1e-11, f"d{name}")
+
+
+def test_pallas_public_dispatch_bfloat16(rng):
+    """impl="pallas" through the public op (TPU layout, interpret mode on CPU) with bf16 q, k,
+    v: o in bf16 and the state float32, close to the xla impl on the same inputs."""
+    args = make_inputs(rng, 1, 6, 1)
+    args = {n: (x if n == "initial_state" else
+                jnp.asarray(x, jnp.bfloat16 if n in "qkv" else jnp.float32))
+            for n, x in args.items()}
+    o, (mem, _) = neural_memory(**args, depth=1, chunk_size=4, impl="pallas",
+                                output_final_state=True)
+    o_x, (mem_x, _) = neural_memory(**args, depth=1, chunk_size=4, impl="xla",
+                                    output_final_state=True)
+    assert o.dtype == jnp.bfloat16 and mem.dtype == jnp.float32
+    assert_close(o, o_x, 1e-2, "bf16 o")
+    assert_close(mem, mem_x, 1e-5, "memory")
+
+
+def test_erf_rational(x64):
+    """The erf the compiled GPU kernels use (Triton has none) against lax.erf."""
+    from pallas_kernels.neural_memory.chunk_math import erf_rational
+    x = jnp.linspace(-6.0, 6.0, 4001)
+    assert np.max(np.abs(np.asarray(erf_rational(x) - jax.lax.erf(x)))) < 1e-7
+    x32 = x.astype(jnp.float32)
+    assert np.max(np.abs(np.asarray(erf_rational(x32) - jax.lax.erf(x32)))) < 5e-7
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("depth, packed", [(1, True), (2, False),
+                                           pytest.param(1, False, marks=pytest.mark.slow),
+                                           pytest.param(2, True, marks=pytest.mark.slow)])
+def test_pallas_lowers(platform, depth, packed):
+    """Forward (2 kernels: the state pass and the reads) and forward + backward (4: and the
+    reverse state pass and the per-chunk gradients) lower for TPU (Mosaic) and CUDA (Triton)
+    from this CPU: bf16 q, k, v, K = V = 64, E = 256, chunk 8, odd length."""
+    from test_pallas_lowering import PLATFORMS, lower, platform_unavailable
+    from pallas_kernels.neural_memory.pallas import neural_memory_pallas
+    reason = platform_unavailable(platform)
+    if reason:
+        pytest.skip(reason)
+    layout, target = PLATFORMS[platform]
+    B, T, H, K, E = 1, 100, 2, 64, 256
+    cu = jnp.asarray([0, 30, 100], jnp.int32) if packed else None
+    N = 2 if packed else B
+    x = {n: jnp.zeros((B, T, H, K), jnp.bfloat16) for n in ("q", "k", "v")}
+    x.update({n: jnp.full((B, T, H), 0.1, jnp.float32) for n in ("lr", "momentum", "decay")})
+    P = ((jnp.zeros((N, H, K, K)),) if depth == 1 else
+         (jnp.zeros((N, H, K, E)), jnp.zeros((N, H, E, K))))
+    init = (P, P)
+
+    def fwd(x, init):
+        return neural_memory_pallas(**x, depth=depth, scale=0.125, initial_state=init,
+                                    cu_seqlens=cu, chunk_size=8, backend=layout,
+                                    interpret=False)
+
+    def loss(x, init):
+        o, s = fwd(x, init)
+        return jnp.sum(o.astype(jnp.float32)) + sum(jnp.sum(l) for l in leaves(s))
+
+    assert lower(fwd, (x, init), platform).count(target) == 2
+    assert lower(jax.grad(loss, argnums=(0, 1)), (x, init), platform).count(target) == 4
