@@ -356,10 +356,10 @@ def test_pallas_public_dispatch_bfloat16(rng):
     args = {n: (x if n == "initial_state" else
                 jnp.asarray(x, jnp.bfloat16 if n in "qkv" else jnp.float32))
             for n, x in args.items()}
-    o, (mem, _) = neural_memory(**args, depth=1, chunk_size=4, impl="pallas",
-                                output_final_state=True)
-    o_x, (mem_x, _) = neural_memory(**args, depth=1, chunk_size=4, impl="xla",
-                                    output_final_state=True)
+    both = jax.jit(lambda a: [neural_memory(**a, depth=1, chunk_size=4, impl=impl,
+                                            output_final_state=True)
+                              for impl in ("pallas", "xla")])
+    (o, (mem, _)), (o_x, (mem_x, _)) = both(args)
     assert o.dtype == jnp.bfloat16 and mem.dtype == jnp.float32
     assert_close(o, o_x, 1e-2, "bf16 o")
     assert_close(mem, mem_x, 1e-5, "memory")
