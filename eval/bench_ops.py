@@ -12,8 +12,7 @@ neural_memory`) with a matrix memory (`nm1`, depth 1) and an MLP memory (`nm2`, 
 hidden width E = 4K as the `titans` layer's default expansion), both at the layer's default
 memory chunk of 8 tokens (the chunk is part of that op's function) from a given initial memory.
 Impls: those each op's package lists at run time (`pallas_kernels.common.IMPLS`,
-`pallas_kernels.attention.IMPLS`) less "auto" and less those the op has not (MISSING: the
-neural memory has no Pallas kernel yet); "reference" only on CPU (it keeps a state per token,
+`pallas_kernels.attention.IMPLS`) less "auto"; "reference" only on CPU (it keeps a state per token,
 or all T² scores); no kernel where it would run in interpret mode (pallas on CPU, splash off
 TPU) and no cuDNN off GPU (ELSEWHERE). --impls names others explicitly. An impl that fails
 (cannot serve the call, out of memory) is reported with its error, and the run goes on.
@@ -94,7 +93,6 @@ OPS = ("gdn", "la_g", "la_gk", "attn", "nm1", "nm2")
 C_NOMINAL = 64
 NM_CHUNK, NM_EXPANSION = 8, 4       # the titans layer's default memory_chunk and expansion
 NM_DEPTH = {"nm1": 1, "nm2": 2}
-MISSING = {"nm1": {"pallas"}, "nm2": {"pallas"}}   # impls an op does not have (yet)
 PRESETS = {
     "cpu": dict(ops=("la_g", "la_gk", "gdn", "nm1", "nm2"),
                 shapes=[(1, 1024), (1, 4096), (1, 16384)],
@@ -346,7 +344,7 @@ def run_peers(args, budget: float, log) -> list:
 # ----------------------------------------------------------------------------- main
 def op_impls(op: str, backend: str, requested: Optional[Sequence[str]]) -> list:
     """The impls to run for `op`: its package's IMPLS (read at run time) less "auto";
-    by default none of ELSEWHERE[backend] or MISSING[op], and the reference only on CPU."""
+    by default none of ELSEWHERE[backend], and the reference only on CPU."""
     if op == "attn":
         from pallas_kernels.attention import IMPLS
     else:
@@ -354,8 +352,7 @@ def op_impls(op: str, backend: str, requested: Optional[Sequence[str]]) -> list:
     known = [i for i in IMPLS if i != "auto"]
     if requested:
         return [i for i in requested if i in known]
-    drop = (ELSEWHERE[backend] | MISSING.get(op, set())
-            | (set() if backend == "cpu" else {"reference"}))
+    drop = ELSEWHERE[backend] | (set() if backend == "cpu" else {"reference"})
     return [i for i in known if i not in drop]
 
 

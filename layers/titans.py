@@ -48,11 +48,6 @@ def _rows(mask, x):
     return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
 
 
-def _impl(impl: str) -> str:
-    """The op has no Pallas kernel yet: a model-wide impl="pallas" runs its chunked XLA form."""
-    return "xla" if impl == "pallas" else impl
-
-
 def _select(mask, new, old):
     return jax.tree.map(lambda n, o: jnp.where(_rows(mask, o), n, o), new, old)
 
@@ -213,7 +208,7 @@ class Titans(nn.Module):
     def _op(self, args, memory, momentum=None, cu_seqlens=None, final=False):
         o, state = neural_memory(*args, depth=self.depth, chunk_size=self.chunk_size,
                                  scale=1.0, initial_state=(memory, momentum),
-                                 output_final_state=final, impl=_impl(self.impl),
+                                 output_final_state=final, impl=self.impl,
                                  cu_seqlens=cu_seqlens)
         return (o, state) if final else o
 

@@ -56,8 +56,8 @@ from layers.conv import conv_settings, qkv_conv_cache, short_conv_qkv
 from layers.norm import GatedRMSNorm
 from layers.registry import Mechanism, Setting, Shared, positive_int, register
 from layers.rope import apply_rope, check_rope_head_dim
-from layers.titans import (_SETTINGS as _MEMORY_SETTINGS, _check as _check_memory, _impl,
-                           _select, MemoryInputs, broadcast_rows, gate_outputs, initial_memory,
+from layers.titans import (_SETTINGS as _MEMORY_SETTINGS, _check as _check_memory, _select,
+                           MemoryInputs, broadcast_rows, gate_outputs, initial_memory,
                            memory_step, zero_memory)
 from layers.titans_mag import check_persistent, persistent_setting
 from pallas_kernels.attention import attention
@@ -215,7 +215,7 @@ class TitansMAC(nn.Module):
                        i, jnp.concatenate([i, i]))
         o, state = neural_memory(*args, depth=self.depth, chunk_size=self.chunk_size, scale=1.0,
                                  initial_state=(memory, momentum), output_final_state=True,
-                                 impl=_impl(self.impl))
+                                 impl=self.impl)
         return state, (y, o)
 
     def _token(self, call, memory0, carry, inp):

@@ -30,7 +30,7 @@ zero MLP has zero gradients and never learns (the layer passes its learned initi
 The final state has the same structure: (memory, momentum) after each sequence's last token.
 
 Inputs and bad values: as for every recurrent op, see `pallas_kernels.common.INPUT_CONTRACT`
-(except that chunk_size may be any positive int). impl "xla" (chunked; the default on CPU),
+(except that chunk_size may be any positive int). impl "xla" (chunked; "auto" everywhere),
 "pallas" (the kernels; interpret mode on CPU) and "reference" (token by token). The chunked
 impls have a hand-written custom_vjp that recomputes inside each chunk from the saved
 chunk-boundary (memory, momentum): memory O(T·(K+V) + T/chunk·|memory|), never a memory per
@@ -48,6 +48,10 @@ from .reference import memory_read, memory_update
 from .xla import batched
 
 _OPTIONAL = ("cu_seqlens",)
+# impl="auto" on every backend (not common.AUTO_IMPL): the kernels have not been timed on a GPU
+# or TPU yet (`eval.bench_ops` nm1 / nm2), and a program holds a whole (P, Z) — at depth 2,
+# K = 128 and E = 4K that is 1 MiB of float32, beyond a Triton program's registers.
+AUTO_IMPL = "xla"
 
 
 def _check_depth(depth) -> int:
@@ -129,7 +133,8 @@ def neural_memory(q, k, v, lr, momentum, decay, *, depth, chunk_size, scale=1.0,
     positive int (it sets the semantics, see the module docstring); scale a number (None:
     K**-0.5); initial_state (memory, momentum) with N = B, or N packed sequences given by
     cu_seqlens int [N+1] in a B == 1 batch (every sequence restarts from its own initial
-    memory and momentum; tokens past cu[N] get o = 0). impl: "auto" | "reference" | "xla".
+    memory and momentum; tokens past cu[N] get o = 0). impl: "auto" (xla, see AUTO_IMPL) |
+    "reference" | "xla" | "pallas".
     """
     q, k, v, lr, momentum, decay, cu_seqlens = common.as_inputs(
         _OPTIONAL, q=q, k=k, v=v, lr=lr, momentum=momentum, decay=decay, cu_seqlens=cu_seqlens)
@@ -143,7 +148,8 @@ def neural_memory(q, k, v, lr, momentum, decay, *, depth, chunk_size, scale=1.0,
     checked = _check_state("initial_state", initial_state, depth, N, H, K, V,
                            allow_none=depth == 1)
     output_final_state = common.check_flag("output_final_state", output_final_state)
-    fn = common.select_impl(__name__, "neural_memory", impl, chunk_size)
+    fn = common.select_impl(__name__, "neural_memory", AUTO_IMPL if impl == "auto" else impl,
+                            chunk_size)
     q, k, v, lr, momentum, decay, cu_seqlens = common.to_jax(
         q, k, v, lr, momentum, decay, cu_seqlens)
     acc = common.acc_dtype(q)

@@ -408,3 +408,23 @@ def test_pallas_lowers(platform, depth, packed):
 
     assert lower(fwd, (x, init), platform).count(target) == 2
     assert lower(jax.grad(loss, argnums=(0, 1)), (x, init), platform).count(target) == 4
+
+
+def test_auto_is_xla_on_every_backend(rng, monkeypatch):
+    """impl="auto" runs the XLA form on CPU, GPU and TPU alike (the kernels are not yet timed
+    on hardware): the kernels are never called."""
+    import importlib
+    pallas_mod = importlib.import_module("pallas_kernels.neural_memory.pallas")
+
+    def refuse(*a, **k):
+        raise AssertionError("impl='auto' reached the Pallas kernels")
+
+    monkeypatch.setattr(pallas_mod, "neural_memory_pallas", refuse)
+    args = make_inputs(rng, 1, 3, 1)
+    want, _ = neural_memory(**args, depth=1, chunk_size=2, impl="xla")
+    for platform in ("cpu", "gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
+        got, _ = neural_memory(**args, depth=1, chunk_size=2, impl="auto")
+        assert_close(got, want, 0, f"auto on {platform}")
+    with pytest.raises(AssertionError, match="Pallas kernels"):
+        neural_memory(**args, depth=1, chunk_size=2, impl="pallas")
