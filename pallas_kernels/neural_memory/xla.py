@@ -18,7 +18,8 @@ so the chunk's end is (P_C, Z_C) = R (P₀, Z₀) + Σ_s R_s (1, 1) U_s with R_s
 (R = R_{−1} the whole product): 2×2 upper-triangular scalars per token from an associative
 scan, and the sums Σ_s c_s U_s are one matmul per parameter (Kᵀ (c ⊙ e), ...). The reads are
 M_{P₀}(scale · q) for the whole chunk, one batched matmul. The sequential part is a
-`lax.scan` over chunks that carries only (P, Z) at chunk boundaries.
+`lax.scan` over chunks that carries only (P, Z) at chunk boundaries. The math of one chunk and
+head is `chunk_math` (shared with the Pallas kernels), vmapped here over [B, H].
 
 Gradients: a custom_vjp (`_chunk_scan`) whose backward is written out by hand
 (`chunk_math.chunk_vjp`): the forward keeps only the (P, Z) entering every chunk, and a reverse
