@@ -48,16 +48,23 @@ def main(argv=None) -> int:
     way.add_argument("--to", dest="dst", metavar=("FORMAT", "PATH"), nargs=2,
                      help="export: --to FORMAT WORKDIR (a training workdir or checkpoint)")
     p.add_argument("--out", required=True, help="the workdir (import) or directory (export)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="import: store the parameters in this dtype (default: the "
+                        "checkpoint's own, e.g. a bf16 release stays bf16 on disk)")
     a = p.parse_args(argv)
     fmt, path = a.src or a.dst
     if fmt not in FORMATS:
         p.error(f"format {fmt!r}: supported: {sorted(FORMATS)}")
     import_fn, export_fn, _ = FORMATS[fmt]
+    import jax.numpy as jnp
     try:
         if a.src:
-            cfg, params = import_fn(path)
+            # Lazy: each parameter is read from the checkpoint when it is written, so that
+            # host memory holds one at a time, never the model.
+            cfg, params = import_fn(path, lazy=True)
+            dtype = None if a.dtype is None else jnp.dtype(a.dtype)
             step = save_workdir(cfg, params, a.out, {"format": fmt,
-                                                     "path": os.path.abspath(path)})
+                                                     "path": os.path.abspath(path)}, dtype)
             print(f"imported {path} -> {step}\n  pattern {cfg.pattern}, {cfg.num_layers} "
                   f"layers, d_model {cfg.d_model}; load with "
                   f"mem_lm.load_pretrained({a.out!r}); continue training with\n  "

@@ -601,9 +601,10 @@ def read_fla(path: str) -> tuple[dict, dict]:
     return read_hf_dir(path, "fla")
 
 
-def import_fla(path: str) -> tuple[ModelConfig, dict]:
+def import_fla(path: str, lazy: bool = False) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) of an fla checkpoint directory; params a plain nested dict of
-    float32 NumPy arrays, as `LanguageModel(cfg).apply({"params": params}, tokens)` takes."""
+    float32 NumPy arrays, as `LanguageModel(cfg).apply({"params": params}, tokens)` takes, or
+    with `lazy` `LazyParam`s in the checkpoint's dtype (see `import_hf`)."""
     config, tensors = read_fla(path)
     cfg = config_from_fla(config)
     if config.get("model_type") == "mom":
@@ -613,12 +614,13 @@ def import_fla(path: str) -> tuple[ModelConfig, dict]:
         # gate after it.
         tensors = {n.replace(".attn.g_norm.", ".attn.g_norm_swish_gate."): w
                    for n, w in tensors.items()}
-    return cfg, params_from_fla(cfg, tensors)
+    return cfg, params_from_fla(cfg, tensors, lazy)
 
 
-def params_from_fla(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict:
+def params_from_fla(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
+                    lazy: bool = False) -> dict:
     entries = [(name, (path,), how) for name, path, how in tensor_map(cfg)]
-    return params_from_tensors(cfg, tensors, entries, "fla", "model.embeddings.weight")
+    return params_from_tensors(cfg, tensors, entries, "fla", "model.embeddings.weight", lazy)
 
 
 def export_fla(cfg: ModelConfig, params: Mapping, path: str) -> None:

@@ -428,16 +428,18 @@ def read_hf(path: str) -> tuple[dict, dict]:
     return read_hf_dir(path, "hf")
 
 
-def import_hf(path: str) -> tuple[ModelConfig, dict]:
+def import_hf(path: str, lazy: bool = False) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) of a transformers checkpoint directory; params a plain nested dict
-    of float32 NumPy arrays, as `LanguageModel(cfg).apply({"params": params}, tokens)` takes."""
+    of float32 NumPy arrays, as `LanguageModel(cfg).apply({"params": params}, tokens)` takes,
+    or with `lazy` of `LazyParam`s in the checkpoint's dtype, each read when it is loaded
+    (what `save_workdir` writes one at a time)."""
     config, tensors = read_hf(path)
     cfg = config_from_hf(config)
     c = dict(_DEFAULTS[config["model_type"]], **config)
     if c["model_type"] == "qwen3_next":
         # The release's multi-token-prediction head: transformers' model does not load it
         # either (_keys_to_ignore_on_load_unexpected); it plays no part in the forward.
-        return cfg, params_from_hf(cfg, tensors.without(lambda n: n.startswith("mtp.")))
+        return cfg, params_from_hf(cfg, tensors.without(lambda n: n.startswith("mtp.")), lazy)
     tensors = dict(tensors)     # Mamba2's fix-ups below (its checkpoints are small)
     if "backbone.embedding.weight" in tensors:   # the original checkpoints' name
         tensors.setdefault("backbone.embeddings.weight", tensors.pop("backbone.embedding.weight"))
@@ -447,11 +449,13 @@ def import_hf(path: str) -> tuple[ModelConfig, dict]:
             if w is not None:
                 tensors.setdefault(f"backbone.layers.{i}.mixer.conv1d.bias",
                                    np.zeros(w.shape[0], np.float32))
-    return cfg, params_from_hf(cfg, tensors)
+    return cfg, params_from_hf(cfg, tensors, lazy)
 
 
-def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict:
-    return params_from_tensors(cfg, tensors, tensor_map(cfg), "hf", _EMBEDDING[hf_kind(cfg)])
+def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
+                   lazy: bool = False) -> dict:
+    return params_from_tensors(cfg, tensors, tensor_map(cfg), "hf", _EMBEDDING[hf_kind(cfg)],
+                               lazy)
 
 
 def export_hf(cfg: ModelConfig, params: Mapping, path: str) -> None:
