@@ -60,7 +60,7 @@ def test_neural_memory_cells(tmp_path):
     assert not r["peers"]
     K, E = 8, 8 * bench_ops.NM_EXPANSION
     assert bench_ops.nominal_flops("nm2", 1, 24, 2, K, K) == 2 * (4 * K * E + 5 * E * K) * 48
-    assert bench_ops.op_impls("nm2", "gpu", None) == ["xla"]      # no Pallas kernel yet
+    assert bench_ops.op_impls("nm2", "gpu", None) == ["xla", "pallas"]
 
 
 def test_peer_ratio_columns(tmp_path):
