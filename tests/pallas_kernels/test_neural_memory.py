@@ -7,6 +7,7 @@ decoding, packing and input errors."""
 import math
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -428,3 +429,28 @@ def test_auto_is_xla_on_every_backend(rng, monkeypatch):
         assert_close(got, want, 0, f"auto on {platform}")
     with pytest.raises(AssertionError, match="Pallas kernels"):
         neural_memory(**args, depth=1, chunk_size=2, impl="pallas")
+
+
+@pytest.mark.parametrize("impl", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_custom_vjp_under_transforms(x64, rng, impl):
+    """The custom_vjp of each chunked impl under vmap(grad(checkpoint)) (per-example
+    gradients) and grad of a lax.scan over calls equals the reference's gradients:
+    L = Σ o² + Σ final state, every input."""
+    ex = [make_inputs(rng, 1, 5, 1) for _ in range(2)]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *ex)
+
+    def loss(a, impl):
+        o, s = neural_memory(**a, depth=1, chunk_size=2, impl=impl, output_final_state=True)
+        return jnp.sum(o ** 2) + sum(jnp.sum(x) for x in leaves(s))
+
+    def scanned(a):
+        return lax.scan(lambda c, x: (c + loss(x, impl), None), 0.0, a)[0]
+
+    per_example = jax.jit(jax.vmap(jax.grad(jax.checkpoint(lambda a: loss(a, impl)))))(stacked)
+    summed = jax.jit(jax.grad(scanned))(stacked)
+    ref = jax.jit(jax.vmap(jax.grad(lambda a: loss(a, "reference"))))(stacked)
+    for name in ex[0]:
+        for got, got_scan, want in zip(leaves(per_example[name]), leaves(summed[name]),
+                                       leaves(ref[name])):
+            assert_close(got, want, 1e-11, f"vmap(grad(checkpoint)) d{name}")
+            assert_close(got_scan, want, 1e-11, f"grad(scan) d{name}")
