@@ -12,7 +12,8 @@
   (W_fb W_fa x + dt_bias)) in (lower_bound, 0), and A_log starts at 0 (fla's safe_gate init);
   the state decays by Diag(exp(gk_t)) before each delta update (fla's naive_recurrent_kda);
   the output y = o_proj(RMSNorm(o) ⊙ sigmoid(W_gb W_ga x + b_g)) per value head, the gate
-  low-rank too (W_ga: d_model → value head width, W_gb with a bias).
+  low-rank too (W_ga: d_model → value head width, W_gb with a bias b_g as fla's, or without
+  one as transformers' KimiLinearDeltaAttention and the Kimi Linear release: `gate_bias`).
 
 Decode cache: the [B, Hv, K, V] float32 state and the conv inputs, as Gated DeltaNet's.
 """
@@ -33,6 +34,7 @@ from layers.registry import Mechanism, Setting, SettingError, Shared, register
 
 class KimiDeltaAttention(GatedDeltaNet):
     lower_bound: Optional[float] = None    # fla's bounded gate: gk in (lower_bound, 0)
+    gate_bias: bool = True                 # fla's g_proj has one; Kimi Linear's release not
 
     gate_activation = "sigmoid"
 
@@ -55,7 +57,8 @@ class KimiDeltaAttention(GatedDeltaNet):
         Hv, V = self.value_heads, self.value_dim
         kw = dict(std=self.init_std, dtype=self.dtype)
         r = dense(V, ("embed", None), name="g_proj_a", **kw)(x)
-        return dense((Hv, V), (None, "heads", "kv"), name="g_proj_b", use_bias=True, **kw)(r)
+        return dense((Hv, V), (None, "heads", "kv"), name="g_proj_b", use_bias=self.gate_bias,
+                     **kw)(r)
 
 
 _SETTINGS = {
@@ -64,6 +67,8 @@ _SETTINGS = {
                                         " · (W_f x + dt_bias)), in (lower_bound, 0), A_log "
                                         "starting at 0 (None: −exp(A_log) · softplus(...))",
                            optional=True),
+    "gate_bias": Setting(True, bool, "a bias on the output gate's projection (fla's KDA); "
+                                     "False: none (Kimi Linear's release)"),
 }
 
 
@@ -78,6 +83,7 @@ def _build(shared: Shared, s, name):
                               head_dim=shared.head_dim, expand_v=s["expand_v"],
                               allow_neg_eigval=s["allow_neg_eigval"],
                               num_v_heads=s["num_v_heads"], lower_bound=s["lower_bound"],
+                              gate_bias=s["gate_bias"],
                               conv_size=s["conv_size"], use_short_conv=s["short_conv"],
                               norm_eps=shared.norm_eps, init_std=shared.init_std,
                               dtype=shared.dtype, impl=shared.impl,

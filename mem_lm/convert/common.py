@@ -137,8 +137,8 @@ class LazyParam:
 
 def tensor_meta(tensors: Mapping, name: str) -> tuple[tuple, np.dtype]:
     """(shape, dtype) of a checkpoint tensor, from the file header where the mapping has one
-    (`SafetensorsDir`: nothing is read)."""
-    if isinstance(tensors, SafetensorsDir):
+    (`SafetensorsDir`, `RenamedTensors`: nothing is read)."""
+    if hasattr(tensors, "meta"):
         return tensors.meta(name)
     w = np.asarray(tensors[name])
     return tuple(w.shape), w.dtype
@@ -312,6 +312,29 @@ class SafetensorsDir(Mapping):
 
     def __contains__(self, name) -> bool:
         return name in self._where
+
+
+class RenamedTensors(Mapping):
+    """A checkpoint's tensors under other names ({new name: its name in `tensors`}), read when
+    taken, as `tensors` reads them."""
+
+    def __init__(self, tensors: Mapping, names: Mapping[str, str]):
+        self._tensors, self._names = tensors, dict(names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._tensors[self._names[name]]
+
+    def meta(self, name: str) -> tuple[tuple, np.dtype]:
+        return tensor_meta(self._tensors, self._names[name])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
 
 
 def read_hf_dir(path: str, what: str) -> tuple[dict, "SafetensorsDir"]:

@@ -403,6 +403,8 @@ def config_to_fla(cfg: ModelConfig) -> dict:
                    allow_neg_eigval=s["allow_neg_eigval"], num_v_heads=s["num_v_heads"])
     elif mixer == "kda":
         lb = s["lower_bound"]
+        if not s["gate_bias"]:
+            problems.append("kda gate_bias = False: fla's KDA output gate has a bias")
         out.update(head_dim=K, expand_v=s["expand_v"], allow_neg_eigval=s["allow_neg_eigval"],
                    num_v_heads=s["num_v_heads"], lower_bound=lb,
                    safe_gate=lb is not None and -5 <= lb < 0)

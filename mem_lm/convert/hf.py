@@ -46,8 +46,9 @@ import numpy as np
 
 from mem_lm.config import ModelConfig
 from mem_lm.model import make_mixer
-from mem_lm.convert.common import (ConversionError, Stacked, params_from_tensors,
-                                   read_hf_dir, shortest_period, tensors_from_params)
+from mem_lm.convert.common import (ConversionError, RenamedTensors, Stacked,
+                                   params_from_tensors, read_hf_dir, shortest_period,
+                                   tensors_from_params)
 
 # Fields of transformers' config.json that do not change the function the model computes:
 # bookkeeping, token ids, initialisation (initializer_range, rescale_prenorm_residual, the
@@ -85,7 +86,28 @@ _DEFAULTS["qwen3_next"] = dict(
     layer_types=None, full_attention_interval=4,
     # transformers' older configs keep RoPE's settings flat; rope_parameters holds them now.
     rope_theta=10000.0, partial_rotary_factor=0.25, rope_scaling=None)
-_ARCHITECTURES = {"mamba2": "Mamba2ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
+# transformers 5.24's KimiLinearConfig defaults, and the fields only the release's config.json
+# has (read by its own modelling code and vLLM; transformers ignores them), at the values
+# transformers' model behaves as.
+_DEFAULTS["kimi_linear"] = dict(
+    vocab_size=163840, hidden_size=2304, intermediate_size=9216, moe_intermediate_size=1024,
+    num_hidden_layers=27, num_attention_heads=32, num_key_value_heads=32, num_shared_experts=1,
+    routed_scaling_factor=2.446, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+    v_head_dim=128, qk_nope_head_dim=128, qk_head_dim=None, num_expert_group=1, topk_group=1,
+    num_experts_per_token=8, moe_renormalize=True, hidden_act="silu", rms_norm_eps=1e-5,
+    tie_word_embeddings=False, attention_bias=False, num_experts=256, mlp_layer_types=None,
+    layer_types=None, linear_head_dim=128, linear_num_heads=32, linear_conv_kernel_dim=4,
+    linear_attn_config=None, first_k_dense_replace=1,
+    mla_use_nope=True, moe_router_activation_func="sigmoid", moe_layer_freq=1,
+    use_grouped_topk=True, num_nextn_predict_layers=0)
+# Per kind, fields that leave its forward unchanged. Kimi Linear has no RoPE anywhere (its MLA
+# is NoPE; transformers deletes the rotary embedding), so RoPE's settings, head_dim (which
+# KimiLinearConfig sets to qk_rope_head_dim for RoPE alone) and the context length do nothing;
+# pretraining_tp is unused; auto_map points at the release's own code.
+_NO_EFFECT_OF = {"kimi_linear": {"rope_theta", "rope_scaling", "rope_parameters", "head_dim",
+                                 "model_max_length", "pretraining_tp", "auto_map"}}
+_ARCHITECTURES = {"mamba2": "Mamba2ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+                  "kimi_linear": "KimiLinearForCausalLM"}
 _DENSE, _DENSE2 = ("dense", 1), ("dense", 2)
 
 
@@ -101,9 +123,12 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     if model_type not in _DEFAULTS:
         raise ConversionError(f"hf config: model_type {model_type!r} is not supported; "
                               f"supported: {sorted(_DEFAULTS)}")
+    if model_type == "kimi_linear":
+        hf = _kimi_linear_fields(hf)
     c = dict(_DEFAULTS[model_type])
     c.update(hf)
-    unknown = sorted(set(hf) - set(_DEFAULTS[model_type]) - _NO_EFFECT)
+    unknown = sorted(set(hf) - set(_DEFAULTS[model_type]) - _NO_EFFECT
+                     - _NO_EFFECT_OF.get(model_type, set()))
     if unknown:
         raise ConversionError(f"hf config ({model_type}): unsupported field(s) {unknown}; "
                               f"nothing is dropped silently, so remove them only if they do "
@@ -205,7 +230,113 @@ def _qwen3_next_config(c: dict, require) -> ModelConfig:
         norm_eps=float(c["rms_norm_eps"]), zero_centred_norms=True)
 
 
-_CONFIG_FROM = {"mamba2": _mamba2_config, "qwen3_next": _qwen3_next_config}
+# Kimi Linear's layer types, our token mixers; its MLP kinds, our channel mixers.
+_KIMI_MIXERS = {"linear_attention": "kda", "full_attention": "mla"}
+_KIMI_CHANNELS = {"sparse": "moe", "dense": "swiglu"}
+# KimiLinearConfig's attribute_map: the release writes the right-hand names, transformers reads
+# either; the importer takes the release's.
+_KIMI_ALIASES = {"num_local_experts": "num_experts", "num_experts_per_tok": "num_experts_per_token",
+                 "n_shared_experts": "num_shared_experts", "norm_topk_prob": "moe_renormalize",
+                 "n_group": "num_expert_group", "max_position_embeddings": "model_max_length"}
+# linear_attn_config's keys, the config fields they set (KimiLinearConfig.__post_init__).
+_KIMI_LINEAR_KEYS = {"num_heads": "linear_num_heads", "head_dim": "linear_head_dim",
+                     "short_conv_kernel_size": "linear_conv_kernel_dim",
+                     "kda_layers": None, "full_attn_layers": None}
+
+
+def kimi_linear_layers(c: Mapping[str, Any]) -> tuple[tuple, tuple]:
+    """(token mixers, channel mixers), one per layer, of a Kimi Linear config (defaults filled),
+    as KimiLinearConfig decides: layer_types, else linear_attn_config's 1-indexed kda_layers /
+    full_attn_layers, else full attention in every 4th layer from the 5th; mlp_layer_types,
+    else dense MLPs in the first first_k_dense_replace layers and MoE after."""
+    n, lin = c["num_hidden_layers"], c["linear_attn_config"] or {}
+    types = c["layer_types"]
+    if types is None and "kda_layers" in lin and "full_attn_layers" in lin:
+        types = [None] * n
+        for kind, layers in (("full_attention", lin["full_attn_layers"]),
+                             ("linear_attention", lin["kda_layers"])):
+            for i in layers:
+                if not 1 <= i <= n:
+                    raise ConversionError(f"hf config (kimi_linear): linear_attn_config lists "
+                                          f"layer {i}; layers are 1 .. {n}")
+                types[i - 1] = kind
+    if types is None:
+        types = ["full_attention" if i and i % 4 == 0 else "linear_attention" for i in range(n)]
+    mlps = c["mlp_layer_types"] or ["dense" if i < c["first_k_dense_replace"] else "sparse"
+                                    for i in range(n)]
+    for field, got, kinds in (("layer_types", types, _KIMI_MIXERS),
+                              ("mlp_layer_types", mlps, _KIMI_CHANNELS)):
+        if len(got) != n or set(got) - set(kinds):
+            raise ConversionError(f"hf config (kimi_linear): {field} must list {n} of "
+                                  f"{sorted(kinds)}, got {got}")
+    return tuple(_KIMI_MIXERS[t] for t in types), tuple(_KIMI_CHANNELS[t] for t in mlps)
+
+
+def _kimi_linear_fields(hf: Mapping[str, Any]) -> dict:
+    """The config with the attribute-map aliases under the release's names and
+    linear_attn_config's widths in their fields (its layer lists stay there)."""
+    c = dict(hf)
+    for alias, name in _KIMI_ALIASES.items():
+        if alias in c:
+            v = c.pop(alias)
+            if name in c and c[name] != v:
+                raise ConversionError(f"hf config (kimi_linear): {alias} = {v!r} and {name} = "
+                                      f"{c[name]!r} name the same field")
+            c[name] = v
+    lin = c.get("linear_attn_config") or {}
+    unknown = sorted(set(lin) - set(_KIMI_LINEAR_KEYS))
+    if unknown:
+        raise ConversionError(f"hf config (kimi_linear): linear_attn_config has unsupported "
+                              f"key(s) {unknown} (transformers' KimiLinearDeltaAttention has no "
+                              f"such option)")
+    c.update({f: lin[k] for k, f in _KIMI_LINEAR_KEYS.items() if f and k in lin})
+    return c
+
+
+def _kimi_linear_config(c: dict, require) -> ModelConfig:
+    require("mla_use_nope", c["mla_use_nope"], "true: transformers' MLA applies no RoPE")
+    require("moe_router_activation_func", c["moe_router_activation_func"] == "sigmoid",
+            "'sigmoid'")
+    require("moe_layer_freq", c["moe_layer_freq"] == 1,
+            "1 (transformers places MoE by first_k_dense_replace / mlp_layer_types alone)")
+    require("use_grouped_topk", c["use_grouped_topk"] or c["num_expert_group"] == 1,
+            "true, or num_expert_group 1 (transformers always routes by groups)")
+    require("num_nextn_predict_layers", c["num_nextn_predict_layers"] == 0,
+            "0: no multi-token-prediction layers")
+    require("num_key_value_heads", c["num_key_value_heads"] in (None, c["num_attention_heads"]),
+            "num_attention_heads: MLA's keys and values have one head per query head")
+    require("num_shared_experts", c["num_shared_experts"] >= 1, ">= 1")
+    dn, dr = c["qk_nope_head_dim"], c["qk_rope_head_dim"]
+    require("qk_head_dim", c["qk_head_dim"] in (None, dn + dr), "qk_nope_head_dim + "
+                                                                "qk_rope_head_dim")
+    mixers, channels = kimi_linear_layers(c)
+    F = c["moe_intermediate_size"]
+    settings = {
+        "kda": dict(expand_v=1.0, allow_neg_eigval=False, short_conv=True,
+                    conv_size=c["linear_conv_kernel_dim"], gate_bias=False),
+        "mla": dict(heads=c["num_attention_heads"], q_lora_rank=c["q_lora_rank"],
+                    kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=dn, qk_rope_head_dim=dr,
+                    v_head_dim=c["v_head_dim"], rope=False,
+                    attention_bias=bool(c["attention_bias"])),
+        "moe": dict(num_experts=c["num_experts"], top_k=c["num_experts_per_token"],
+                    d_expert=F, router="sigmoid", norm_topk_prob=bool(c["moe_renormalize"]),
+                    routed_scaling_factor=float(c["routed_scaling_factor"]),
+                    score_correction_bias=True, n_group=c["num_expert_group"],
+                    topk_group=c["topk_group"], d_shared=F * c["num_shared_experts"],
+                    shared_gate=False),
+        "swiglu": dict(d_ff=c["intermediate_size"]),
+    }
+    pattern, channel_pattern = shortest_period(mixers), shortest_period(channels)
+    return ModelConfig(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], num_layers=c["num_hidden_layers"],
+        num_heads=c["linear_num_heads"], head_dim=c["linear_head_dim"], pattern=pattern,
+        channel_pattern=channel_pattern,
+        mixers={n: v for n, v in settings.items() if n in pattern + channel_pattern},
+        tie_embeddings=bool(c["tie_word_embeddings"]), norm_eps=float(c["rms_norm_eps"]))
+
+
+_CONFIG_FROM = {"mamba2": _mamba2_config, "qwen3_next": _qwen3_next_config,
+                "kimi_linear": _kimi_linear_config}
 
 
 def hf_kind(cfg: ModelConfig) -> str:
@@ -214,13 +345,16 @@ def hf_kind(cfg: ModelConfig) -> str:
         return "mamba2"
     if set(cfg.pattern) <= {"gdn", "attn"}:
         return "qwen3_next"
+    if set(cfg.pattern) <= {"kda", "mla"}:
+        return "kimi_linear"
     raise ConversionError(f"export to hf: pattern {cfg.pattern} is none of transformers' "
-                          f"models here: Mamba2 (ssd), Qwen3-Next (gdn, attn)")
+                          f"models here: Mamba2 (ssd), Qwen3-Next (gdn, attn), Kimi Linear "
+                          f"(kda, mla)")
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """The transformers config.json (a dict) of a ModelConfig that Mamba2ForCausalLM or
-    Qwen3NextForCausalLM can express (`hf_kind`)."""
+    """The transformers config.json (a dict) of a ModelConfig that Mamba2ForCausalLM,
+    Qwen3NextForCausalLM or KimiLinearForCausalLM can express (`hf_kind`)."""
     return _CONFIG_TO[hf_kind(cfg)](cfg)
 
 
@@ -320,7 +454,68 @@ def _mamba2_to_hf(cfg: ModelConfig) -> dict:
                 hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings)
 
 
-_CONFIG_TO = {"mamba2": _mamba2_to_hf, "qwen3_next": _qwen3_next_to_hf}
+def _kimi_linear_to_hf(cfg: ModelConfig) -> dict:
+    problems = ["zero_centred_norms = True: Kimi Linear's norms scale by w"] \
+        if cfg.zero_centred_norms else []
+    bad = sorted(set(cfg.channel_pattern) - {"moe", "swiglu"})
+    if bad:
+        problems.append(f"channel mixers {bad}: Kimi Linear's MLPs are moe or swiglu")
+    n = cfg.num_layers
+    kinds = [cfg.layer_kinds(i) for i in range(n)]
+    out = dict(model_type="kimi_linear", architectures=[_ARCHITECTURES["kimi_linear"]],
+               vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=n,
+               rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+               hidden_act="silu", linear_num_heads=cfg.num_heads,
+               linear_head_dim=cfg.resolved_head_dim,
+               layer_types=[{v: k for k, v in _KIMI_MIXERS.items()}[t] for t, _ in kinds],
+               mlp_layer_types=[{v: k for k, v in _KIMI_CHANNELS.items()}[ch]
+                                for _, ch in kinds],
+               pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    out["linear_attn_config"] = dict(
+        num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim,
+        kda_layers=[i + 1 for i, (t, _) in enumerate(kinds) if t == "kda"],
+        full_attn_layers=[i + 1 for i, (t, _) in enumerate(kinds) if t == "mla"])
+    if "kda" in cfg.pattern:
+        s = cfg.settings("kda")
+        problems += _differ(s, {"gate_bias": (False, "Kimi Linear's g_b_proj has no bias"),
+                                "short_conv": (True, "Kimi Linear always has its convs"),
+                                "allow_neg_eigval": (False, "Kimi Linear's β = sigmoid"),
+                                "expand_v": (1.0, "values as wide as keys"),
+                                "num_v_heads": (None, "no grouped value heads"),
+                                "lower_bound": (None, "Kimi Linear's unbounded gate")}, "kda")
+        out["linear_conv_kernel_dim"] = out["linear_attn_config"]["short_conv_kernel_size"] = \
+            s["conv_size"]
+    if "mla" in cfg.pattern:
+        s = cfg.settings("mla")
+        problems += _differ(s, {"rope": (False, "Kimi Linear's MLA has no RoPE")}, "mla")
+        d = make_mixer(cfg, "mla")
+        out.update(num_attention_heads=d.num_heads, num_key_value_heads=d.num_heads,
+                   q_lora_rank=d.q_lora_rank, kv_lora_rank=d.kv_lora_rank,
+                   qk_nope_head_dim=d.qk_nope_head_dim, qk_rope_head_dim=d.qk_rope_head_dim,
+                   v_head_dim=d.v_head_dim, attention_bias=d.attention_bias)
+    if "moe" in cfg.channel_pattern:
+        s = cfg.settings("moe")
+        problems += _differ(s, {"router": ("sigmoid", "Kimi Linear routes by sigmoid scores"),
+                                "score_correction_bias": (True, "Kimi Linear's router has "
+                                                                "e_score_correction_bias"),
+                                "shared_gate": (False, "no shared expert gate")}, "moe")
+        F = make_mixer(cfg, "moe").d_expert
+        if s["d_shared"] < 1 or s["d_shared"] % F:
+            problems.append(f"moe d_shared = {s['d_shared']}: Kimi Linear's shared experts are "
+                            f"a whole number (>= 1) of d_expert = {F}")
+        out.update(num_experts=s["num_experts"], num_experts_per_token=s["top_k"],
+                   moe_intermediate_size=F, num_shared_experts=s["d_shared"] // F,
+                   moe_renormalize=s["norm_topk_prob"], num_expert_group=s["n_group"],
+                   topk_group=s["topk_group"],
+                   routed_scaling_factor=s["routed_scaling_factor"])
+    if "swiglu" in cfg.channel_pattern:
+        out["intermediate_size"] = make_mixer(cfg, "swiglu").d_ff
+    _not_expressible("Kimi Linear", problems)
+    return out
+
+
+_CONFIG_TO = {"mamba2": _mamba2_to_hf, "qwen3_next": _qwen3_next_to_hf,
+              "kimi_linear": _kimi_linear_to_hf}
 
 
 # ------------------------------------------------------------------------------ tensors
@@ -416,9 +611,80 @@ def _mamba2_tensors(cfg: ModelConfig) -> list:
     return out
 
 
-_TENSOR_MAP = {"mamba2": _mamba2_tensors, "qwen3_next": _qwen3_next_tensors}
+def _kimi_linear_tensors(cfg: ModelConfig) -> list:
+    """Kimi Linear's tensors as save_pretrained writes them (the release's layout: transformers
+    maps it to its modules when loading): the KDA layers' q/k/v convs apart and the forget gate
+    (f_a_proj, f_b_proj, A_log [1, 1, H, 1], dt_bias [H·K]) on self_attn; every MLP under
+    block_sparse_moe (the release names the dense ones mlp.: `import_hf` reads both), the
+    experts' w1 (gate), w2 (down), w3 (up) per expert, the router's weight and
+    e_score_correction_bias on its gate."""
+    out = [("model.embed_tokens.weight", [("embed", "embedding")], "same"),
+           ("model.norm.weight", [("final_norm", "scale")], "flat")]
+    if not cfg.tie_embeddings:
+        out.append(("lm_head.weight", [("lm_head", "kernel")], _DENSE))
+    for i in range(cfg.num_layers):
+        pre, layer = f"model.layers.{i}.", f"layer_{i}"
+        m, mlp, a = (layer, "mixer"), (layer, "mlp"), pre + "self_attn."
+        out += [(pre + "input_layernorm.weight", [(layer, "mixer_norm", "scale")], "flat"),
+                (pre + "post_attention_layernorm.weight", [(layer, "mlp_norm", "scale")],
+                 "flat")]
+        token, channel = cfg.layer_kinds(i)
+        out += (_kimi_kda if token == "kda" else _kimi_mla)(cfg, a, m)
+        b = pre + "block_sparse_moe."
+        swiglu = lambda hf, ours: [(hf + f"{n}.weight", [ours + (w, "kernel")], _DENSE)
+                                   for n, w in _SWIGLU]
+        if channel == "swiglu":
+            out += swiglu(b, mlp)
+            continue
+        out += [(b + "gate.weight", [mlp + ("router", "kernel")], _DENSE),
+                (b + "gate.e_score_correction_bias", [mlp + ("score_bias",)], "flat")]
+        out += swiglu(b + "shared_experts.", mlp + ("shared_expert",))
+        for e in range(cfg.settings("moe")["num_experts"]):
+            out += [(b + f"experts.{e}.{n}.weight", [Stacked(mlp + (w,), e)], _DENSE)
+                    for n, w in (("w1", "w_gate"), ("w3", "w_up"), ("w2", "w_out"))]
+    return out
+
+
+def _kimi_kda(cfg: ModelConfig, a: str, m: tuple) -> list:
+    out = [(a + f"{n}_proj.weight", [m + (f"{n}_proj", "kernel")], _DENSE) for n in "qkvb"]
+    out += [(a + f"{n}_conv1d.weight", [m + (f"{n}_conv", "kernel")], "conv") for n in "qkv"]
+    return out + [(a + "f_a_proj.weight", [m + ("gk_proj_a", "kernel")], _DENSE),
+                  (a + "f_b_proj.weight", [m + ("gk_proj_b", "kernel")], _DENSE),
+                  (a + "A_log", [m + ("A_log",)], ("shaped", (1, 1, -1, 1))),
+                  (a + "dt_bias", [m + ("dt_bias",)], "flat"),
+                  (a + "g_a_proj.weight", [m + ("g_proj_a", "kernel")], _DENSE),
+                  (a + "g_b_proj.weight", [m + ("g_proj_b", "kernel")], _DENSE),
+                  (a + "o_norm.weight", [m + ("o_norm", "scale")], "flat"),
+                  (a + "o_proj.weight", [m + ("o_proj", "kernel")], _DENSE2)]
+
+
+def _kimi_mla(cfg: ModelConfig, a: str, m: tuple) -> list:
+    """An MLA layer's tensors (no RoPE, so no rows to de-interleave): per head, q's outputs
+    are [nope | rope] and kv_b_proj's [k_nope | v], kv_a_proj_with_mqa's [latent | k_rope], as
+    our kernels'."""
+    s = cfg.settings("mla")
+    out = [(a + "kv_a_proj_with_mqa.weight", [m + ("kv_down_proj", "kernel")], _DENSE),
+           (a + "kv_a_layernorm.weight", [m + ("kv_norm", "scale")], "flat"),
+           (a + "kv_b_proj.weight", [m + ("kv_up_proj", "kernel")], _DENSE),
+           (a + "o_proj.weight", [m + ("o_proj", "kernel")], _DENSE2)]
+    if s["q_lora_rank"] is None:
+        out.append((a + "q_proj.weight", [m + ("q_proj", "kernel")], _DENSE))
+    else:
+        out += [(a + "q_a_proj.weight", [m + ("q_down_proj", "kernel")], _DENSE),
+                (a + "q_a_layernorm.weight", [m + ("q_norm", "scale")], "flat"),
+                (a + "q_b_proj.weight", [m + ("q_up_proj", "kernel")], _DENSE)]
+    if s["attention_bias"]:
+        out += [(a + f"{n}.bias", [m + (ours, "bias")], "flat")
+                for n, ours in (("kv_a_proj_with_mqa", "kv_down_proj"), ("o_proj", "o_proj"))
+                + ((("q_a_proj", "q_down_proj"),) if s["q_lora_rank"] is not None else ())]
+    return out
+
+
+_TENSOR_MAP = {"mamba2": _mamba2_tensors, "qwen3_next": _qwen3_next_tensors,
+               "kimi_linear": _kimi_linear_tensors}
 # The input embedding's tensor (a tied lm_head.weight must equal it).
-_EMBEDDING = {"mamba2": "backbone.embeddings.weight", "qwen3_next": "model.embed_tokens.weight"}
+_EMBEDDING = {"mamba2": "backbone.embeddings.weight", "qwen3_next": "model.embed_tokens.weight",
+              "kimi_linear": "model.embed_tokens.weight"}
 
 
 # ------------------------------------------------------------------------------ files
@@ -440,6 +706,10 @@ def import_hf(path: str, lazy: bool = False) -> tuple[ModelConfig, dict]:
         # The release's multi-token-prediction head: transformers' model does not load it
         # either (_keys_to_ignore_on_load_unexpected); it plays no part in the forward.
         return cfg, params_from_hf(cfg, tensors.without(lambda n: n.startswith("mtp.")), lazy)
+    if c["model_type"] == "kimi_linear":
+        # The release names its dense MLPs mlp., save_pretrained every MLP block_sparse_moe.
+        names = {n.replace(".mlp.", ".block_sparse_moe."): n for n in tensors}
+        return cfg, params_from_hf(cfg, RenamedTensors(tensors, names), lazy)
     tensors = dict(tensors)     # Mamba2's fix-ups below (its checkpoints are small)
     if "backbone.embedding.weight" in tensors:   # the original checkpoints' name
         tensors.setdefault("backbone.embeddings.weight", tensors.pop("backbone.embedding.weight"))
