@@ -1,7 +1,7 @@
 """Training throughput, MFU and memory of whole models against sequence length, side by side.
 
     python -m eval.bench_model [--backend cpu|gpu|tpu] [--lengths 1024 2048 4096 8192 16384]
-                               [--quick] [--time_budget SECONDS] --out out/bench_model
+                               [--quick] [--profile] [--time_budget SECONDS] --out out/bench_model
 
 Models (same number of layers and heads; with --width_match, the CPU default, `gdn` and
 `hybrid` get the d_model that brings their parameter count closest to the transformer's):
@@ -20,9 +20,11 @@ Defaults per backend (each flag overrides):
 
     cpu       d_model 256 (transformer; the others width-matched), 4 layers, 4 heads, vocab
               256, batch 1, lengths 1024 ... 16384, float32, 3 reps
-    gpu, tpu  d_model 1024 for all three (no width matching: the GDN model has 88M params),
-              4 layers, 8 heads (head_dim 128), vocab 32768, batch 2, length 8192, bfloat16,
-              5 reps
+    gpu, tpu  gdn and hybrid (the transformer with --models), d_model 1280, 16 layers, 10
+              heads (head_dim 128), vocab 32768 (tied embeddings), no width matching: the GDN
+              model has 383.6M params, the hybrid 370.2M (the transformer 356.7M); batch 2,
+              lengths 4096 and 16384, bfloat16, scan_layers (one layer's program compiled
+              once), 5 reps
 
 Each cell times one full training step (forward, backward, AdamW update from the trainer's own
 `train.optim.make_optimizer`) on a batch of `--batch` sequences, after a warm-up call that
@@ -34,12 +36,19 @@ step needs on any backend. Cells whose estimated step time exceeds `--max_step_s
 (extrapolated from the previous length) are not timed and show "-" for tokens/s, but are
 still compiled, so their memory is reported; with --time_budget no cell starts that would,
 at the median cell's duration so far, end past it.
+
+--profile: after its timed calls, each cell runs --profile_steps more steps under
+`jax.profiler.trace` (into a temporary folder) and prints where their time went
+(`eval.trace_summary`: Pallas kernels, matmuls, library attention, collectives, other XLA
+work, idle; ms per step and share of the traced window); the table is kept in the cell's
+"profile" entry of bench_model.json.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -57,11 +66,11 @@ PRESETS = {
     "cpu": dict(models=["transformer", "gdn", "hybrid"], d_model=256, num_layers=4,
                 num_heads=4, vocab_size=256, batch=1,
                 lengths=[1024, 2048, 4096, 8192, 16384], dtype="float32", reps=3,
-                width_match=True, window=512),
-    # gdn first: the number the issue's baseline (84k tokens/s, 4.5% MFU) is compared with
-    "gpu": dict(models=["gdn", "transformer", "hybrid"], d_model=1024, num_layers=4,
-                num_heads=8, vocab_size=32768, batch=2,
-                lengths=[8192], dtype="bfloat16", reps=5, width_match=False, window=512),
+                width_match=True, window=512, scan_layers=False),
+    # Issue 28's model-level run: >= 350M parameters each, T = 4k and 16k.
+    "gpu": dict(models=["gdn", "hybrid"], d_model=1280, num_layers=16, num_heads=10,
+                vocab_size=32768, batch=2, lengths=[4096, 16384], dtype="bfloat16", reps=5,
+                width_match=False, window=512, scan_layers=True),
 }
 PRESETS["tpu"] = PRESETS["gpu"]
 
@@ -148,8 +157,9 @@ def memory_bytes(compiled) -> Optional[int]:
 
 
 def bench_cell(cfg, seq_len: int, batch: int, reps: int, seed: int = 0,
-               timed: bool = True) -> dict:
-    """Compile one training step (its memory) and, when `timed`, time `reps` calls of it."""
+               timed: bool = True, profile_steps: int = 0) -> dict:
+    """Compile one training step (its memory) and, when `timed`, time `reps` calls of it, then
+    trace `profile_steps` more (the "profile" entry: `eval.trace_summary.summarize`)."""
     import jax
     import jax.numpy as jnp
     from configs.base import get_config
@@ -185,8 +195,18 @@ def bench_cell(cfg, seq_len: int, batch: int, reps: int, seed: int = 0,
     tps = batch * seq_len / t
     peak = peak_flops_per_device(get_config()) * jax.device_count()
     mfu = tps * train_flops_per_token(param_count(cfg), cfg, seq_len) / peak
-    return {**r, "step_seconds": t, "tokens_per_second": tps,
-            "mfu": mfu if np.isfinite(mfu) else None, "loss": float(loss)}
+    r.update(step_seconds=t, tokens_per_second=tps, mfu=mfu if np.isfinite(mfu) else None,
+             loss=float(loss))
+    if profile_steps:
+        from eval.trace_summary import summarize
+        with tempfile.TemporaryDirectory(prefix="bench_model_trace_") as log_dir:
+            with jax.profiler.trace(log_dir):
+                for _ in range(profile_steps):
+                    params, opt_state, loss = compiled(params, opt_state, tokens)
+                jax.block_until_ready(loss)
+            r["profile"] = summarize(log_dir, compiled.as_text(), profile_steps)
+        del r["profile"]["trace"]       # a temporary file, gone now
+    return r
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -213,7 +233,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
     ap.add_argument("--impl", default="auto", help="ModelConfig.impl (the recurrent ops)")
     ap.add_argument("--attn_impl", default="auto", help="ModelConfig.attn_impl")
+    ap.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=None,
+                    help="ModelConfig.scan_layers (default: per backend)")
     ap.add_argument("--reps", type=int)
+    ap.add_argument("--profile", action="store_true",
+                    help="trace --profile_steps steps per cell and print where the time went")
+    ap.add_argument("--profile_steps", type=int, default=3)
     ap.add_argument("--max_step_seconds", type=float, default=60.0)
     ap.add_argument("--time_budget", type=float, default=None,
                     help="seconds; no cell starts past it")
@@ -246,7 +271,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         cfgs = model_configs(args.models, args.d_model, args.num_layers, args.num_heads,
                              args.vocab_size, args.window, width_match=args.width_match,
-                             dtype=args.dtype, impl=args.impl, attn_impl=args.attn_impl)
+                             dtype=args.dtype, impl=args.impl, attn_impl=args.attn_impl,
+                             scan_layers=args.scan_layers)
     except ValueError as e:
         common.fail(str(e))
     try:
@@ -294,7 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 skipped = f"estimated {est:.0f}s per step"
         t0 = time.perf_counter()
         try:
-            r = bench_cell(cfgs[name], L, args.batch, args.reps, timed=skipped is None)
+            r = bench_cell(cfgs[name], L, args.batch, args.reps, timed=skipped is None,
+                           profile_steps=args.profile_steps if args.profile else 0)
             durations.append(time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, keep going
             msg = error_text(e, 200)
@@ -313,6 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"{name:>12} L={L:>6}: {r['tokens_per_second']:>10,.0f} tok/s{mfu}, "
               f"{(r['memory_mb'] or 0):>9,.1f} MB, step {r['step_seconds']:.3f}s "
               f"(compile {r['compile_seconds']:.0f}s)", flush=True)
+        if "profile" in r:
+            print_profile(f"{name} L={L}", r["profile"])
         results[name].append({"seq_len": L, **r})
         write()
 
@@ -357,6 +386,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     _plot(out / "bench_model.png", cfgs, results, args.batch)
     print(f"wrote {out / 'bench_model.json'} and {out / 'bench_model.png'}")
     return result
+
+
+def print_profile(title: str, prof: dict) -> None:
+    rows = [{"where": row["category"], "ms / step": row["ms_per_step"], "%": row["percent"]}
+            for row in prof["rows"]]
+    common.print_table(rows, floatfmt=",.3g", title=(
+        f"{title}: where a step's time goes ({prof['steps']} traced steps, "
+        f"{prof['window_ms'] / prof['steps']:,.1f} ms per step in the trace, {prof['events']} "
+        f"device events, {prof['unnamed_events']} classified by kernel name)"))
 
 
 def _plot(path, cfgs, results, batch):

@@ -226,11 +226,17 @@ def test_mqar_sweep_quick_and_reuse(tmp_path, capsys):
 def test_bench_model_quick(tmp_path):
     from eval import bench_model
     bench_model.main(["--quick", "--models", "transformer", "--lengths", "32", "64",
-                      "--max_step_seconds", "0", "--out", str(tmp_path)])
+                      "--max_step_seconds", "0", "--profile", "--profile_steps", "2",
+                      "--out", str(tmp_path)])
     r = _json(tmp_path / "bench_model")
     cell, over = r["models"]["transformer"]["results"]
     assert cell["seq_len"] == 32 and cell["tokens_per_second"] > 0 and cell["memory_mb"] > 0
     assert 0 < cell["mfu"] < 1
+    # --profile: the traced steps' time by category (a CPU trace: matmuls and other XLA work)
+    prof = {row["category"]: row for row in cell["profile"]["rows"]}
+    assert prof["matmul"]["ms_per_step"] > 0 and prof["pallas"]["ms_per_step"] == 0
+    assert sum(row["percent"] for row in prof.values()) == pytest.approx(100)
+    assert "profile" not in over
     assert r["table"][0]["transformer tok/s"] == cell["tokens_per_second"]
     assert r["table"][0]["transformer MFU %"] == pytest.approx(100 * cell["mfu"])
     # Past --max_step_seconds a cell is not timed, but its compiled memory is still reported.
@@ -239,17 +245,20 @@ def test_bench_model_quick(tmp_path):
     assert r["table"][1]["transformer tok/s"] is None
 
 
-def test_bench_model_gpu_preset_is_the_issue_baseline():
-    """--backend gpu: all three at d_model 1024 (no width matching), the GDN model 88M params."""
+def test_bench_model_gpu_preset_is_the_issue_run():
+    """--backend gpu: the GDN and gdn+swa hybrid LMs of issue 28, >= 350M params each, at
+    T = 4k and 16k, head_dim 128, layers scanned."""
     from eval.bench_model import PRESETS, model_configs
     from mem_lm import param_count
     p = PRESETS["gpu"]
-    cfgs = model_configs(["transformer", "gdn", "hybrid"], p["d_model"], p["num_layers"],
-                         p["num_heads"], p["vocab_size"], p["window"],
-                         width_match=p["width_match"], dtype=p["dtype"])
-    assert {c.d_model for c in cfgs.values()} == {1024}
-    assert round(param_count(cfgs["gdn"]) / 1e6) == 88
-    assert (p["batch"], p["lengths"], cfgs["gdn"].dtype) == (2, [8192], "bfloat16")
+    cfgs = model_configs(p["models"], p["d_model"], p["num_layers"], p["num_heads"],
+                         p["vocab_size"], p["window"], width_match=p["width_match"],
+                         dtype=p["dtype"], scan_layers=p["scan_layers"])
+    assert list(cfgs) == ["gdn", "hybrid"]
+    assert {n: round(param_count(c) / 1e5) / 10 for n, c in cfgs.items()} == {
+        "gdn": 383.6, "hybrid": 370.2}
+    assert cfgs["gdn"].resolved_head_dim == 128 and cfgs["hybrid"].scan_layers
+    assert (p["batch"], p["lengths"], cfgs["gdn"].dtype) == (2, [4096, 16384], "bfloat16")
 
 
 def test_bench_model_width_matching():
