@@ -14,6 +14,10 @@ Peers, on the same [B, T, H, D] layout and sizes as our ops (fla-core 0.6.0's AP
     gdn    fla.ops.gated_delta_rule.chunk_gated_delta_rule(q, k, v, g, beta)
     la_g   fla.ops.simple_gla.chunk_simple_gla(q, k, v, g)            (g [B, T, H])
     la_gk  fla.ops.gla.chunk_gla(q, k, v, g)                          (g [B, T, H, K])
+    kda    fla.ops.kda.chunk_kda(q, k, v, g, beta)                    (g [B, T, H, K])
+    nsa    fla.ops.nsa.parallel_nsa(q, k, v, block_indices=..., block_counts=S, block_size)
+           (the selected branch alone: no gates, no window; k, v with H / 16 heads and the
+           block indices of nsa_block_indices, in fla's [B, T, Hkv, S] layout)
     attn   torch SDPA, causal, flash backend only (its [B, H, T, D] layout)
 
 Gates are float32 log decays, as fla's own layers pass them; q, k, v (and β) in --dtype; k is
@@ -36,10 +40,12 @@ import sys
 import time
 from typing import Optional, Sequence
 
-OPS = ("gdn", "attn", "la_g", "la_gk")   # run in this order: the headline comparison first
+OPS = ("gdn", "attn", "kda", "nsa", "la_g", "la_gk")   # in this order: the headline first
 PEER = {"gdn": "fla chunk_gated_delta_rule", "la_g": "fla chunk_simple_gla",
-        "la_gk": "fla chunk_gla", "attn": "torch sdpa flash"}
+        "la_gk": "fla chunk_gla", "kda": "fla chunk_kda", "nsa": "fla parallel_nsa",
+        "attn": "torch sdpa flash"}
 GUARD_MESSAGE = "< 3.7.1 on Hopper"   # in fla's RuntimeError from the gated backward guard
+NSA_S, NSA_BLOCK, NSA_GROUP = 16, 64, 16    # NSA's selection: blocks per token, block, GQA
 
 
 def parse_shape(text: str) -> tuple:
@@ -57,6 +63,18 @@ def error_text(e: BaseException, limit: int = 300) -> str:
     """'Type: first line of the message', for one-line reports."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
+
+
+def nsa_block_indices(T: int, xp):
+    """Integers [T, NSA_S]: the key blocks token t lists, spread evenly over blocks 0 ... t's own
+    (all of them, then T as padding, while there are at most NSA_S); `xp` numpy-like (jnp,
+    torch)."""
+    t = xp.arange(T)[:, None]
+    j = xp.arange(NSA_S)[None, :]
+    b = t // NSA_BLOCK
+    spread = (b * j + (NSA_S - 1) // 2) // (NSA_S - 1)
+    early = xp.where(j <= b, j, T + 0 * j)
+    return xp.where(b + 1 <= NSA_S, early, spread)
 
 
 def emit(obj: dict) -> None:
@@ -116,11 +134,30 @@ def make_call(op: str, B: int, T: int, H: int, D: int, dtype_name: str):
             from torch.nn.attention import SDPBackend, sdpa_kernel
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif op == "nsa":
+        from fla.ops.nsa import parallel_nsa
+        Hkv = max(H // NSA_GROUP, 1)
+        q, k, v = rand(B, T, H, D), rand(B, T, Hkv, D), rand(B, T, Hkv, D)
+        leaves = [q, k, v]
+        idx = nsa_block_indices(T, torch).to(dev)
+        block_indices = idx[None, :, None, :].expand(B, T, Hkv, NSA_S).contiguous()
+
+        def forward():
+            return parallel_nsa(q, k, v, block_indices=block_indices, block_counts=NSA_S,
+                                block_size=NSA_BLOCK)
     else:
         q, v = rand(B, T, H, D), rand(B, T, H, D)
         k = F.normalize(rand(B, T, H, D, dt=torch.float32), dim=-1).to(dtype)
         leaves = [q, k, v]
-        if op == "gdn":
+        if op == "kda":
+            from fla.ops.kda import chunk_kda
+            gk = log_decay(B, T, H, D)
+            beta = torch.rand(B, T, H, device=dev, generator=gen).to(dtype)
+            leaves += [gk, beta]
+
+            def forward():
+                return chunk_kda(q, k, v, gk, beta)[0]
+        elif op == "gdn":
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule
             g = log_decay(B, T, H)
             beta = torch.rand(B, T, H, device=dev, generator=gen).to(dtype)

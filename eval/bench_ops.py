@@ -1,14 +1,18 @@
 """Speed, memory and compile time of the ops, every implementation side by side, with the
 peers a user would otherwise pick (fla's Triton kernels, torch's flash attention) on GPU.
 
-    python -m eval.bench_ops [--backend cpu|gpu|tpu] [--quick] [--ops gdn la_g la_gk attn]
+    python -m eval.bench_ops [--backend cpu|gpu|tpu] [--quick] [--ops gdn kda la_g la_gk nsa attn]
                              [--impls xla pallas ...] [--shapes 4x4096 1x32768]
                              [--time_budget SECONDS] [--out out/bench_ops]
 
-Ops: the gated delta rule with g and β (`gdn`), linear attention with a per-head decay g
-(`la_g`) and with per-key decays gk (`la_gk`, GLA), causal softmax attention (`attn`,
-`pallas_kernels.attention.attention`), and Titans' neural memory (`pallas_kernels.
-neural_memory`) with a matrix memory (`nm1`, depth 1) and an MLP memory (`nm2`, depth 2,
+Ops: the gated delta rule with g and β (`gdn`) and with per-key decays gk and β (`kda`, Kimi
+Delta Attention), linear attention with a per-head decay g (`la_g`) and with per-key decays gk
+(`la_gk`, GLA), NSA's selected-block branch (`nsa`: `block_sparse_attention` with per-token
+selection, query_block_size 1, NSA_S = 16 key blocks of NSA_BLOCK = 64 per token, GQA groups of
+NSA_GROUP = 16 query heads per k/v head, as the paper; the blocks listed are spread evenly
+over those at or before the token's own, the same rule in the fla peer), causal softmax
+attention (`attn`, `pallas_kernels.attention.attention`), and Titans' neural memory
+(`pallas_kernels.neural_memory`) with a matrix memory (`nm1`, depth 1) and an MLP memory (`nm2`, depth 2,
 hidden width E = 4K as the `titans` layer's default expansion), both at the layer's default
 memory chunk of 8 tokens (the chunk is part of that op's function) from a given initial memory.
 Impls: those each op's package lists at run time (`pallas_kernels.common.IMPLS`,
@@ -21,7 +25,7 @@ Defaults per backend (each flag overrides):
 
     cpu       ops la_g la_gk gdn nm1 nm2; B=1, T = 1024 4096 16384 (--quick: 256 1024), H=4,
               K=V=64, float32, 3 reps
-    gpu, tpu  ops gdn la_g la_gk attn nm1 nm2; (B, T) = (4, 4096) and (1, 32768), H=16,
+    gpu, tpu  ops gdn kda la_g la_gk nsa attn nm1 nm2; (B, T) = (4, 4096) and (1, 32768), H=16,
               K=V=128, bfloat16, 10 reps; on GPU also the peers of the ops that have one
               (python -m eval.bench_fla, run first in its own process, given --peer_budget
               seconds; the neural memory has none: fla's titans op is marked broken in its
@@ -52,10 +56,12 @@ products of the chunked algorithm at chunk size C=64, per chunk of C tokens and 
 per multiply-add:
 
     la_g, la_gk:  2·(C²K [QKᵀ] + C²V [PV] + 2·CKV [read-out of and update to the state])
-    gdn:          2·(2·C²K [KKᵀ, QKᵀ] + C²(K+V) [UT transform applied to βV, βK]
+    gdn, kda:     2·(2·C²K [KKᵀ, QKᵀ] + C²(K+V) [UT transform applied to βV, βK]
                      + C²K + C²V [P·W, P·U] + CK² + CKV [Kdᵀ·W, Kdᵀ·U] + K²V [state pass]
                      + CKV [read-out])
     attn:         2·T²·K per head and sequence (QKᵀ and PV, causal: half of each)
+    nsa:          2·2·S·B_s·K per query token and head (QKᵀ and PV over the S listed blocks of
+                  B_s keys; the first tokens have fewer, not discounted)
     nm1, nm2:     per token and head (the chunk does not change the count): nm1
                   2·4·KV [errors K·M, the two weighted gradient sums (memory and momentum),
                   the read]; nm2 2·(4·KE + 5·EV) [K·W1, a·W2, e·W2ᵀ, the two weighted sums
@@ -87,9 +93,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from eval import common
-from eval.bench_fla import PEER, error_text, parse_shape
+from eval.bench_fla import (NSA_BLOCK, NSA_GROUP, NSA_S, PEER, error_text, nsa_block_indices,
+                            parse_shape)
 
-OPS = ("gdn", "la_g", "la_gk", "attn", "nm1", "nm2")
+OPS = ("gdn", "kda", "la_g", "la_gk", "nsa", "attn", "nm1", "nm2")
 C_NOMINAL = 64
 NM_CHUNK, NM_EXPANSION = 8, 4       # the titans layer's default memory_chunk and expansion
 NM_DEPTH = {"nm1": 1, "nm2": 2}
@@ -98,7 +105,7 @@ PRESETS = {
                 shapes=[(1, 1024), (1, 4096), (1, 16384)],
                 quick_shapes=[(1, 256), (1, 1024)], heads=4, head_dim=64, dtype="float32",
                 reps=3, matmul_n=2048),
-    "gpu": dict(ops=("gdn", "la_g", "la_gk", "attn", "nm1", "nm2"),
+    "gpu": dict(ops=("gdn", "kda", "la_g", "la_gk", "nsa", "attn", "nm1", "nm2"),
                 shapes=[(4, 4096), (1, 32768)],
                 quick_shapes=[(1, 2048)], heads=16, head_dim=128, dtype="bfloat16", reps=10,
                 matmul_n=8192),
@@ -117,6 +124,8 @@ def nominal_flops(op: str, B: int, T: int, H: int, K: int, V: int,
     C = C_NOMINAL
     if op == "attn":
         fwd = 2.0 * T * T * K * B * H
+    elif op == "nsa":
+        fwd = 4.0 * NSA_S * NSA_BLOCK * K * T * B * H
     elif op in NM_DEPTH:
         E = NM_EXPANSION * K
         per_token = 4 * K * V if op == "nm1" else 4 * K * E + 5 * E * V
@@ -134,21 +143,27 @@ def nominal_flops(op: str, B: int, T: int, H: int, K: int, V: int,
 def make_inputs(op: str, B: int, T: int, H: int, K: int, dtype, seed: int = 0,
                 V: Optional[int] = None) -> dict:
     """Random inputs drawn on the device (numpy would spend seconds per cell at GPU sizes);
-    v's head dim is V (default K)."""
+    v's head dim is V (default K); integer inputs (nsa's block indices) under "int"."""
     import jax
     import jax.numpy as jnp
     kq, kk, kv, kg, kb = jax.random.split(jax.random.PRNGKey(seed), 5)
     normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32)
     log_decay = lambda shape: jnp.log(jax.random.uniform(kg, shape, jnp.float32, 0.9, 1.0))
-    k = normal(kk, (B, T, H, K))
-    if op != "attn":   # the delta rule expects unit keys; the gated sums stay bounded too
+    Hkv = max(H // NSA_GROUP, 1) if op == "nsa" else H
+    k = normal(kk, (B, T, Hkv, K))
+    if op not in ("attn", "nsa"):   # the delta rule expects unit keys; gated sums stay bounded
         k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    x = {"q": normal(kq, (B, T, H, K)), "k": k, "v": normal(kv, (B, T, H, V or K))}
-    if op == "la_gk":
+    x = {"q": normal(kq, (B, T, H, K)), "k": k, "v": normal(kv, (B, T, Hkv, V or K))}
+    if op == "nsa":
+        x = {name: a.astype(dtype) for name, a in x.items()}
+        x["int"] = {"block_indices": jnp.broadcast_to(
+            nsa_block_indices(T, jnp).astype(jnp.int32), (B, Hkv, T, NSA_S))}
+        return x
+    if op in ("la_gk", "kda"):
         x["gk"] = log_decay((B, T, H, K))
     elif op != "attn":
         x["g"] = log_decay((B, T, H))
-    if op == "gdn":
+    if op in ("gdn", "kda"):
         x["beta"] = jax.random.uniform(kb, (B, T, H), jnp.float32)
     if op in NM_DEPTH:      # θ, η, α of a memory that neither explodes nor forgets at once
         del x["g"]
@@ -177,24 +192,33 @@ def make_fns(op: str, impl: str, inputs: dict) -> tuple:
     from pallas_kernels.gated_delta_rule import gated_delta_rule
     from pallas_kernels.linear_attention import linear_attention
     from pallas_kernels.neural_memory import neural_memory
+    from pallas_kernels.sparse_attention import block_sparse_attention
 
-    def forward(x):
+    def forward(x, ints):
         if op == "attn":
             return attention(x["q"], x["k"], x["v"], causal=True, impl=impl)
+        if op == "nsa":
+            return block_sparse_attention(x["q"], x["k"], x["v"], ints["block_indices"],
+                                          block_size=NSA_BLOCK, query_block_size=1, impl=impl)
         if op in NM_DEPTH:
             return neural_memory(x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["decay"],
                                  depth=NM_DEPTH[op], chunk_size=NM_CHUNK,
                                  initial_state=(x["memory"], None), impl=impl)[0]
-        if op == "gdn":
-            return gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], impl=impl)[0]
+        if op in ("gdn", "kda"):
+            return gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x.get("g"), x.get("gk"),
+                                    impl=impl)[0]
         return linear_attention(x["q"], x["k"], x["v"], x.get("g"), x.get("gk"), impl=impl)[0]
 
-    ct = jax.random.normal(jax.random.PRNGKey(1), inputs["v"].shape, inputs["v"].dtype)
+    ints = inputs.get("int", {})
+    floats = {n: a for n, a in inputs.items() if n != "int"}
+    ct = jax.random.normal(jax.random.PRNGKey(1), floats["q"].shape[:3] + floats["v"].shape[-1:],
+                           floats["v"].dtype)
 
-    def loss(x, ct):
-        return jnp.sum(forward(x).astype(jnp.float32) * ct.astype(jnp.float32))
+    def loss(x, ints, ct):
+        return jnp.sum(forward(x, ints).astype(jnp.float32) * ct.astype(jnp.float32))
 
-    return (jax.jit(forward), (inputs,)), (jax.jit(jax.grad(loss)), (inputs, ct))
+    return ((jax.jit(forward), (floats, ints)),
+            (jax.jit(jax.grad(loss)), (floats, ints, ct)))
 
 
 def time_call(fn, args: tuple, reps: int) -> float:
@@ -504,7 +528,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows = _table_rows(results, peers)
     title = (f"{args.dtype}, H={H} K=V={K}; %mm = share of {mm:.0f} GFLOP/s {args.dtype} "
              f"matmul; XLA MB = temp+output of the compiled fwd+bwd; peer = fla "
-             f"(gdn: chunk_gated_delta_rule, la_g: chunk_simple_gla, la_gk: chunk_gla) or "
+             f"(gdn: chunk_gated_delta_rule, kda: chunk_kda, la_g: chunk_simple_gla, la_gk: "
+             f"chunk_gla, nsa: parallel_nsa) or "
              f"torch SDPA flash (attn); / peer = our time over the peer's; nm1 / nm2 = "
              f"neural_memory depth 1 / 2 (E = {NM_EXPANSION}K), chunk {NM_CHUNK}")
     table = common.print_table(rows, floatfmt=",.3g", title=title)

@@ -93,3 +93,32 @@ def test_default_impls_per_backend():
     assert bench_ops.op_impls("gdn", "gpu", None) == ["xla", "pallas"]
     assert "reference" not in bench_ops.op_impls("attn", "gpu", None)
     assert bench_ops.op_impls("la_g", "gpu", ["xla", "cudnn"]) == ["xla"]   # attention's only
+
+
+def test_nsa_block_indices():
+    """Each token lists NSA_S distinct key blocks at or before its own (its own among them),
+    all of them while there are at most NSA_S, padded with T; numpy and jnp agree."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from eval.bench_fla import NSA_BLOCK, NSA_S, nsa_block_indices
+    T = 40 * NSA_BLOCK + 5
+    idx = np.asarray(nsa_block_indices(T, np))
+    assert idx.shape == (T, NSA_S) and (idx == np.asarray(nsa_block_indices(T, jnp))).all()
+    for t in (0, NSA_BLOCK * 3 + 7, NSA_BLOCK * NSA_S, T - 1):
+        own = t // NSA_BLOCK
+        listed = [int(i) for i in idx[t] if i != T]
+        assert len(set(listed)) == len(listed) == min(own + 1, NSA_S)
+        assert max(listed) == own and min(listed) == 0
+
+
+@pytest.mark.slow
+def test_kda_and_nsa_cells(tmp_path):
+    bench_ops.main(["--ops", "kda", "nsa", "--shapes", "1x128", "--heads", "16",
+                    "--head_dim", "16", "--impls", "reference", "xla", "--reps", "1", "--quick",
+                    "--out", str(tmp_path)])
+    cells = [x for x in _lines(tmp_path) if "impl" in x]
+    assert [(c["op"], c["impl"]) for c in cells] == [
+        ("kda", "reference"), ("kda", "xla"), ("nsa", "reference"), ("nsa", "xla")]
+    for c in cells:
+        assert c["fwd_ms"] > 0 and c["fwd_bwd_ms"] > 0, c
