@@ -8,6 +8,7 @@ import tracemalloc
 import jax
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import save_file
 
@@ -61,10 +62,9 @@ def test_import_holds_one_parameter_at_a_time_and_keeps_bf16(tmp_path):
     # Python-side peak (NumPy buffers, the safetensors reads, the bookkeeping): a few
     # parameters and the shape tracing, far below the model.
     assert peak < total / 3, f"peak {peak / 2**20:.1f} MiB for a {total / 2**20:.1f} MiB model"
-    step = os.path.join(out, "checkpoints", "0", "params")
-    with open(os.path.join(step, "_METADATA")) as f:
-        meta = f.read()
-    assert "bfloat16" in meta and "float32" not in meta
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(os.path.join(out, "checkpoints", "0", "params"))
+    assert {str(a.dtype) for a in jax.tree.leaves(meta.item_metadata.tree)} == {"bfloat16"}
     # What load_pretrained restores (float32) is the checkpoint's values.
     _, variables = load_pretrained(out)
     cfg, want = import_hf(src)
