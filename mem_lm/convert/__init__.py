@@ -1,8 +1,8 @@
 """Checkpoints in and out of other libraries' formats, one module per format:
 
     fla    flash-linear-attention's Hugging Face checkpoints (mem_lm/convert/fla.py)
-    hf     Hugging Face transformers' own models: Mamba2ForCausalLM, Qwen3NextForCausalLM
-           (mem_lm/convert/hf.py)
+    hf     Hugging Face transformers' own models: Mamba2ForCausalLM, Qwen3NextForCausalLM,
+           KimiLinearForCausalLM (mem_lm/convert/hf.py)
 
 and what they share in mem_lm/convert/common.py. The command line:
 
@@ -31,8 +31,8 @@ FORMATS = {
     "fla": (import_fla, export_fla, "fla's Hugging Face checkpoint directory "
                                     "(config.json + model.safetensors)"),
     "hf": (import_hf, export_hf, "a Hugging Face transformers checkpoint directory "
-                                 "(config.json + safetensors) of Mamba2ForCausalLM or "
-                                 "Qwen3NextForCausalLM"),
+                                 "(config.json + safetensors) of Mamba2ForCausalLM, "
+                                 "Qwen3NextForCausalLM or KimiLinearForCausalLM"),
 }
 
 

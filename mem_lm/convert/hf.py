@@ -34,6 +34,15 @@ v, g (z) and b, a projections (`_qwen3_next_gdn`); the experts are one tensor pe
 projection, as save_pretrained and the releases store them (`Stacked` slices of our [E, ...]
 kernels). The release's multi-token-prediction tensors (mtp.*) are dropped, as transformers
 drops them. Export writes the same names, config.json with layer_types and mlp_only_layers.
+
+kimi_linear (`KimiLinearForCausalLM`) -> layer_types (else linear_attn_config's 1-indexed
+kda_layers / full_attn_layers) as `pattern`: linear_attention -> `kda` (linear_num_heads /
+linear_head_dim as the model's num_heads / head_dim, no output-gate bias: gate_bias False),
+full_attention -> `mla` without RoPE; mlp_layer_types (else first_k_dense_replace) as
+`channel_pattern`: `swiglu`, `moe` (sigmoid router with e_score_correction_bias, groups,
+routed_scaling_factor; num_shared_experts · moe_intermediate_size as d_shared, ungated). The
+attribute-map aliases (num_local_experts, n_group, ...) read as the release's names. Tensors:
+the release's layout as save_pretrained writes it (`_kimi_linear_tensors`).
 """
 from __future__ import annotations
 
