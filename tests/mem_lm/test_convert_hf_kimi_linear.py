@@ -5,7 +5,6 @@ their torch fallbacks) hold tiny random checkpoints as save_pretrained writes th
 release's layout: per-expert w1/w2/w3, q/k/v convs apart), the logits transformers computed
 and its greedy continuation. No torch here."""
 import dataclasses
-import json
 import os
 import shutil
 
@@ -14,12 +13,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mem_lm import LanguageModel, generate
-from mem_lm.convert import ConversionError, config_from_hf, config_to_hf, export_hf, import_hf
+from hf_parity import check_greedy_generation, check_import_and_export, fixture, hf_config
+from mem_lm.convert import ConversionError, config_from_hf, config_to_hf, import_hf
 from mem_lm.model import param_count
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
-REL_TOL = 1e-4      # max |logit diff| / max |logit|
 
 # The release's config.json (moonshotai/Kimi-Linear-48B-A3B-Instruct), every field.
 RELEASE = dict(
@@ -42,14 +39,6 @@ RELEASE = dict(
                               "AutoModelForCausalLM": "modeling_kimi.KimiLinearForCausalLM"})
 
 
-def fixture(kind):
-    path = os.path.join(FIXTURES, kind)
-    return path, dict(np.load(os.path.join(path, "expected.npz")))
-
-
-def hf_config(kind):
-    with open(os.path.join(FIXTURES, kind, "config.json")) as f:
-        return json.load(f)
 
 
 # kimi_linear: KDA, KDA, MLA, KDA; a dense MLP in layer 0 then MoE (2 shared experts, 2 groups).
@@ -60,40 +49,17 @@ def hf_config(kind):
     pytest.param("kimi_linear_moe_all", ("mla", "kda", "kda"), ("moe",),
                  marks=pytest.mark.slow)])
 def test_logits_match_transformers_and_export_is_exact(kind, pattern, channels, tmp_path):
-    path, e = fixture(kind)
-    cfg, params = import_hf(path)
-    assert (cfg.pattern, cfg.channel_pattern) == (pattern, channels)
-    logits = np.asarray(jax.jit(LanguageModel(cfg).apply)({"params": params},
-                                                          e["tokens"].astype(np.int32)))
-    rel = np.abs(logits - e["logits"]).max() / np.abs(e["logits"]).max()
-    assert rel <= REL_TOL, f"max |logit diff| / max |logit| vs transformers = {rel:.1e}"
-
-    export_hf(cfg, params, str(tmp_path))
-    original = load_file(os.path.join(path, "model.safetensors"))
-    exported = load_file(str(tmp_path / "model.safetensors"))
-    assert set(exported) == set(original)
-    for name, w in exported.items():
-        assert w.shape == original[name].shape and w.tobytes() == original[name].tobytes(), name
-    cfg2, params2 = import_hf(str(tmp_path))
-    assert cfg2 == cfg
-    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    ours, theirs = check_import_and_export(kind, pattern, channels, tmp_path)
     # The exported config.json describes the same transformers model as the original.
-    ours, theirs = config_to_hf(cfg), hf_config(kind)
     for field in ("layer_types", "mlp_layer_types"):
         assert ours[field] == theirs[field], field
-    assert config_from_hf(ours) == cfg
 
 
 @pytest.mark.slow
 def test_greedy_generation_matches_transformers():
     """8 greedy tokens after a 12-token prompt: transformers decodes with its cache (the
     recurrent KDA step, MLA's latent cache), mem_lm.generate with ours."""
-    path, e = fixture("kimi_linear")
-    cfg, params = import_hf(path)
-    prompt = e["tokens"].astype(np.int32)
-    new = e["generated"].shape[1] - prompt.shape[1]
-    out = generate(LanguageModel(cfg), {"params": params}, prompt, new)
-    np.testing.assert_array_equal(np.asarray(out), e["generated"])
+    check_greedy_generation("kimi_linear")
 
 
 def test_release_config_maps_every_field():

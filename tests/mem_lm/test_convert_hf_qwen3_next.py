@@ -5,32 +5,20 @@ their torch fallbacks) hold tiny random checkpoints as save_pretrained writes th
 tensors, fused GDN projections), the logits transformers computed and its greedy continuation.
 No torch here."""
 import dataclasses
-import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mem_lm import LanguageModel, generate
-from mem_lm.convert import ConversionError, config_from_hf, config_to_hf, export_hf, import_hf
+from hf_parity import check_greedy_generation, check_import_and_export, fixture, hf_config
+from mem_lm.convert import ConversionError, config_from_hf, config_to_hf, import_hf
 from mem_lm.convert.common import SafetensorsDir
 from mem_lm.convert.hf import qwen3_next_layers, read_hf
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
-REL_TOL = 1e-4      # max |logit diff| / max |logit|
 
 
-def fixture(kind):
-    path = os.path.join(FIXTURES, kind)
-    return path, dict(np.load(os.path.join(path, "expected.npz")))
-
-
-def hf_config(kind):
-    with open(os.path.join(FIXTURES, kind, "config.json")) as f:
-        return json.load(f)
 
 
 # qwen3_next: gdn / attn alternating, a dense MLP in layer 0 then MoE, partial RoPE on half of
@@ -42,40 +30,17 @@ def hf_config(kind):
     pytest.param("qwen3_next_3to1", ("gdn", "gdn", "gdn", "attn"), ("moe",),
                  marks=pytest.mark.slow)])
 def test_logits_match_transformers_and_export_is_exact(kind, pattern, channels, tmp_path):
-    path, e = fixture(kind)
-    cfg, params = import_hf(path)
-    assert (cfg.pattern, cfg.channel_pattern) == (pattern, channels)
-    logits = np.asarray(jax.jit(LanguageModel(cfg).apply)({"params": params},
-                                                          e["tokens"].astype(np.int32)))
-    rel = np.abs(logits - e["logits"]).max() / np.abs(e["logits"]).max()
-    assert rel <= REL_TOL, f"max |logit diff| / max |logit| vs transformers = {rel:.1e}"
-
-    export_hf(cfg, params, str(tmp_path))
-    original = load_file(os.path.join(path, "model.safetensors"))
-    exported = load_file(str(tmp_path / "model.safetensors"))
-    assert set(exported) == set(original)
-    for name, w in exported.items():
-        assert w.shape == original[name].shape and w.tobytes() == original[name].tobytes(), name
-    cfg2, params2 = import_hf(str(tmp_path))
-    assert cfg2 == cfg
-    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    ours, theirs = check_import_and_export(kind, pattern, channels, tmp_path)
     # The exported config.json describes the same transformers model as the original.
-    ours, theirs = config_to_hf(cfg), hf_config(kind)
     assert qwen3_next_layers({**theirs, "full_attention_interval": 4}) == \
         qwen3_next_layers({**ours, "layer_types": ours["layer_types"]})
-    assert config_from_hf(ours) == cfg
 
 
 @pytest.mark.slow
 def test_greedy_generation_matches_transformers():
     """8 greedy tokens after a 12-token prompt: transformers decodes with its cache (the
     recurrent GDN step, the KV cache), mem_lm.generate with ours."""
-    path, e = fixture("qwen3_next")
-    cfg, params = import_hf(path)
-    prompt = e["tokens"].astype(np.int32)
-    new = e["generated"].shape[1] - prompt.shape[1]
-    out = generate(LanguageModel(cfg), {"params": params}, prompt, new)
-    np.testing.assert_array_equal(np.asarray(out), e["generated"])
+    check_greedy_generation("qwen3_next")
 
 
 def test_config_fields():
